@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One idempotent set-up step for a fresh Debian 12 machine: everything the build,
+# the agent and the tests need that the machine does not ship with.
+# Safe to run again: each step checks first and says what it does.
+set -euo pipefail
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: must run as root (it installs apt packages and loads eBPF programs later)." >&2
+  echo "       re-run with: sudo $0" >&2
+  exit 1
+fi
+
+# --- apt packages -------------------------------------------------------------
+# llvm-22-dev + libpolly: bpf-linker links against the same LLVM major as nightly rustc.
+# nginx, curl, wrk: real peers for the integration tests and the benchmark.
+# python3-venv: the OpenTelemetry SDK tests run in a venv.
+APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
+          nginx-light curl wrk python3-venv protobuf-compiler sqlite3)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The nginx package starts a service on :80 we do not want; tests start their own.
+  systemctl disable --now nginx >/dev/null 2>&1 || true
+  pkill -x nginx >/dev/null 2>&1 || true
+else
+  say "apt packages: all present"
+fi
+
+# --- Rust toolchains ------------------------------------------------------------
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! rustup toolchain list | grep -q '^nightly'; then
+  say "installing the nightly toolchain (the eBPF crate needs -Z build-std)"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  say "adding rust-src to nightly (needed to build core for bpfel-unknown-none)"
+  rustup component add rust-src --toolchain nightly
+else
+  say "nightly rust-src: present"
+fi
+
+# --- bpf-linker -------------------------------------------------------------------
+BPF_LINKER_VERSION=0.13.0
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  say "building bpf-linker $BPF_LINKER_VERSION against Debian's LLVM 22 (takes a few minutes, once)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+    --no-default-features --features llvm-22
+else
+  say "bpf-linker $BPF_LINKER_VERSION: present"
+fi
+
+# --- tracefs ------------------------------------------------------------------------
+if [ ! -e /sys/kernel/tracing/events ]; then
+  say "mounting tracefs at /sys/kernel/tracing"
+  mount -t tracefs nodev /sys/kernel/tracing || say "could not mount tracefs; the agent will say why"
+fi
+
+say "done"

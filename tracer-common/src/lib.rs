@@ -1,0 +1,215 @@
+//! Records exchanged between the kernel probes (`tracer-ebpf`) and the agent (`tracer-user`).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that both sides agree on the layout
+//! byte for byte; `bool` is never used (its width is not a stable ABI), flags are `u32`.
+#![no_std]
+
+/// Bytes of payload one ring-buffer record can carry.
+///
+/// Enough for an HTTP/1.x request line plus typical headers; the rest of a message is counted
+/// (its length travels in every record) but not copied. A power of two so the kernel side can
+/// bound copies with a mask the verifier understands.
+pub const MAX_CAPTURE: usize = 512;
+
+/// Bytes of payload captured per *message* (a run of syscalls in one direction on one
+/// connection), across as many records as it takes. Lets the agent reassemble headers that
+/// arrive in several reads without copying whole bodies.
+pub const MESSAGE_CAPTURE_BUDGET: u32 = 2048;
+
+/// The ring buffer wakes the agent only once this many bytes are waiting; otherwise the agent
+/// drains on a timer. Waking per record costs ~1 µs per syscall (see docs/ARCHITECTURE.md).
+pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
+
+/// Direction of the data, seen from the traced process.
+pub mod direction {
+    /// Bytes the process received (read, recv*).
+    pub const INGRESS: u32 = 1;
+    /// Bytes the process sent (write, send*).
+    pub const EGRESS: u32 = 2;
+}
+
+/// Record kinds; the first field of every record. Discriminants are never reused.
+pub mod kind {
+    pub const DATA: u32 = 1;
+    pub const CLOSE: u32 = 2;
+}
+
+/// How the connection came to the probes' attention. A hint for the agent; the protocol
+/// parser decides the role from what is said on the wire.
+pub mod role_hint {
+    /// Seen first on a data syscall (e.g. it existed before the agent started).
+    pub const UNKNOWN: u32 = 0;
+    /// Returned by accept/accept4: this process is the server.
+    pub const ACCEPTED: u32 = 1;
+    /// Passed to connect: this process is the client.
+    pub const CONNECTED: u32 = 2;
+}
+
+/// Which syscall produced a record (for debugging and statistics).
+pub mod syscall {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const READV: u32 = 3;
+    pub const WRITEV: u32 = 4;
+    pub const RECVFROM: u32 = 5;
+    pub const SENDTO: u32 = 6;
+    pub const RECVMSG: u32 = 7;
+    pub const SENDMSG: u32 = 8;
+    pub const SENDFILE: u32 = 9;
+}
+
+/// Per-CPU counters the probes keep; the agent sums them over CPUs.
+pub mod counter {
+    /// A record could not be reserved in the ring buffer (the agent is behind): lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// The in-flight syscall table was full: that syscall was not traced.
+    pub const INFLIGHT_FULL: u32 = 1;
+    /// The connection table refused an insert.
+    pub const CONN_TABLE_FULL: u32 = 2;
+    /// Reading the payload from user memory failed (page not resident): record sent without it.
+    pub const PAYLOAD_READ_FAILED: u32 = 3;
+    /// Data syscalls on tracked TCP connections seen.
+    pub const DATA_SYSCALLS: u32 = 4;
+    /// Records written to the ring buffer.
+    pub const RECORDS_SENT: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// A TCP connection's endpoints. IPv4 addresses use the first 4 bytes of the 16.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnTuple {
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// Fields every record starts with; the decoder reads `kind` at offset 0 before anything else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordHeader {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// Unique per connection while the agent runs: the monotonic time the probes first saw it.
+    pub conn_id: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds at syscall entry and exit.
+    pub ts_enter: u64,
+    pub ts_exit: u64,
+    pub tuple: ConnTuple,
+    pub role_hint: u32,
+    pub _pad: u32,
+}
+
+/// One data syscall on a tracked TCP connection.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataRecord {
+    pub header: RecordHeader,
+    /// `direction::*`.
+    pub direction: u32,
+    /// `syscall::*`.
+    pub syscall: u32,
+    /// Bytes the syscall moved (its return value).
+    pub len: u64,
+    /// Bytes of `data` that hold payload (`<= MAX_CAPTURE`, `<= len`).
+    pub captured: u32,
+    /// Counts direction changes on the connection: records of one message share it.
+    pub message_seq: u32,
+    pub data: [u8; MAX_CAPTURE],
+}
+
+/// The traced process closed a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloseRecord {
+    pub header: RecordHeader,
+}
+
+/// Kernel-side state of one tracked connection (value of the `CONNS` map, key `conn_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    pub conn_id: u64,
+    pub tuple: ConnTuple,
+    pub role_hint: u32,
+    /// Direction of the message in progress (0 before the first byte).
+    pub direction: u32,
+    pub message_seq: u32,
+    /// Payload bytes already captured from the message in progress.
+    pub message_captured: u32,
+    /// Set by the agent for connections it cannot parse: the probes then stop sending their data.
+    pub muted: u32,
+    pub _pad: u32,
+}
+
+/// Key of the `CONNS` map: one entry per (process, file descriptor).
+#[inline(always)]
+pub const fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+/// Offsets into kernel structures, read by the agent from the running kernel's BTF and written
+/// into the probes as a read-only global before loading. This is how the probes follow
+/// `task -> files -> fdtable -> file -> socket -> sock` on any kernel without CO-RE support in
+/// the Rust eBPF toolchain. All values are byte offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    pub inode_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_num: u32,
+    pub sock_dport: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    /// Non-zero once the agent has filled the table; the probes do nothing before that.
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    pub const ZERO: KernelOffsets = KernelOffsets {
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_max_fds: 0,
+        fdtable_fd: 0,
+        file_inode: 0,
+        file_private_data: 0,
+        inode_mode: 0,
+        socket_type: 0,
+        socket_sk: 0,
+        sock_family: 0,
+        sock_num: 0,
+        sock_dport: 0,
+        sock_rcv_saddr: 0,
+        sock_daddr: 0,
+        sock_v6_rcv_saddr: 0,
+        sock_v6_daddr: 0,
+        valid: 0,
+        _pad: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all fields are plain integers or arrays of them, with explicit padding.
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::ConnTuple {}
+}

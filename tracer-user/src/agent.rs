@@ -1,0 +1,469 @@
+//! The agent's main loop: drain the ring buffer, pair requests with responses, build spans with
+//! resource facts, hand them to the exporter (or stdout), and keep the counters.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use tokio::io::{unix::AsyncFd, Interest};
+
+use crate::{
+    btf,
+    export::{self, ExportStats, SpanItem, SpanSender},
+    metrics,
+    pairing::{Chunk, ConnId, Exchange, Pairer, Role},
+    probes::{self, Connections, Counters, LoadOptions, Probes},
+    records::{self, Record},
+    resource::{self, HostFacts, ProcessCache, ProcessFacts},
+    settings::{parse_service_rule, AgentArgs, RuleMatch, ServiceRule},
+    spans::{self, Endpoints},
+};
+
+/// Counters of the agent's own work (the probes and the exporter keep theirs).
+#[derive(Default, Debug)]
+pub struct AgentStats {
+    pub records: AtomicU64,
+    pub undecodable_records: AtomicU64,
+    pub exchanges: AtomicU64,
+    pub spans: AtomicU64,
+    pub connections_muted: AtomicU64,
+    pub parse_failures: AtomicU64,
+}
+
+/// Everything the metrics endpoint and the exit summary report.
+pub struct Stats {
+    pub agent: AgentStats,
+    pub export: Arc<ExportStats>,
+    pub kernel: std::sync::Mutex<probes::KernelCounters>,
+}
+
+/// How long a response with no length may stay open after its last byte.
+const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the ring buffer is drained when the probes did not wake us.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+struct ConnMeta {
+    tgid: u32,
+    fd: u32,
+    kernel_conn_id: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    ignored: bool,
+    last_seen: u64,
+}
+
+enum Sink {
+    Otlp(SpanSender),
+    Stdout,
+}
+
+struct Filters {
+    pids: Vec<u32>,
+    executables: Vec<String>,
+    cgroups: Vec<String>,
+    ports: Vec<u16>,
+    /// The collector we export to: its traffic is never traced, at either end, or every export
+    /// would create spans that are exported in turn.
+    export_addrs: Vec<SocketAddr>,
+}
+
+impl Filters {
+    fn wants(&self, p: &ProcessFacts, local: SocketAddr, remote: SocketAddr) -> bool {
+        if self.export_addrs.iter().any(|a| same_endpoint(*a, remote) || same_endpoint(*a, local)) {
+            return false;
+        }
+        (self.pids.is_empty() || self.pids.contains(&p.pid))
+            && (self.executables.is_empty() || self.executables.contains(&p.executable_name))
+            && (self.cgroups.is_empty() || self.cgroups.iter().any(|c| p.cgroup.contains(c.as_str())))
+            && (self.ports.is_empty()
+                || self.ports.contains(&local.port())
+                || self.ports.contains(&remote.port()))
+    }
+}
+
+/// Loopback and wildcard addresses of one port count as the same endpoint.
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || (a.ip().is_loopback() && b.ip().is_loopback())
+            || a.ip().is_unspecified())
+}
+
+pub struct Pipeline {
+    pairer: Pairer,
+    conns: HashMap<ConnId, ConnMeta>,
+    processes: ProcessCache,
+    resources: HashMap<(u32, u64, String), Arc<Resource>>,
+    host: HostFacts,
+    rules: Vec<ServiceRule>,
+    filters: Filters,
+    sink: Sink,
+    kernel_conns: Connections,
+    stats: Arc<Stats>,
+    clock_offset: i128,
+    exchanges: Vec<Exchange>,
+}
+
+/// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
+fn conn_id(tgid: u32, fd: u32, kernel_conn_id: u64) -> ConnId {
+    let mut x = kernel_conn_id ^ ((u64::from(tgid) << 32) | u64::from(fd)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // splitmix64 finaliser: spreads the bits so HashMap buckets stay even.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+pub fn monotonic_now() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Pipeline {
+    fn service_name(&self, p: &ProcessFacts, local_port: Option<u16>) -> String {
+        for rule in &self.rules {
+            let hit = match &rule.matches {
+                RuleMatch::Exe(e) => &p.executable_name == e,
+                RuleMatch::Pid(pid) => p.pid == *pid,
+                RuleMatch::Cgroup(c) => p.cgroup.contains(c.as_str()),
+                RuleMatch::Port(port) => local_port == Some(*port),
+            };
+            if hit {
+                return rule.service.clone();
+            }
+        }
+        p.executable_name.clone()
+    }
+
+    fn handle(&mut self, bytes: &[u8]) {
+        self.stats.agent.records.fetch_add(1, Relaxed);
+        match records::decode(bytes) {
+            Some(Record::Data { record }) => {
+                let h = &record.header;
+                let id = conn_id(h.tgid, h.fd, h.conn_id);
+                let meta = match self.conns.get_mut(&id) {
+                    Some(m) => m,
+                    None => {
+                        let local = records::local_addr(&h.tuple);
+                        let remote = records::remote_addr(&h.tuple);
+                        let process = self.processes.get(h.tgid);
+                        let ignored = !self.filters.wants(&process, local, remote);
+                        self.conns.entry(id).or_insert(ConnMeta {
+                            tgid: h.tgid,
+                            fd: h.fd,
+                            kernel_conn_id: h.conn_id,
+                            local,
+                            remote,
+                            ignored,
+                            last_seen: 0,
+                        })
+                    }
+                };
+                meta.last_seen = h.ts_exit;
+                if meta.ignored {
+                    // Ask the probes to stop; records already in the ring are skipped here.
+                    self.kernel_conns.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    return;
+                }
+                let chunk = Chunk {
+                    direction: record.direction,
+                    ts_enter: h.ts_enter,
+                    ts_exit: h.ts_exit,
+                    len: record.len,
+                    payload: records::payload(record),
+                };
+                self.pairer.on_chunk(id, &chunk, &mut self.exchanges);
+                if self.pairer.is_not_http(id) {
+                    meta.ignored = true;
+                    self.kernel_conns.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    self.pairer.forget(id);
+                    self.stats.agent.connections_muted.fetch_add(1, Relaxed);
+                }
+            }
+            Some(Record::Close { header }) => {
+                let id = conn_id(header.tgid, header.fd, header.conn_id);
+                self.pairer.on_close(id, header.ts_exit, &mut self.exchanges);
+                self.flush_exchanges();
+                self.conns.remove(&id);
+                return;
+            }
+            None => {
+                self.stats.agent.undecodable_records.fetch_add(1, Relaxed);
+            }
+        }
+        self.flush_exchanges();
+    }
+
+    fn flush_exchanges(&mut self) {
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let exchanges = std::mem::take(&mut self.exchanges);
+        for ex in &exchanges {
+            self.emit(ex);
+        }
+        self.exchanges = exchanges;
+        self.exchanges.clear();
+    }
+
+    fn emit(&mut self, ex: &Exchange) {
+        self.stats.agent.exchanges.fetch_add(1, Relaxed);
+        let Some(meta) = self.conns.get(&ex.conn) else {
+            return;
+        };
+        let ends = Endpoints { local: meta.local, remote: meta.remote };
+        let offset = self.clock_offset;
+        let span = spans::build_span(ex, &ends, |mono| (i128::from(mono) + offset).max(0) as u64);
+        let process = self.processes.get(meta.tgid);
+        let local_port = (ex.role == Role::Server).then_some(meta.local.port());
+        let service = self.service_name(&process, local_port);
+        let key = (process.pid, process.start_time, service);
+        let resource = match self.resources.get(&key) {
+            Some(r) => r.clone(),
+            None => {
+                let r = Arc::new(resource::resource(&self.host, &process, &key.2));
+                self.resources.insert(key, r.clone());
+                r
+            }
+        };
+        self.stats.agent.spans.fetch_add(1, Relaxed);
+        match &self.sink {
+            Sink::Otlp(tx) => tx.send(SpanItem { resource, span }),
+            Sink::Stdout => println!("{}", stdout_line(&resource, &span)),
+        }
+    }
+
+    /// Periodic work: time out responses without a length, forget dead connections/processes.
+    fn tick(&mut self) {
+        let now = monotonic_now();
+        self.pairer.tick(now, &mut self.exchanges);
+        self.flush_exchanges();
+        self.stats.agent.parse_failures.store(self.pairer.parse_failures(), Relaxed);
+    }
+
+    fn housekeeping(&mut self) {
+        let now = monotonic_now();
+        // Connections whose close we never saw (killed processes) age out after 10 minutes idle.
+        let stale = 600 * 1_000_000_000;
+        let pairer = &mut self.pairer;
+        self.conns.retain(|id, m| {
+            let keep = now.saturating_sub(m.last_seen) < stale;
+            if !keep {
+                pairer.forget(*id);
+            }
+            keep
+        });
+        self.processes.prune();
+        self.resources.retain(|(pid, start, _), _| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok() && *start > 0
+        });
+        self.clock_offset = spans::monotonic_to_unix_offset();
+    }
+}
+
+/// `--stdout`: one JSON object a line, with the service and attributes flattened for reading.
+fn stdout_line(resource: &Resource, span: &opentelemetry_proto::tonic::trace::v1::Span) -> String {
+    use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
+    fn flat(kvs: &[KeyValue]) -> serde_json::Map<String, serde_json::Value> {
+        kvs.iter()
+            .filter_map(|kv| {
+                let v = match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(s) => serde_json::Value::from(s.clone()),
+                    Value::IntValue(i) => serde_json::Value::from(*i),
+                    Value::BoolValue(b) => serde_json::Value::from(*b),
+                    Value::DoubleValue(d) => serde_json::Value::from(*d),
+                    other => serde_json::Value::from(format!("{other:?}")),
+                };
+                Some((kv.key.clone(), v))
+            })
+            .collect()
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let kind = match span.kind {
+        2 => "SERVER",
+        3 => "CLIENT",
+        _ => "INTERNAL",
+    };
+    let res = flat(&resource.attributes);
+    serde_json::json!({
+        "service": res.get("service.name"),
+        "name": span.name,
+        "kind": kind,
+        "trace_id": hex(&span.trace_id),
+        "span_id": hex(&span.span_id),
+        "start_unix_nano": span.start_time_unix_nano,
+        "duration_us": (span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano)) as f64 / 1000.0,
+        "status": span.status.as_ref().map_or(0, |s| s.code),
+        "attributes": flat(&span.attributes),
+        "resource": res,
+    })
+    .to_string()
+}
+
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    while let Some(item) = ring.next() {
+        pipeline.handle(&item);
+    }
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let args = args.with_config_file()?;
+    let rules = args
+        .service_rules
+        .iter()
+        .map(|r| parse_service_rule(r))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let export_config = args.export_config()?;
+    let metrics_addr = args.metrics_addr()?;
+
+    probes::preflight()?;
+    let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
+    let mut probes = Probes::load(
+        &offsets,
+        &LoadOptions { ring_buffer_bytes: args.ring_buffer_bytes()?, max_connections: 65536 },
+    )?;
+    let ring = probes.take_ring_buffer()?;
+    let counters: Counters = probes.take_counters()?;
+    let kernel_conns = probes.take_connections()?;
+
+    let stats = Arc::new(Stats {
+        agent: AgentStats::default(),
+        export: Arc::new(ExportStats::default()),
+        kernel: std::sync::Mutex::new(Default::default()),
+    });
+    let (sink, exporter) = if args.stdout {
+        (Sink::Stdout, None)
+    } else {
+        let (tx, handle) = export::spawn(export_config.clone(), stats.export.clone())?;
+        (Sink::Otlp(tx), Some(handle))
+    };
+    let export_addrs = if args.stdout { Vec::new() } else { resolve_endpoint(&export_config.url).await };
+    if let Some(addr) = metrics_addr {
+        metrics::serve(addr, stats.clone()).await?;
+    }
+
+    let mut pipeline = Pipeline {
+        pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64),
+        conns: HashMap::new(),
+        processes: ProcessCache::default(),
+        resources: HashMap::new(),
+        host: HostFacts::read(),
+        rules,
+        filters: Filters {
+            pids: args.pids.clone(),
+            executables: args.executables.clone(),
+            cgroups: args.cgroups.clone(),
+            ports: args.ports.clone(),
+            export_addrs,
+        },
+        sink,
+        kernel_conns,
+        stats: stats.clone(),
+        clock_offset: spans::monotonic_to_unix_offset(),
+        exchanges: Vec::new(),
+    };
+
+    log::info!(
+        "tracing TCP/HTTP on {} (kernel {}): {} probes attached; {}",
+        pipeline.host.name,
+        probes::kernel_release(),
+        probes.attached,
+        if args.stdout { "printing spans to stdout".to_string() } else { format!("exporting to {}", export_config.url) }
+    );
+    eprintln!("tracer: ready");
+
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_housekeeping = Instant::now();
+    let mut last_stats = Instant::now();
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut pipeline);
+                guard.clear_ready();
+            }
+            _ = drain_timer.tick() => {
+                drain(ring.get_mut(), &mut pipeline);
+                pipeline.tick();
+                *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = counters.read();
+                if last_housekeeping.elapsed() > Duration::from_secs(30) {
+                    pipeline.housekeeping();
+                    last_housekeeping = Instant::now();
+                }
+                if args.stats && last_stats.elapsed() > Duration::from_secs(10) {
+                    log::info!("{}", summary(&stats));
+                    last_stats = Instant::now();
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    log::info!("stopping: detaching probes and flushing spans");
+    drain(ring.get_mut(), &mut pipeline);
+    *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = counters.read();
+    // Detach before flushing: nothing new comes in while we wait on the collector.
+    drop(ring);
+    drop(probes);
+    let sink = std::mem::replace(&mut pipeline.sink, Sink::Stdout);
+    drop(pipeline);
+    drop(sink);
+    if let Some(handle) = exporter {
+        let _ = handle.await;
+    }
+    log::info!("{}", summary(&stats));
+    Ok(())
+}
+
+/// One line with every counter: what was seen, sent, and lost where.
+pub fn summary(stats: &Stats) -> String {
+    use tracer_common::counter as c;
+    let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
+    let a = &stats.agent;
+    let e = &stats.export;
+    format!(
+        "counters: syscalls={} records={} ringbuf_drops={} inflight_drops={} conn_table_drops={} \
+         exchanges={} spans={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
+         parse_failures={} muted_connections={}",
+        k.get(c::DATA_SYSCALLS),
+        a.records.load(Relaxed),
+        k.get(c::RINGBUF_FULL),
+        k.get(c::INFLIGHT_FULL),
+        k.get(c::CONN_TABLE_FULL),
+        a.exchanges.load(Relaxed),
+        a.spans.load(Relaxed),
+        e.spans_sent.load(Relaxed),
+        e.dropped(),
+        e.dropped_queue_full.load(Relaxed),
+        e.dropped_rejected.load(Relaxed),
+        e.dropped_shutdown.load(Relaxed),
+        a.parse_failures.load(Relaxed),
+        a.connections_muted.load(Relaxed),
+    )
+}
+
+async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Vec::new();
+    };
+    let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    tokio::net::lookup_host((host.as_str(), port)).await.map(|a| a.collect()).unwrap_or_default()
+}

@@ -1,0 +1,232 @@
+//! Loading the kernel probes: pre-flight checks with messages a user can act on, load with the
+//! kernel's offsets, attach, and access to the maps the agent shares with the probes.
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use tracer_common::{conn_key, counter, ConnState, KernelOffsets};
+
+/// The probes, built by build.rs from `tracer-ebpf`.
+static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Every tracepoint we attach, as (category, name). All are stable since Linux 4.x.
+pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("syscalls", "sys_enter_read"),
+    ("syscalls", "sys_exit_read"),
+    ("syscalls", "sys_enter_write"),
+    ("syscalls", "sys_exit_write"),
+    ("syscalls", "sys_enter_readv"),
+    ("syscalls", "sys_exit_readv"),
+    ("syscalls", "sys_enter_writev"),
+    ("syscalls", "sys_exit_writev"),
+    ("syscalls", "sys_enter_recvfrom"),
+    ("syscalls", "sys_exit_recvfrom"),
+    ("syscalls", "sys_enter_sendto"),
+    ("syscalls", "sys_exit_sendto"),
+    ("syscalls", "sys_enter_recvmsg"),
+    ("syscalls", "sys_exit_recvmsg"),
+    ("syscalls", "sys_enter_sendmsg"),
+    ("syscalls", "sys_exit_sendmsg"),
+    ("syscalls", "sys_enter_sendfile64"),
+    ("syscalls", "sys_exit_sendfile64"),
+    ("syscalls", "sys_enter_connect"),
+    ("syscalls", "sys_exit_connect"),
+    ("syscalls", "sys_exit_accept"),
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_enter_close"),
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Options that shape the maps before they are created.
+pub struct LoadOptions {
+    pub ring_buffer_bytes: u32,
+    pub max_connections: u32,
+}
+
+/// The loaded, attached probes. Dropping it detaches every program.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub attached: usize,
+}
+
+/// Checks what the probes need and says what to do about anything missing.
+pub fn preflight() -> anyhow::Result<()> {
+    check_privileges()?;
+    ensure_tracefs()?;
+    if !Path::new(BTF_PATH).exists() {
+        bail!(
+            "this kernel exposes no BTF at {BTF_PATH}: the agent reads kernel structure offsets from it.\n\
+             Use a kernel built with CONFIG_DEBUG_INFO_BTF=y (default on most distributions since 2020)."
+        );
+    }
+    let events = Path::new(TRACEFS).join("events");
+    for (category, name) in TRACEPOINTS {
+        if !events.join(category).join(name).exists() {
+            bail!(
+                "the tracepoint {category}:{name} does not exist on this kernel ({}).\n\
+                 Syscall tracepoints need CONFIG_FTRACE_SYSCALLS=y.",
+                kernel_release()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+}
+
+fn check_privileges() -> anyhow::Result<()> {
+    let caps = effective_capabilities().unwrap_or(0);
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    bail!(
+        "the agent needs privileges to load eBPF programs (running as uid {euid} with capabilities {caps:#x}).\n\
+         Run it as root (sudo tracer agent ...) or grant CAP_BPF and CAP_PERFMON:\n\
+         \x20 sudo setcap cap_bpf,cap_perfmon,cap_dac_read_search+ep $(command -v tracer)"
+    )
+}
+
+/// tracefs is where tracepoints are attached by name. Mount it if it is missing.
+fn ensure_tracefs() -> anyhow::Result<()> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    log::info!("tracefs is not mounted; mounting it at {TRACEFS}");
+    let src = c"nodev";
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}).\n\
+             Mount it yourself: sudo mount -t tracefs nodev {TRACEFS}"
+        );
+    }
+    Ok(())
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown kernel".into())
+}
+
+/// The last lines of a verifier log: the rejection reason is at the end.
+fn verifier_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Probes {
+    pub fn load(offsets: &KernelOffsets, opts: &LoadOptions) -> anyhow::Result<Probes> {
+        let agent_tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", offsets, true)
+            .override_global("AGENT_TGID", &agent_tgid, true)
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("CONNS", opts.max_connections)
+            .load(PROBES)
+            .context("creating the probes' maps failed (the ring buffer needs Linux 5.8 or later)")?;
+        let mut attached = 0;
+        for (category, name) in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the probes object"))?
+                .try_into()?;
+            if let Err(e) = program.load() {
+                if let ProgramError::LoadError { io_error, verifier_log } = &e {
+                    bail!(
+                        "the kernel verifier rejected the probe {name} ({io_error}) on {}.\n\
+                         Last lines of the verifier log:\n{}",
+                        kernel_release(),
+                        verifier_tail(&verifier_log.to_string(), 25)
+                    );
+                }
+                return Err(e).with_context(|| format!("loading the probe {name}"));
+            }
+            program
+                .attach(category, name)
+                .with_context(|| format!("attaching to the tracepoint {category}:{name}"))?;
+            attached += 1;
+        }
+        Ok(Probes { ebpf, attached })
+    }
+
+    /// The ring buffer the probes write records to (can be taken once).
+    pub fn take_ring_buffer(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// A handle to read the per-CPU counters (can be taken once).
+    pub fn take_counters(&mut self) -> anyhow::Result<Counters> {
+        let map = self.ebpf.take_map("COUNTERS").context("COUNTERS map missing")?;
+        Ok(Counters(PerCpuArray::try_from(map)?))
+    }
+
+    /// A handle to the connection table, to mute connections (can be taken once).
+    pub fn take_connections(&mut self) -> anyhow::Result<Connections> {
+        let map = self.ebpf.take_map("CONNS").context("CONNS map missing")?;
+        Ok(Connections(HashMap::try_from(map)?))
+    }
+}
+
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+/// Sums of the probes' per-CPU counters, indexed by `tracer_common::counter::*`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelCounters(pub [u64; counter::COUNT as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, which: u32) -> u64 {
+        self.0[which as usize]
+    }
+}
+
+impl Counters {
+    pub fn read(&self) -> KernelCounters {
+        let mut out = KernelCounters::default();
+        for (i, slot) in out.0.iter_mut().enumerate() {
+            if let Ok(values) = self.0.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+pub struct Connections(HashMap<MapData, u64, ConnState>);
+
+impl Connections {
+    /// Tells the probes to stop sending records for this connection.
+    pub fn mute(&mut self, tgid: u32, fd: u32, conn_id: u64) {
+        let key = conn_key(tgid, fd);
+        if let Ok(mut state) = self.0.get(&key, 0) {
+            // The fd may have been reused by a newer connection since: leave that one alone.
+            if state.conn_id == conn_id && state.muted == 0 {
+                state.muted = 1;
+                let _ = self.0.insert(key, state, 0);
+            }
+        }
+    }
+}

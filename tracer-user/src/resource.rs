@@ -1,0 +1,320 @@
+//! Facts about this host and its processes, as OpenTelemetry resource attributes.
+//!
+//! Host facts are read once; process facts once per process (cached by pid and start time, so a
+//! recycled pid is not mistaken for the old process).
+use std::{collections::HashMap, fs, sync::Arc};
+
+use opentelemetry_proto::tonic::{
+    common::v1::{any_value::Value, AnyValue, KeyValue},
+    resource::v1::Resource,
+};
+
+pub fn kv_str(key: &str, value: impl Into<String>) -> KeyValue {
+    KeyValue {
+        key_strindex: 0,
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(Value::StringValue(value.into())) }),
+    }
+}
+
+pub fn kv_int(key: &str, value: i64) -> KeyValue {
+    KeyValue { key_strindex: 0, key: key.to_owned(), value: Some(AnyValue { value: Some(Value::IntValue(value)) }) }
+}
+
+fn kv_str_array(key: &str, values: &[String]) -> KeyValue {
+    use opentelemetry_proto::tonic::common::v1::ArrayValue;
+    let values = values
+        .iter()
+        .map(|v| AnyValue { value: Some(Value::StringValue(v.clone())) })
+        .collect();
+    KeyValue {
+        key_strindex: 0,
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(Value::ArrayValue(ArrayValue { values })) }),
+    }
+}
+
+/// What the agent knows about the machine it runs on.
+#[derive(Clone, Debug)]
+pub struct HostFacts {
+    pub name: String,
+    pub id: String,
+    pub ips: Vec<String>,
+    pub kernel: String,
+    pub arch: &'static str,
+    pub cpus: i64,
+    pub memory_bytes: i64,
+}
+
+impl HostFacts {
+    pub fn read() -> HostFacts {
+        let name = fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        // machine-id is the stable per-host id systemd and the OTel host detector use.
+        let id = fs::read_to_string("/etc/machine-id")
+            .or_else(|_| fs::read_to_string("/var/lib/dbus/machine-id"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        let memory_kib: i64 = fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0);
+        HostFacts {
+            name,
+            id,
+            ips: host_ips(),
+            kernel: crate::probes::kernel_release(),
+            arch: match std::env::consts::ARCH {
+                "x86_64" => "amd64",
+                "aarch64" => "arm64",
+                other => other,
+            },
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get() as i64),
+            memory_bytes: memory_kib * 1024,
+        }
+    }
+
+    pub fn attributes(&self) -> Vec<KeyValue> {
+        vec![
+            kv_str("host.name", &self.name),
+            kv_str("host.id", &self.id),
+            kv_str_array("host.ip", &self.ips),
+            kv_str("host.arch", self.arch),
+            kv_str("os.type", "linux"),
+            kv_str("os.version", &self.kernel),
+            kv_int("host.cpu.count", self.cpus),
+            kv_int("host.memory.total", self.memory_bytes),
+        ]
+    }
+}
+
+/// Non-loopback addresses of the host's interfaces.
+fn host_ips() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below; we only read it in between.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                let ip = match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr.cast::<libc::sockaddr_in>());
+                        Some(std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr.cast::<libc::sockaddr_in6>());
+                        Some(std::net::IpAddr::from(sin6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                };
+                if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
+                    let s = ip.to_string();
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+/// What the agent knows about one process.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessFacts {
+    pub pid: u32,
+    pub executable_name: String,
+    pub executable_path: String,
+    pub command_line: String,
+    pub cgroup: String,
+    pub container_id: Option<String>,
+    /// `starttime` from /proc/pid/stat: tells a recycled pid from the process we cached.
+    pub start_time: u64,
+}
+
+/// Words in a command-line argument that suggest its value is a secret.
+const SECRET_WORDS: &[&str] = &["password", "passwd", "secret", "token", "apikey", "api-key", "api_key", "credential"];
+
+/// Replaces the values of secret-looking arguments: `--password=x` and `--token x` become
+/// `--password=REDACTED` and `--token REDACTED`. Command lines end up in a trace store that
+/// more people can read than the host.
+pub fn redact_command_line(args: &[String]) -> String {
+    let secretish = |a: &str| {
+        let lower = a.to_ascii_lowercase();
+        SECRET_WORDS.iter().any(|w| lower.contains(w))
+    };
+    let mut out: Vec<String> = Vec::with_capacity(args.len());
+    let mut redact_next = false;
+    for a in args {
+        if redact_next {
+            out.push("REDACTED".into());
+            redact_next = false;
+            continue;
+        }
+        match a.split_once('=') {
+            Some((k, _)) if secretish(k) => out.push(format!("{k}=REDACTED")),
+            None if a.starts_with('-') && secretish(a) => {
+                out.push(a.clone());
+                redact_next = true;
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    out.join(" ")
+}
+
+/// Finds a container id (64 hex characters) in a cgroup path, as Docker, containerd, CRI-O and
+/// podman name their cgroups (`/docker/<id>`, `.../cri-containerd-<id>.scope`, `libpod-<id>`).
+pub fn container_id_from_cgroup(cgroup: &str) -> Option<String> {
+    cgroup
+        .split(['/', '-', '.', ':'])
+        .find(|part| part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned)
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl ProcessFacts {
+    pub fn read(pid: u32) -> Option<ProcessFacts> {
+        let start_time = process_start_time(pid)?;
+        let executable_path = fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+            .unwrap_or_default();
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let executable_name = executable_path
+            .rsplit('/')
+            .next()
+            .filter(|s| !s.is_empty())
+            .unwrap_or(comm.trim())
+            .to_owned();
+        let args: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            // cgroup v2 line is "0::/path"; with v1 take the first line's path.
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .unwrap_or_default();
+        Some(ProcessFacts {
+            pid,
+            executable_name,
+            executable_path,
+            command_line: redact_command_line(&args),
+            container_id: container_id_from_cgroup(&cgroup),
+            cgroup,
+            start_time,
+        })
+    }
+
+    pub fn attributes(&self, service_name: &str) -> Vec<KeyValue> {
+        let mut attrs = vec![
+            kv_str("service.name", service_name),
+            kv_int("process.pid", i64::from(self.pid)),
+            kv_str("process.executable.name", &self.executable_name),
+            kv_str("process.executable.path", &self.executable_path),
+            kv_str("process.command_line", &self.command_line),
+            kv_str("process.linux.cgroup", &self.cgroup),
+        ];
+        if let Some(id) = &self.container_id {
+            attrs.push(kv_str("container.id", id));
+        }
+        attrs
+    }
+}
+
+/// Process facts cached by pid, re-read when the pid was recycled.
+#[derive(Default)]
+pub struct ProcessCache {
+    by_pid: HashMap<u32, Arc<ProcessFacts>>,
+}
+
+impl ProcessCache {
+    pub fn get(&mut self, pid: u32) -> Arc<ProcessFacts> {
+        if let Some(p) = self.by_pid.get(&pid) {
+            return p.clone();
+        }
+        let facts = Arc::new(ProcessFacts::read(pid).unwrap_or_else(|| ProcessFacts {
+            pid,
+            executable_name: "unknown".into(),
+            ..Default::default()
+        }));
+        self.by_pid.insert(pid, facts.clone());
+        facts
+    }
+
+    /// Forgets processes that have exited (call now and then).
+    pub fn prune(&mut self) {
+        self.by_pid.retain(|pid, facts| process_start_time(*pid) == Some(facts.start_time));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_pid.len()
+    }
+}
+
+/// Builds the OTLP resource for a process under a service name.
+pub fn resource(host: &HostFacts, process: &ProcessFacts, service_name: &str) -> Resource {
+    let mut attributes = process.attributes(service_name);
+    attributes.extend(host.attributes());
+    Resource { attributes, dropped_attributes_count: 0, entity_refs: Vec::new() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_command_lines_are_redacted() {
+        let args: Vec<String> =
+            ["app", "--password=hunter2", "--token", "abc", "--port", "80", "DB_PASSWORD=x"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        assert_eq!(
+            redact_command_line(&args),
+            "app --password=REDACTED --token REDACTED --port 80 DB_PASSWORD=REDACTED"
+        );
+    }
+
+    #[test]
+    fn container_ids_are_found_in_cgroup_paths() {
+        let id = "a".repeat(64);
+        assert_eq!(container_id_from_cgroup(&format!("/docker/{id}")), Some(id.clone()));
+        assert_eq!(
+            container_id_from_cgroup(&format!("/kubepods.slice/cri-containerd-{id}.scope")),
+            Some(id)
+        );
+        assert_eq!(container_id_from_cgroup("/user.slice/user-0.slice/session-1.scope"), None);
+    }
+
+    #[test]
+    fn own_process_facts_are_read() {
+        let me = ProcessFacts::read(std::process::id()).expect("own /proc entry");
+        assert!(!me.executable_name.is_empty());
+        assert!(me.command_line.contains(&me.executable_name) || !me.command_line.is_empty());
+        let host = HostFacts::read();
+        assert!(!host.name.is_empty());
+        assert!(host.cpus >= 1 && host.memory_bytes > 0);
+    }
+}

@@ -1,0 +1,252 @@
+//! Agent settings: command-line flags (with the standard OTEL_* variables as fallbacks), then an
+//! optional TOML config file, then defaults. The first that says something wins.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+use crate::export::{self, ExportConfig, Protocol};
+
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentArgs {
+    /// TOML file with any of these settings (flags win over it).
+    #[arg(long, short = 'c')]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// OTLP/HTTP base URL of the collector; spans go to <endpoint>/v1/traces.
+    /// [default: http://127.0.0.1:4318]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// Full URL for traces, used as is (overrides --endpoint).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub traces_endpoint: Option<String>,
+
+    /// Extra request headers, `key=value,key2=value2` (values may be percent-encoded).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS")]
+    pub headers: Option<String>,
+
+    /// Body encoding. [default: http/protobuf]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
+    pub protocol: Option<Protocol>,
+
+    /// `gzip` or `none`. [default: gzip]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_COMPRESSION")]
+    pub compression: Option<String>,
+
+    /// Bearer token sent to the collector (`Authorization: Bearer <token>`).
+    #[arg(long, env = "TRACER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// PEM CA certificate to trust for an https collector.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Print one JSON span per line on stdout instead of exporting.
+    #[arg(long)]
+    pub stdout: bool,
+
+    /// Only trace these process ids (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Only trace processes whose executable name is one of these (repeatable).
+    #[arg(long = "exe", value_name = "NAME")]
+    pub executables: Vec<String>,
+
+    /// Only trace processes whose cgroup path contains this text (repeatable).
+    #[arg(long = "cgroup", value_name = "TEXT")]
+    pub cgroups: Vec<String>,
+
+    /// Only trace connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+
+    /// Name services by rule, `exe=NAME:SERVICE`, `pid=PID:SERVICE`, `cgroup=TEXT:SERVICE` or
+    /// `port=PORT:SERVICE` (a server's local port). First match wins; default: executable name.
+    #[arg(long = "service-rule", value_name = "RULE")]
+    pub service_rules: Vec<String>,
+
+    /// Address of the Prometheus metrics endpoint; `off` disables it. [default: 127.0.0.1:9464]
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+
+    /// Log the counters every 10 seconds.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Ring buffer size in MiB (a power of two). [default: 16]
+    #[arg(long)]
+    pub ring_buffer_mib: Option<u32>,
+
+    /// Spans held for export at most; beyond, new spans are dropped and counted. [default: 65536]
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+
+    /// Spans per export request. [default: 512]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+
+    /// Longest wait before a partial batch is sent, in milliseconds. [default: 500]
+    #[arg(long)]
+    pub batch_timeout_ms: Option<u64>,
+}
+
+fn vec_or<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    if a.is_empty() {
+        b
+    } else {
+        a
+    }
+}
+
+impl AgentArgs {
+    /// Fills what the flags left unset from the config file named by `--config`.
+    pub fn with_config_file(self) -> anyhow::Result<AgentArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        let file: AgentArgs = toml::from_str(&text)
+            .with_context(|| format!("the config file {} is not valid", path.display()))?;
+        Ok(AgentArgs {
+            config: self.config,
+            endpoint: self.endpoint.or(file.endpoint),
+            traces_endpoint: self.traces_endpoint.or(file.traces_endpoint),
+            headers: self.headers.or(file.headers),
+            protocol: self.protocol.or(file.protocol),
+            compression: self.compression.or(file.compression),
+            token: self.token.or(file.token),
+            ca_cert: self.ca_cert.or(file.ca_cert),
+            stdout: self.stdout || file.stdout,
+            pids: vec_or(self.pids, file.pids),
+            executables: vec_or(self.executables, file.executables),
+            cgroups: vec_or(self.cgroups, file.cgroups),
+            ports: vec_or(self.ports, file.ports),
+            service_rules: vec_or(self.service_rules, file.service_rules),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            stats: self.stats || file.stats,
+            ring_buffer_mib: self.ring_buffer_mib.or(file.ring_buffer_mib),
+            queue_capacity: self.queue_capacity.or(file.queue_capacity),
+            batch_size: self.batch_size.or(file.batch_size),
+            batch_timeout_ms: self.batch_timeout_ms.or(file.batch_timeout_ms),
+        })
+    }
+
+    pub fn export_config(&self) -> anyhow::Result<ExportConfig> {
+        let url = match (&self.traces_endpoint, &self.endpoint) {
+            (Some(url), _) => url.clone(),
+            (None, Some(base)) => export::traces_url(base),
+            (None, None) => export::traces_url("http://127.0.0.1:4318"),
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("the collector endpoint {url:?} must start with http:// or https://");
+        }
+        let mut headers = match &self.headers {
+            Some(h) => export::parse_headers(h).context("invalid --headers / OTEL_EXPORTER_OTLP_HEADERS")?,
+            None => Vec::new(),
+        };
+        if let Some(token) = &self.token {
+            headers.push(("authorization".into(), format!("Bearer {token}")));
+        }
+        let gzip = match self.compression.as_deref().unwrap_or("gzip") {
+            "gzip" => true,
+            "none" => false,
+            other => bail!("unknown compression {other:?}: use gzip or none"),
+        };
+        Ok(ExportConfig {
+            url,
+            headers,
+            protocol: self.protocol.unwrap_or(Protocol::HttpProtobuf),
+            gzip,
+            batch_size: self.batch_size.unwrap_or(512),
+            batch_timeout: Duration::from_millis(self.batch_timeout_ms.unwrap_or(500)),
+            queue_capacity: self.queue_capacity.unwrap_or(65536),
+            ca_cert: self.ca_cert.clone(),
+            shutdown_timeout: Duration::from_secs(5),
+        })
+    }
+
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.metrics_addr.as_deref().unwrap_or("127.0.0.1:9464") {
+            "off" => Ok(None),
+            a => Ok(Some(a.parse().with_context(|| format!("--metrics-addr {a:?} is not host:port"))?)),
+        }
+    }
+
+    pub fn ring_buffer_bytes(&self) -> anyhow::Result<u32> {
+        let mib = self.ring_buffer_mib.unwrap_or(16);
+        if !mib.is_power_of_two() || mib > 1024 {
+            bail!("--ring-buffer-mib must be a power of two up to 1024, got {mib}");
+        }
+        Ok(mib * 1024 * 1024)
+    }
+}
+
+/// What a service-naming rule matches on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuleMatch {
+    Exe(String),
+    Pid(u32),
+    Cgroup(String),
+    Port(u16),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceRule {
+    pub matches: RuleMatch,
+    pub service: String,
+}
+
+pub fn parse_service_rule(s: &str) -> anyhow::Result<ServiceRule> {
+    let err = || format!("service rule {s:?} is not KIND=VALUE:SERVICE (KIND: exe, pid, cgroup, port)");
+    let (kind, rest) = s.split_once('=').with_context(err)?;
+    let (value, service) = rest.rsplit_once(':').with_context(err)?;
+    if service.is_empty() {
+        bail!(err());
+    }
+    let matches = match kind {
+        "exe" => RuleMatch::Exe(value.into()),
+        "pid" => RuleMatch::Pid(value.parse().with_context(err)?),
+        "cgroup" => RuleMatch::Cgroup(value.into()),
+        "port" => RuleMatch::Port(value.parse().with_context(err)?),
+        _ => bail!(err()),
+    };
+    Ok(ServiceRule { matches, service: service.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_rules_parse() {
+        assert_eq!(
+            parse_service_rule("exe=nginx:frontend").unwrap(),
+            ServiceRule { matches: RuleMatch::Exe("nginx".into()), service: "frontend".into() }
+        );
+        assert_eq!(parse_service_rule("port=6379:cache").unwrap().matches, RuleMatch::Port(6379));
+        assert!(parse_service_rule("port=x:cache").is_err());
+        assert!(parse_service_rule("nginx").is_err());
+        assert!(parse_service_rule("user=1:x").is_err());
+    }
+
+    #[test]
+    fn config_file_fills_what_flags_leave_unset() {
+        let dir = std::env::temp_dir().join(format!("tracer-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, "endpoint = \"http://file:4318\"\nports = [80]\nprotocol = \"http/json\"\n").unwrap();
+        let args = AgentArgs { config: Some(path.clone()), ports: vec![8080], ..Default::default() };
+        let merged = args.with_config_file().unwrap();
+        assert_eq!(merged.endpoint.as_deref(), Some("http://file:4318"));
+        assert_eq!(merged.ports, vec![8080]);
+        assert_eq!(merged.export_config().unwrap().protocol, Protocol::HttpJson);
+        std::fs::write(&path, "endpont = \"typo\"\n").unwrap();
+        let err = AgentArgs { config: Some(path), ..Default::default() }.with_config_file().unwrap_err();
+        assert!(format!("{err:#}").contains("endpont"), "{err:#}");
+    }
+}

@@ -1,0 +1,110 @@
+//! The agent in bad situations: no privileges, and a collector that is down for a while.
+mod support;
+
+use std::{net::TcpStream, process::Command, time::Duration};
+
+use support::*;
+
+#[test]
+fn agent_refuses_clearly_without_privileges() {
+    require_root();
+    // setpriv (util-linux) drops to nobody; changing uid clears the effective capabilities.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_tracer"))
+        .args(["agent", "--metrics-addr", "off"])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent must exit non-zero without privileges:\n{stderr}");
+    assert!(stderr.contains("needs privileges to load eBPF programs"), "unclear message:\n{stderr}");
+    assert!(stderr.contains("CAP_BPF") && stderr.contains("root"), "the message says what to do:\n{stderr}");
+}
+
+#[test]
+fn bad_settings_are_reported_before_loading_anything() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["agent", "--endpoint", "collector:4318"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("must start with http:// or https://"), "{stderr}");
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    let out = Command::new("curl").args(["-sS", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+/// Spans made while the collector is down are kept and delivered once it is up.
+#[test]
+fn export_survives_a_collector_that_is_down_for_a_while() {
+    require_root();
+    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
+    let _nginx = start_nginx(nginx_port, free_port());
+    let nginx_s = nginx_port.to_string();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let agent = Agent::start(&[
+        "--endpoint", &format!("http://127.0.0.1:{otlp_port}"),
+        "--port", &nginx_s,
+        "--exe", "nginx",
+        "--batch-timeout-ms", "50",
+        "--metrics-addr", &metrics,
+    ]);
+    let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
+    let req = format!("GET /ok HTTP/1.1\r\nHost: x\r\n\r\n");
+    for _ in 0..10 {
+        assert_eq!(request(&mut conn, &req).status, 200);
+    }
+    wait_for("export attempts to fail", Duration::from_secs(10), || {
+        agent.stderr.lock().unwrap().contains("cannot reach the collector")
+    });
+    assert_eq!(metric(metrics_port, "tracer_spans_exported_total"), 0);
+    // The collector comes up: the buffered spans arrive, none lost.
+    let receiver = OtlpReceiver::start(otlp_port);
+    wait_for("buffered spans delivered", Duration::from_secs(20), || receiver.spans().len() >= 10);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(receiver.spans().len(), 10);
+    assert!(receiver.spans().iter().all(|s| s.service() == "nginx" && s.span.name == "GET /ok"));
+    assert_eq!(metric(metrics_port, "tracer_spans_exported_total"), 10);
+    assert_eq!(metric(metrics_port, "tracer_export_dropped_queue_full_total"), 0);
+    agent.stop();
+}
+
+/// Past the queue bound, spans are dropped, and every one is counted.
+#[test]
+fn spans_beyond_the_export_queue_are_counted_as_dropped() {
+    require_root();
+    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
+    let _nginx = start_nginx(nginx_port, free_port());
+    let nginx_s = nginx_port.to_string();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let agent = Agent::start(&[
+        "--endpoint", &format!("http://127.0.0.1:{otlp_port}"),
+        "--port", &nginx_s,
+        "--exe", "nginx",
+        "--batch-size", "5",
+        "--batch-timeout-ms", "50",
+        "--queue-capacity", "5",
+        "--metrics-addr", &metrics,
+    ]);
+    let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
+    let req = "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..40 {
+        assert_eq!(request(&mut conn, req).status, 200);
+    }
+    wait_for("all 40 spans built", Duration::from_secs(10), || metric(metrics_port, "tracer_spans_total") == 40);
+    let dropped = metric(metrics_port, "tracer_export_dropped_queue_full_total");
+    assert!(dropped > 0, "with a queue of 5 and the collector down, spans must be dropped");
+    let receiver = OtlpReceiver::start(otlp_port);
+    wait_for("what was kept is delivered", Duration::from_secs(20), || {
+        metric(metrics_port, "tracer_spans_exported_total") + dropped == 40
+    });
+    assert_eq!(receiver.spans().len() as u64, 40 - dropped, "delivered + dropped = produced");
+    let log = agent.stop();
+    assert!(log.contains("export queue full"), "drops are logged:\n{log}");
+}
