@@ -105,6 +105,9 @@ pub struct RecordHeader {
     pub tuple: ConnTuple,
     pub role_hint: u32,
     pub _pad: u32,
+    /// The thread's command name when the connection was first seen: the agent's fallback for a
+    /// process that exited before it could read /proc (curl, short scripts).
+    pub comm: [u8; 16],
 }
 
 /// One data syscall on a tracked TCP connection.
@@ -138,6 +141,7 @@ pub struct CloseRecord {
 pub struct ConnState {
     pub conn_id: u64,
     pub tuple: ConnTuple,
+    pub comm: [u8; 16],
     pub role_hint: u32,
     /// Direction of the message in progress (0 before the first byte).
     pub direction: u32,

@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw},
     },
     macros::{map, tracepoint},
@@ -181,10 +181,11 @@ fn track(tgid: u32, fd: u32, role: u32) -> bool {
     let state = ConnState {
         conn_id: unsafe { bpf_ktime_get_ns() },
         tuple,
+        comm: bpf_get_current_comm().unwrap_or_default(),
         role_hint: role,
         ..ConnState::default()
     };
-    if CONNS.insert(&conn_key(tgid, fd), &state, 0).is_err() {
+    if CONNS.insert(conn_key(tgid, fd), state, 0).is_err() {
         bump(counter::CONN_TABLE_FULL);
         return false;
     }
@@ -219,7 +220,7 @@ fn on_enter(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
         return 0;
     }
     let fd = arg(ctx, 0) as u32;
-    match CONNS.get_ptr(&conn_key(tgid, fd)) {
+    match CONNS.get_ptr(conn_key(tgid, fd)) {
         Some(state) => {
             if unsafe { (*state).muted } != 0 {
                 return 0;
@@ -251,7 +252,7 @@ fn on_enter(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
         direction: dir,
         role: 0,
     };
-    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         bump(counter::INFLIGHT_FULL);
     }
     0
@@ -270,6 +271,7 @@ fn header(k: u32, pid_tgid: u64, fd: u32, state: &ConnState, ts_enter: u64, ts_e
         tuple: state.tuple,
         role_hint: state.role_hint,
         _pad: 0,
+        comm: state.comm,
     }
 }
 
@@ -287,17 +289,17 @@ fn wake_flags() -> u64 {
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = (unsafe { INFLIGHT.get(&pid_tgid) }).copied() else {
+    let Some(inflight) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
         return 0;
     };
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let _ = INFLIGHT.remove(pid_tgid);
     let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
     if ret <= 0 {
         return 0;
     }
     let ts_exit = unsafe { bpf_ktime_get_ns() };
     let tgid = (pid_tgid >> 32) as u32;
-    let Some(state) = CONNS.get_ptr_mut(&conn_key(tgid, inflight.fd)) else {
+    let Some(state) = CONNS.get_ptr_mut(conn_key(tgid, inflight.fd)) else {
         return 0;
     };
     let state = unsafe { &mut *state };
@@ -414,7 +416,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         direction: 0,
         role: role_hint::CONNECTED,
     };
-    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         bump(counter::INFLIGHT_FULL);
     }
     0
@@ -423,10 +425,10 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = (unsafe { INFLIGHT.get(&pid_tgid) }).copied() else {
+    let Some(inflight) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
         return 0;
     };
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let _ = INFLIGHT.remove(pid_tgid);
     let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
     if ret == 0 || ret == -EINPROGRESS {
         // A new connection on this fd: forget whatever the fd was before.
@@ -464,10 +466,10 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = arg(&ctx, 0) as u32;
     let key = conn_key(tgid, fd);
-    let Some(state) = (unsafe { CONNS.get(&key) }).copied() else {
+    let Some(state) = (unsafe { CONNS.get(key) }).copied() else {
         return 0;
     };
-    let _ = CONNS.remove(&key);
+    let _ = CONNS.remove(key);
     if state.muted != 0 {
         return 0;
     }

@@ -36,6 +36,9 @@ pub struct AgentStats {
     pub spans: AtomicU64,
     pub connections_muted: AtomicU64,
     pub parse_failures: AtomicU64,
+    /// Gauges: connections the pairer follows, processes whose facts are cached.
+    pub connections: AtomicU64,
+    pub processes: AtomicU64,
 }
 
 /// Everything the metrics endpoint and the exit summary report.
@@ -56,6 +59,7 @@ struct ConnMeta {
     kernel_conn_id: u64,
     local: SocketAddr,
     remote: SocketAddr,
+    comm: [u8; 16],
     ignored: bool,
     last_seen: u64,
 }
@@ -155,7 +159,7 @@ impl Pipeline {
                     None => {
                         let local = records::local_addr(&h.tuple);
                         let remote = records::remote_addr(&h.tuple);
-                        let process = self.processes.get(h.tgid);
+                        let process = self.processes.get(h.tgid, &h.comm);
                         let ignored = !self.filters.wants(&process, local, remote);
                         self.conns.entry(id).or_insert(ConnMeta {
                             tgid: h.tgid,
@@ -163,6 +167,7 @@ impl Pipeline {
                             kernel_conn_id: h.conn_id,
                             local,
                             remote,
+                            comm: h.comm,
                             ignored,
                             last_seen: 0,
                         })
@@ -223,7 +228,7 @@ impl Pipeline {
         let ends = Endpoints { local: meta.local, remote: meta.remote };
         let offset = self.clock_offset;
         let span = spans::build_span(ex, &ends, |mono| (i128::from(mono) + offset).max(0) as u64);
-        let process = self.processes.get(meta.tgid);
+        let process = self.processes.get(meta.tgid, &meta.comm);
         let local_port = (ex.role == Role::Server).then_some(meta.local.port());
         let service = self.service_name(&process, local_port);
         let key = (process.pid, process.start_time, service);
@@ -248,6 +253,8 @@ impl Pipeline {
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
         self.stats.agent.parse_failures.store(self.pairer.parse_failures(), Relaxed);
+        self.stats.agent.connections.store(self.pairer.connections() as u64, Relaxed);
+        self.stats.agent.processes.store(self.processes.len() as u64, Relaxed);
     }
 
     fn housekeeping(&mut self) {

@@ -29,9 +29,15 @@ pub fn render(stats: &Stats) -> String {
         ("tracer_export_dropped_shutdown_total", "Spans dropped: undeliverable at shutdown", e.dropped_shutdown.load(Relaxed)),
         ("tracer_parse_failures_total", "Messages that could not be parsed", a.parse_failures.load(Relaxed)),
     ];
+    let gauges: [(&str, &str, u64); 2] = [
+        ("tracer_connections", "Connections the agent is following", a.connections.load(Relaxed)),
+        ("tracer_processes", "Processes whose facts are cached", a.processes.load(Relaxed)),
+    ];
     let mut out = String::new();
-    for (name, help, value) in rows {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"));
+    for (kind, list) in [("counter", &rows[..]), ("gauge", &gauges[..])] {
+        for (name, help, value) in list {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
     }
     out
 }

@@ -192,17 +192,18 @@ fn process_start_time(pid: u32) -> Option<u64> {
 }
 
 impl ProcessFacts {
-    pub fn read(pid: u32) -> Option<ProcessFacts> {
+    /// `comm` is the kernel's command name for the process, used when /proc no longer says
+    /// (the process is exiting).
+    pub fn read(pid: u32, comm: &str) -> Option<ProcessFacts> {
         let start_time = process_start_time(pid)?;
         let executable_path = fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
             .unwrap_or_default();
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let executable_name = executable_path
             .rsplit('/')
             .next()
             .filter(|s| !s.is_empty())
-            .unwrap_or(comm.trim())
+            .unwrap_or(comm)
             .to_owned();
         let args: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
             .unwrap_or_default()
@@ -250,13 +251,18 @@ pub struct ProcessCache {
 }
 
 impl ProcessCache {
-    pub fn get(&mut self, pid: u32) -> Arc<ProcessFacts> {
+    /// Facts of `pid`; `comm` (the kernel's command name) stands in for a process that has
+    /// already exited.
+    pub fn get(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessFacts> {
         if let Some(p) = self.by_pid.get(&pid) {
             return p.clone();
         }
-        let facts = Arc::new(ProcessFacts::read(pid).unwrap_or_else(|| ProcessFacts {
+        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+        let comm = String::from_utf8_lossy(&comm[..end]);
+        let comm = if comm.is_empty() { "unknown" } else { &comm };
+        let facts = Arc::new(ProcessFacts::read(pid, comm).unwrap_or_else(|| ProcessFacts {
             pid,
-            executable_name: "unknown".into(),
+            executable_name: comm.to_owned(),
             ..Default::default()
         }));
         self.by_pid.insert(pid, facts.clone());
@@ -310,7 +316,7 @@ mod tests {
 
     #[test]
     fn own_process_facts_are_read() {
-        let me = ProcessFacts::read(std::process::id()).expect("own /proc entry");
+        let me = ProcessFacts::read(std::process::id(), "x").expect("own /proc entry");
         assert!(!me.executable_name.is_empty());
         assert!(me.command_line.contains(&me.executable_name) || !me.command_line.is_empty());
         let host = HostFacts::read();

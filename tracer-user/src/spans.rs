@@ -23,9 +23,11 @@ pub fn path_template(path: &str) -> String {
         if i > 0 {
             out.push('/');
         }
-        let looks_like_id = seg.bytes().any(|b| b.is_ascii_digit())
-            && (seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
-                || seg.bytes().filter(u8::is_ascii_digit).count() * 2 >= seg.len());
+        let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+        let looks_like_id = digits > 0
+            && (digits == seg.len()
+                || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+                || (seg.len() >= 4 && digits * 2 >= seg.len()));
         out.push_str(if looks_like_id { "{id}" } else { seg });
     }
     out

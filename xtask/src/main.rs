@@ -40,7 +40,10 @@ fn root() -> PathBuf {
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("\x1b[1m[xtask]\x1b[0m {cmd:?}");
-    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {cmd:?}"))?;
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -58,6 +61,10 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
             run(Command::new("cargo").args(["clippy", "--workspace", "--exclude", "tracer-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+            // The probes build for bpfel-unknown-none with nightly: lint them there.
+            run(Command::new("cargo")
+                .args(["+nightly", "clippy", "--release", "--", "-D", "warnings"])
+                .current_dir(root().join("tracer-ebpf")))?;
             // One test binary at a time: each integration test loads its own probes and starts
             // real servers; running them in parallel on 2 cores makes timings noisy.
             run(Command::new("cargo").args(["test", "--workspace", "--exclude", "tracer-ebpf", "--", "--test-threads=1"]).args(&args))
