@@ -259,7 +259,14 @@ fn on_enter(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
 }
 
 #[inline(always)]
-fn header(k: u32, pid_tgid: u64, fd: u32, state: &ConnState, ts_enter: u64, ts_exit: u64) -> RecordHeader {
+fn header(
+    k: u32,
+    pid_tgid: u64,
+    fd: u32,
+    state: &ConnState,
+    ts_enter: u64,
+    ts_exit: u64,
+) -> RecordHeader {
     RecordHeader {
         kind: k,
         tgid: (pid_tgid >> 32) as u32,
@@ -329,7 +336,14 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
         n = MAX_CAPTURE as u64;
     }
     unsafe {
-        (*rec).header = header(kind::DATA, pid_tgid, inflight.fd, state, inflight.ts_enter, ts_exit);
+        (*rec).header = header(
+            kind::DATA,
+            pid_tgid,
+            inflight.fd,
+            state,
+            inflight.ts_enter,
+            ts_exit,
+        );
         (*rec).direction = inflight.direction;
         (*rec).syscall = inflight.syscall;
         (*rec).len = ret as u64;
@@ -338,8 +352,17 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
         if n > 0 && inflight.buf != 0 {
             // The mask restates the bound for the verifier (n <= MAX_CAPTURE already).
             let len = (n as u32) & (2 * MAX_CAPTURE as u32 - 1);
-            let len = if len > MAX_CAPTURE as u32 { MAX_CAPTURE as u32 } else { len };
-            if read_user_raw((*rec).data.as_mut_ptr().cast(), len, inflight.buf as *const _) == 0 {
+            let len = if len > MAX_CAPTURE as u32 {
+                MAX_CAPTURE as u32
+            } else {
+                len
+            };
+            if read_user_raw(
+                (*rec).data.as_mut_ptr().cast(),
+                len,
+                inflight.buf as *const _,
+            ) == 0
+            {
                 captured = len;
             } else {
                 bump(counter::PAYLOAD_READ_FAILED);
@@ -367,13 +390,55 @@ macro_rules! data_syscall {
     };
 }
 
-data_syscall!(sys_enter_read, sys_exit_read, syscall::READ, direction::INGRESS, Buffer::Plain);
-data_syscall!(sys_enter_write, sys_exit_write, syscall::WRITE, direction::EGRESS, Buffer::Plain);
-data_syscall!(sys_enter_readv, sys_exit_readv, syscall::READV, direction::INGRESS, Buffer::Iovec);
-data_syscall!(sys_enter_writev, sys_exit_writev, syscall::WRITEV, direction::EGRESS, Buffer::Iovec);
-data_syscall!(sys_enter_sendto, sys_exit_sendto, syscall::SENDTO, direction::EGRESS, Buffer::Plain);
-data_syscall!(sys_enter_recvmsg, sys_exit_recvmsg, syscall::RECVMSG, direction::INGRESS, Buffer::Msghdr);
-data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, syscall::SENDMSG, direction::EGRESS, Buffer::Msghdr);
+data_syscall!(
+    sys_enter_read,
+    sys_exit_read,
+    syscall::READ,
+    direction::INGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    syscall::WRITE,
+    direction::EGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_enter_readv,
+    sys_exit_readv,
+    syscall::READV,
+    direction::INGRESS,
+    Buffer::Iovec
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    syscall::WRITEV,
+    direction::EGRESS,
+    Buffer::Iovec
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    syscall::SENDTO,
+    direction::EGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    syscall::RECVMSG,
+    direction::INGRESS,
+    Buffer::Msghdr
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    syscall::SENDMSG,
+    direction::EGRESS,
+    Buffer::Msghdr
+);
 
 /// recvfrom is `data_syscall!` but for MSG_PEEK, which reads without consuming: the same bytes
 /// would be seen twice.

@@ -81,12 +81,17 @@ struct Filters {
 
 impl Filters {
     fn wants(&self, p: &ProcessFacts, local: SocketAddr, remote: SocketAddr) -> bool {
-        if self.export_addrs.iter().any(|a| same_endpoint(*a, remote) || same_endpoint(*a, local)) {
+        if self
+            .export_addrs
+            .iter()
+            .any(|a| same_endpoint(*a, remote) || same_endpoint(*a, local))
+        {
             return false;
         }
         (self.pids.is_empty() || self.pids.contains(&p.pid))
             && (self.executables.is_empty() || self.executables.contains(&p.executable_name))
-            && (self.cgroups.is_empty() || self.cgroups.iter().any(|c| p.cgroup.contains(c.as_str())))
+            && (self.cgroups.is_empty()
+                || self.cgroups.iter().any(|c| p.cgroup.contains(c.as_str())))
             && (self.ports.is_empty()
                 || self.ports.contains(&local.port())
                 || self.ports.contains(&remote.port()))
@@ -118,7 +123,8 @@ pub struct Pipeline {
 
 /// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
 fn conn_id(tgid: u32, fd: u32, kernel_conn_id: u64) -> ConnId {
-    let mut x = kernel_conn_id ^ ((u64::from(tgid) << 32) | u64::from(fd)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x = kernel_conn_id
+        ^ ((u64::from(tgid) << 32) | u64::from(fd)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     // splitmix64 finaliser: spreads the bits so HashMap buckets stay even.
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -126,7 +132,10 @@ fn conn_id(tgid: u32, fd: u32, kernel_conn_id: u64) -> ConnId {
 }
 
 pub fn monotonic_now() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -176,7 +185,8 @@ impl Pipeline {
                 meta.last_seen = h.ts_exit;
                 if meta.ignored {
                     // Ask the probes to stop; records already in the ring are skipped here.
-                    self.kernel_conns.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    self.kernel_conns
+                        .mute(meta.tgid, meta.fd, meta.kernel_conn_id);
                     return;
                 }
                 let chunk = Chunk {
@@ -189,14 +199,16 @@ impl Pipeline {
                 self.pairer.on_chunk(id, &chunk, &mut self.exchanges);
                 if self.pairer.is_not_http(id) {
                     meta.ignored = true;
-                    self.kernel_conns.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    self.kernel_conns
+                        .mute(meta.tgid, meta.fd, meta.kernel_conn_id);
                     self.pairer.forget(id);
                     self.stats.agent.connections_muted.fetch_add(1, Relaxed);
                 }
             }
             Some(Record::Close { header }) => {
                 let id = conn_id(header.tgid, header.fd, header.conn_id);
-                self.pairer.on_close(id, header.ts_exit, &mut self.exchanges);
+                self.pairer
+                    .on_close(id, header.ts_exit, &mut self.exchanges);
                 self.flush_exchanges();
                 self.conns.remove(&id);
                 return;
@@ -225,7 +237,10 @@ impl Pipeline {
         let Some(meta) = self.conns.get(&ex.conn) else {
             return;
         };
-        let ends = Endpoints { local: meta.local, remote: meta.remote };
+        let ends = Endpoints {
+            local: meta.local,
+            remote: meta.remote,
+        };
         let offset = self.clock_offset;
         let span = spans::build_span(ex, &ends, |mono| (i128::from(mono) + offset).max(0) as u64);
         let process = self.processes.get(meta.tgid, &meta.comm);
@@ -252,9 +267,18 @@ impl Pipeline {
         let now = monotonic_now();
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
-        self.stats.agent.parse_failures.store(self.pairer.parse_failures(), Relaxed);
-        self.stats.agent.connections.store(self.pairer.connections() as u64, Relaxed);
-        self.stats.agent.processes.store(self.processes.len() as u64, Relaxed);
+        self.stats
+            .agent
+            .parse_failures
+            .store(self.pairer.parse_failures(), Relaxed);
+        self.stats
+            .agent
+            .connections
+            .store(self.pairer.connections() as u64, Relaxed);
+        self.stats
+            .agent
+            .processes
+            .store(self.processes.len() as u64, Relaxed);
     }
 
     fn housekeeping(&mut self) {
@@ -280,18 +304,19 @@ impl Pipeline {
 /// `--stdout`: one JSON object a line, with the service and attributes flattened for reading.
 fn stdout_line(resource: &Resource, span: &opentelemetry_proto::tonic::trace::v1::Span) -> String {
     use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
+    fn json(v: &Value) -> serde_json::Value {
+        match v {
+            Value::StringValue(s) => s.clone().into(),
+            Value::IntValue(i) => (*i).into(),
+            Value::BoolValue(b) => (*b).into(),
+            Value::DoubleValue(d) => (*d).into(),
+            Value::ArrayValue(a) => a.values.iter().filter_map(|v| v.value.as_ref()).map(json).collect(),
+            other => format!("{other:?}").into(),
+        }
+    }
     fn flat(kvs: &[KeyValue]) -> serde_json::Map<String, serde_json::Value> {
         kvs.iter()
-            .filter_map(|kv| {
-                let v = match kv.value.as_ref()?.value.as_ref()? {
-                    Value::StringValue(s) => serde_json::Value::from(s.clone()),
-                    Value::IntValue(i) => serde_json::Value::from(*i),
-                    Value::BoolValue(b) => serde_json::Value::from(*b),
-                    Value::DoubleValue(d) => serde_json::Value::from(*d),
-                    other => serde_json::Value::from(format!("{other:?}")),
-                };
-                Some((kv.key.clone(), v))
-            })
+            .filter_map(|kv| Some((kv.key.clone(), json(kv.value.as_ref()?.value.as_ref()?))))
             .collect()
     }
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
@@ -336,7 +361,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
     let mut probes = Probes::load(
         &offsets,
-        &LoadOptions { ring_buffer_bytes: args.ring_buffer_bytes()?, max_connections: 65536 },
+        &LoadOptions {
+            ring_buffer_bytes: args.ring_buffer_bytes()?,
+            max_connections: 65536,
+        },
     )?;
     let ring = probes.take_ring_buffer()?;
     let counters: Counters = probes.take_counters()?;
@@ -353,7 +381,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let (tx, handle) = export::spawn(export_config.clone(), stats.export.clone())?;
         (Sink::Otlp(tx), Some(handle))
     };
-    let export_addrs = if args.stdout { Vec::new() } else { resolve_endpoint(&export_config.url).await };
+    let export_addrs = if args.stdout {
+        Vec::new()
+    } else {
+        resolve_endpoint(&export_config.url).await
+    };
     if let Some(addr) = metrics_addr {
         metrics::serve(addr, stats.clone()).await?;
     }
@@ -384,7 +416,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pipeline.host.name,
         probes::kernel_release(),
         probes.attached,
-        if args.stdout { "printing spans to stdout".to_string() } else { format!("exporting to {}", export_config.url) }
+        if args.stdout {
+            "printing spans to stdout".to_string()
+        } else {
+            format!("exporting to {}", export_config.url)
+        }
     );
     eprintln!("tracer: ready");
 
@@ -471,6 +507,12 @@ async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {
     let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
         return Vec::new();
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    tokio::net::lookup_host((host.as_str(), port)).await.map(|a| a.collect()).unwrap_or_default()
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map(|a| a.collect())
+        .unwrap_or_default()
 }

@@ -107,7 +107,10 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     pub fn new(every: Duration) -> Self {
-        Self { last: std::sync::Mutex::new(None), every }
+        Self {
+            last: std::sync::Mutex::new(None),
+            every,
+        }
     }
     pub fn warn(&self, msg: impl FnOnce() -> String) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -182,7 +185,10 @@ impl Exporter {
             .client
             .post(&self.config.url)
             .header("content-type", content_type)
-            .header("user-agent", concat!("tracer-agent/", env!("CARGO_PKG_VERSION")));
+            .header(
+                "user-agent",
+                concat!("tracer-agent/", env!("CARGO_PKG_VERSION")),
+            );
         for (k, v) in &self.config.headers {
             req = req.header(k, v);
         }
@@ -201,7 +207,10 @@ impl Exporter {
                     Outcome::Rejected(msg)
                 }
             }
-            Err(e) => Outcome::Retry(format!("cannot reach the collector at {}: {e}", self.config.url)),
+            Err(e) => Outcome::Retry(format!(
+                "cannot reach the collector at {}: {e}",
+                self.config.url
+            )),
         }
     }
 
@@ -233,7 +242,9 @@ impl Exporter {
                 }
                 Outcome::Retry(msg) => {
                     self.stats.failed_attempts.fetch_add(1, Relaxed);
-                    self.limiter.warn(|| format!("{msg}; retrying (spans are kept while the queue has room)"));
+                    self.limiter.warn(|| {
+                        format!("{msg}; retrying (spans are kept while the queue has room)")
+                    });
                 }
             }
             if deadline.is_some_and(|d| Instant::now() + backoff > d) {
@@ -267,7 +278,8 @@ pub fn spawn(
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(3));
     if let Some(path) = &config.ca_cert {
-        let pem = std::fs::read(path).with_context(|| format!("reading CA certificate {}", path.display()))?;
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading CA certificate {}", path.display()))?;
         let cert = reqwest::Certificate::from_pem(&pem)
             .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
         builder = builder.add_root_certificate(cert);
@@ -275,7 +287,12 @@ pub fn spawn(
     let client = builder.build().context("building the HTTP client")?;
     let (tx, mut rx) = mpsc::channel::<SpanItem>(config.queue_capacity.max(1));
     let limiter = Arc::new(LogLimiter::new(Duration::from_secs(10)));
-    let exporter = Exporter { config, client, stats: stats.clone(), limiter: limiter.clone() };
+    let exporter = Exporter {
+        config,
+        client,
+        stats: stats.clone(),
+        limiter: limiter.clone(),
+    };
     let handle = tokio::spawn(async move {
         let batch_size = exporter.config.batch_size.max(1);
         loop {
@@ -367,7 +384,13 @@ mod tests {
     #[test]
     fn headers_parse_like_the_otel_spec() {
         let h = parse_headers("authorization=Bearer%20abc, x-tenant = t1").unwrap();
-        assert_eq!(h, vec![("authorization".into(), "Bearer abc".into()), ("x-tenant".into(), "t1".into())]);
+        assert_eq!(
+            h,
+            vec![
+                ("authorization".into(), "Bearer abc".into()),
+                ("x-tenant".into(), "t1".into())
+            ]
+        );
         assert!(parse_headers("novalue").is_err());
     }
 
@@ -382,13 +405,35 @@ mod tests {
         let a = Arc::new(Resource::default());
         let b = Arc::new(Resource::default());
         let items = vec![
-            SpanItem { resource: a.clone(), span: Span { name: "1".into(), ..Default::default() } },
-            SpanItem { resource: b.clone(), span: Span { name: "2".into(), ..Default::default() } },
-            SpanItem { resource: a.clone(), span: Span { name: "3".into(), ..Default::default() } },
+            SpanItem {
+                resource: a.clone(),
+                span: Span {
+                    name: "1".into(),
+                    ..Default::default()
+                },
+            },
+            SpanItem {
+                resource: b.clone(),
+                span: Span {
+                    name: "2".into(),
+                    ..Default::default()
+                },
+            },
+            SpanItem {
+                resource: a.clone(),
+                span: Span {
+                    name: "3".into(),
+                    ..Default::default()
+                },
+            },
         ];
         let req = build_request(items);
         assert_eq!(req.resource_spans.len(), 2);
-        let names: Vec<_> = req.resource_spans[0].scope_spans[0].spans.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<_> = req.resource_spans[0].scope_spans[0]
+            .spans
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         assert_eq!(names, ["1", "3"]);
     }
 }

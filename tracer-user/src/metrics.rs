@@ -14,29 +14,91 @@ pub fn render(stats: &Stats) -> String {
     let a = &stats.agent;
     let e = &stats.export;
     let rows: [(&str, &str, u64); 14] = [
-        ("tracer_kernel_data_syscalls_total", "Data syscalls on tracked TCP connections", k.get(c::DATA_SYSCALLS)),
-        ("tracer_kernel_records_total", "Records the probes wrote to the ring buffer", k.get(c::RECORDS_SENT)),
-        ("tracer_ringbuf_dropped_total", "Records lost because the ring buffer was full", k.get(c::RINGBUF_FULL)),
-        ("tracer_inflight_dropped_total", "Syscalls not traced because the in-flight table was full", k.get(c::INFLIGHT_FULL)),
-        ("tracer_conn_table_dropped_total", "Connections not traced because the connection table was full", k.get(c::CONN_TABLE_FULL)),
-        ("tracer_payload_read_failed_total", "Records sent without payload (user memory not readable)", k.get(c::PAYLOAD_READ_FAILED)),
-        ("tracer_records_received_total", "Records the agent drained", a.records.load(Relaxed)),
-        ("tracer_exchanges_total", "Request/response pairs found", a.exchanges.load(Relaxed)),
+        (
+            "tracer_kernel_data_syscalls_total",
+            "Data syscalls on tracked TCP connections",
+            k.get(c::DATA_SYSCALLS),
+        ),
+        (
+            "tracer_kernel_records_total",
+            "Records the probes wrote to the ring buffer",
+            k.get(c::RECORDS_SENT),
+        ),
+        (
+            "tracer_ringbuf_dropped_total",
+            "Records lost because the ring buffer was full",
+            k.get(c::RINGBUF_FULL),
+        ),
+        (
+            "tracer_inflight_dropped_total",
+            "Syscalls not traced because the in-flight table was full",
+            k.get(c::INFLIGHT_FULL),
+        ),
+        (
+            "tracer_conn_table_dropped_total",
+            "Connections not traced because the connection table was full",
+            k.get(c::CONN_TABLE_FULL),
+        ),
+        (
+            "tracer_payload_read_failed_total",
+            "Records sent without payload (user memory not readable)",
+            k.get(c::PAYLOAD_READ_FAILED),
+        ),
+        (
+            "tracer_records_received_total",
+            "Records the agent drained",
+            a.records.load(Relaxed),
+        ),
+        (
+            "tracer_exchanges_total",
+            "Request/response pairs found",
+            a.exchanges.load(Relaxed),
+        ),
         ("tracer_spans_total", "Spans built", a.spans.load(Relaxed)),
-        ("tracer_spans_exported_total", "Spans the collector acknowledged", e.spans_sent.load(Relaxed)),
-        ("tracer_export_dropped_queue_full_total", "Spans dropped: export queue full", e.dropped_queue_full.load(Relaxed)),
-        ("tracer_export_dropped_rejected_total", "Spans dropped: rejected by the collector", e.dropped_rejected.load(Relaxed)),
-        ("tracer_export_dropped_shutdown_total", "Spans dropped: undeliverable at shutdown", e.dropped_shutdown.load(Relaxed)),
-        ("tracer_parse_failures_total", "Messages that could not be parsed", a.parse_failures.load(Relaxed)),
+        (
+            "tracer_spans_exported_total",
+            "Spans the collector acknowledged",
+            e.spans_sent.load(Relaxed),
+        ),
+        (
+            "tracer_export_dropped_queue_full_total",
+            "Spans dropped: export queue full",
+            e.dropped_queue_full.load(Relaxed),
+        ),
+        (
+            "tracer_export_dropped_rejected_total",
+            "Spans dropped: rejected by the collector",
+            e.dropped_rejected.load(Relaxed),
+        ),
+        (
+            "tracer_export_dropped_shutdown_total",
+            "Spans dropped: undeliverable at shutdown",
+            e.dropped_shutdown.load(Relaxed),
+        ),
+        (
+            "tracer_parse_failures_total",
+            "Messages that could not be parsed",
+            a.parse_failures.load(Relaxed),
+        ),
     ];
     let gauges: [(&str, &str, u64); 2] = [
-        ("tracer_connections", "Connections the agent is following", a.connections.load(Relaxed)),
-        ("tracer_processes", "Processes whose facts are cached", a.processes.load(Relaxed)),
+        (
+            "tracer_connections",
+            "Connections the agent is following",
+            a.connections.load(Relaxed),
+        ),
+        (
+            "tracer_processes",
+            "Processes whose facts are cached",
+            a.processes.load(Relaxed),
+        ),
     ];
     let mut out = String::new();
     for (kind, list) in [("counter", &rows[..]), ("gauge", &gauges[..])] {
         for (name, help, value) in list {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
         }
     }
     out
@@ -44,13 +106,15 @@ pub fn render(stats: &Stats) -> String {
 
 /// Binds now (so a taken port is an error at start-up) and serves in the background.
 pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint {addr} (use --metrics-addr to move or `off`)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the metrics endpoint {addr} (use --metrics-addr to move or `off`)")
+    })?;
     log::info!("metrics on http://{addr}/metrics");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let stats = stats.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -61,7 +125,9 @@ pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> anyhow::Result<()> {
                                 .header("content-type", "text/plain; version=0.0.4")
                                 .body(Full::new(Bytes::from(render(&stats))))
                         } else {
-                            Response::builder().status(404).body(Full::new(Bytes::from("try /metrics\n")))
+                            Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from("try /metrics\n")))
                         };
                         Ok::<_, Infallible>(resp.unwrap_or_default())
                     }

@@ -113,7 +113,13 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     let fstype = c"tracefs";
     // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
@@ -146,7 +152,9 @@ impl Probes {
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
-            .context("creating the probes' maps failed (the ring buffer needs Linux 5.8 or later)")?;
+            .context(
+                "creating the probes' maps failed (the ring buffer needs Linux 5.8 or later)",
+            )?;
         let mut attached = 0;
         for (category, name) in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
@@ -154,7 +162,11 @@ impl Probes {
                 .with_context(|| format!("program {name} missing from the probes object"))?
                 .try_into()?;
             if let Err(e) = program.load() {
-                if let ProgramError::LoadError { io_error, verifier_log } = &e {
+                if let ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } = &e
+                {
                     bail!(
                         "the kernel verifier rejected the probe {name} ({io_error}) on {}.\n\
                          Last lines of the verifier log:\n{}",
@@ -180,7 +192,10 @@ impl Probes {
 
     /// A handle to read the per-CPU counters (can be taken once).
     pub fn take_counters(&mut self) -> anyhow::Result<Counters> {
-        let map = self.ebpf.take_map("COUNTERS").context("COUNTERS map missing")?;
+        let map = self
+            .ebpf
+            .take_map("COUNTERS")
+            .context("COUNTERS map missing")?;
         Ok(Counters(PerCpuArray::try_from(map)?))
     }
 

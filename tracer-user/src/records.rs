@@ -23,7 +23,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
             }
             // SAFETY: size checked above; the ring buffer hands out 8-byte aligned records and
             // alignment is checked; DataRecord is plain old data valid for any bit pattern.
-            Some(Record::Data { record: unsafe { &*ptr } })
+            Some(Record::Data {
+                record: unsafe { &*ptr },
+            })
         }
         kind::CLOSE if bytes.len() >= size_of::<CloseRecord>() => {
             // SAFETY: size checked; read_unaligned has no alignment requirement.
@@ -64,7 +66,11 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_addresses_are_reported_as_ipv4() {
-        let mut t = ConnTuple { family: libc::AF_INET6 as u16, local_port: 80, ..Default::default() };
+        let mut t = ConnTuple {
+            family: libc::AF_INET6 as u16,
+            local_port: 80,
+            ..Default::default()
+        };
         t.local_addr[10] = 0xff;
         t.local_addr[11] = 0xff;
         t.local_addr[12..].copy_from_slice(&[127, 0, 0, 1]);
@@ -75,6 +81,9 @@ mod tests {
     fn short_or_unknown_records_are_rejected() {
         assert!(decode(&[1, 0]).is_none());
         assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]).is_none());
-        assert!(decode(&[1, 0, 0, 0, 0, 0, 0, 0]).is_none(), "data record too short");
+        assert!(
+            decode(&[1, 0, 0, 0, 0, 0, 0, 0]).is_none(),
+            "data record too short"
+        );
     }
 }

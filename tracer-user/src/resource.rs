@@ -13,24 +13,36 @@ pub fn kv_str(key: &str, value: impl Into<String>) -> KeyValue {
     KeyValue {
         key_strindex: 0,
         key: key.to_owned(),
-        value: Some(AnyValue { value: Some(Value::StringValue(value.into())) }),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue(value.into())),
+        }),
     }
 }
 
 pub fn kv_int(key: &str, value: i64) -> KeyValue {
-    KeyValue { key_strindex: 0, key: key.to_owned(), value: Some(AnyValue { value: Some(Value::IntValue(value)) }) }
+    KeyValue {
+        key_strindex: 0,
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(Value::IntValue(value)),
+        }),
+    }
 }
 
 fn kv_str_array(key: &str, values: &[String]) -> KeyValue {
     use opentelemetry_proto::tonic::common::v1::ArrayValue;
     let values = values
         .iter()
-        .map(|v| AnyValue { value: Some(Value::StringValue(v.clone())) })
+        .map(|v| AnyValue {
+            value: Some(Value::StringValue(v.clone())),
+        })
         .collect();
     KeyValue {
         key_strindex: 0,
         key: key.to_owned(),
-        value: Some(AnyValue { value: Some(Value::ArrayValue(ArrayValue { values })) }),
+        value: Some(AnyValue {
+            value: Some(Value::ArrayValue(ArrayValue { values })),
+        }),
     }
 }
 
@@ -109,7 +121,9 @@ fn host_ips() -> Vec<String> {
                 let ip = match i32::from((*addr).sa_family) {
                     libc::AF_INET => {
                         let sin = &*(addr.cast::<libc::sockaddr_in>());
-                        Some(std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                        Some(std::net::IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ))
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*(addr.cast::<libc::sockaddr_in6>());
@@ -145,7 +159,16 @@ pub struct ProcessFacts {
 }
 
 /// Words in a command-line argument that suggest its value is a secret.
-const SECRET_WORDS: &[&str] = &["password", "passwd", "secret", "token", "apikey", "api-key", "api_key", "credential"];
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "apikey",
+    "api-key",
+    "api_key",
+    "credential",
+];
 
 /// Replaces the values of secret-looking arguments: `--password=x` and `--token x` become
 /// `--password=REDACTED` and `--token REDACTED`. Command lines end up in a trace store that
@@ -197,7 +220,11 @@ impl ProcessFacts {
     pub fn read(pid: u32, comm: &str) -> Option<ProcessFacts> {
         let start_time = process_start_time(pid)?;
         let executable_path = fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+            .map(|p| {
+                p.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_owned()
+            })
             .unwrap_or_default();
         let executable_name = executable_path
             .rsplit('/')
@@ -260,18 +287,21 @@ impl ProcessCache {
         let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
         let comm = String::from_utf8_lossy(&comm[..end]);
         let comm = if comm.is_empty() { "unknown" } else { &comm };
-        let facts = Arc::new(ProcessFacts::read(pid, comm).unwrap_or_else(|| ProcessFacts {
-            pid,
-            executable_name: comm.to_owned(),
-            ..Default::default()
-        }));
+        let facts = Arc::new(
+            ProcessFacts::read(pid, comm).unwrap_or_else(|| ProcessFacts {
+                pid,
+                executable_name: comm.to_owned(),
+                ..Default::default()
+            }),
+        );
         self.by_pid.insert(pid, facts.clone());
         facts
     }
 
     /// Forgets processes that have exited (call now and then).
     pub fn prune(&mut self) {
-        self.by_pid.retain(|pid, facts| process_start_time(*pid) == Some(facts.start_time));
+        self.by_pid
+            .retain(|pid, facts| process_start_time(*pid) == Some(facts.start_time));
     }
 
     pub fn len(&self) -> usize {
@@ -283,7 +313,11 @@ impl ProcessCache {
 pub fn resource(host: &HostFacts, process: &ProcessFacts, service_name: &str) -> Resource {
     let mut attributes = process.attributes(service_name);
     attributes.extend(host.attributes());
-    Resource { attributes, dropped_attributes_count: 0, entity_refs: Vec::new() }
+    Resource {
+        attributes,
+        dropped_attributes_count: 0,
+        entity_refs: Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -292,11 +326,18 @@ mod tests {
 
     #[test]
     fn secrets_in_command_lines_are_redacted() {
-        let args: Vec<String> =
-            ["app", "--password=hunter2", "--token", "abc", "--port", "80", "DB_PASSWORD=x"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let args: Vec<String> = [
+            "app",
+            "--password=hunter2",
+            "--token",
+            "abc",
+            "--port",
+            "80",
+            "DB_PASSWORD=x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(
             redact_command_line(&args),
             "app --password=REDACTED --token REDACTED --port 80 DB_PASSWORD=REDACTED"
@@ -306,12 +347,18 @@ mod tests {
     #[test]
     fn container_ids_are_found_in_cgroup_paths() {
         let id = "a".repeat(64);
-        assert_eq!(container_id_from_cgroup(&format!("/docker/{id}")), Some(id.clone()));
+        assert_eq!(
+            container_id_from_cgroup(&format!("/docker/{id}")),
+            Some(id.clone())
+        );
         assert_eq!(
             container_id_from_cgroup(&format!("/kubepods.slice/cri-containerd-{id}.scope")),
             Some(id)
         );
-        assert_eq!(container_id_from_cgroup("/user.slice/user-0.slice/session-1.scope"), None);
+        assert_eq!(
+            container_id_from_cgroup("/user.slice/user-0.slice/session-1.scope"),
+            None
+        );
     }
 
     #[test]

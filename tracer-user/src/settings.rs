@@ -146,7 +146,8 @@ impl AgentArgs {
             bail!("the collector endpoint {url:?} must start with http:// or https://");
         }
         let mut headers = match &self.headers {
-            Some(h) => export::parse_headers(h).context("invalid --headers / OTEL_EXPORTER_OTLP_HEADERS")?,
+            Some(h) => export::parse_headers(h)
+                .context("invalid --headers / OTEL_EXPORTER_OTLP_HEADERS")?,
             None => Vec::new(),
         };
         if let Some(token) = &self.token {
@@ -173,7 +174,9 @@ impl AgentArgs {
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         match self.metrics_addr.as_deref().unwrap_or("127.0.0.1:9464") {
             "off" => Ok(None),
-            a => Ok(Some(a.parse().with_context(|| format!("--metrics-addr {a:?} is not host:port"))?)),
+            a => Ok(Some(a.parse().with_context(|| {
+                format!("--metrics-addr {a:?} is not host:port")
+            })?)),
         }
     }
 
@@ -202,7 +205,8 @@ pub struct ServiceRule {
 }
 
 pub fn parse_service_rule(s: &str) -> anyhow::Result<ServiceRule> {
-    let err = || format!("service rule {s:?} is not KIND=VALUE:SERVICE (KIND: exe, pid, cgroup, port)");
+    let err =
+        || format!("service rule {s:?} is not KIND=VALUE:SERVICE (KIND: exe, pid, cgroup, port)");
     let (kind, rest) = s.split_once('=').with_context(err)?;
     let (value, service) = rest.rsplit_once(':').with_context(err)?;
     if service.is_empty() {
@@ -215,7 +219,10 @@ pub fn parse_service_rule(s: &str) -> anyhow::Result<ServiceRule> {
         "port" => RuleMatch::Port(value.parse().with_context(err)?),
         _ => bail!(err()),
     };
-    Ok(ServiceRule { matches, service: service.into() })
+    Ok(ServiceRule {
+        matches,
+        service: service.into(),
+    })
 }
 
 #[cfg(test)]
@@ -226,9 +233,15 @@ mod tests {
     fn service_rules_parse() {
         assert_eq!(
             parse_service_rule("exe=nginx:frontend").unwrap(),
-            ServiceRule { matches: RuleMatch::Exe("nginx".into()), service: "frontend".into() }
+            ServiceRule {
+                matches: RuleMatch::Exe("nginx".into()),
+                service: "frontend".into()
+            }
         );
-        assert_eq!(parse_service_rule("port=6379:cache").unwrap().matches, RuleMatch::Port(6379));
+        assert_eq!(
+            parse_service_rule("port=6379:cache").unwrap().matches,
+            RuleMatch::Port(6379)
+        );
         assert!(parse_service_rule("port=x:cache").is_err());
         assert!(parse_service_rule("nginx").is_err());
         assert!(parse_service_rule("user=1:x").is_err());
@@ -239,14 +252,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tracer-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("agent.toml");
-        std::fs::write(&path, "endpoint = \"http://file:4318\"\nports = [80]\nprotocol = \"http/json\"\n").unwrap();
-        let args = AgentArgs { config: Some(path.clone()), ports: vec![8080], ..Default::default() };
+        std::fs::write(
+            &path,
+            "endpoint = \"http://file:4318\"\nports = [80]\nprotocol = \"http/json\"\n",
+        )
+        .unwrap();
+        let args = AgentArgs {
+            config: Some(path.clone()),
+            ports: vec![8080],
+            ..Default::default()
+        };
         let merged = args.with_config_file().unwrap();
         assert_eq!(merged.endpoint.as_deref(), Some("http://file:4318"));
         assert_eq!(merged.ports, vec![8080]);
         assert_eq!(merged.export_config().unwrap().protocol, Protocol::HttpJson);
         std::fs::write(&path, "endpont = \"typo\"\n").unwrap();
-        let err = AgentArgs { config: Some(path), ..Default::default() }.with_config_file().unwrap_err();
+        let err = AgentArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .with_config_file()
+        .unwrap_err();
         assert!(format!("{err:#}").contains("endpont"), "{err:#}");
     }
 }

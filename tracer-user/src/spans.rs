@@ -72,7 +72,10 @@ pub fn build_span(ex: &Exchange, ends: &Endpoints, mono_to_unix: impl Fn(u64) ->
         kv_str("network.protocol.name", "http"),
         kv_str("network.protocol.version", "1.1"),
         kv_str("network.transport", "tcp"),
-        kv_str("server.address", host.unwrap_or_else(|| server.ip().to_string())),
+        kv_str(
+            "server.address",
+            host.unwrap_or_else(|| server.ip().to_string()),
+        ),
         kv_int("server.port", i64::from(host_port.unwrap_or(server.port()))),
         kv_str("network.peer.address", ends.remote.ip().to_string()),
         kv_int("network.peer.port", i64::from(ends.remote.port())),
@@ -94,7 +97,10 @@ pub fn build_span(ex: &Exchange, ends: &Endpoints, mono_to_unix: impl Fn(u64) ->
             let error = code >= 500 || (!server_side && code >= 400);
             if error {
                 attributes.push(kv_str("error.type", code.to_string()));
-                Status { code: StatusCode::Error as i32, message: String::new() }
+                Status {
+                    code: StatusCode::Error as i32,
+                    message: String::new(),
+                }
             } else {
                 Status::default()
             }
@@ -111,7 +117,11 @@ pub fn build_span(ex: &Exchange, ends: &Endpoints, mono_to_unix: impl Fn(u64) ->
         trace_id: trace_id.to_vec(),
         span_id: span_id.to_vec(),
         name: format!("{} {}", ex.method, path_template(&ex.path)),
-        kind: if server_side { SpanKind::Server } else { SpanKind::Client } as i32,
+        kind: if server_side {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        } as i32,
         start_time_unix_nano: mono_to_unix(ex.start_ns),
         end_time_unix_nano: mono_to_unix(ex.end_ns.max(ex.start_ns)),
         attributes,
@@ -124,7 +134,10 @@ pub fn build_span(ex: &Exchange, ends: &Endpoints, mono_to_unix: impl Fn(u64) ->
 /// now. Re-read periodically: NTP can step the wall clock.
 pub fn monotonic_to_unix_offset() -> i128 {
     let now = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: ts is a valid out-pointer.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
@@ -142,7 +155,10 @@ mod tests {
     #[test]
     fn ids_in_paths_are_templated() {
         assert_eq!(path_template("/users/123/orders"), "/users/{id}/orders");
-        assert_eq!(path_template("/a/550e8400-e29b-41d4-a716-446655440000"), "/a/{id}");
+        assert_eq!(
+            path_template("/a/550e8400-e29b-41d4-a716-446655440000"),
+            "/a/{id}"
+        );
         assert_eq!(path_template("/v1/traces"), "/v1/traces");
         assert_eq!(path_template("/"), "/");
         assert_eq!(path_template("/static/app.js"), "/static/app.js");
@@ -173,11 +189,17 @@ mod tests {
 
     #[test]
     fn server_span_follows_http_semantic_conventions() {
-        let ends = Endpoints { local: "127.0.0.1:8080".parse().unwrap(), remote: "127.0.0.1:5555".parse().unwrap() };
+        let ends = Endpoints {
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:5555".parse().unwrap(),
+        };
         let s = build_span(&exchange(Role::Server, Some(503)), &ends, |t| t + 10);
         assert_eq!(s.name, "GET /x/{id}");
         assert_eq!(s.kind, SpanKind::Server as i32);
-        assert_eq!((s.start_time_unix_nano, s.end_time_unix_nano), (1_010, 3_010));
+        assert_eq!(
+            (s.start_time_unix_nano, s.end_time_unix_nano),
+            (1_010, 3_010)
+        );
         assert_eq!(s.status.unwrap().code, StatusCode::Error as i32);
         let s = build_span(&exchange(Role::Server, Some(404)), &ends, |t| t);
         assert_eq!(s.status.unwrap().code, StatusCode::Unset as i32);

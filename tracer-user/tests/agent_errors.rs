@@ -16,9 +16,18 @@ fn agent_refuses_clearly_without_privileges() {
         .output()
         .expect("setpriv");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the agent must exit non-zero without privileges:\n{stderr}");
-    assert!(stderr.contains("needs privileges to load eBPF programs"), "unclear message:\n{stderr}");
-    assert!(stderr.contains("CAP_BPF") && stderr.contains("root"), "the message says what to do:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "the agent must exit non-zero without privileges:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("needs privileges to load eBPF programs"),
+        "unclear message:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("root"),
+        "the message says what to do:\n{stderr}"
+    );
 }
 
 #[test]
@@ -29,14 +38,23 @@ fn bad_settings_are_reported_before_loading_anything() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("must start with http:// or https://"), "{stderr}");
+    assert!(
+        stderr.contains("must start with http:// or https://"),
+        "{stderr}"
+    );
 }
 
 fn metric(port: u16, name: &str) -> u64 {
-    let out = Command::new("curl").args(["-sS", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(|v| v.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .map(|v| v.trim().parse().unwrap())
+        })
         .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
@@ -49,29 +67,46 @@ fn export_survives_a_collector_that_is_down_for_a_while() {
     let nginx_s = nginx_port.to_string();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let agent = Agent::start(&[
-        "--endpoint", &format!("http://127.0.0.1:{otlp_port}"),
-        "--port", &nginx_s,
-        "--exe", "nginx",
-        "--batch-timeout-ms", "50",
-        "--metrics-addr", &metrics,
+        "--endpoint",
+        &format!("http://127.0.0.1:{otlp_port}"),
+        "--port",
+        &nginx_s,
+        "--exe",
+        "nginx",
+        "--batch-timeout-ms",
+        "50",
+        "--metrics-addr",
+        &metrics,
     ]);
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
-    let req = format!("GET /ok HTTP/1.1\r\nHost: x\r\n\r\n");
+    let req = "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";
     for _ in 0..10 {
-        assert_eq!(request(&mut conn, &req).status, 200);
+        assert_eq!(request(&mut conn, req).status, 200);
     }
     wait_for("export attempts to fail", Duration::from_secs(10), || {
-        agent.stderr.lock().unwrap().contains("cannot reach the collector")
+        agent
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("cannot reach the collector")
     });
     assert_eq!(metric(metrics_port, "tracer_spans_exported_total"), 0);
     // The collector comes up: the buffered spans arrive, none lost.
     let receiver = OtlpReceiver::start(otlp_port);
-    wait_for("buffered spans delivered", Duration::from_secs(20), || receiver.spans().len() >= 10);
+    wait_for("buffered spans delivered", Duration::from_secs(20), || {
+        receiver.spans().len() >= 10
+    });
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(receiver.spans().len(), 10);
-    assert!(receiver.spans().iter().all(|s| s.service() == "nginx" && s.span.name == "GET /ok"));
+    assert!(receiver
+        .spans()
+        .iter()
+        .all(|s| s.service() == "nginx" && s.span.name == "GET /ok"));
     assert_eq!(metric(metrics_port, "tracer_spans_exported_total"), 10);
-    assert_eq!(metric(metrics_port, "tracer_export_dropped_queue_full_total"), 0);
+    assert_eq!(
+        metric(metrics_port, "tracer_export_dropped_queue_full_total"),
+        0
+    );
     agent.stop();
 }
 
@@ -84,27 +119,48 @@ fn spans_beyond_the_export_queue_are_counted_as_dropped() {
     let nginx_s = nginx_port.to_string();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let agent = Agent::start(&[
-        "--endpoint", &format!("http://127.0.0.1:{otlp_port}"),
-        "--port", &nginx_s,
-        "--exe", "nginx",
-        "--batch-size", "5",
-        "--batch-timeout-ms", "50",
-        "--queue-capacity", "5",
-        "--metrics-addr", &metrics,
+        "--endpoint",
+        &format!("http://127.0.0.1:{otlp_port}"),
+        "--port",
+        &nginx_s,
+        "--exe",
+        "nginx",
+        "--batch-size",
+        "5",
+        "--batch-timeout-ms",
+        "50",
+        "--queue-capacity",
+        "5",
+        "--metrics-addr",
+        &metrics,
     ]);
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
     let req = "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";
     for _ in 0..40 {
         assert_eq!(request(&mut conn, req).status, 200);
     }
-    wait_for("all 40 spans built", Duration::from_secs(10), || metric(metrics_port, "tracer_spans_total") == 40);
-    let dropped = metric(metrics_port, "tracer_export_dropped_queue_full_total");
-    assert!(dropped > 0, "with a queue of 5 and the collector down, spans must be dropped");
-    let receiver = OtlpReceiver::start(otlp_port);
-    wait_for("what was kept is delivered", Duration::from_secs(20), || {
-        metric(metrics_port, "tracer_spans_exported_total") + dropped == 40
+    wait_for("all 40 spans built", Duration::from_secs(10), || {
+        metric(metrics_port, "tracer_spans_total") == 40
     });
-    assert_eq!(receiver.spans().len() as u64, 40 - dropped, "delivered + dropped = produced");
+    let dropped = metric(metrics_port, "tracer_export_dropped_queue_full_total");
+    assert!(
+        dropped > 0,
+        "with a queue of 5 and the collector down, spans must be dropped"
+    );
+    let receiver = OtlpReceiver::start(otlp_port);
+    wait_for(
+        "what was kept is delivered",
+        Duration::from_secs(20),
+        || metric(metrics_port, "tracer_spans_exported_total") + dropped == 40,
+    );
+    assert_eq!(
+        receiver.spans().len() as u64,
+        40 - dropped,
+        "delivered + dropped = produced"
+    );
     let log = agent.stop();
-    assert!(log.contains("export queue full"), "drops are logged:\n{log}");
+    assert!(
+        log.contains("export queue full"),
+        "drops are logged:\n{log}"
+    );
 }

@@ -15,16 +15,44 @@ struct Expect {
 }
 
 const KEEPALIVE: &[Expect] = &[
-    Expect { method: "GET", path: "/ok", status: 200 },
-    Expect { method: "POST", path: "/created", status: 201 },
-    Expect { method: "GET", path: "/notfound", status: 404 },
-    Expect { method: "DELETE", path: "/fail", status: 503 },
-    Expect { method: "GET", path: "/slow/150", status: 200 },
+    Expect {
+        method: "GET",
+        path: "/ok",
+        status: 200,
+    },
+    Expect {
+        method: "POST",
+        path: "/created",
+        status: 201,
+    },
+    Expect {
+        method: "GET",
+        path: "/notfound",
+        status: 404,
+    },
+    Expect {
+        method: "DELETE",
+        path: "/fail",
+        status: 503,
+    },
+    Expect {
+        method: "GET",
+        path: "/slow/150",
+        status: 200,
+    },
 ];
 
 fn raw_request(e: &Expect, port: u16) -> String {
-    let query = if e.path == "/ok" { "?token=secret-value" } else { "" };
-    let body = if e.method == "POST" { "hello=world" } else { "" };
+    let query = if e.path == "/ok" {
+        "?token=secret-value"
+    } else {
+        ""
+    };
+    let body = if e.method == "POST" {
+        "hello=world"
+    } else {
+        ""
+    };
     format!(
         "{} {}{} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: tracer-test\r\nContent-Length: {}\r\n\r\n{body}",
         e.method,
@@ -44,7 +72,10 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
 
     // A connection that exists before the agent starts must be traced too.
     let mut early = TcpStream::connect(addr(nginx_port)).unwrap();
-    assert_eq!(request(&mut early, &raw_request(&KEEPALIVE[0], nginx_port)).status, 200);
+    assert_eq!(
+        request(&mut early, &raw_request(&KEEPALIVE[0], nginx_port)).status,
+        200
+    );
 
     let nginx_s = nginx_port.to_string();
     let upstream_s = upstream_port.to_string();
@@ -75,17 +106,29 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
     }
     // 2. pipelining: three requests in one write, three responses.
     let mut piped = TcpStream::connect(addr(nginx_port)).unwrap();
-    let three: String = (0..3).map(|_| raw_request(&KEEPALIVE[0], nginx_port)).collect();
+    let three: String = (0..3)
+        .map(|_| raw_request(&KEEPALIVE[0], nginx_port))
+        .collect();
     piped.write_all(three.as_bytes()).unwrap();
     let mut buf = Vec::new();
     for _ in 0..3 {
         assert_eq!(read_response(&mut piped, &mut buf), 200);
     }
     // 3. the pre-existing connection.
-    assert_eq!(request(&mut early, &raw_request(&KEEPALIVE[2], nginx_port)).status, 404);
+    assert_eq!(
+        request(&mut early, &raw_request(&KEEPALIVE[2], nginx_port)).status,
+        404
+    );
     // 4. curl, a real client program.
     let curl = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{nginx_port}/ok")])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{nginx_port}/ok"),
+        ])
         .output()
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
@@ -96,71 +139,181 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
     // 5 keep-alive + 3 pipelined + 1 early, each seen by nginx and by this client; curl's
     // request by nginx and curl; the proxied one by nginx (client) and the upstream (server).
     let expected = 9 * 2 + 2 + 2;
-    wait_for("all spans at the receiver", Duration::from_secs(20), || receiver.spans().len() >= expected);
+    wait_for("all spans at the receiver", Duration::from_secs(20), || {
+        receiver.spans().len() >= expected
+    });
     std::thread::sleep(Duration::from_millis(700));
     let spans = receiver.spans();
     let log = agent.stop();
     for s in &spans {
-        eprintln!("{} {} {:?} {:?}", s.service(), s.span.name, s.span.kind, s.duration());
+        eprintln!(
+            "{} {} {:?} {:?}",
+            s.service(),
+            s.span.name,
+            s.span.kind,
+            s.duration()
+        );
     }
     assert_eq!(spans.len(), expected, "exactly the expected spans, no more");
-    assert!(log.contains("counters:"), "the agent logs its counters on exit:\n{log}");
+    assert!(
+        log.contains("counters:"),
+        "the agent logs its counters on exit:\n{log}"
+    );
 
     let me = std::fs::read_link("/proc/self/exe").unwrap();
     let me = me.file_name().unwrap().to_string_lossy().to_string();
     let server = |s: &&Received| s.span.kind == SpanKind::Server as i32;
     let client = |s: &&Received| s.span.kind == SpanKind::Client as i32;
-    let nginx_server: Vec<&Received> = spans.iter().filter(server).filter(|s| s.service() == "nginx").collect();
-    let ours: Vec<&Received> = spans.iter().filter(client).filter(|s| s.service() == me).collect();
+    let nginx_server: Vec<&Received> = spans
+        .iter()
+        .filter(server)
+        .filter(|s| s.service() == "nginx")
+        .collect();
+    let ours: Vec<&Received> = spans
+        .iter()
+        .filter(client)
+        .filter(|s| s.service() == me)
+        .collect();
     assert_eq!(nginx_server.len(), 10, "nginx SERVER spans");
     assert_eq!(ours.len(), 9, "this test's CLIENT spans");
 
     // The keep-alive connection: names, attributes, peers, statuses, durations.
     for (e, elapsed) in KEEPALIVE.iter().zip(&timings) {
         let name = format!("{} {}", e.method, e.path.replace("150", "{id}"));
-        let on_conn = |s: &&&Received| s.int_attr("network.peer.port") == Some(i64::from(client_port));
-        let srv = nginx_server.iter().filter(on_conn).find(|s| s.span.name == name)
+        let on_conn =
+            |s: &&&Received| s.int_attr("network.peer.port") == Some(i64::from(client_port));
+        let srv = nginx_server
+            .iter()
+            .filter(on_conn)
+            .find(|s| s.span.name == name)
             .unwrap_or_else(|| panic!("no nginx SERVER span {name} for client port {client_port}"));
-        assert_eq!(srv.str_attr("http.request.method").as_deref(), Some(e.method));
-        assert_eq!(srv.str_attr("url.path").as_deref(), Some(e.path), "path without the query string");
-        assert_eq!(srv.int_attr("http.response.status_code"), Some(i64::from(e.status)));
+        assert_eq!(
+            srv.str_attr("http.request.method").as_deref(),
+            Some(e.method)
+        );
+        assert_eq!(
+            srv.str_attr("url.path").as_deref(),
+            Some(e.path),
+            "path without the query string"
+        );
+        assert_eq!(
+            srv.int_attr("http.response.status_code"),
+            Some(i64::from(e.status))
+        );
         assert_eq!(srv.str_attr("server.address").as_deref(), Some("127.0.0.1"));
         assert_eq!(srv.int_attr("server.port"), Some(i64::from(nginx_port)));
-        assert_eq!(srv.str_attr("network.peer.address").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            srv.str_attr("network.peer.address").as_deref(),
+            Some("127.0.0.1")
+        );
         let want_error = e.status >= 500;
-        assert_eq!(srv.span.status.as_ref().unwrap().code == StatusCode::Error as i32, want_error, "{name}");
-        assert!(srv.duration() <= *elapsed, "{name}: server span {:?} longer than the client saw {elapsed:?}", srv.duration());
+        assert_eq!(
+            srv.span.status.as_ref().unwrap().code == StatusCode::Error as i32,
+            want_error,
+            "{name}"
+        );
+        assert!(
+            srv.duration() <= *elapsed,
+            "{name}: server span {:?} longer than the client saw {elapsed:?}",
+            srv.duration()
+        );
 
-        let cli = ours.iter().find(|s| s.span.name == name && s.int_attr("network.local.port") == Some(i64::from(client_port)))
+        let cli = ours
+            .iter()
+            .find(|s| {
+                s.span.name == name
+                    && s.int_attr("network.local.port") == Some(i64::from(client_port))
+            })
             .unwrap_or_else(|| panic!("no CLIENT span {name} from this test"));
-        assert_eq!(cli.int_attr("network.peer.port"), Some(i64::from(nginx_port)));
-        assert_eq!(cli.int_attr("http.response.status_code"), Some(i64::from(e.status)));
+        assert_eq!(
+            cli.int_attr("network.peer.port"),
+            Some(i64::from(nginx_port))
+        );
+        assert_eq!(
+            cli.int_attr("http.response.status_code"),
+            Some(i64::from(e.status))
+        );
         let (span, seen) = (cli.duration().as_secs_f64(), elapsed.as_secs_f64());
-        assert!(span <= seen && span >= seen * 0.5 - 0.000_5,
-            "{name}: client span {span:.6}s vs measured {seen:.6}s");
-        assert!(cli.span.start_time_unix_nano <= srv.span.start_time_unix_nano, "{name}: client starts before server");
-        assert!(cli.span.end_time_unix_nano >= srv.span.end_time_unix_nano, "{name}: client ends after server");
+        assert!(
+            span <= seen && span >= seen * 0.5 - 0.000_5,
+            "{name}: client span {span:.6}s vs measured {seen:.6}s"
+        );
+        assert!(
+            cli.span.start_time_unix_nano <= srv.span.start_time_unix_nano,
+            "{name}: client starts before server"
+        );
+        assert!(
+            cli.span.end_time_unix_nano >= srv.span.end_time_unix_nano,
+            "{name}: client ends after server"
+        );
     }
-    let slow = nginx_server.iter().find(|s| s.span.name == "GET /slow/{id}").unwrap();
-    assert!(slow.duration() >= Duration::from_millis(150), "the proxied request took the upstream's 150 ms: {:?}", slow.duration());
+    let slow = nginx_server
+        .iter()
+        .find(|s| s.span.name == "GET /slow/{id}")
+        .unwrap();
+    assert!(
+        slow.duration() >= Duration::from_millis(150),
+        "the proxied request took the upstream's 150 ms: {:?}",
+        slow.duration()
+    );
 
     // nginx as a client of the upstream, and the upstream's own SERVER span (named by rule).
-    let proxied = spans.iter().filter(client).find(|s| s.service() == "nginx").expect("nginx CLIENT span to the upstream");
-    assert_eq!(proxied.int_attr("network.peer.port"), Some(i64::from(upstream_port)));
+    let proxied = spans
+        .iter()
+        .filter(client)
+        .find(|s| s.service() == "nginx")
+        .expect("nginx CLIENT span to the upstream");
+    assert_eq!(
+        proxied.int_attr("network.peer.port"),
+        Some(i64::from(upstream_port))
+    );
     assert_eq!(proxied.str_attr("url.path").as_deref(), Some("/slow/150"));
-    let up = spans.iter().filter(server).find(|s| s.service() == "slow-upstream").expect("upstream SERVER span");
+    let up = spans
+        .iter()
+        .filter(server)
+        .find(|s| s.service() == "slow-upstream")
+        .expect("upstream SERVER span");
     assert_eq!(up.int_attr("http.response.status_code"), Some(200));
     assert!(up.duration() >= Duration::from_millis(150) && up.duration() <= proxied.duration());
 
     // curl's CLIENT span, with its process facts.
-    let c = spans.iter().filter(client).find(|s| s.service() == "curl").expect("curl CLIENT span");
+    let c = spans
+        .iter()
+        .filter(client)
+        .find(|s| s.service() == "curl")
+        .expect("curl CLIENT span");
     assert_eq!(c.str_attr("url.path").as_deref(), Some("/ok"));
-    assert!(c.str_attr("user_agent.original").unwrap_or_default().starts_with("curl/"));
+    assert!(c
+        .str_attr("user_agent.original")
+        .unwrap_or_default()
+        .starts_with("curl/"));
     // Host facts on every resource.
-    for key in ["host.name", "host.id", "os.type", "os.version", "process.pid", "process.executable.name", "process.command_line", "host.cpu.count", "host.memory.total"] {
+    for key in [
+        "host.name",
+        "host.id",
+        "os.type",
+        "os.version",
+        "process.pid",
+        "process.executable.name",
+        "process.command_line",
+        "host.cpu.count",
+        "host.memory.total",
+    ] {
         assert!(c.res(key).is_some(), "resource attribute {key} missing");
     }
     // Pipelined and pre-existing connections were traced (keep-alive 1 + pipelined 3 + curl 1 "GET /ok"; keep-alive 1 + early 1 "GET /notfound").
-    assert_eq!(nginx_server.iter().filter(|s| s.span.name == "GET /ok").count(), 5);
-    assert_eq!(nginx_server.iter().filter(|s| s.span.name == "GET /notfound").count(), 2);
+    assert_eq!(
+        nginx_server
+            .iter()
+            .filter(|s| s.span.name == "GET /ok")
+            .count(),
+        5
+    );
+    assert_eq!(
+        nginx_server
+            .iter()
+            .filter(|s| s.span.name == "GET /notfound")
+            .count(),
+        2
+    );
 }

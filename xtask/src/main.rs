@@ -35,7 +35,10 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -60,20 +63,44 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup()?;
             run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
-            run(Command::new("cargo").args(["clippy", "--workspace", "--exclude", "tracer-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+            run(Command::new("cargo").args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "tracer-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             // The probes build for bpfel-unknown-none with nightly: lint them there.
             run(Command::new("cargo")
                 .args(["+nightly", "clippy", "--release", "--", "-D", "warnings"])
                 .current_dir(root().join("tracer-ebpf")))?;
             // One test binary at a time: each integration test loads its own probes and starts
             // real servers; running them in parallel on 2 cores makes timings noisy.
-            run(Command::new("cargo").args(["test", "--workspace", "--exclude", "tracer-ebpf", "--", "--test-threads=1"]).args(&args))
+            run(Command::new("cargo")
+                .args([
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "tracer-ebpf",
+                    "--",
+                    "--test-threads=1",
+                ])
+                .args(&args))
         }
         Cmd::Run { args } => {
             setup()?;
             run(Command::new("cargo").args(["build", "--release", "-p", "tracer-user"]))?;
-            let args = if args.is_empty() { vec!["--stdout".to_string()] } else { args };
-            run(Command::new(root().join("target/release/tracer")).arg("agent").args(&args))
+            let args = if args.is_empty() {
+                vec!["--stdout".to_string()]
+            } else {
+                args
+            };
+            run(Command::new(root().join("target/release/tracer"))
+                .arg("agent")
+                .args(&args))
         }
     }
 }

@@ -27,7 +27,11 @@ pub fn require_root() {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
@@ -41,13 +45,18 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn wait_listening(port: u16, what: &str) {
-    wait_for(what, Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_for(what, Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
 
 /// A child process killed when dropped.
@@ -132,7 +141,12 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
-    let child = Command::new("python3").arg("-c").arg(script).arg(port.to_string()).spawn().unwrap();
+    let child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(port.to_string())
+        .spawn()
+        .unwrap();
     let p = Proc(child);
     wait_listening(port, "the Python upstream to listen");
     p
@@ -176,7 +190,9 @@ impl Received {
 }
 
 fn find(kvs: &[KeyValue], key: &str) -> Option<Value> {
-    kvs.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.clone()?.value)
+    kvs.iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone()?.value)
 }
 
 /// An OTLP/HTTP receiver decoding bodies with the official protobuf definitions
@@ -209,7 +225,13 @@ impl OtlpReceiver {
                 }
             }
         });
-        OtlpReceiver { port, spans, requests, stop, thread: Some(thread) }
+        OtlpReceiver {
+            port,
+            spans,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -232,7 +254,9 @@ impl Drop for OtlpReceiver {
 
 /// A minimal HTTP/1.1 server loop for POST /v1/traces (keep-alive aware).
 fn serve_otlp(stream: TcpStream, spans: &Mutex<Vec<Received>>, requests: &Mutex<usize>) {
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     loop {
@@ -264,7 +288,9 @@ fn serve_otlp(stream: TcpStream, spans: &Mutex<Vec<Received>>, requests: &Mutex<
         reader.read_exact(&mut body).unwrap();
         if gzip {
             let mut out = Vec::new();
-            flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut out)
+                .unwrap();
             body = out;
         }
         let req: ExportTraceServiceRequest = if json {
@@ -278,13 +304,18 @@ fn serve_otlp(stream: TcpStream, spans: &Mutex<Vec<Received>>, requests: &Mutex<
                 let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
                 for ss in rs.scope_spans {
                     for span in ss.spans {
-                        spans.push(Received { span, resource: resource.clone() });
+                        spans.push(Received {
+                            span,
+                            resource: resource.clone(),
+                        });
                     }
                 }
             }
         }
         *requests.lock().unwrap() += 1;
-        let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+        let _ = writer.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n",
+        );
     }
 }
 
@@ -323,9 +354,15 @@ impl Agent {
                 println!("[agent stdout] {line}");
             }
         });
-        let agent = Agent { proc: Proc(child), stderr: stderr.clone() };
+        let agent = Agent {
+            proc: Proc(child),
+            stderr: stderr.clone(),
+        };
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!("the agent did not become ready; its log:\n{}", stderr.lock().unwrap());
+            panic!(
+                "the agent did not become ready; its log:\n{}",
+                stderr.lock().unwrap()
+            );
         }
         agent
     }
@@ -357,7 +394,8 @@ pub fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> u16 {
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().unwrap())
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
                 })
                 .unwrap_or(0);
             while buf.len() < end + len {
@@ -387,7 +425,10 @@ pub fn request(stream: &mut TcpStream, raw: &str) -> Timed {
     let start = Instant::now();
     stream.write_all(raw.as_bytes()).unwrap();
     let status = read_response(stream, &mut buf);
-    Timed { status, elapsed: start.elapsed() }
+    Timed {
+        status,
+        elapsed: start.elapsed(),
+    }
 }
 
 pub fn local_port(stream: &TcpStream) -> u16 {
