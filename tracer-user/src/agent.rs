@@ -310,7 +310,12 @@ fn stdout_line(resource: &Resource, span: &opentelemetry_proto::tonic::trace::v1
             Value::IntValue(i) => (*i).into(),
             Value::BoolValue(b) => (*b).into(),
             Value::DoubleValue(d) => (*d).into(),
-            Value::ArrayValue(a) => a.values.iter().filter_map(|v| v.value.as_ref()).map(json).collect(),
+            Value::ArrayValue(a) => a
+                .values
+                .iter()
+                .filter_map(|v| v.value.as_ref())
+                .map(json)
+                .collect(),
             other => format!("{other:?}").into(),
         }
     }

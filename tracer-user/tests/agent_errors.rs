@@ -164,3 +164,52 @@ fn spans_beyond_the_export_queue_are_counted_as_dropped() {
         "drops are logged:\n{log}"
     );
 }
+
+/// `--protocol http/json` sends OTLP/JSON: camelCase fields, hex ids, integer enums.
+#[test]
+fn json_protocol_follows_the_otlp_json_encoding() {
+    require_root();
+    let (nginx_port, otlp_port) = (free_port(), free_port());
+    let _nginx = start_nginx(nginx_port, free_port());
+    let receiver = OtlpReceiver::start(otlp_port);
+    let nginx_s = nginx_port.to_string();
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--protocol",
+        "http/json",
+        "--compression",
+        "none",
+        "--port",
+        &nginx_s,
+        "--exe",
+        "nginx",
+        "--batch-timeout-ms",
+        "50",
+        "--metrics-addr",
+        "off",
+    ]);
+    let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
+    assert_eq!(
+        request(&mut conn, "GET /notfound HTTP/1.1\r\nHost: x\r\n\r\n").status,
+        404
+    );
+    wait_for("the span", Duration::from_secs(10), || {
+        !receiver.raw_json().is_empty()
+    });
+    agent.stop();
+    let body: serde_json::Value = serde_json::from_slice(&receiver.raw_json()[0]).unwrap();
+    let span = &body["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+    let trace_id = span["traceId"].as_str().expect("traceId is a string");
+    assert_eq!(trace_id.len(), 32, "hex trace id: {trace_id}");
+    assert!(trace_id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(span["kind"], 2, "SpanKind as an integer");
+    assert_eq!(span["name"], "GET /notfound");
+    let attrs = span["attributes"].as_array().unwrap();
+    let status = attrs
+        .iter()
+        .find(|a| a["key"] == "http.response.status_code")
+        .unwrap();
+    let v = &status["value"]["intValue"];
+    assert!(v == 404 || v == "404", "intValue {v}");
+}

@@ -201,6 +201,8 @@ pub struct OtlpReceiver {
     pub port: u16,
     pub spans: Arc<Mutex<Vec<Received>>>,
     pub requests: Arc<Mutex<usize>>,
+    /// Bodies of JSON requests, as received (after gunzip).
+    pub json_bodies: Arc<Mutex<Vec<Vec<u8>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -211,15 +213,21 @@ impl OtlpReceiver {
         listener.set_nonblocking(true).unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(Mutex::new(0));
+        let json_bodies = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, r, st) = (spans.clone(), requests.clone(), stop.clone());
+        let (s, r, j, st) = (
+            spans.clone(),
+            requests.clone(),
+            json_bodies.clone(),
+            stop.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !st.load(std::sync::atomic::Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false).unwrap();
-                        let (s, r) = (s.clone(), r.clone());
-                        std::thread::spawn(move || serve_otlp(stream, &s, &r));
+                        let (s, r, j) = (s.clone(), r.clone(), j.clone());
+                        std::thread::spawn(move || serve_otlp(stream, &s, &r, &j));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -241,6 +249,10 @@ impl OtlpReceiver {
     pub fn spans(&self) -> Vec<Received> {
         self.spans.lock().unwrap().clone()
     }
+
+    pub fn raw_json(&self) -> Vec<Vec<u8>> {
+        self.json_bodies.lock().unwrap().clone()
+    }
 }
 
 impl Drop for OtlpReceiver {
@@ -253,7 +265,12 @@ impl Drop for OtlpReceiver {
 }
 
 /// A minimal HTTP/1.1 server loop for POST /v1/traces (keep-alive aware).
-fn serve_otlp(stream: TcpStream, spans: &Mutex<Vec<Received>>, requests: &Mutex<usize>) {
+fn serve_otlp(
+    stream: TcpStream,
+    spans: &Mutex<Vec<Received>>,
+    requests: &Mutex<usize>,
+    json_bodies: &Mutex<Vec<Vec<u8>>>,
+) {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -292,6 +309,9 @@ fn serve_otlp(stream: TcpStream, spans: &Mutex<Vec<Received>>, requests: &Mutex<
                 .read_to_end(&mut out)
                 .unwrap();
             body = out;
+        }
+        if json {
+            json_bodies.lock().unwrap().push(body.clone());
         }
         let req: ExportTraceServiceRequest = if json {
             serde_json::from_slice(&body).expect("valid OTLP JSON")
