@@ -237,6 +237,7 @@ impl OtlpReceiver {
             port,
             spans,
             requests,
+            json_bodies,
             stop,
             thread: Some(thread),
         }
