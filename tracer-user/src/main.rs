@@ -1,6 +1,7 @@
 //! `tracer`: the eBPF tracing agent. See `tracer agent --help`.
 mod agent;
 mod btf;
+mod client;
 mod export;
 mod http;
 mod metrics;
@@ -14,7 +15,7 @@ mod spans;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tracer", version, about = "Traces every HTTP request on this host with eBPF, no code changes", long_about = None)]
+#[command(name = "tracer", version, about = "Traces every HTTP request on this host with eBPF, no code changes; queries the collector", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +25,31 @@ struct Cli {
 enum Command {
     /// Load the kernel probes and stream spans to a collector (needs root or CAP_BPF+CAP_PERFMON).
     Agent(settings::AgentArgs),
+    /// List the services the collector knows.
+    Services {
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// List a service's operations (span names).
+    Operations {
+        service: String,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Search traces.
+    Traces {
+        #[command(flatten)]
+        query: client::TracesArgs,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Show one trace as an indented waterfall.
+    Trace {
+        /// Trace id (hex).
+        id: String,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,14 +57,23 @@ fn main() -> std::process::ExitCode {
         .format_target(false)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(agent::run(args))),
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            match cli.command {
+                Command::Agent(args) => agent::run(args).await,
+                Command::Services { client } => client::services(&client).await,
+                Command::Operations { service, client } => {
+                    client::operations(&client, &service).await
+                }
+                Command::Traces { query, client } => client::traces(&client, &query).await,
+                Command::Trace { id, client } => client::trace(&client, &id).await,
+            }
+        })
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
