@@ -119,7 +119,20 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     clock_offset: i128,
     exchanges: Vec<Exchange>,
+    /// Server spans waiting for their client's span on this host, by (server local, server remote).
+    pending_servers: HashMap<(SocketAddr, SocketAddr), std::collections::VecDeque<PendingServer>>,
 }
+
+/// A server span held until its local client's span completes (or `deadline`, monotonic ns).
+struct PendingServer {
+    item: SpanItem,
+    start_ns: u64,
+    end_ns: u64,
+    deadline: u64,
+}
+
+/// How long a server span waits for its client's span from the same host.
+const LINK_WAIT: Duration = Duration::from_millis(300);
 
 /// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
 fn conn_id(tgid: u32, fd: u32, kernel_conn_id: u64) -> ConnId {
@@ -256,9 +269,85 @@ impl Pipeline {
             }
         };
         self.stats.agent.spans.fetch_add(1, Relaxed);
+        let item = SpanItem { resource, span };
+        let (local, remote) = (meta.local, meta.remote);
+        match ex.role {
+            // The client of this request may run on this host: hold the span briefly so the
+            // client's span, which completes after it, can become its parent.
+            Role::Server if self.is_this_host(remote.ip()) => {
+                let deadline = ex.end_ns + LINK_WAIT.as_nanos() as u64;
+                let pending = PendingServer {
+                    item,
+                    start_ns: ex.start_ns,
+                    end_ns: ex.end_ns,
+                    deadline,
+                };
+                self.pending_servers
+                    .entry((local, remote))
+                    .or_default()
+                    .push_back(pending);
+                return;
+            }
+            Role::Client => {
+                if let Some(mut server) = self.take_server_of(remote, local, ex) {
+                    server.span.trace_id.clone_from(&item.span.trace_id);
+                    server.span.parent_span_id.clone_from(&item.span.span_id);
+                    // Say how the link was made: the same TCP connection seen from both ends.
+                    server
+                        .span
+                        .attributes
+                        .push(resource::kv_str("tracer.link", "tcp-connection"));
+                    self.send(server);
+                }
+            }
+            Role::Server => {}
+        }
+        self.send(item);
+    }
+
+    fn send(&self, item: SpanItem) {
         match &self.sink {
-            Sink::Otlp(tx) => tx.send(SpanItem { resource, span }),
-            Sink::Stdout => println!("{}", stdout_line(&resource, &span)),
+            Sink::Otlp(tx) => tx.send(item),
+            Sink::Stdout => println!("{}", stdout_line(&item.resource, &item.span)),
+        }
+    }
+
+    fn is_this_host(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_loopback() || self.host.ips.iter().any(|h| h.parse() == Ok(ip))
+    }
+
+    /// The held server span on the other end of this client's connection whose request falls
+    /// within the client's (the server reads after the client writes, answers before it reads).
+    fn take_server_of(
+        &mut self,
+        server_local: SocketAddr,
+        server_remote: SocketAddr,
+        client: &Exchange,
+    ) -> Option<SpanItem> {
+        let queue = self
+            .pending_servers
+            .get_mut(&(server_local, server_remote))?;
+        let pos = queue
+            .iter()
+            .position(|p| p.start_ns >= client.start_ns && p.end_ns <= client.end_ns)?;
+        let found = queue.remove(pos).map(|p| p.item);
+        if queue.is_empty() {
+            self.pending_servers.remove(&(server_local, server_remote));
+        }
+        found
+    }
+
+    /// Sends held server spans whose client never showed up (it is not traced, or not local).
+    fn release_pending(&mut self, now: u64) {
+        let mut due = Vec::new();
+        self.pending_servers.retain(|_, queue| {
+            while queue.front().is_some_and(|p| p.deadline <= now) {
+                due.extend(queue.pop_front().map(|p| p.item));
+            }
+            !queue.is_empty()
+        });
+        for item in due {
+            self.send(item);
         }
     }
 
@@ -267,6 +356,7 @@ impl Pipeline {
         let now = monotonic_now();
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
+        self.release_pending(now);
         self.stats
             .agent
             .parse_failures
@@ -414,6 +504,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         clock_offset: spans::monotonic_to_unix_offset(),
         exchanges: Vec::new(),
+        pending_servers: HashMap::new(),
     };
 
     log::info!(
@@ -464,6 +555,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     log::info!("stopping: detaching probes and flushing spans");
     drain(ring.get_mut(), &mut pipeline);
+    pipeline.release_pending(u64::MAX);
     *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = counters.read();
     // Detach before flushing: nothing new comes in while we wait on the collector.
     drop(ring);

@@ -238,6 +238,19 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
             span <= seen && span >= seen * 0.5 - 0.000_5,
             "{name}: client span {span:.6}s vs measured {seen:.6}s"
         );
+        // Both ends of the connection are on this host: the server span is the client's child.
+        assert_eq!(
+            srv.span.trace_id, cli.span.trace_id,
+            "{name}: one trace for both ends"
+        );
+        assert_eq!(
+            srv.span.parent_span_id, cli.span.span_id,
+            "{name}: server span is the client span's child"
+        );
+        assert_eq!(
+            srv.str_attr("tracer.link").as_deref(),
+            Some("tcp-connection")
+        );
         assert!(
             cli.span.start_time_unix_nano <= srv.span.start_time_unix_nano,
             "{name}: client starts before server"
@@ -275,6 +288,18 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
         .expect("upstream SERVER span");
     assert_eq!(up.int_attr("http.response.status_code"), Some(200));
     assert!(up.duration() >= Duration::from_millis(150) && up.duration() <= proxied.duration());
+    assert_eq!(
+        up.span.parent_span_id, proxied.span.span_id,
+        "the upstream's span is nginx's client span's child"
+    );
+    // Every server span found its client on this host.
+    assert!(
+        spans
+            .iter()
+            .filter(server)
+            .all(|s| !s.span.parent_span_id.is_empty()),
+        "unlinked server spans"
+    );
 
     // curl's CLIENT span, with its process facts.
     let c = spans
