@@ -16,8 +16,9 @@ fi
 # llvm-22-dev + libpolly: bpf-linker links against the same LLVM major as nightly rustc.
 # nginx, curl, wrk: real peers for the integration tests and the benchmark.
 # python3-venv: the OpenTelemetry SDK tests run in a venv.
+# chromium: the UI test drives Debian's browser headless (no browser downloads work here).
 APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
-          nginx-light curl wrk python3-venv protobuf-compiler sqlite3)
+          nginx-light curl wrk python3-venv sqlite3 chromium)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -55,6 +56,28 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     --no-default-features --features llvm-22
 else
   say "bpf-linker $BPF_LINKER_VERSION: present"
+fi
+
+# --- Python OpenTelemetry SDK (a real OTLP client for the collector tests) -------
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="$ROOT/.venv"
+if ! "$VENV/bin/python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+  say "installing the OpenTelemetry Python SDK and OTLP exporters into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check opentelemetry-sdk opentelemetry-exporter-otlp
+else
+  say "OpenTelemetry Python SDK: present"
+fi
+
+# --- playwright-core for the UI test (drives /usr/bin/chromium) ------------------
+UI_TESTS="$ROOT/tracer-collector/ui/tests"
+if ! command -v npm >/dev/null; then
+  echo "setup: npm (Node.js) is missing; install Node.js 20 (e.g. apt-get install nodejs npm) and re-run" >&2
+  exit 1
+fi
+if [ -f "$UI_TESTS/package.json" ] && [ ! -d "$UI_TESTS/node_modules/playwright-core" ]; then
+  say "installing playwright-core for the UI test"
+  (cd "$UI_TESTS" && npm ci --no-audit --no-fund --silent)
 fi
 
 # --- tracefs ------------------------------------------------------------------------

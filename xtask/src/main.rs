@@ -5,6 +5,8 @@ use std::{
     process::Command,
 };
 
+mod bench;
+
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
@@ -26,9 +28,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and start the agent tracing this host.
+    /// Measure what tracing costs: nginx under wrk with the agent off and on, side by side; the
+    /// kernel cost per traced syscall. Needs root.
+    Bench {
+        /// Alternating off/on rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Set up, build, and start the collector (store, API, UI on http://127.0.0.1:16686) and the
+    /// agent tracing this host, exporting to it. Ctrl-C stops both.
     Run {
-        /// Arguments for `tracer agent` (default: print spans to stdout).
+        /// Extra arguments for `tracer agent`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -90,17 +103,82 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .args(&args))
         }
+        Cmd::Bench { rounds, seconds } => {
+            setup()?;
+            run(Command::new("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "tracer-user",
+                "-p",
+                "tracer-collector",
+            ]))?;
+            bench::bench(&root(), &bench::BenchArgs { rounds, seconds })
+        }
         Cmd::Run { args } => {
             setup()?;
-            run(Command::new("cargo").args(["build", "--release", "-p", "tracer-user"]))?;
-            let args = if args.is_empty() {
-                vec!["--stdout".to_string()]
-            } else {
-                args
-            };
-            run(Command::new(root().join("target/release/tracer"))
-                .arg("agent")
-                .args(&args))
+            run(Command::new("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "tracer-user",
+                "-p",
+                "tracer-collector",
+            ]))?;
+            main_job(&args)
         }
     }
+}
+
+/// The README's main job: the collector with its embedded store and UI, plus the agent.
+fn main_job(agent_args: &[String]) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let bin = root().join("target/release");
+    let data = root().join("tracer-data");
+    eprintln!(
+        "\x1b[1m[xtask]\x1b[0m starting the collector (store in {})",
+        data.display()
+    );
+    let mut collector = Command::new(bin.join("tracer-collector"))
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting tracer-collector")?;
+    let stderr = collector.stderr.take().context("collector stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                eprintln!("{line}");
+                if line.contains("tracer-collector: ready") {
+                    break;
+                }
+            }
+            _ => {
+                let status = collector.wait()?;
+                bail!("the collector exited before it was ready ({status})");
+            }
+        }
+    }
+    // Keep echoing the collector's log.
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
+    eprintln!(
+        "\x1b[1m[xtask]\x1b[0m starting the agent; open http://127.0.0.1:16686 (Ctrl-C stops both)"
+    );
+    let mut agent = Command::new(bin.join("tracer"))
+        .args(["agent", "--endpoint", "http://127.0.0.1:4318"])
+        .args(agent_args)
+        .spawn()
+        .context("starting the agent")?;
+    let status = agent.wait()?;
+    // The terminal's Ctrl-C reached both; give the collector a moment to finish, then make sure.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(collector.id() as i32, libc::SIGTERM) };
+    let _ = collector.wait();
+    if !status.success() {
+        bail!("the agent exited with {status}");
+    }
+    Ok(())
 }

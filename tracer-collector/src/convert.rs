@@ -1,0 +1,221 @@
+//! OTLP spans → store records, with the checks that make a batch acceptable.
+//!
+//! A batch is all or nothing: if one span is invalid the whole request is rejected with a message
+//! naming it, and nothing of it is stored (clients retry or fix the whole batch anyway).
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{any_value::Value, AnyValue, KeyValue as OtlpKeyValue},
+};
+use tracer_store::{AttrValue, KeyValue, SpanEvent, SpanLink, SpanRecord};
+
+/// `service.name` for resources that have none (what the OTel SDKs use).
+pub const UNKNOWN_SERVICE: &str = "unknown_service";
+
+fn attr_value(v: &AnyValue) -> AttrValue {
+    match &v.value {
+        Some(Value::StringValue(s)) => AttrValue::Str(s.clone()),
+        Some(Value::IntValue(i)) => AttrValue::Int(*i),
+        Some(Value::DoubleValue(d)) => AttrValue::Float(*d),
+        Some(Value::BoolValue(b)) => AttrValue::Bool(*b),
+        Some(other) => AttrValue::Json(json_value(other).to_string()),
+        None => AttrValue::Str(String::new()),
+    }
+}
+
+fn json_value(v: &Value) -> serde_json::Value {
+    match v {
+        Value::StringValue(s) => s.clone().into(),
+        Value::IntValue(i) => (*i).into(),
+        Value::DoubleValue(d) => (*d).into(),
+        Value::BoolValue(b) => (*b).into(),
+        Value::ArrayValue(a) => a
+            .values
+            .iter()
+            .filter_map(|v| v.value.as_ref())
+            .map(json_value)
+            .collect(),
+        Value::KvlistValue(kv) => kv
+            .values
+            .iter()
+            .filter_map(|kv| {
+                Some((
+                    kv.key.clone(),
+                    json_value(kv.value.as_ref()?.value.as_ref()?),
+                ))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        Value::BytesValue(b) => hex::encode(b).into(),
+        #[allow(unreachable_patterns)]
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn attributes(kvs: &[OtlpKeyValue]) -> Vec<KeyValue> {
+    kvs.iter()
+        .map(|kv| KeyValue {
+            key: kv.key.clone(),
+            value: kv
+                .value
+                .as_ref()
+                .map_or(AttrValue::Str(String::new()), attr_value),
+        })
+        .collect()
+}
+
+fn fixed<const N: usize>(bytes: &[u8], what: &str, span: usize) -> Result<[u8; N], String> {
+    let id: [u8; N] = bytes.try_into().map_err(|_| {
+        format!(
+            "span #{span}: {what} must be {N} bytes, got {}",
+            bytes.len()
+        )
+    })?;
+    if id.iter().all(|b| *b == 0) {
+        return Err(format!(
+            "span #{span}: {what} is all zeros (invalid per the OTLP spec)"
+        ));
+    }
+    Ok(id)
+}
+
+/// Converts a whole export request. `Err` says what is wrong with the first bad span.
+pub fn spans_from_request(req: &ExportTraceServiceRequest) -> Result<Vec<SpanRecord>, String> {
+    let mut out = Vec::new();
+    let mut n = 0usize;
+    for rs in &req.resource_spans {
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
+        let service = resource
+            .iter()
+            .find(|kv| kv.key == "service.name")
+            .map(|kv| kv.value.as_text())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
+        for ss in &rs.scope_spans {
+            let (scope_name, scope_version) = ss
+                .scope
+                .as_ref()
+                .map(|s| (s.name.clone(), s.version.clone()))
+                .unwrap_or_default();
+            for s in &ss.spans {
+                n += 1;
+                let trace_id = fixed::<16>(&s.trace_id, "trace_id", n)?;
+                let span_id = fixed::<8>(&s.span_id, "span_id", n)?;
+                let parent_span_id = if s.parent_span_id.is_empty() {
+                    None
+                } else {
+                    Some(fixed::<8>(&s.parent_span_id, "parent_span_id", n)?)
+                };
+                if s.end_time_unix_nano < s.start_time_unix_nano {
+                    return Err(format!("span #{n} ({}): ends before it starts", s.name));
+                }
+                let status = s.status.as_ref();
+                out.push(SpanRecord {
+                    trace_id,
+                    span_id,
+                    parent_span_id,
+                    service: service.clone(),
+                    operation: s.name.clone(),
+                    kind: s.kind,
+                    start_unix_nano: s.start_time_unix_nano,
+                    duration_nano: s.end_time_unix_nano - s.start_time_unix_nano,
+                    status_code: status.map_or(0, |st| st.code),
+                    status_message: status.map(|st| st.message.clone()).unwrap_or_default(),
+                    attributes: attributes(&s.attributes),
+                    resource: resource.clone(),
+                    events: s
+                        .events
+                        .iter()
+                        .map(|e| SpanEvent {
+                            time_unix_nano: e.time_unix_nano,
+                            name: e.name.clone(),
+                            attributes: attributes(&e.attributes),
+                        })
+                        .collect(),
+                    links: s
+                        .links
+                        .iter()
+                        .filter_map(|l| {
+                            Some(SpanLink {
+                                trace_id: l.trace_id.as_slice().try_into().ok()?,
+                                span_id: l.span_id.as_slice().try_into().ok()?,
+                                attributes: attributes(&l.attributes),
+                            })
+                        })
+                        .collect(),
+                    scope_name: scope_name.clone(),
+                    scope_version: scope_version.clone(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::{
+        resource::v1::Resource,
+        trace::v1::{ResourceSpans, ScopeSpans, Span},
+    };
+
+    fn request(span: Span) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource::default()),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span],
+                    ..Default::default()
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn missing_service_name_becomes_unknown_service() {
+        let span = Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            name: "x".into(),
+            ..Default::default()
+        };
+        let out = spans_from_request(&request(span)).unwrap();
+        assert_eq!(out[0].service, UNKNOWN_SERVICE);
+        assert_eq!(out[0].parent_span_id, None);
+    }
+
+    #[test]
+    fn bad_ids_and_times_are_rejected_with_a_reason() {
+        let bad = Span {
+            trace_id: vec![1; 15],
+            span_id: vec![2; 8],
+            ..Default::default()
+        };
+        assert!(spans_from_request(&request(bad))
+            .unwrap_err()
+            .contains("trace_id must be 16 bytes"));
+        let zero = Span {
+            trace_id: vec![0; 16],
+            span_id: vec![2; 8],
+            ..Default::default()
+        };
+        assert!(spans_from_request(&request(zero))
+            .unwrap_err()
+            .contains("all zeros"));
+        let back = Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            start_time_unix_nano: 10,
+            end_time_unix_nano: 5,
+            ..Default::default()
+        };
+        assert!(spans_from_request(&request(back))
+            .unwrap_err()
+            .contains("ends before it starts"));
+    }
+}

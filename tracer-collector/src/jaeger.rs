@@ -1,0 +1,482 @@
+//! The Jaeger HTTP query API (`/api/...`) with Jaeger's JSON shapes, so the Jaeger UI, Grafana's
+//! Jaeger data source and our own UI and CLI all work against the collector.
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
+
+use axum::{
+    extract::{Path, Query, RawQuery, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde_json::{json, Value};
+use tracer_store::{kind, status, AttrValue, KeyValue, SpanRecord, SpanStore, TraceId, TraceQuery};
+
+pub struct Api {
+    pub store: Arc<dyn SpanStore>,
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"data": null, "total": 0, "limit": 0, "offset": 0,
+                          "errors": [{"code": self.0.as_u16(), "msg": self.1}]});
+        (self.0, Json(body)).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn envelope(data: Value, total: usize) -> Response {
+    Json(json!({"data": data, "total": total, "limit": 0, "offset": 0, "errors": null}))
+        .into_response()
+}
+
+/// Runs a store call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, tracer_store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+fn tag(kv: &KeyValue) -> Value {
+    let (t, v) = match &kv.value {
+        AttrValue::Str(s) | AttrValue::Json(s) => ("string", json!(s)),
+        AttrValue::Int(i) => ("int64", json!(i)),
+        AttrValue::Float(f) => ("float64", json!(f)),
+        AttrValue::Bool(b) => ("bool", json!(b)),
+    };
+    json!({"key": kv.key, "type": t, "value": v})
+}
+
+fn str_tag(key: &str, value: &str) -> Value {
+    json!({"key": key, "type": "string", "value": value})
+}
+
+fn kind_name(k: i32) -> Option<&'static str> {
+    Some(match k {
+        kind::SERVER => "server",
+        kind::CLIENT => "client",
+        kind::PRODUCER => "producer",
+        kind::CONSUMER => "consumer",
+        kind::INTERNAL => "internal",
+        _ => return None,
+    })
+}
+
+/// One trace in Jaeger's shape: spans plus a process table (one per service + resource).
+pub fn trace_json(spans: &[SpanRecord]) -> Value {
+    let mut processes: Vec<(&str, &Vec<KeyValue>)> = Vec::new();
+    let mut out_spans = Vec::with_capacity(spans.len());
+    for s in spans {
+        let idx = processes
+            .iter()
+            .position(|(svc, res)| *svc == s.service && *res == &s.resource)
+            .unwrap_or_else(|| {
+                processes.push((&s.service, &s.resource));
+                processes.len() - 1
+            });
+        let mut tags: Vec<Value> = s.attributes.iter().map(tag).collect();
+        if let Some(k) = kind_name(s.kind) {
+            tags.push(str_tag("span.kind", k));
+        }
+        match s.status_code {
+            status::ERROR => {
+                tags.push(json!({"key": "error", "type": "bool", "value": true}));
+                tags.push(str_tag("otel.status_code", "ERROR"));
+                if !s.status_message.is_empty() {
+                    tags.push(str_tag("otel.status_description", &s.status_message));
+                }
+            }
+            status::OK => tags.push(str_tag("otel.status_code", "OK")),
+            _ => {}
+        }
+        if !s.scope_name.is_empty() {
+            tags.push(str_tag("otel.scope.name", &s.scope_name));
+        }
+        let mut references: Vec<Value> = Vec::new();
+        if let Some(p) = s.parent_span_id {
+            references.push(json!({"refType": "CHILD_OF", "traceID": hex::encode(s.trace_id), "spanID": hex::encode(p)}));
+        }
+        for l in &s.links {
+            references.push(json!({"refType": "FOLLOWS_FROM", "traceID": hex::encode(l.trace_id), "spanID": hex::encode(l.span_id)}));
+        }
+        let logs: Vec<Value> = s
+            .events
+            .iter()
+            .map(|e| {
+                let mut fields = vec![str_tag("event", &e.name)];
+                fields.extend(e.attributes.iter().map(tag));
+                json!({"timestamp": e.time_unix_nano / 1000, "fields": fields})
+            })
+            .collect();
+        out_spans.push(json!({
+            "traceID": hex::encode(s.trace_id),
+            "spanID": hex::encode(s.span_id),
+            "operationName": s.operation,
+            "references": references,
+            "startTime": s.start_unix_nano / 1000,
+            "duration": s.duration_nano / 1000,
+            "tags": tags,
+            "logs": logs,
+            "processID": format!("p{}", idx + 1),
+            "warnings": null,
+            "flags": 1,
+        }));
+    }
+    let processes: serde_json::Map<String, Value> = processes
+        .iter()
+        .enumerate()
+        .map(|(i, (svc, res))| {
+            let tags: Vec<Value> = res
+                .iter()
+                .filter(|kv| kv.key != "service.name")
+                .map(tag)
+                .collect();
+            (
+                format!("p{}", i + 1),
+                json!({"serviceName": svc, "tags": tags}),
+            )
+        })
+        .collect();
+    json!({
+        "traceID": spans.first().map(|s| hex::encode(s.trace_id)).unwrap_or_default(),
+        "spans": out_spans,
+        "processes": processes,
+        "warnings": null,
+    })
+}
+
+async fn services(State(api): State<Arc<Api>>) -> ApiResult {
+    let store = api.store.clone();
+    let list = blocking(move || store.services()).await?;
+    let n = list.len();
+    Ok(envelope(json!(list), n))
+}
+
+async fn service_operations(State(api): State<Arc<Api>>, Path(service): Path<String>) -> ApiResult {
+    let store = api.store.clone();
+    let ops = blocking(move || store.operations(&service, None)).await?;
+    let mut names: Vec<String> = ops.into_iter().map(|o| o.name).collect();
+    names.dedup();
+    let n = names.len();
+    Ok(envelope(json!(names), n))
+}
+
+/// `/api/operations?service=&spanKind=`: the newer endpoint with kinds.
+async fn operations(
+    State(api): State<Arc<Api>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let service = q
+        .get("service")
+        .cloned()
+        .ok_or_else(|| bad("the service parameter is required"))?;
+    let want = match q.get("spanKind").map(String::as_str) {
+        None | Some("") => None,
+        Some("server") => Some(kind::SERVER),
+        Some("client") => Some(kind::CLIENT),
+        Some("producer") => Some(kind::PRODUCER),
+        Some("consumer") => Some(kind::CONSUMER),
+        Some("internal") => Some(kind::INTERNAL),
+        Some(other) => return Err(bad(format!("unknown spanKind {other:?}"))),
+    };
+    let store = api.store.clone();
+    let ops = blocking(move || store.operations(&service, want)).await?;
+    let data: Vec<Value> = ops
+        .iter()
+        .map(|o| json!({"name": o.name, "spanKind": kind_name(o.kind).unwrap_or("")}))
+        .collect();
+    let n = data.len();
+    Ok(envelope(json!(data), n))
+}
+
+/// Parses Jaeger/Go durations: `1.5ms`, `200us`, `2s`, `1m`, `1h`, `500ns`, `1h30m`.
+pub fn parse_duration_nanos(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if num_end == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += value * factor;
+        rest = &rest[unit_end..];
+    }
+    Some(total as u64)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Builds a store query from Jaeger's parameters (which may repeat: `tag=k:v&tag=k2:v2`).
+pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded_pairs(raw);
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let mut q = TraceQuery {
+        service: get("service").map(str::to_owned),
+        operation: get("operation").filter(|o| *o != "all").map(str::to_owned),
+        limit: 20,
+        ..Default::default()
+    };
+    if let Some(l) = get("limit") {
+        q.limit = l
+            .parse()
+            .map_err(|_| bad(format!("limit {l:?} is not a number")))?;
+    }
+    q.limit = q.limit.clamp(1, 1500);
+    let dur = |k: &str| -> Result<Option<u64>, ApiError> {
+        get(k)
+            .map(|v| {
+                parse_duration_nanos(v).ok_or_else(|| {
+                    bad(format!(
+                        "{k} {v:?} is not a duration like 1.5ms, 200us or 2s"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    q.min_duration_nano = dur("minDuration")?;
+    q.max_duration_nano = dur("maxDuration")?;
+    let micros = |k: &str| -> Result<Option<u64>, ApiError> {
+        get(k)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{k} {v:?} is not Unix microseconds")))
+            })
+            .transpose()
+    };
+    let end = micros("end")?.unwrap_or_else(now_micros);
+    let start = match micros("start")? {
+        Some(s) => s,
+        None => {
+            let lookback = get("lookback").filter(|l| *l != "custom").unwrap_or("1h");
+            let nanos = parse_duration_nanos(lookback)
+                .ok_or_else(|| bad(format!("lookback {lookback:?} is not a duration")))?;
+            end.saturating_sub(nanos / 1000)
+        }
+    };
+    q.start_unix_nano = Some(start * 1000);
+    q.end_unix_nano = Some(end * 1000);
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "tags" if !v.is_empty() => {
+                let map: serde_json::Map<String, Value> = serde_json::from_str(v)
+                    .map_err(|e| bad(format!("tags must be a JSON object of strings: {e}")))?;
+                for (tk, tv) in map {
+                    let tv = match tv {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    q.tags.push((tk, tv));
+                }
+            }
+            "tag" => {
+                let (tk, tv) = v
+                    .split_once(':')
+                    .ok_or_else(|| bad(format!("tag {v:?} is not key:value")))?;
+                q.tags.push((tk.to_owned(), tv.to_owned()));
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn serde_urlencoded_pairs(raw: &str) -> Vec<(String, String)> {
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn find_traces(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> ApiResult {
+    let q = trace_query(raw.as_deref().unwrap_or(""))?;
+    let store = api.store.clone();
+    let traces = blocking(move || store.find_traces(&q)).await?;
+    let data: Vec<Value> = traces.iter().map(|t| trace_json(t)).collect();
+    let n = data.len();
+    Ok(envelope(json!(data), n))
+}
+
+pub fn parse_trace_id(s: &str) -> Result<TraceId, ApiError> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(format!("trace id {s:?} is not up to 32 hex digits")));
+    }
+    // Jaeger accepts ids without leading zeros.
+    let padded = format!("{s:0>32}");
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(&padded, &mut id).map_err(|e| bad(e.to_string()))?;
+    Ok(id)
+}
+
+async fn get_trace(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
+    let trace_id = parse_trace_id(&id)?;
+    let store = api.store.clone();
+    let spans = blocking(move || store.trace(&trace_id)).await?;
+    if spans.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("trace {id} not found"),
+        ));
+    }
+    Ok(envelope(json!([trace_json(&spans)]), 1))
+}
+
+async fn dependencies(
+    State(api): State<Arc<Api>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let num = |k: &str, default: u64| -> Result<u64, ApiError> {
+        q.get(k).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| bad(format!("{k} {v:?} is not milliseconds")))
+        })
+    };
+    let end_ms = num("endTs", now_micros() / 1000)?;
+    let lookback_ms = num("lookback", 24 * 3600 * 1000)?;
+    let store = api.store.clone();
+    let links =
+        blocking(move || store.dependencies(end_ms * 1_000_000, lookback_ms * 1_000_000)).await?;
+    let data: Vec<Value> = links
+        .iter()
+        .map(|l| {
+            json!({
+                "parent": l.parent,
+                "child": l.child,
+                "callCount": l.call_count,
+                "errorCount": l.error_count,
+                "avgDurationMicros": l.avg_duration_nano as f64 / 1000.0,
+                "p95DurationMicros": l.p95_duration_nano as f64 / 1000.0,
+            })
+        })
+        .collect();
+    let n = data.len();
+    Ok(envelope(json!(data), n))
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into())
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/services", get(services))
+        .route(
+            "/api/services/{service}/operations",
+            get(service_operations),
+        )
+        .route("/api/operations", get(operations))
+        .route("/api/traces", get(find_traces))
+        .route("/api/traces/{id}", get(get_trace))
+        .route("/api/dependencies", get(dependencies))
+        .route("/api/{*rest}", get(not_found))
+        .with_state(api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_jaeger() {
+        assert_eq!(parse_duration_nanos("1.5ms"), Some(1_500_000));
+        assert_eq!(parse_duration_nanos("200us"), Some(200_000));
+        assert_eq!(parse_duration_nanos("2s"), Some(2_000_000_000));
+        assert_eq!(parse_duration_nanos("1h30m"), Some(5_400_000_000_000));
+        assert_eq!(parse_duration_nanos("abc"), None);
+        assert_eq!(parse_duration_nanos("5"), None);
+    }
+
+    #[test]
+    fn queries_parse_tags_in_both_forms() {
+        let q = trace_query("service=nginx&operation=GET%20%2Fok&tags=%7B%22http.response.status_code%22%3A%22404%22%7D&tag=a:b&limit=5&start=1000&end=2000&minDuration=1ms").unwrap();
+        assert_eq!(q.service.as_deref(), Some("nginx"));
+        assert_eq!(q.operation.as_deref(), Some("GET /ok"));
+        assert_eq!(
+            q.tags,
+            vec![
+                ("http.response.status_code".into(), "404".into()),
+                ("a".into(), "b".into())
+            ]
+        );
+        assert_eq!(
+            (q.limit, q.start_unix_nano, q.end_unix_nano),
+            (5, Some(1_000_000), Some(2_000_000))
+        );
+        assert_eq!(q.min_duration_nano, Some(1_000_000));
+        assert!(trace_query("minDuration=fast").is_err());
+    }
+
+    #[test]
+    fn trace_ids_accept_short_forms() {
+        assert_eq!(parse_trace_id("1").unwrap()[15], 1);
+        assert!(parse_trace_id("xyz").is_err());
+        assert!(parse_trace_id(&"a".repeat(33)).is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! `tracer-collector`: receives OTLP from agents and SDKs, stores spans in an embedded database,
+//! and serves the Jaeger-compatible query API and the web UI.
+mod convert;
+mod ingest;
+mod jaeger;
+mod tls;
+mod ui;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracer_store::{Retention, SpanStore, SqliteStore};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tracer-collector",
+    version,
+    about = "Receives OTLP traces, stores them, serves the query API and web UI"
+)]
+struct Args {
+    /// Where the embedded store keeps its files.
+    #[arg(long, env = "TRACER_DATA_DIR", default_value = "./tracer-data")]
+    data_dir: PathBuf,
+    /// OTLP/gRPC listen address (OTLP/HTTP is accepted here too).
+    #[arg(long, default_value = "127.0.0.1:4317")]
+    grpc_addr: SocketAddr,
+    /// OTLP/HTTP listen address (`POST /v1/traces`; gRPC is accepted here too).
+    #[arg(long, default_value = "127.0.0.1:4318")]
+    http_addr: SocketAddr,
+    /// Query API and web UI listen address.
+    #[arg(long, default_value = "127.0.0.1:16686")]
+    query_addr: SocketAddr,
+    /// Bearer token required on ingest (agents: --token; SDKs: an Authorization header).
+    #[arg(long, env = "TRACER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM certificate for TLS on the ingest ports (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the ingest ports.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Largest request body accepted, in bytes (after gzip decompression too).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Delete spans older than this (e.g. 72h, 7d). `0` keeps them forever.
+    #[arg(long, default_value = "7d")]
+    retention_age: String,
+    /// Delete the oldest spans while the store is larger than this many MiB. `0`: no limit.
+    #[arg(long, default_value_t = 10 * 1024)]
+    retention_mib: u64,
+}
+
+fn parse_age(s: &str) -> anyhow::Result<Option<Duration>> {
+    if s == "0" {
+        return Ok(None);
+    }
+    let nanos = if let Some(days) = s.strip_suffix('d') {
+        days.parse::<f64>().ok().map(|d| (d * 86400e9) as u64)
+    } else {
+        jaeger::parse_duration_nanos(s)
+    };
+    let nanos =
+        nanos.with_context(|| format!("--retention-age {s:?} is not a duration like 72h or 7d"))?;
+    Ok(Some(Duration::from_nanos(nanos)))
+}
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let args = Args::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tracer-collector: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let retention = Retention {
+        max_age: parse_age(&args.retention_age)?,
+        max_bytes: (args.retention_mib > 0).then_some(args.retention_mib * 1024 * 1024),
+    };
+    let store: Arc<dyn SpanStore> = Arc::new(
+        SqliteStore::open(&args.data_dir)
+            .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
+    );
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls::server_config(c, k)?),
+        _ => None,
+    };
+    if args.token.is_none() && !args.http_addr.ip().is_loopback() {
+        log::warn!(
+            "ingest on {} accepts spans from anyone: set --token (and --tls-cert/--tls-key)",
+            args.http_addr
+        );
+    }
+    let ingest = Arc::new(ingest::Ingest {
+        store: store.clone(),
+        token: args.token.clone(),
+        max_body_bytes: args.max_body_bytes,
+        stats: Default::default(),
+    });
+    let ingest_router = ingest::router(ingest.clone());
+    let query_router = jaeger::router(Arc::new(jaeger::Api {
+        store: store.clone(),
+    }))
+    .merge(ui::router())
+    .merge(ingest::metrics_router(ingest.clone()));
+
+    let grpc = tls::bind(args.grpc_addr, "OTLP/gRPC").await?;
+    let http = tls::bind(args.http_addr, "OTLP/HTTP").await?;
+    let query = tls::bind(args.query_addr, "the query API and UI").await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    log::info!("store: {}", args.data_dir.display());
+    log::info!(
+        "OTLP/gRPC on {}, OTLP/HTTP on {scheme}://{}/v1/traces{}",
+        args.grpc_addr,
+        args.http_addr,
+        if args.token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
+    );
+    log::info!("UI and query API on http://{}/", args.query_addr);
+    eprintln!("tracer-collector: ready");
+
+    tokio::spawn(tls::serve(grpc, ingest_router.clone(), tls.clone()));
+    tokio::spawn(tls::serve(http, ingest_router, tls));
+    tokio::spawn(tls::serve(query, query_router, None));
+    tokio::spawn(retention_loop(store.clone(), retention));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    log::info!(
+        "stopping: {} spans accepted in {} requests",
+        ingest
+            .stats
+            .spans_accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        ingest
+            .stats
+            .requests_accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Applies retention every minute, off the async threads.
+async fn retention_loop(store: Arc<dyn SpanStore>, policy: Retention) {
+    if policy.max_age.is_none() && policy.max_bytes.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let (store, policy) = (store.clone(), policy.clone());
+        match tokio::task::spawn_blocking(move || store.enforce_retention(&policy)).await {
+            Ok(Ok(r)) if r.deleted_spans > 0 => {
+                log::info!("retention: deleted {} spans", r.deleted_spans)
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::error!("retention failed: {e}"),
+            Err(e) => log::error!("retention task failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Bad input at the ingest door: each gets the right status and a message, nothing of a rejected
+//! batch is stored, and the collector keeps serving.
+mod support;
+
+use std::io::Write as _;
+
+use prost::Message as _;
+use support::*;
+
+async fn post(
+    url: &str,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("the collector answers");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_unauthenticated_requests_are_refused() {
+    let c = Collector::start(
+        "bad-input",
+        &["--token", "s3cret", "--max-body-bytes", "100000"],
+    );
+    let url = c.http_url();
+    let auth = [("authorization", "Bearer s3cret")];
+    let trace = [7u8; 16];
+    let good = request(
+        "svc",
+        vec![span(trace, 1, None, "root", now_nanos(), 0, 10)],
+    )
+    .encode_to_vec();
+
+    // Missing and wrong token.
+    let (st, body) = post(&url, "application/x-protobuf", &[], good.clone()).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("missing bearer token"), "{body}");
+    let (st, _) = post(
+        &url,
+        "application/x-protobuf",
+        &[("authorization", "Bearer nope")],
+        good.clone(),
+    )
+    .await;
+    assert_eq!(st, 401);
+
+    // Wrong content type.
+    let (st, body) = post(&url, "text/plain", &auth, good.clone()).await;
+    assert_eq!(st, 415, "{body}");
+    assert!(
+        body.contains("application/x-protobuf or application/json"),
+        "{body}"
+    );
+
+    // Malformed protobuf and JSON.
+    let (st, body) = post(
+        &url,
+        "application/x-protobuf",
+        &auth,
+        b"\xff\xff\xff\xff garbage".to_vec(),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = post(
+        &url,
+        "application/json",
+        &auth,
+        b"{\"resourceSpans\": [".to_vec(),
+    )
+    .await;
+    assert_eq!(st, 400);
+    assert!(
+        body.contains("not an OTLP ExportTraceServiceRequest in JSON"),
+        "{body}"
+    );
+
+    // Oversized, plain and as a gzip bomb.
+    let (st, body) = post(&url, "application/x-protobuf", &auth, vec![0u8; 200_000]).await;
+    assert_eq!(st, 413, "{body}");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![0u8; 5_000_000]).unwrap();
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 100_000);
+    let (st, body) = post(
+        &url,
+        "application/x-protobuf",
+        &[auth[0], ("content-encoding", "gzip")],
+        bomb,
+    )
+    .await;
+    assert_eq!(st, 413, "{body}");
+
+    // One bad span spoils the batch: the good span beside it is not stored either.
+    let mut bad_batch = request(
+        "svc",
+        vec![span([9u8; 16], 1, None, "fine", now_nanos(), 0, 10)],
+    );
+    bad_batch.resource_spans[0].scope_spans[0].spans.push(
+        opentelemetry_proto::tonic::trace::v1::Span {
+            trace_id: vec![1, 2, 3],
+            span_id: vec![1; 8],
+            ..Default::default()
+        },
+    );
+    let (st, body) = post(
+        &url,
+        "application/x-protobuf",
+        &auth,
+        bad_batch.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("trace_id must be 16 bytes"), "{body}");
+    let (st, _) = c
+        .get(&format!("/api/traces/{}", hex::encode([9u8; 16])))
+        .await;
+    assert_eq!(st, 404, "nothing of a rejected batch is stored");
+
+    // Still serving: a good request is accepted and found.
+    let (st, body) = post(&url, "application/x-protobuf", &auth, good).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, trace_json) = c.get(&format!("/api/traces/{}", hex::encode(trace))).await;
+    assert_eq!(st, 200);
+    assert_eq!(trace_json["data"][0]["spans"].as_array().unwrap().len(), 1);
+
+    // The query API refuses nonsense with Jaeger's error shape.
+    let (st, err) = c.get("/api/traces?service=svc&minDuration=fast").await;
+    assert_eq!(st, 400);
+    assert!(err["errors"][0]["msg"]
+        .as_str()
+        .unwrap()
+        .contains("minDuration"));
+}
