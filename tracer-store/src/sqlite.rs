@@ -1,13 +1,14 @@
 //! The embedded store: one SQLite database file (WAL mode) in the data directory.
 //!
 //! Layout: spans are rows with the fields queries filter on as columns (trace id, service,
-//! operation, start, duration, status) and everything else (attributes, events, links) in one
-//! JSON blob, so a write is one row and three small index entries, not one row per attribute.
+//! operation, start, duration, status), the attributes in one text column and the rare rest
+//! (events, links, status message, scope) as JSON, so a write is one row and three small index
+//! entries, not one row per attribute.
 //! Resources (host and process facts shared by many spans) are stored once, by hash.
 //!
-//! Tag filters decode the blobs of the candidates that the service/time index yields, newest
-//! first, stopping at the limit or after `TAG_SCAN_LIMIT` candidates: fast for the common search
-//! (a service and a recent window), bounded for a rare tag over a long window.
+//! Attributes are stored as text in a separator format (see `encode_attrs`) that SQLite can
+//! search with `instr`, so tag filters run inside the database over the rows the service/time
+//! index yields, newest first, and stop at the limit.
 //!
 //! Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL (the OS page cache) before
 //! `write` returns, so a killed process (`kill -9`) loses nothing acknowledged; a power loss can
@@ -23,8 +24,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DependencyLink, KeyValue, Operation, Retention, RetentionReport, SpanEvent, SpanLink,
-    SpanRecord, SpanStore, StoreError, StoreStats, TraceId, TraceQuery,
+    AttrValue, DependencyLink, KeyValue, Operation, Retention, RetentionReport, SpanEvent,
+    SpanLink, SpanRecord, SpanStore, StoreError, StoreStats, TraceId, TraceQuery,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
@@ -33,7 +34,7 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE services(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
      CREATE TABLE operations(id INTEGER PRIMARY KEY, service_id INTEGER NOT NULL, name TEXT NOT NULL,
                              kind INTEGER NOT NULL, UNIQUE(service_id, name, kind));
-     CREATE TABLE resources(id INTEGER PRIMARY KEY, hash INTEGER NOT NULL UNIQUE, attributes TEXT NOT NULL);
+     CREATE TABLE resources(id INTEGER PRIMARY KEY, hash INTEGER NOT NULL UNIQUE, attrs TEXT NOT NULL);
      CREATE TABLE spans(
         id INTEGER PRIMARY KEY,
         trace_id BLOB NOT NULL,
@@ -45,26 +46,23 @@ const MIGRATIONS: &[&str] = &[
         duration INTEGER NOT NULL,
         status INTEGER NOT NULL,
         resource_id INTEGER NOT NULL,
-        body TEXT NOT NULL);
+        attrs TEXT NOT NULL,
+        extra TEXT NOT NULL);
      CREATE INDEX spans_by_trace ON spans(trace_id);
      CREATE INDEX spans_by_service_start ON spans(service_id, start);
      CREATE INDEX spans_by_start ON spans(start);",
 ];
 
-/// Candidates a tag search decodes at most.
-const TAG_SCAN_LIMIT: usize = 200_000;
 /// Rows deleted per retention step, so ingest waits for the writer lock only briefly.
 const DELETE_CHUNK: i64 = 20_000;
 
-/// What a span row keeps outside its indexed columns.
+/// What a span row keeps beside its columns and attributes (JSON; mostly tiny).
 #[derive(Serialize, Deserialize)]
-struct Body {
+struct Extra {
     #[serde(rename = "k")]
     kind: i32,
     #[serde(rename = "m", default, skip_serializing_if = "String::is_empty")]
     status_message: String,
-    #[serde(rename = "a")]
-    attributes: Vec<KeyValue>,
     #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
     events: Vec<SpanEvent>,
     #[serde(rename = "l", default, skip_serializing_if = "Vec::is_empty")]
@@ -73,6 +71,77 @@ struct Body {
     scope_name: String,
     #[serde(rename = "v", default, skip_serializing_if = "String::is_empty")]
     scope_version: String,
+}
+
+/// Separators of the attribute text format: `RS key US value US type ... RS`. Every attribute is
+/// bounded by RS on both sides, so `instr(attrs, RS key US value US)` finds exactly that
+/// key/value pair, whatever its type; SQLite does tag filtering without decoding anything.
+const RS: char = '\u{1e}';
+const US: char = '\u{1f}';
+
+fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([RS, US]) {
+        // The separators cannot appear inside; they are replaced (practically never happens).
+        std::borrow::Cow::Owned(s.replace([RS, US], "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn encode_attrs(kvs: &[KeyValue]) -> String {
+    let mut out = String::with_capacity(kvs.len() * 32 + 1);
+    out.push(RS);
+    for kv in kvs {
+        let t = match kv.value {
+            AttrValue::Str(_) => 's',
+            AttrValue::Int(_) => 'i',
+            AttrValue::Float(_) => 'f',
+            AttrValue::Bool(_) => 'b',
+            AttrValue::Json(_) => 'j',
+        };
+        out.push_str(&clean(&kv.key));
+        out.push(US);
+        match &kv.value {
+            AttrValue::Str(v) | AttrValue::Json(v) => out.push_str(&clean(v)),
+            other => out.push_str(&other.as_text()),
+        }
+        out.push(US);
+        out.push(t);
+        out.push(RS);
+    }
+    out
+}
+
+fn decode_attrs(text: &str) -> Result<Vec<KeyValue>, StoreError> {
+    let bad = || StoreError::Database(format!("corrupt attribute text: {text:?}"));
+    text.split(RS)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let mut it = part.split(US);
+            let (key, value, t) = (
+                it.next().ok_or_else(bad)?,
+                it.next().ok_or_else(bad)?,
+                it.next().ok_or_else(bad)?,
+            );
+            let value = match t {
+                "s" => AttrValue::Str(value.to_owned()),
+                "j" => AttrValue::Json(value.to_owned()),
+                "i" => AttrValue::Int(value.parse().map_err(|_| bad())?),
+                "f" => AttrValue::Float(value.parse().map_err(|_| bad())?),
+                "b" => AttrValue::Bool(value == "true"),
+                _ => return Err(bad()),
+            };
+            Ok(KeyValue {
+                key: key.to_owned(),
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The `instr` pattern that finds `key = value` in an attribute text.
+fn tag_pattern(key: &str, value: &str) -> String {
+    format!("{RS}{}{US}{}{US}", clean(key), clean(value))
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -114,7 +183,9 @@ impl SqliteStore {
         let path = dir.join("spans.db");
         let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
         // auto_vacuum must be chosen before the first table exists; it lets retention shrink the file.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA cache_size = -65536;")
+        // A larger auto-checkpoint batches the WAL's fsyncs: durability against a crash of the
+        // process does not depend on them (see the module comment).
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 8192;")
             .map_err(|e| open_err(format!("not a usable SQLite database: {e}")))?;
         migrate(&conn).map_err(|e| match e {
             StoreError::Database(reason) => open_err(reason),
@@ -239,9 +310,9 @@ impl SpanStore for SqliteStore {
         let tx = w.conn.transaction().map_err(db_err)?;
         {
             let mut insert = tx
-                .prepare_cached("INSERT INTO spans(trace_id, span_id, parent_id, service_id, operation_id, start, duration, status, resource_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")
+                .prepare_cached("INSERT INTO spans(trace_id, span_id, parent_id, service_id, operation_id, start, duration, status, resource_id, attrs, extra) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")
                 .map_err(db_err)?;
-            let mut last_resource: Option<(*const KeyValue, usize, i64)> = None;
+            let mut last_resource: Option<(&[KeyValue], i64)> = None;
             for s in spans {
                 let service_id = match w.services.get(&s.service).copied().or_else(|| {
                     new.services
@@ -277,13 +348,10 @@ impl SpanStore for SqliteStore {
                         id
                     }
                 };
-                // Spans of one batch usually share a resource vector: skip re-hashing it.
+                // Spans of one batch usually share a resource: comparing with the last one is
+                // cheaper than hashing it again.
                 let resource_id = match last_resource {
-                    Some((ptr, len, id))
-                        if ptr == s.resource.as_ptr() && len == s.resource.len() =>
-                    {
-                        id
-                    }
+                    Some((last, id)) if last == s.resource.as_slice() => id,
                     _ => {
                         let hash = resource_hash(&s.resource);
                         let id = match w.resources.get(&hash).copied().or_else(|| {
@@ -294,8 +362,8 @@ impl SpanStore for SqliteStore {
                         }) {
                             Some(id) => id,
                             None => {
-                                let attrs = serde_json::to_string(&s.resource).map_err(db_err)?;
-                                tx.execute("INSERT INTO resources(hash, attributes) VALUES (?1, ?2) ON CONFLICT(hash) DO NOTHING", params![hash as i64, attrs]).map_err(db_err)?;
+                                let attrs = encode_attrs(&s.resource);
+                                tx.execute("INSERT INTO resources(hash, attrs) VALUES (?1, ?2) ON CONFLICT(hash) DO NOTHING", params![hash as i64, attrs]).map_err(db_err)?;
                                 let id: i64 = tx
                                     .query_row(
                                         "SELECT id FROM resources WHERE hash = ?1",
@@ -307,20 +375,20 @@ impl SpanStore for SqliteStore {
                                 id
                             }
                         };
-                        last_resource = Some((s.resource.as_ptr(), s.resource.len(), id));
+                        last_resource = Some((s.resource.as_slice(), id));
                         id
                     }
                 };
-                let body = Body {
+                let extra = Extra {
                     kind: s.kind,
                     status_message: s.status_message.clone(),
-                    attributes: s.attributes.clone(),
                     events: s.events.clone(),
                     links: s.links.clone(),
                     scope_name: s.scope_name.clone(),
                     scope_version: s.scope_version.clone(),
                 };
-                let body = serde_json::to_string(&body).map_err(db_err)?;
+                let extra = serde_json::to_string(&extra).map_err(db_err)?;
+                let attrs = encode_attrs(&s.attributes);
                 insert
                     .execute(params![
                         &s.trace_id[..],
@@ -332,7 +400,8 @@ impl SpanStore for SqliteStore {
                         s.duration_nano as i64,
                         s.status_code,
                         resource_id,
-                        body
+                        attrs,
+                        extra
                     ])
                     .map_err(db_err)?;
             }
@@ -396,9 +465,13 @@ impl SpanStore for SqliteStore {
                 }
                 _ => None,
             };
-            let mut sql = String::from("SELECT s.trace_id, s.operation_id, s.body, r.attributes, s.status FROM spans s JOIN resources r ON r.id = s.resource_id WHERE s.start >= ?1 AND s.start <= ?2");
+            let mut sql = String::from("SELECT s.trace_id, s.operation_id FROM spans s WHERE s.start >= ?1 AND s.start <= ?2");
             if let Some(id) = service_id {
                 sql.push_str(&format!(" AND s.service_id = {id}"));
+            }
+            if let Some(ops) = &operation_ids {
+                let list: Vec<String> = ops.iter().map(i64::to_string).collect();
+                sql.push_str(&format!(" AND s.operation_id IN ({})", list.join(",")));
             }
             if let Some(min) = q.min_duration_nano {
                 sql.push_str(&format!(" AND s.duration >= {}", min as i64));
@@ -406,52 +479,39 @@ impl SpanStore for SqliteStore {
             if let Some(max) = q.max_duration_nano {
                 sql.push_str(&format!(" AND s.duration <= {}", max as i64));
             }
+            // Tags are matched by SQLite on the attribute text of the span or of its resource.
+            let mut patterns: Vec<String> = Vec::new();
+            for (k, v) in &q.tags {
+                if k == "error" {
+                    // `error=true` is how Jaeger users ask for failed spans: it is the status.
+                    let op = if v == "true" { "=" } else { "!=" };
+                    sql.push_str(&format!(" AND s.status {op} {}", crate::status::ERROR));
+                    continue;
+                }
+                patterns.push(tag_pattern(k, v));
+                let n = patterns.len() + 2;
+                sql.push_str(&format!(
+                    " AND (instr(s.attrs, ?{n}) > 0 OR s.resource_id IN (SELECT id FROM resources WHERE instr(attrs, ?{n}) > 0))"
+                ));
+            }
             sql.push_str(" ORDER BY s.start DESC");
             let start = q.start_unix_nano.unwrap_or(0) as i64;
             let end = q.end_unix_nano.map_or(i64::MAX, |e| e.min(i64::MAX as u64) as i64);
             let mut st = c.prepare(&sql).map_err(db_err)?;
-            let mut rows = st.query(params![start, end]).map_err(db_err)?;
+            let mut values: Vec<rusqlite::types::Value> = vec![start.into(), end.into()];
+            values.extend(patterns.into_iter().map(rusqlite::types::Value::from));
+            let mut rows = st.query(rusqlite::params_from_iter(values)).map_err(db_err)?;
             let mut found: Vec<TraceId> = Vec::new();
             let mut seen: HashSet<TraceId> = HashSet::new();
-            let mut scanned = 0usize;
             let limit = q.limit.max(1);
             while let Some(row) = rows.next().map_err(db_err)? {
-                scanned += 1;
-                if !q.tags.is_empty() && scanned > TAG_SCAN_LIMIT {
-                    break;
-                }
                 let tid: Vec<u8> = row.get(0).map_err(db_err)?;
                 let Ok(tid) = <TraceId>::try_from(tid.as_slice()) else { continue };
-                if seen.contains(&tid) {
-                    continue;
-                }
-                if let Some(ops) = &operation_ids {
-                    let op: i64 = row.get(1).map_err(db_err)?;
-                    if !ops.contains(&op) {
-                        continue;
+                if seen.insert(tid) {
+                    found.push(tid);
+                    if found.len() >= limit {
+                        break;
                     }
-                }
-                if !q.tags.is_empty() {
-                    let body: String = row.get(2).map_err(db_err)?;
-                    let res: String = row.get(3).map_err(db_err)?;
-                    let body: Body = serde_json::from_str(&body).map_err(db_err)?;
-                    let res: Vec<KeyValue> = serde_json::from_str(&res).map_err(db_err)?;
-                    let status: i32 = row.get(4).map_err(db_err)?;
-                    let matches = q.tags.iter().all(|(k, v)| {
-                        // `error=true` is how Jaeger users ask for failed spans: it is the status.
-                        if k == "error" {
-                            return (status == crate::status::ERROR) == (v == "true");
-                        }
-                        tag_matches(&body.attributes, k, v) || tag_matches(&res, k, v)
-                    });
-                    if !matches {
-                        continue;
-                    }
-                }
-                seen.insert(tid);
-                found.push(tid);
-                if found.len() >= limit {
-                    break;
                 }
             }
             drop(rows);
@@ -582,11 +642,6 @@ impl SqliteStore {
     }
 }
 
-fn tag_matches(kvs: &[KeyValue], key: &str, value: &str) -> bool {
-    kvs.iter()
-        .any(|kv| kv.key == key && kv.value.as_text() == value)
-}
-
 fn load_trace(
     c: &Connection,
     trace_id: &TraceId,
@@ -594,7 +649,7 @@ fn load_trace(
 ) -> Result<Vec<SpanRecord>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT s.span_id, s.parent_id, sv.name, o.name, s.start, s.duration, s.status, s.resource_id, s.body
+            "SELECT s.span_id, s.parent_id, sv.name, o.name, s.start, s.duration, s.status, s.resource_id, s.attrs, s.extra
              FROM spans s JOIN services sv ON sv.id = s.service_id JOIN operations o ON o.id = s.operation_id
              WHERE s.trace_id = ?1 ORDER BY s.start",
         )
@@ -608,15 +663,16 @@ fn load_trace(
         if let std::collections::hash_map::Entry::Vacant(slot) = resources.entry(resource_id) {
             let attrs: String = c
                 .query_row(
-                    "SELECT attributes FROM resources WHERE id = ?1",
+                    "SELECT attrs FROM resources WHERE id = ?1",
                     [resource_id],
                     |r| r.get(0),
                 )
                 .map_err(db_err)?;
-            slot.insert(serde_json::from_str(&attrs).map_err(db_err)?);
+            slot.insert(decode_attrs(&attrs)?);
         }
-        let body: String = r.get(8).map_err(db_err)?;
-        let body: Body = serde_json::from_str(&body).map_err(db_err)?;
+        let attrs: String = r.get(8).map_err(db_err)?;
+        let extra: String = r.get(9).map_err(db_err)?;
+        let body: Extra = serde_json::from_str(&extra).map_err(db_err)?;
         out.push(SpanRecord {
             trace_id: *trace_id,
             span_id: span_id.as_slice().try_into().map_err(db_err)?,
@@ -628,7 +684,7 @@ fn load_trace(
             duration_nano: r.get::<_, i64>(5).map_err(db_err)? as u64,
             status_code: r.get(6).map_err(db_err)?,
             status_message: body.status_message,
-            attributes: body.attributes,
+            attributes: decode_attrs(&attrs)?,
             resource: resources[&resource_id].clone(),
             events: body.events,
             links: body.links,
