@@ -18,7 +18,7 @@ fi
 # python3-venv: the OpenTelemetry SDK tests run in a venv.
 # chromium: the UI test drives Debian's browser headless (no browser downloads work here).
 APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
-          nginx-light curl wrk python3-venv sqlite3 chromium)
+          nginx-light curl wrk python3-venv sqlite3 chromium openssl)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
-//! End to end on this host: the agent's probes trace nginx, the agent exports to the collector,
-//! and the trace is found through the query API and the `tracer` command-line client.
+//! End to end on this host: the agent's probes trace nginx, the agent exports to the collector
+//! over TLS with a token, and the trace is found through the query API and the `tracer`
+//! command-line client.
 mod support;
 
 use std::{
@@ -88,17 +89,32 @@ async fn agent_traces_nginx_into_the_collector() {
         0,
         "this test loads eBPF programs and must run as root"
     );
-    let c = Collector::start("e2e", &["--token", "agent-token"]);
+    let certs = temp_dir("e2e-certs");
+    make_certs(&certs);
+    let (cert, key) = (certs.join("server.pem"), certs.join("server.key"));
+    let c = Collector::start(
+        "e2e",
+        &[
+            "--token",
+            "agent-token",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
     let nginx_port = free_port();
     let _nginx = start_nginx(nginx_port);
     let mut agent = Command::new(agent_binary())
         .args([
             "agent",
             "--endpoint",
-            &format!("http://127.0.0.1:{}", c.http_port),
+            &format!("https://127.0.0.1:{}", c.http_port),
             "--token",
             "agent-token",
         ])
+        .arg("--ca-cert")
+        .arg(certs.join("ca.pem"))
         .args([
             "--port",
             &nginx_port.to_string(),
