@@ -241,7 +241,8 @@ fn now_micros() -> u64 {
 
 /// Builds a store query from Jaeger's parameters (which may repeat: `tag=k:v&tag=k2:v2`).
 pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded_pairs(raw);
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|e| bad(format!("the query string is not valid: {e}")))?;
     let get = |k: &str| {
         pairs
             .iter()
@@ -317,41 +318,6 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
         }
     }
     Ok(q)
-}
-
-fn serde_urlencoded_pairs(raw: &str) -> Vec<(String, String)> {
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn find_traces(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> ApiResult {

@@ -69,32 +69,25 @@ async fn get(base: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result
     Ok(body["data"].clone())
 }
 
-pub async fn services(c: &ClientArgs) -> anyhow::Result<()> {
-    let data = get(&c.url, "/api/services", &[]).await?;
+/// Prints a JSON array of strings one per line, or as JSON with `--json`.
+fn print_list(c: &ClientArgs, data: &Value) {
     if c.json {
         println!("{data}");
-    } else {
-        for s in data.as_array().into_iter().flatten() {
-            println!("{}", s.as_str().unwrap_or_default());
-        }
+        return;
     }
+    for s in data.as_array().into_iter().flatten() {
+        println!("{}", s.as_str().unwrap_or_default());
+    }
+}
+
+pub async fn services(c: &ClientArgs) -> anyhow::Result<()> {
+    print_list(c, &get(&c.url, "/api/services", &[]).await?);
     Ok(())
 }
 
 pub async fn operations(c: &ClientArgs, service: &str) -> anyhow::Result<()> {
-    let data = get(
-        &c.url,
-        &format!("/api/services/{}/operations", urlencode(service)),
-        &[],
-    )
-    .await?;
-    if c.json {
-        println!("{data}");
-    } else {
-        for s in data.as_array().into_iter().flatten() {
-            println!("{}", s.as_str().unwrap_or_default());
-        }
-    }
+    let path = format!("/api/services/{}/operations", urlencode(service));
+    print_list(c, &get(&c.url, &path, &[]).await?);
     Ok(())
 }
 
