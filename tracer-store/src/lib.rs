@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 mod sqlite;
-pub use sqlite::SqliteStore;
+pub use sqlite::{Durability, SqliteStore, StoreOptions};
 
 pub type TraceId = [u8; 16];
 pub type SpanId = [u8; 8];
