@@ -2,6 +2,7 @@
 //! resource facts, hand them to the exporter (or stdout), and keep the counters.
 use std::{
     collections::HashMap,
+    hash::BuildHasherDefault,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -12,19 +13,19 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
     btf,
-    export::{self, ExportStats, SpanItem, SpanSender},
+    export::{self, ExportResource, ExportStats, SpanItem, SpanSender},
+    hashing::FxHasher,
     metrics,
-    pairing::{Chunk, ConnId, Exchange, Pairer, Role},
+    pairing::{Chunk, ConnId, ConnMap, Exchange, Pairer, Role},
     probes::{self, Connections, Counters, LoadOptions, Probes},
     records::{self, Record},
     resource::{self, HostFacts, ProcessCache, ProcessFacts},
     settings::{parse_service_rule, AgentArgs, RuleMatch, ServiceRule},
-    spans::{self, Endpoints},
+    spans::{self, Endpoints, HttpSpan},
 };
 
 /// Counters of the agent's own work (the probes and the exporter keep theirs).
@@ -57,11 +58,13 @@ struct ConnMeta {
     tgid: u32,
     fd: u32,
     kernel_conn_id: u64,
-    local: SocketAddr,
-    remote: SocketAddr,
+    ends: Arc<Endpoints>,
     comm: [u8; 16],
     ignored: bool,
     last_seen: u64,
+    /// The resource of this connection's spans, found on its first span (a connection keeps
+    /// its process and its role).
+    resource: Option<(Role, Arc<ExportResource>)>,
 }
 
 enum Sink {
@@ -108,9 +111,9 @@ fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 
 pub struct Pipeline {
     pairer: Pairer,
-    conns: HashMap<ConnId, ConnMeta>,
+    conns: ConnMap<ConnMeta>,
     processes: ProcessCache,
-    resources: HashMap<(u32, u64, String), Arc<Resource>>,
+    resources: HashMap<(u32, u64, String), Arc<ExportResource>>,
     host: HostFacts,
     rules: Vec<ServiceRule>,
     filters: Filters,
@@ -119,8 +122,14 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     clock_offset: i128,
     exchanges: Vec<Exchange>,
+    /// Spans for the exporter, handed over once per drain.
+    outbox: Vec<SpanItem>,
     /// Server spans waiting for their client's span on this host, by (server local, server remote).
-    pending_servers: HashMap<(SocketAddr, SocketAddr), std::collections::VecDeque<PendingServer>>,
+    pending_servers: HashMap<
+        (SocketAddr, SocketAddr),
+        std::collections::VecDeque<PendingServer>,
+        BuildHasherDefault<FxHasher>,
+    >,
 }
 
 /// A server span held until its local client's span completes (or `deadline`, monotonic ns).
@@ -187,11 +196,11 @@ impl Pipeline {
                             tgid: h.tgid,
                             fd: h.fd,
                             kernel_conn_id: h.conn_id,
-                            local,
-                            remote,
+                            ends: Arc::new(Endpoints::new(local, remote)),
                             comm: h.comm,
                             ignored,
                             last_seen: 0,
+                            resource: None,
                         })
                     }
                 };
@@ -237,50 +246,49 @@ impl Pipeline {
         if self.exchanges.is_empty() {
             return;
         }
-        let exchanges = std::mem::take(&mut self.exchanges);
-        for ex in &exchanges {
+        let mut exchanges = std::mem::take(&mut self.exchanges);
+        for ex in exchanges.drain(..) {
             self.emit(ex);
         }
         self.exchanges = exchanges;
-        self.exchanges.clear();
     }
 
-    fn emit(&mut self, ex: &Exchange) {
+    fn emit(&mut self, ex: Exchange) {
         self.stats.agent.exchanges.fetch_add(1, Relaxed);
         let Some(meta) = self.conns.get(&ex.conn) else {
             return;
         };
-        let ends = Endpoints {
-            local: meta.local,
-            remote: meta.remote,
-        };
-        let offset = self.clock_offset;
-        let span = spans::build_span(ex, &ends, |mono| (i128::from(mono) + offset).max(0) as u64);
-        let process = self.processes.get(meta.tgid, &meta.comm);
-        let local_port = (ex.role == Role::Server).then_some(meta.local.port());
-        let service = self.service_name(&process, local_port);
-        let key = (process.pid, process.start_time, service);
-        let resource = match self.resources.get(&key) {
-            Some(r) => r.clone(),
-            None => {
-                let r = Arc::new(resource::resource(&self.host, &process, &key.2));
-                self.resources.insert(key, r.clone());
-                r
+        let role = ex.role;
+        let resource = match &meta.resource {
+            Some((r, resource)) if *r == role => resource.clone(),
+            _ => {
+                let (tgid, comm, local_port) = (meta.tgid, meta.comm, meta.ends.local.port());
+                let resource = self.resource_of(tgid, &comm, role, local_port);
+                if let Some(meta) = self.conns.get_mut(&ex.conn) {
+                    meta.resource = Some((role, resource.clone()));
+                }
+                resource
             }
         };
+        let Some(meta) = self.conns.get(&ex.conn) else {
+            return;
+        };
+        let ends = meta.ends.clone();
+        let (local, remote) = (ends.local, ends.remote);
+        let offset = self.clock_offset;
+        let (start_ns, end_ns) = (ex.start_ns, ex.end_ns);
+        let span = HttpSpan::new(ex, ends, |mono| (i128::from(mono) + offset).max(0) as u64);
         self.stats.agent.spans.fetch_add(1, Relaxed);
         let item = SpanItem { resource, span };
-        let (local, remote) = (meta.local, meta.remote);
-        match ex.role {
+        match role {
             // The client of this request may run on this host: hold the span briefly so the
             // client's span, which completes after it, can become its parent.
             Role::Server if self.is_this_host(remote.ip()) => {
-                let deadline = ex.end_ns + LINK_WAIT.as_nanos() as u64;
                 let pending = PendingServer {
                     item,
-                    start_ns: ex.start_ns,
-                    end_ns: ex.end_ns,
-                    deadline,
+                    start_ns,
+                    end_ns,
+                    deadline: end_ns + LINK_WAIT.as_nanos() as u64,
                 };
                 self.pending_servers
                     .entry((local, remote))
@@ -289,14 +297,10 @@ impl Pipeline {
                 return;
             }
             Role::Client => {
-                if let Some(mut server) = self.take_server_of(remote, local, ex) {
-                    server.span.trace_id.clone_from(&item.span.trace_id);
-                    server.span.parent_span_id.clone_from(&item.span.span_id);
-                    // Say how the link was made: the same TCP connection seen from both ends.
-                    server
-                        .span
-                        .attributes
-                        .push(resource::kv_str("tracer.link", "tcp-connection"));
+                if let Some(mut server) = self.take_server_of(remote, local, start_ns, end_ns) {
+                    server.span.trace_id = item.span.trace_id;
+                    server.span.parent_span_id = Some(item.span.span_id);
+                    server.span.linked = true;
                     self.send(server);
                 }
             }
@@ -305,10 +309,44 @@ impl Pipeline {
         self.send(item);
     }
 
-    fn send(&self, item: SpanItem) {
+    /// The resource of a process's spans in `role`: looked up once per connection.
+    fn resource_of(
+        &mut self,
+        tgid: u32,
+        comm: &[u8],
+        role: Role,
+        local_port: u16,
+    ) -> Arc<ExportResource> {
+        let process = self.processes.get(tgid, comm);
+        let local_port = (role == Role::Server).then_some(local_port);
+        let service = self.service_name(&process, local_port);
+        let key = (process.pid, process.start_time, service);
+        if let Some(r) = self.resources.get(&key) {
+            return r.clone();
+        }
+        let r = Arc::new(ExportResource::new(resource::resource(
+            &self.host, &process, &key.2,
+        )));
+        self.resources.insert(key, r.clone());
+        r
+    }
+
+    fn send(&mut self, item: SpanItem) {
         match &self.sink {
-            Sink::Otlp(tx) => tx.send(item),
-            Sink::Stdout => println!("{}", stdout_line(&item.resource, &item.span)),
+            Sink::Otlp(_) => self.outbox.push(item),
+            Sink::Stdout => println!(
+                "{}",
+                stdout_line(&item.resource.proto, &item.span.to_proto())
+            ),
+        }
+    }
+
+    /// Hands the spans of this drain to the exporter in one go.
+    fn flush_outbox(&mut self) {
+        if let Sink::Otlp(tx) = &self.sink {
+            if !self.outbox.is_empty() {
+                tx.send(std::mem::replace(&mut self.outbox, Vec::with_capacity(256)));
+            }
         }
     }
 
@@ -322,14 +360,15 @@ impl Pipeline {
         &mut self,
         server_local: SocketAddr,
         server_remote: SocketAddr,
-        client: &Exchange,
+        client_start: u64,
+        client_end: u64,
     ) -> Option<SpanItem> {
         let queue = self
             .pending_servers
             .get_mut(&(server_local, server_remote))?;
         let pos = queue
             .iter()
-            .position(|p| p.start_ns >= client.start_ns && p.end_ns <= client.end_ns)?;
+            .position(|p| p.start_ns >= client_start && p.end_ns <= client_end)?;
         let found = queue.remove(pos).map(|p| p.item);
         if queue.is_empty() {
             self.pending_servers.remove(&(server_local, server_remote));
@@ -357,6 +396,7 @@ impl Pipeline {
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
         self.release_pending(now);
+        self.flush_outbox();
         self.stats
             .agent
             .parse_failures
@@ -392,7 +432,10 @@ impl Pipeline {
 }
 
 /// `--stdout`: one JSON object a line, with the service and attributes flattened for reading.
-fn stdout_line(resource: &Resource, span: &opentelemetry_proto::tonic::trace::v1::Span) -> String {
+fn stdout_line(
+    resource: &opentelemetry_proto::tonic::resource::v1::Resource,
+    span: &opentelemetry_proto::tonic::trace::v1::Span,
+) -> String {
     use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
     fn json(v: &Value) -> serde_json::Value {
         match v {
@@ -414,7 +457,7 @@ fn stdout_line(resource: &Resource, span: &opentelemetry_proto::tonic::trace::v1
             .filter_map(|kv| Some((kv.key.clone(), json(kv.value.as_ref()?.value.as_ref()?))))
             .collect()
     }
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let hex = spans::hex;
     let kind = match span.kind {
         2 => "SERVER",
         3 => "CLIENT",
@@ -440,6 +483,7 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     while let Some(item) = ring.next() {
         pipeline.handle(&item);
     }
+    pipeline.flush_outbox();
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -487,7 +531,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let mut pipeline = Pipeline {
         pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64),
-        conns: HashMap::new(),
+        conns: ConnMap::default(),
         processes: ProcessCache::default(),
         resources: HashMap::new(),
         host: HostFacts::read(),
@@ -504,7 +548,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         clock_offset: spans::monotonic_to_unix_offset(),
         exchanges: Vec::new(),
-        pending_servers: HashMap::new(),
+        outbox: Vec::new(),
+        pending_servers: HashMap::default(),
     };
 
     log::info!(
@@ -556,6 +601,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     log::info!("stopping: detaching probes and flushing spans");
     drain(ring.get_mut(), &mut pipeline);
     pipeline.release_pending(u64::MAX);
+    pipeline.flush_outbox();
     *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = counters.read();
     // Detach before flushing: nothing new comes in while we wait on the collector.
     drop(ring);

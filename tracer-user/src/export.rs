@@ -2,25 +2,28 @@
 //! that is down or slow never blocks the ring-buffer drain. Every span that cannot be delivered is
 //! counted (and logged at most once every few seconds).
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::Write as _,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc,
     },
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use flate2::{write::GzEncoder, Compression};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::InstrumentationScope,
     resource::v1::Resource,
-    trace::v1::{ResourceSpans, ScopeSpans, Span},
+    trace::v1::{ResourceSpans, ScopeSpans},
 };
 use prost::Message as _;
 use tokio::sync::mpsc;
+
+use crate::spans::HttpSpan;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -52,11 +55,25 @@ pub struct ExportConfig {
     pub shutdown_timeout: Duration,
 }
 
+/// A process's resource, encoded once: every batch with spans of the process repeats it.
+pub struct ExportResource {
+    pub proto: Resource,
+    /// `proto` as a protobuf `Resource` message body.
+    pub encoded: Vec<u8>,
+}
+
+impl ExportResource {
+    pub fn new(proto: Resource) -> Self {
+        let encoded = proto.encode_to_vec();
+        ExportResource { proto, encoded }
+    }
+}
+
 /// One span with the resource (process) it belongs to. Resources are shared: the exporter
 /// groups spans by the `Arc`'s address.
 pub struct SpanItem {
-    pub resource: Arc<Resource>,
-    pub span: Span,
+    pub resource: Arc<ExportResource>,
+    pub span: HttpSpan,
 }
 
 #[derive(Default, Debug)]
@@ -80,21 +97,47 @@ impl ExportStats {
     }
 }
 
-/// The drain side's handle: never blocks.
+/// The drain side's handle: never blocks. Spans go over in batches (one per ring-buffer
+/// drain), so the channel costs nothing per span; the queue's bound is kept in spans.
 #[derive(Clone)]
 pub struct SpanSender {
-    tx: mpsc::Sender<SpanItem>,
+    tx: mpsc::UnboundedSender<Vec<SpanItem>>,
+    queue: Arc<QueueBound>,
     stats: Arc<ExportStats>,
     limiter: Arc<LogLimiter>,
 }
 
+/// Spans handed to the exporter and not yet taken into a batch being delivered.
+struct QueueBound {
+    queued: AtomicUsize,
+    capacity: usize,
+}
+
 impl SpanSender {
-    pub fn send(&self, item: SpanItem) {
-        if self.tx.try_send(item).is_err() {
-            let n = self.stats.dropped_queue_full.fetch_add(1, Relaxed) + 1;
+    /// Queues `items`; what does not fit is dropped and counted.
+    pub fn send(&self, mut items: Vec<SpanItem>) {
+        if items.is_empty() {
+            return;
+        }
+        let queued = self.queue.queued.load(Relaxed);
+        let room = self.queue.capacity.saturating_sub(queued);
+        if items.len() > room {
+            let dropped = (items.len() - room) as u64;
+            items.truncate(room);
+            let n = self.stats.dropped_queue_full.fetch_add(dropped, Relaxed) + dropped;
             self.limiter.warn(|| {
                 format!("export queue full (collector down or slow): {n} spans dropped so far")
             });
+        }
+        if items.is_empty() {
+            return;
+        }
+        let count = items.len();
+        self.queue.queued.fetch_add(count, Relaxed);
+        if self.tx.send(items).is_err() {
+            // The exporter is gone (shutdown): nothing will deliver these.
+            self.queue.queued.fetch_sub(count, Relaxed);
+            self.stats.dropped_shutdown.fetch_add(count as u64, Relaxed);
         }
     }
 }
@@ -121,42 +164,88 @@ impl LogLimiter {
     }
 }
 
-pub fn encode(request: &ExportTraceServiceRequest, protocol: Protocol) -> anyhow::Result<Vec<u8>> {
-    Ok(match protocol {
-        Protocol::HttpProtobuf => request.encode_to_vec(),
-        Protocol::HttpJson => serde_json::to_vec(request)?,
-    })
+/// The instrumentation scope every span of the agent is reported under.
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "tracer".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
 }
 
-/// Groups spans by resource into one OTLP request.
-pub fn build_request(items: Vec<SpanItem>) -> ExportTraceServiceRequest {
-    let mut groups: Vec<(Arc<Resource>, Vec<Span>)> = Vec::new();
-    let mut index: HashMap<*const Resource, usize> = HashMap::new();
+/// Groups spans by resource, in order of first appearance.
+fn groups(items: &[SpanItem]) -> Vec<(&ExportResource, Vec<&HttpSpan>)> {
+    let mut groups: Vec<(&ExportResource, Vec<&HttpSpan>)> = Vec::new();
+    let mut index: HashMap<*const ExportResource, usize> = HashMap::new();
     for item in items {
-        let key = Arc::as_ptr(&item.resource);
-        let i = *index.entry(key).or_insert_with(|| {
-            groups.push((item.resource.clone(), Vec::new()));
+        let i = *index.entry(Arc::as_ptr(&item.resource)).or_insert_with(|| {
+            groups.push((&item.resource, Vec::new()));
             groups.len() - 1
         });
-        groups[i].1.push(item.span);
+        groups[i].1.push(&item.span);
     }
+    groups
+}
+
+/// The spans as one OTLP request of `prost` structs (for OTLP/JSON).
+pub fn build_request(items: &[SpanItem]) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
-        resource_spans: groups
+        resource_spans: groups(items)
             .into_iter()
             .map(|(resource, spans)| ResourceSpans {
-                resource: Some((*resource).clone()),
+                resource: Some(resource.proto.clone()),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "tracer".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans,
+                    scope: Some(scope()),
+                    spans: spans.into_iter().map(HttpSpan::to_proto).collect(),
                     schema_url: String::new(),
                 }],
                 schema_url: String::new(),
             })
             .collect(),
+    }
+}
+
+/// Reusable buffers for encoding requests.
+#[derive(Default)]
+pub struct Encoder {
+    scope: Vec<u8>,
+    span: Vec<u8>,
+    spans: Vec<u8>,
+    name: String,
+}
+
+impl Encoder {
+    /// The spans as one protobuf `ExportTraceServiceRequest`, written directly (see `wire.rs`);
+    /// the same message `build_request` describes.
+    pub fn protobuf(&mut self, items: &[SpanItem]) -> Vec<u8> {
+        use crate::wire::*;
+        if self.scope.is_empty() {
+            self.scope = scope().encode_to_vec();
+        }
+        let mut out = Vec::with_capacity(items.len() * 450 + 1024);
+        for (resource, spans) in groups(items) {
+            // ScopeSpans: the scope, then each span as a length-delimited field.
+            self.spans.clear();
+            bytes_field(&mut self.spans, scope_spans::SCOPE, &self.scope);
+            for span in spans {
+                self.span.clear();
+                span.encode(&mut self.span, &mut self.name);
+                bytes_field(&mut self.spans, scope_spans::SPANS, &self.span);
+            }
+            let resource_spans = field_len(resource.encoded.len()) + field_len(self.spans.len());
+            tag(&mut out, request::RESOURCE_SPANS, LEN);
+            varint(&mut out, resource_spans as u64);
+            bytes_field(&mut out, resource_spans::RESOURCE, &resource.encoded);
+            bytes_field(&mut out, resource_spans::SCOPE_SPANS, &self.spans);
+        }
+        out
+    }
+
+    pub fn encode(&mut self, items: &[SpanItem], protocol: Protocol) -> anyhow::Result<Vec<u8>> {
+        Ok(match protocol {
+            Protocol::HttpProtobuf => self.protobuf(items),
+            Protocol::HttpJson => serde_json::to_vec(&build_request(items))?,
+        })
     }
 }
 
@@ -173,10 +262,11 @@ struct Exporter {
     client: reqwest::Client,
     stats: Arc<ExportStats>,
     limiter: Arc<LogLimiter>,
+    encoder: Encoder,
 }
 
 impl Exporter {
-    async fn post(&self, body: Vec<u8>) -> Outcome {
+    async fn post(&self, body: Bytes) -> Outcome {
         let content_type = match self.config.protocol {
             Protocol::HttpProtobuf => "application/x-protobuf",
             Protocol::HttpJson => "application/json",
@@ -215,12 +305,17 @@ impl Exporter {
     }
 
     /// Delivers one batch, retrying with exponential backoff until it succeeds, is rejected, or
-    /// `deadline` passes (shutdown).
-    async fn deliver(&self, items: Vec<SpanItem>, deadline: Option<Instant>) {
+    /// `deadline` passes. Shutdown sets a deadline: given one, or from the moment
+    /// `shutting_down` says so (a collector that is down must not keep the agent from exiting).
+    async fn deliver(
+        &mut self,
+        items: &[SpanItem],
+        mut deadline: Option<Instant>,
+        shutting_down: &(dyn Fn() -> bool + Sync),
+    ) {
         let count = items.len() as u64;
-        let request = build_request(items);
-        let body = match self.body(&request) {
-            Ok(b) => b,
+        let body = match self.body(items) {
+            Ok(b) => Bytes::from(b),
             Err(e) => {
                 log::error!("encoding a batch failed: {e:#}");
                 self.stats.dropped_rejected.fetch_add(count, Relaxed);
@@ -247,18 +342,29 @@ impl Exporter {
                     });
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() + backoff > d) {
-                self.stats.dropped_shutdown.fetch_add(count, Relaxed);
-                log::error!("collector unreachable at shutdown: {count} spans dropped");
-                return;
+            let retry_at = Instant::now() + backoff;
+            // Wait out the backoff in short steps, so that a shutdown is noticed.
+            loop {
+                if deadline.is_none() && shutting_down() {
+                    deadline = Some(Instant::now() + self.config.shutdown_timeout);
+                }
+                if deadline.is_some_and(|d| retry_at > d) {
+                    self.stats.dropped_shutdown.fetch_add(count, Relaxed);
+                    log::error!("collector unreachable at shutdown: {count} spans dropped");
+                    return;
+                }
+                let now = Instant::now();
+                if now >= retry_at {
+                    break;
+                }
+                tokio::time::sleep((retry_at - now).min(Duration::from_millis(200))).await;
             }
-            tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    fn body(&self, request: &ExportTraceServiceRequest) -> anyhow::Result<Vec<u8>> {
-        let raw = encode(request, self.config.protocol)?;
+    fn body(&mut self, items: &[SpanItem]) -> anyhow::Result<Vec<u8>> {
+        let raw = self.encoder.encode(items, self.config.protocol)?;
         if !self.config.gzip {
             return Ok(raw);
         }
@@ -285,26 +391,36 @@ pub fn spawn(
         builder = builder.add_root_certificate(cert);
     }
     let client = builder.build().context("building the HTTP client")?;
-    let (tx, mut rx) = mpsc::channel::<SpanItem>(config.queue_capacity.max(1));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<SpanItem>>();
+    let queue = Arc::new(QueueBound {
+        queued: AtomicUsize::new(0),
+        capacity: config.queue_capacity.max(1),
+    });
     let limiter = Arc::new(LogLimiter::new(Duration::from_secs(10)));
-    let exporter = Exporter {
+    let mut exporter = Exporter {
         config,
         client,
         stats: stats.clone(),
         limiter: limiter.clone(),
+        encoder: Encoder::default(),
     };
+    let bound = queue.clone();
     let handle = tokio::spawn(async move {
         let batch_size = exporter.config.batch_size.max(1);
-        loop {
-            let mut batch = Vec::with_capacity(batch_size);
-            let first = rx.recv().await;
-            let Some(first) = first else { break };
-            batch.push(first);
+        // Spans received and not yet in a batch: a drain's worth may exceed a batch.
+        let mut waiting: VecDeque<SpanItem> = VecDeque::new();
+        let mut closed = false;
+        while !closed {
+            if waiting.is_empty() {
+                match rx.recv().await {
+                    Some(items) => waiting.extend(items),
+                    None => break,
+                }
+            }
             let flush_at = tokio::time::Instant::now() + exporter.config.batch_timeout;
-            let mut closed = false;
-            while batch.len() < batch_size {
+            while waiting.len() < batch_size {
                 match tokio::time::timeout_at(flush_at, rx.recv()).await {
-                    Ok(Some(item)) => batch.push(item),
+                    Ok(Some(items)) => waiting.extend(items),
                     Ok(None) => {
                         closed = true;
                         break;
@@ -313,32 +429,41 @@ pub fn spawn(
                 }
             }
             let deadline = closed.then(|| Instant::now() + exporter.config.shutdown_timeout);
-            exporter.deliver(batch, deadline).await;
-            if closed {
-                break;
+            // Full batches, or what the timeout found; a partial rest waits for more.
+            loop {
+                let n = waiting.len().min(batch_size);
+                if n == 0 {
+                    break;
+                }
+                let batch: Vec<SpanItem> = waiting.drain(..n).collect();
+                bound.queued.fetch_sub(batch.len(), Relaxed);
+                exporter.deliver(&batch, deadline, &|| rx.is_closed()).await;
+                if waiting.len() < batch_size {
+                    break;
+                }
             }
         }
         // Shutdown: whatever is still queued gets one bounded chance.
         let deadline = Instant::now() + exporter.config.shutdown_timeout;
-        let mut rest = Vec::new();
-        while let Ok(item) = rx.try_recv() {
-            rest.push(item);
+        while let Ok(items) = rx.try_recv() {
+            waiting.extend(items);
         }
-        for chunk in chunked(rest, batch_size) {
-            exporter.deliver(chunk, Some(deadline)).await;
+        while !waiting.is_empty() {
+            let n = waiting.len().min(batch_size);
+            let batch: Vec<SpanItem> = waiting.drain(..n).collect();
+            bound.queued.fetch_sub(batch.len(), Relaxed);
+            exporter.deliver(&batch, Some(deadline), &|| true).await;
         }
     });
-    Ok((SpanSender { tx, stats, limiter }, handle))
-}
-
-fn chunked(mut items: Vec<SpanItem>, size: usize) -> Vec<Vec<SpanItem>> {
-    let mut out = Vec::new();
-    while !items.is_empty() {
-        let rest = items.split_off(items.len().min(size));
-        out.push(items);
-        items = rest;
-    }
-    out
+    Ok((
+        SpanSender {
+            tx,
+            queue,
+            stats,
+            limiter,
+        },
+        handle,
+    ))
 }
 
 /// Parses `OTEL_EXPORTER_OTLP_HEADERS`-style `k1=v1,k2=v2` (values may be percent-encoded).
@@ -400,40 +525,61 @@ mod tests {
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
     }
 
+    fn item(resource: &Arc<ExportResource>, path: &str) -> SpanItem {
+        use crate::pairing::{Exchange, Role};
+        let exchange = Exchange {
+            conn: 1,
+            role: Role::Server,
+            method: "GET".into(),
+            path: path.into(),
+            host: None,
+            user_agent: None,
+            status: Some(200),
+            start_ns: 1,
+            end_ns: 2,
+            request_bytes: 3,
+            response_bytes: 4,
+        };
+        let ends = Arc::new(crate::spans::Endpoints::new(
+            "127.0.0.1:80".parse().unwrap(),
+            "127.0.0.1:5000".parse().unwrap(),
+        ));
+        SpanItem {
+            resource: resource.clone(),
+            span: HttpSpan::new(exchange, ends, |t| t),
+        }
+    }
+
+    fn resource(service: &str) -> Arc<ExportResource> {
+        Arc::new(ExportResource::new(Resource {
+            attributes: vec![crate::resource::kv_str("service.name", service)],
+            ..Default::default()
+        }))
+    }
+
     #[test]
     fn spans_are_grouped_by_resource() {
-        let a = Arc::new(Resource::default());
-        let b = Arc::new(Resource::default());
-        let items = vec![
-            SpanItem {
-                resource: a.clone(),
-                span: Span {
-                    name: "1".into(),
-                    ..Default::default()
-                },
-            },
-            SpanItem {
-                resource: b.clone(),
-                span: Span {
-                    name: "2".into(),
-                    ..Default::default()
-                },
-            },
-            SpanItem {
-                resource: a.clone(),
-                span: Span {
-                    name: "3".into(),
-                    ..Default::default()
-                },
-            },
-        ];
-        let req = build_request(items);
+        let (a, b) = (resource("a"), resource("b"));
+        let items = vec![item(&a, "/one"), item(&b, "/two"), item(&a, "/three")];
+        let req = build_request(&items);
         assert_eq!(req.resource_spans.len(), 2);
         let names: Vec<_> = req.resource_spans[0].scope_spans[0]
             .spans
             .iter()
             .map(|s| s.name.as_str())
             .collect();
-        assert_eq!(names, ["1", "3"]);
+        assert_eq!(names, ["GET /one", "GET /three"]);
+    }
+
+    #[test]
+    fn direct_protobuf_is_the_request_prost_would_send() {
+        let (a, b) = (resource("a"), resource("b"));
+        let items = vec![item(&a, "/1"), item(&b, "/2"), item(&a, "/3/4")];
+        let mut encoder = Encoder::default();
+        for _ in 0..2 {
+            let body = encoder.protobuf(&items);
+            let decoded = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+            assert_eq!(decoded, build_request(&items));
+        }
     }
 }

@@ -340,63 +340,41 @@ impl<'a> Fields<'a> {
 }
 
 /// Parses the header lines from `at` up to and including the empty line.
+///
+/// One pass over the bytes, each looked up once: this runs for every head the agent sees, and
+/// a search for the line end followed by separate validation passes was a tenth of its time.
 fn headers(buf: &[u8], mut at: usize) -> Step<(Fields<'_>, usize)> {
     let mut fields = Fields::default();
     let mut count = 0;
     loop {
         let rest = buf.get(at..).unwrap_or_default();
-        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-            return Err(partial_line(rest, count));
-        };
-        let line = &rest[..nl];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        at += nl + 1;
-        if line.is_empty() {
-            return Ok((fields, at));
+        let name_len = rest
+            .iter()
+            .position(|&b| !is_tchar(b))
+            .unwrap_or(rest.len());
+        if name_len == 0 {
+            // Not a name: the empty line that ends the head, or garbage (a folded line, a
+            // colon without a name).
+            return line_end(buf, at).map(|end| (fields, end));
         }
         count += 1;
         if count > MAX_HEADERS {
             return Err(Stop::Invalid);
         }
-        // A missing colon, whitespace before it or a folded line (obsolete, RFC 9112 5.2) all
-        // fail the token check.
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return Err(Stop::Invalid);
+        match rest.get(name_len) {
+            None => return Err(Stop::Partial),
+            Some(b':') => {}
+            // Whitespace before the colon, or a line without one.
+            Some(_) => return Err(Stop::Invalid),
+        }
+        let value_start = name_len + 1;
+        let Some(value_len) = rest[value_start..].iter().position(|&b| !is_value_byte(b)) else {
+            return Err(Stop::Partial);
         };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
-        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-            return Err(Stop::Invalid);
-        }
-        if !value.iter().all(|&b| is_value_byte(b)) {
-            return Err(Stop::Invalid);
-        }
-        fields.apply(name, trim(value))?;
-    }
-}
-
-/// Judges a header line that has not ended yet, so that garbage is rejected without waiting
-/// for a line feed that may never come.
-fn partial_line(rest: &[u8], complete_lines: usize) -> Stop {
-    // A trailing CR may be the first half of the CRLF ending the line.
-    let line = rest.strip_suffix(b"\r").unwrap_or(rest);
-    if line.is_empty() {
-        return Stop::Partial;
-    }
-    if complete_lines >= MAX_HEADERS {
-        return Stop::Invalid;
-    }
-    let plausible = match line.iter().position(|&b| b == b':') {
-        None => line.iter().all(|&b| is_tchar(b)),
-        Some(colon) => {
-            colon > 0
-                && line[..colon].iter().all(|&b| is_tchar(b))
-                && line[colon + 1..].iter().all(|&b| is_value_byte(b))
-        }
-    };
-    if plausible {
-        Stop::Partial
-    } else {
-        Stop::Invalid
+        let value_end = value_start + value_len;
+        let next = line_end(rest, value_end)?;
+        fields.apply(&rest[..name_len], trim(&rest[value_start..value_end]))?;
+        at += next;
     }
 }
 
@@ -470,9 +448,46 @@ fn trim(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// Byte classes as tables: these run once per byte of every head.
+macro_rules! byte_table {
+    (|$b:ident| $test:expr) => {{
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let $b = i as u8;
+            t[i] = $test;
+            i += 1;
+        }
+        t
+    }};
+}
+
 /// RFC 9110 5.6.2 token characters.
+const TCHAR: [bool; 256] = byte_table!(|b| b.is_ascii_alphanumeric()
+    || matches!(
+        b,
+        b'!' | b'#'
+            | b'$'
+            | b'%'
+            | b'&'
+            | b'\''
+            | b'*'
+            | b'+'
+            | b'-'
+            | b'.'
+            | b'^'
+            | b'_'
+            | b'`'
+            | b'|'
+            | b'~'
+    ));
+
+/// Field value and reason phrase characters: visible, space, tab and obs-text (bytes >= 0x80
+/// are let through because real clients send raw UTF-8).
+const VALUE_BYTE: [bool; 256] = byte_table!(|b| b == b'\t' || (b >= b' ' && b != 0x7f));
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
 
 /// Visible characters; bytes >= 0x80 are let through because real clients send raw UTF-8.
@@ -480,9 +495,8 @@ fn is_target_byte(b: u8) -> bool {
     b > b' ' && b != 0x7f
 }
 
-/// Field value and reason phrase characters: visible, space, tab and obs-text.
 fn is_value_byte(b: u8) -> bool {
-    b == b'\t' || (b >= b' ' && b != 0x7f)
+    VALUE_BYTE[usize::from(b)]
 }
 
 #[cfg(test)]

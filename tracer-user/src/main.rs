@@ -3,6 +3,7 @@ mod agent;
 mod btf;
 mod client;
 mod export;
+mod hashing;
 mod http;
 mod metrics;
 mod pairing;
@@ -11,6 +12,7 @@ mod records;
 mod resource;
 mod settings;
 mod spans;
+mod wire;
 
 use clap::{Parser, Subcommand};
 

@@ -110,6 +110,66 @@ fn export_survives_a_collector_that_is_down_for_a_while() {
     agent.stop();
 }
 
+/// A collector that never comes up does not keep the agent from stopping: what it holds is
+/// given up after the shutdown timeout, and counted.
+#[test]
+fn shutdown_with_the_collector_down_is_bounded_and_counted() {
+    require_root();
+    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
+    let _nginx = start_nginx(nginx_port, free_port());
+    let nginx_s = nginx_port.to_string();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut agent = Agent::start(&[
+        "--endpoint",
+        &format!("http://127.0.0.1:{otlp_port}"),
+        "--port",
+        &nginx_s,
+        "--exe",
+        "nginx",
+        "--batch-timeout-ms",
+        "50",
+        "--metrics-addr",
+        &metrics,
+    ]);
+    let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            request(&mut conn, "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").status,
+            200
+        );
+    }
+    wait_for("export attempts to fail", Duration::from_secs(10), || {
+        agent
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("cannot reach the collector")
+    });
+    // Let the retries back off to their longest wait before asking the agent to stop.
+    std::thread::sleep(Duration::from_secs(4));
+    let stopped = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.proc.0.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = agent.proc.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "the agent is still running 15 s after SIGTERM with the collector down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = agent.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("collector unreachable at shutdown: 10 spans dropped"),
+        "the loss is reported:\n{log}"
+    );
+    assert!(log.contains("shutdown=10"), "and counted:\n{log}");
+}
+
 /// Past the queue bound, spans are dropped, and every one is counted.
 #[test]
 fn spans_beyond_the_export_queue_are_counted_as_dropped() {
