@@ -115,6 +115,8 @@ pub struct Pipeline {
     processes: ProcessCache,
     resources: HashMap<(u32, u64, String), Arc<ExportResource>>,
     host: HostFacts,
+    /// `host.ips`, parsed: compared with the peer of every server span.
+    host_ips: Vec<std::net::IpAddr>,
     rules: Vec<ServiceRule>,
     filters: Filters,
     sink: Sink,
@@ -351,7 +353,7 @@ impl Pipeline {
     }
 
     fn is_this_host(&self, ip: std::net::IpAddr) -> bool {
-        ip.is_loopback() || self.host.ips.iter().any(|h| h.parse() == Ok(ip))
+        ip.is_loopback() || self.host_ips.contains(&ip)
     }
 
     /// The held server span on the other end of this client's connection whose request falls
@@ -369,11 +371,9 @@ impl Pipeline {
         let pos = queue
             .iter()
             .position(|p| p.start_ns >= client_start && p.end_ns <= client_end)?;
-        let found = queue.remove(pos).map(|p| p.item);
-        if queue.is_empty() {
-            self.pending_servers.remove(&(server_local, server_remote));
-        }
-        found
+        // An emptied queue stays (housekeeping drops it): the connection's next request would
+        // allocate it again.
+        queue.remove(pos).map(|p| p.item)
     }
 
     /// Sends held server spans whose client never showed up (it is not traced, or not local).
@@ -383,7 +383,8 @@ impl Pipeline {
             while queue.front().is_some_and(|p| p.deadline <= now) {
                 due.extend(queue.pop_front().map(|p| p.item));
             }
-            !queue.is_empty()
+            // Everything goes at shutdown; otherwise empty queues wait for housekeeping.
+            now != u64::MAX || !queue.is_empty()
         });
         for item in due {
             self.send(item);
@@ -424,6 +425,7 @@ impl Pipeline {
             keep
         });
         self.processes.prune();
+        self.pending_servers.retain(|_, queue| !queue.is_empty());
         self.resources.retain(|(pid, start, _), _| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok() && *start > 0
         });
@@ -534,6 +536,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         conns: ConnMap::default(),
         processes: ProcessCache::default(),
         resources: HashMap::new(),
+        host_ips: Vec::new(),
         host: HostFacts::read(),
         rules,
         filters: Filters {
@@ -552,6 +555,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pending_servers: HashMap::default(),
     };
 
+    pipeline.host_ips = pipeline
+        .host
+        .ips
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
     log::info!(
         "tracing TCP/HTTP on {} (kernel {}): {} probes attached; {}",
         pipeline.host.name,
