@@ -498,6 +498,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let export_config = args.export_config()?;
     let metrics_addr = args.metrics_addr()?;
 
+    // The agent's memory is many small short-lived allocations: transparent huge pages would
+    // make each touched 2 MiB of heap resident (measured: +32 MiB of RSS, no speed-up).
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     probes::preflight()?;
     let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
     let mut probes = Probes::load(
