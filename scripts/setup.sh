@@ -17,8 +17,9 @@ fi
 # nginx, curl, wrk: real peers for the integration tests and the benchmark.
 # python3-venv: the OpenTelemetry SDK tests run in a venv.
 # chromium: the UI test drives Debian's browser headless (no browser downloads work here).
+# bpftool: the benchmark reads the probes' run-time statistics with it.
 APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
-          nginx-light curl wrk python3-venv sqlite3 chromium openssl)
+          nginx-light curl wrk python3-venv sqlite3 chromium openssl bpftool)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,18 +6,20 @@ use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{any_value::Value, AnyValue, KeyValue as OtlpKeyValue},
 };
+use std::sync::Arc;
+
 use tracer_store::{AttrValue, KeyValue, SpanEvent, SpanLink, SpanRecord};
 
 /// `service.name` for resources that have none (what the OTel SDKs use).
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
 
-fn attr_value(v: &AnyValue) -> AttrValue {
-    match &v.value {
-        Some(Value::StringValue(s)) => AttrValue::Str(s.clone()),
-        Some(Value::IntValue(i)) => AttrValue::Int(*i),
-        Some(Value::DoubleValue(d)) => AttrValue::Float(*d),
-        Some(Value::BoolValue(b)) => AttrValue::Bool(*b),
-        Some(other) => AttrValue::Json(json_value(other).to_string()),
+fn attr_value(v: AnyValue) -> AttrValue {
+    match v.value {
+        Some(Value::StringValue(s)) => AttrValue::Str(s),
+        Some(Value::IntValue(i)) => AttrValue::Int(i),
+        Some(Value::DoubleValue(d)) => AttrValue::Float(d),
+        Some(Value::BoolValue(b)) => AttrValue::Bool(b),
+        Some(other) => AttrValue::Json(json_value(&other).to_string()),
         None => AttrValue::Str(String::new()),
     }
 }
@@ -51,14 +53,12 @@ fn json_value(v: &Value) -> serde_json::Value {
     }
 }
 
-fn attributes(kvs: &[OtlpKeyValue]) -> Vec<KeyValue> {
-    kvs.iter()
+/// Moves the attributes out of the decoded request: no string is copied.
+fn attributes(kvs: Vec<OtlpKeyValue>) -> Vec<KeyValue> {
+    kvs.into_iter()
         .map(|kv| KeyValue {
-            key: kv.key.clone(),
-            value: kv
-                .value
-                .as_ref()
-                .map_or(AttrValue::Str(String::new()), attr_value),
+            key: kv.key,
+            value: kv.value.map_or(AttrValue::Str(String::new()), attr_value),
         })
         .collect()
 }
@@ -78,29 +78,28 @@ fn fixed<const N: usize>(bytes: &[u8], what: &str, span: usize) -> Result<[u8; N
     Ok(id)
 }
 
-/// Converts a whole export request. `Err` says what is wrong with the first bad span.
-pub fn spans_from_request(req: &ExportTraceServiceRequest) -> Result<Vec<SpanRecord>, String> {
+/// Converts a whole export request, taking its strings rather than copying them. `Err` says
+/// what is wrong with the first bad span.
+pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanRecord>, String> {
     let mut out = Vec::new();
     let mut n = 0usize;
-    for rs in &req.resource_spans {
-        let resource = rs
-            .resource
-            .as_ref()
-            .map(|r| attributes(&r.attributes))
-            .unwrap_or_default();
+    for rs in req.resource_spans {
+        // One resource per ResourceSpans, shared by its spans.
+        let resource = Arc::new(
+            rs.resource
+                .map(|r| attributes(r.attributes))
+                .unwrap_or_default(),
+        );
         let service = resource
             .iter()
             .find(|kv| kv.key == "service.name")
             .map(|kv| kv.value.as_text())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
-        for ss in &rs.scope_spans {
-            let (scope_name, scope_version) = ss
-                .scope
-                .as_ref()
-                .map(|s| (s.name.clone(), s.version.clone()))
-                .unwrap_or_default();
-            for s in &ss.spans {
+        for ss in rs.scope_spans {
+            let (scope_name, scope_version) =
+                ss.scope.map(|s| (s.name, s.version)).unwrap_or_default();
+            for s in ss.spans {
                 n += 1;
                 let trace_id = fixed::<16>(&s.trace_id, "trace_id", n)?;
                 let span_id = fixed::<8>(&s.span_id, "span_id", n)?;
@@ -112,37 +111,39 @@ pub fn spans_from_request(req: &ExportTraceServiceRequest) -> Result<Vec<SpanRec
                 if s.end_time_unix_nano < s.start_time_unix_nano {
                     return Err(format!("span #{n} ({}): ends before it starts", s.name));
                 }
-                let status = s.status.as_ref();
+                let (status_code, status_message) = s
+                    .status
+                    .map_or((0, String::new()), |st| (st.code, st.message));
                 out.push(SpanRecord {
                     trace_id,
                     span_id,
                     parent_span_id,
                     service: service.clone(),
-                    operation: s.name.clone(),
+                    operation: s.name,
                     kind: s.kind,
                     start_unix_nano: s.start_time_unix_nano,
                     duration_nano: s.end_time_unix_nano - s.start_time_unix_nano,
-                    status_code: status.map_or(0, |st| st.code),
-                    status_message: status.map(|st| st.message.clone()).unwrap_or_default(),
-                    attributes: attributes(&s.attributes),
+                    status_code,
+                    status_message,
+                    attributes: attributes(s.attributes),
                     resource: resource.clone(),
                     events: s
                         .events
-                        .iter()
+                        .into_iter()
                         .map(|e| SpanEvent {
                             time_unix_nano: e.time_unix_nano,
-                            name: e.name.clone(),
-                            attributes: attributes(&e.attributes),
+                            name: e.name,
+                            attributes: attributes(e.attributes),
                         })
                         .collect(),
                     links: s
                         .links
-                        .iter()
+                        .into_iter()
                         .filter_map(|l| {
                             Some(SpanLink {
                                 trace_id: l.trace_id.as_slice().try_into().ok()?,
                                 span_id: l.span_id.as_slice().try_into().ok()?,
-                                attributes: attributes(&l.attributes),
+                                attributes: attributes(l.attributes),
                             })
                         })
                         .collect(),
@@ -184,7 +185,7 @@ mod tests {
             name: "x".into(),
             ..Default::default()
         };
-        let out = spans_from_request(&request(span)).unwrap();
+        let out = spans_from_request(request(span)).unwrap();
         assert_eq!(out[0].service, UNKNOWN_SERVICE);
         assert_eq!(out[0].parent_span_id, None);
     }
@@ -196,7 +197,7 @@ mod tests {
             span_id: vec![2; 8],
             ..Default::default()
         };
-        assert!(spans_from_request(&request(bad))
+        assert!(spans_from_request(request(bad))
             .unwrap_err()
             .contains("trace_id must be 16 bytes"));
         let zero = Span {
@@ -204,7 +205,7 @@ mod tests {
             span_id: vec![2; 8],
             ..Default::default()
         };
-        assert!(spans_from_request(&request(zero))
+        assert!(spans_from_request(request(zero))
             .unwrap_err()
             .contains("all zeros"));
         let back = Span {
@@ -214,7 +215,7 @@ mod tests {
             end_time_unix_nano: 5,
             ..Default::default()
         };
-        assert!(spans_from_request(&request(back))
+        assert!(spans_from_request(request(back))
             .unwrap_err()
             .contains("ends before it starts"));
     }

@@ -64,7 +64,7 @@ impl Ingest {
 
     /// Converts and stores; the error is (HTTP status, message).
     async fn accept(&self, req: ExportTraceServiceRequest) -> Result<(), (StatusCode, String)> {
-        let spans = convert::spans_from_request(&req).map_err(|e| {
+        let spans = convert::spans_from_request(req).map_err(|e| {
             self.stats.rejected_malformed.fetch_add(1, Relaxed);
             (
                 StatusCode::BAD_REQUEST,

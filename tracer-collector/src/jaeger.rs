@@ -80,7 +80,7 @@ pub fn trace_json(spans: &[SpanRecord]) -> Value {
     for s in spans {
         let idx = processes
             .iter()
-            .position(|(svc, res)| *svc == s.service && *res == &s.resource)
+            .position(|(svc, res)| *svc == s.service && **res == *s.resource)
             .unwrap_or_else(|| {
                 processes.push((&s.service, &s.resource));
                 processes.len() - 1

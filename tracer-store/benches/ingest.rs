@@ -63,11 +63,12 @@ const PROCESSES: u64 = 20;
 const SPAN_GAP_NS: u64 = 100_000;
 const T0: u64 = 1_795_000_000_000_000_000;
 
-/// 14 resource attributes per process, two processes per service.
-fn resources() -> Vec<Vec<KeyValue>> {
+/// 14 resource attributes per process, two processes per service; one resource per process,
+/// shared by its spans as ingest shares them.
+fn resources() -> Vec<Arc<Vec<KeyValue>>> {
     (0..PROCESSES)
         .map(|p| {
-            vec![
+            Arc::new(vec![
                 s("service.name", &format!("svc-{}", p % SERVICES)),
                 i("process.pid", 1000 + p as i64),
                 s("process.executable.name", "nginx"),
@@ -82,7 +83,7 @@ fn resources() -> Vec<Vec<KeyValue>> {
                 i("host.cpu.count", 2),
                 i("host.memory.total", 25_276_063_744),
                 s("host.ip", "[\"192.0.2.2\"]"),
-            ]
+            ])
         })
         .collect()
 }
@@ -90,7 +91,7 @@ fn resources() -> Vec<Vec<KeyValue>> {
 /// HTTP server spans as the agent makes them, 17 attributes each; traces of 1 to 4 spans, the
 /// children in other services (so the service map has edges). Span `k` of the whole sequence
 /// starts at `T0 + k * SPAN_GAP_NS`.
-fn spans(first: u64, n: usize, rng: &mut Rng, resources: &[Vec<KeyValue>]) -> Vec<SpanRecord> {
+fn spans(first: u64, n: usize, rng: &mut Rng, resources: &[Arc<Vec<KeyValue>>]) -> Vec<SpanRecord> {
     let mut out = Vec::with_capacity(n);
     let mut k = first;
     while out.len() < n {

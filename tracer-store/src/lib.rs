@@ -2,6 +2,8 @@
 //!
 //! Ingest and query talk only to [`SpanStore`]; the embedded SQLite store is the default
 //! implementation, and a scale-out backend can be added beside it without touching either side.
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 mod sqlite;
@@ -87,8 +89,9 @@ pub struct SpanRecord {
     pub status_code: i32,
     pub status_message: String,
     pub attributes: Vec<KeyValue>,
-    /// Resource attributes (host and process facts); many spans share one resource.
-    pub resource: Vec<KeyValue>,
+    /// Resource attributes (host and process facts); many spans share one resource, so they
+    /// share it by reference too (ingest converts each resource once per request).
+    pub resource: Arc<Vec<KeyValue>>,
     pub events: Vec<SpanEvent>,
     pub links: Vec<SpanLink>,
     pub scope_name: String,

@@ -917,7 +917,7 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> E
     let mut resource_blob = Vec::new();
     let mut resource_tags = Vec::new();
     // Spans of one batch mostly share a resource: compare with the last one before encoding.
-    let mut last_resource: Option<(&[KeyValue], i64)> = None;
+    let mut last_resource: Option<(&Arc<Vec<KeyValue>>, i64)> = None;
     let mut last_service: Option<(&str, i64)> = None;
     for s in spans {
         let service_id = match last_service {
@@ -941,7 +941,9 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> E
                 }
             });
         let resource_id = match last_resource {
-            Some((attrs, id)) if attrs == s.resource.as_slice() => Some(id),
+            Some((attrs, id)) if Arc::ptr_eq(attrs, &s.resource) || **attrs == *s.resource => {
+                Some(id)
+            }
             _ => {
                 last_resource = None;
                 resource_blob.clear();

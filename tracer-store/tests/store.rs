@@ -76,7 +76,7 @@ fn span(
             text("http.request.method", "GET"),
             kv("http.response.status_code", AttrValue::Int(200)),
         ],
-        resource: vec![text("service.name", service), text("host.name", "h1")],
+        resource: vec![text("service.name", service), text("host.name", "h1")].into(),
         events: vec![],
         links: vec![],
         scope_name: "scope".into(),
@@ -103,7 +103,7 @@ fn every_field_round_trips_and_traces_assemble_across_writes() {
         text("empty", ""),
         text(&"long.key.".repeat(20), &"v".repeat(5000)),
     ]);
-    root.resource.push(kv("host.cpu.count", AttrValue::Int(2)));
+    Arc::make_mut(&mut root.resource).push(kv("host.cpu.count", AttrValue::Int(2)));
     root.events = vec![
         SpanEvent {
             time_unix_nano: t0 + 5,
@@ -205,10 +205,10 @@ fn searches_filter_by_service_operation_tags_duration_and_window() {
         if i == 8 {
             s.attributes[0] = text("http.request.method", "DELETE");
             s.kind = kind::CLIENT;
-            s.resource.push(text("db.system", "postgresql"));
+            Arc::make_mut(&mut s.resource).push(text("db.system", "postgresql"));
         }
         if i == 9 {
-            s.resource[1] = text("host.name", "h2");
+            Arc::make_mut(&mut s.resource)[1] = text("host.name", "h2");
         }
         batch.push(s);
     }

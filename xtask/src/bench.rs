@@ -12,8 +12,13 @@
 //!    drops (ring buffer, in-flight and connection tables), export drops, spans built and spans
 //!    the collector acknowledged. After each traced run the bench waits until the agent has
 //!    exported or counted as dropped every span it built, so the counts add up.
-//! 2. **Kernel micro-benchmark**: a 1-byte loopback ping-pong with the probes detached, then
-//!    attached; the difference is the cost per traced syscall, in nanoseconds.
+//! 2. **Kernel micro-benchmark**: a loopback ping-pong inside the bench process, both threads
+//!    pinned to one CPU, with the probes detached, then attached (the agent on CPU 0 tracing
+//!    this process, spans to /dev/null). HTTP-shaped messages give the cost per traced syscall;
+//!    single bytes (a connection the agent mutes as not HTTP) the cost on an ignored
+//!    connection. The time inside the probe programs is read from the kernel's BPF run-time
+//!    statistics (`kernel.bpf_stats_enabled`, `bpftool prog show`); the rest of the difference
+//!    is the syscall tracepoint machinery around them.
 //! 3. **Collector ingest rate**: a fresh collector (empty data dir) fed OTLP/HTTP protobuf
 //!    `ExportTraceServiceRequest`s of 512 realistic HTTP server spans (17 attributes per span, as
 //!    the agent sends them; 4 resources of 13 attributes) by a few client threads for
@@ -456,7 +461,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     drop(nginx);
     drop(collector);
 
-    let syscall_ns = kernel_cost(bin)?;
+    let syscall = kernel_cost(bin)?;
     let ingest = collector_ingest(bin, work, args.seconds)?;
 
     let pick = |level: Level, traced: bool, f: &dyn Fn(&Run) -> f64| -> f64 {
@@ -547,8 +552,13 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         results.iter().map(|r| r.agent_peak_mib).fold(0.0, f64::max)
     );
     println!(
-        "{}{syscall_ns:.0} ns",
-        label("kernel cost per traced syscall")
+        "{}{:.0} ns  (on an ignored connection {:.0} ns{})",
+        label("kernel cost per traced syscall"),
+        syscall.traced_ns,
+        syscall.ignored_ns,
+        syscall.program_ns.map_or(String::new(), |p| format!(
+            "; inside the probe programs {p:.0} ns"
+        ))
     );
     println!(
         "{}{:.0} spans/s wall, {:.0} spans per CPU-second",
@@ -624,51 +634,150 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Nanoseconds a traced read or write costs: a loopback ping-pong of 1-byte messages with the
-/// probes detached, then attached (agent running, tracing only this port).
-fn kernel_cost(bin: &Path) -> anyhow::Result<f64> {
-    const N: u32 = 100_000;
-    let ping = || -> anyhow::Result<(f64, u16)> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let server = std::thread::spawn(move || -> std::io::Result<()> {
-            let (mut s, _) = listener.accept()?;
-            let mut b = [0u8; 1];
-            for _ in 0..N {
-                s.read_exact(&mut b)?;
-                s.write_all(&b)?;
-            }
-            Ok(())
-        });
+/// What the probes cost per syscall, measured with a loopback ping-pong inside this process.
+struct KernelCost {
+    /// Per read or write on a connection the agent traces (HTTP-shaped messages).
+    traced_ns: f64,
+    /// Per read or write on a connection the agent ignores (muted after its first bytes are
+    /// seen not to be HTTP): the price every other TCP connection on the host pays.
+    ignored_ns: f64,
+    /// Time inside the probe programs per traced syscall (entry + exit), from the kernel's
+    /// own BPF run-time statistics; `None` if bpftool is missing.
+    program_ns: Option<f64>,
+}
+
+const PING_ROUND_TRIPS: u32 = 100_000;
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; affinity of this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Nanoseconds per syscall of a loopback ping-pong: a request/response pair of HTTP-shaped
+/// messages (or single bytes), 4 syscalls a round trip. Both threads run on `cpu`: a
+/// cross-CPU wakeup per message would cost more than what is being measured, and vary more.
+fn ping_pong(http: bool, cpu: usize) -> anyhow::Result<f64> {
+    let (req, resp): (&[u8], &'static [u8]) = if http {
+        (
+            b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        )
+    } else {
+        (b"p", b"q")
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let req_len = req.len();
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        pin_thread(cpu);
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = vec![0u8; req_len];
+        for _ in 0..PING_ROUND_TRIPS {
+            s.read_exact(&mut b)?;
+            s.write_all(resp)?;
+        }
+        Ok(())
+    });
+    let result = std::thread::spawn(move || -> anyhow::Result<f64> {
+        pin_thread(cpu);
         let mut c = TcpStream::connect(("127.0.0.1", port))?;
         c.set_nodelay(true)?;
-        let mut b = [7u8; 1];
+        let mut b = vec![0u8; resp.len()];
         let start = Instant::now();
-        for _ in 0..N {
-            c.write_all(&b)?;
+        for _ in 0..PING_ROUND_TRIPS {
+            c.write_all(req)?;
             c.read_exact(&mut b)?;
         }
-        let el = start.elapsed().as_nanos() as f64;
-        server
-            .join()
-            .map_err(|_| anyhow::anyhow!("ping server panicked"))??;
-        // 4 syscalls per round trip (write+read on each side).
-        Ok((el / (4.0 * f64::from(N)), port))
-    };
-    let mut off = Vec::new();
-    let mut on = Vec::new();
+        Ok(start.elapsed().as_nanos() as f64 / (4.0 * f64::from(PING_ROUND_TRIPS)))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("ping client panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("ping server panicked"))??;
+    Ok(result)
+}
+
+/// Run time and run count of the agent's data-syscall programs (`bpftool prog show`).
+fn program_stats() -> Option<(f64, f64)> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // A dependency-free scan of the JSON array: each program is one object.
+    let (mut time, mut exits) = (0.0, 0.0);
+    for obj in text.split("},{") {
+        let field = |key: &str| -> Option<&str> {
+            let at = obj.find(&format!("\"{key}\":"))? + key.len() + 3;
+            let rest = obj[at..].trim_start_matches('"');
+            let end = rest.find([',', '"', '}']).unwrap_or(rest.len());
+            Some(&rest[..end])
+        };
+        let Some(name) = field("name") else { continue };
+        let data = ["recvfrom", "sendto", "read", "write"]
+            .iter()
+            .any(|s| name == format!("sys_enter_{s}") || name == format!("sys_exit_{s}"));
+        if !data {
+            continue;
+        }
+        let num = |k: &str| field(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        time += num("run_time_ns");
+        if name.starts_with("sys_exit_") {
+            exits += num("run_cnt");
+        }
+    }
+    Some((time, exits))
+}
+
+/// The kernel side's cost: ping-pong with the probes detached, then attached with the agent
+/// tracing this process (its spans printed to /dev/null, the agent itself on another CPU).
+/// Alternated three times; medians.
+fn kernel_cost(bin: &Path) -> anyhow::Result<KernelCost> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ping_cpu = cpus - 1;
+    let (mut off, mut traced, mut ignored_off, mut ignored) = (vec![], vec![], vec![], vec![]);
+    let mut program_ns = Vec::new();
     for _ in 0..3 {
-        off.push(ping()?.0);
-        let mut cmd = Command::new(bin.join("tracer"));
-        // A filter that matches nothing in user space: the probes still do all their kernel work
-        // for these TCP sockets (classify, copy, ring buffer); this isolates the kernel side.
-        cmd.args(["agent", "--stdout", "--metrics-addr", "off", "--pid", "1"])
+        off.push(ping_pong(true, ping_cpu)?);
+        ignored_off.push(ping_pong(false, ping_cpu)?);
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(bin.join("tracer"))
+            .args(["agent", "--stdout", "--metrics-addr", "off"])
+            .args(["--pid", &std::process::id().to_string()])
+            .stdout(Stdio::null())
             .env("RUST_LOG", "warn");
         let agent = start_ready(cmd, "tracer: ready")?;
-        on.push(ping()?.0);
+        // Ignored first, while the agent is idle: its work on the other CPU (possibly a
+        // hyperthread of the same core) would slow this run and inflate the figure.
+        ignored.push(ping_pong(false, ping_cpu)?);
+        traced.push(ping_pong(true, ping_cpu)?);
+        // Program time on its own run: the statistics add two clock reads per program run.
+        let stats = "/proc/sys/kernel/bpf_stats_enabled";
+        if std::fs::write(stats, "1").is_ok() {
+            let before = program_stats();
+            ping_pong(true, ping_cpu)?;
+            if let (Some((t0, n0)), Some((t1, n1))) = (before, program_stats()) {
+                if n1 > n0 {
+                    program_ns.push((t1 - t0) / (n1 - n0));
+                }
+            }
+            let _ = std::fs::write(stats, "0");
+        }
         drop(agent);
     }
-    Ok(median(on) - median(off))
+    Ok(KernelCost {
+        traced_ns: median(traced) - median(off),
+        ignored_ns: median(ignored) - median(ignored_off),
+        program_ns: (!program_ns.is_empty()).then(|| median(program_ns)),
+    })
 }
 
 // ---- Collector ingest: an OTLP/HTTP load generator -------------------------------------------

@@ -21,7 +21,7 @@ const MAX_CACHED_RESOURCES: usize = 4_096;
 /// A resource as stored and decoded.
 pub(super) struct Resource {
     blob: Vec<u8>,
-    attrs: Vec<KeyValue>,
+    attrs: Arc<Vec<KeyValue>>,
 }
 
 fn blob<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r [u8]> {
@@ -48,7 +48,10 @@ fn resource(inner: &Inner, c: &Connection, id: i64) -> Result<Arc<Resource>, Sto
         let cat = inner.catalog.read().unwrap_or_else(|e| e.into_inner());
         codec::decode_resource(&blob, &*cat).map_err(corrupt)?
     };
-    let r = Arc::new(Resource { blob, attrs });
+    let r = Arc::new(Resource {
+        blob,
+        attrs: Arc::new(attrs),
+    });
     let mut cache = lock(&inner.resources);
     if cache.len() >= MAX_CACHED_RESOURCES {
         cache.clear();
