@@ -62,17 +62,6 @@ fn str_tag(key: &str, value: &str) -> Value {
     json!({"key": key, "type": "string", "value": value})
 }
 
-fn kind_name(k: i32) -> Option<&'static str> {
-    Some(match k {
-        kind::SERVER => "server",
-        kind::CLIENT => "client",
-        kind::PRODUCER => "producer",
-        kind::CONSUMER => "consumer",
-        kind::INTERNAL => "internal",
-        _ => return None,
-    })
-}
-
 /// One trace in Jaeger's shape: spans plus a process table (one per service + resource).
 pub fn trace_json(spans: &[SpanRecord]) -> Value {
     let mut processes: Vec<(&str, &Vec<KeyValue>)> = Vec::new();
@@ -86,7 +75,7 @@ pub fn trace_json(spans: &[SpanRecord]) -> Value {
                 processes.len() - 1
             });
         let mut tags: Vec<Value> = s.attributes.iter().map(tag).collect();
-        if let Some(k) = kind_name(s.kind) {
+        if let Some(k) = kind::name(s.kind) {
             tags.push(str_tag("span.kind", k));
         }
         match s.status_code {
@@ -194,7 +183,7 @@ async fn operations(
     let ops = blocking(move || store.operations(&service, want)).await?;
     let data: Vec<Value> = ops
         .iter()
-        .map(|o| json!({"name": o.name, "spanKind": kind_name(o.kind).unwrap_or("")}))
+        .map(|o| json!({"name": o.name, "spanKind": kind::name(o.kind).unwrap_or("")}))
         .collect();
     let n = data.len();
     Ok(envelope(json!(data), n))

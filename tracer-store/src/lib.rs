@@ -20,6 +20,18 @@ pub mod kind {
     pub const CLIENT: i32 = 3;
     pub const PRODUCER: i32 = 4;
     pub const CONSUMER: i32 = 5;
+
+    /// The lower-case name Jaeger uses (`span.kind` tag, `spanKind`), for a known kind.
+    pub fn name(k: i32) -> Option<&'static str> {
+        Some(match k {
+            SERVER => "server",
+            CLIENT => "client",
+            PRODUCER => "producer",
+            CONSUMER => "consumer",
+            INTERNAL => "internal",
+            _ => return None,
+        })
+    }
 }
 
 /// OTLP `Status.code` values.

@@ -58,26 +58,47 @@ fn metric(port: u16, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
+/// nginx, and an agent tracing it (server side only) that exports to a port where nothing
+/// listens yet.
+struct NginxAgent {
+    nginx_port: u16,
+    otlp_port: u16,
+    metrics_port: u16,
+    _nginx: Proc,
+    agent: Agent,
+}
+
+fn nginx_and_agent(extra: &[&str]) -> NginxAgent {
+    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
+    let nginx = start_nginx(nginx_port, free_port());
+    let (endpoint, port) = (
+        format!("http://127.0.0.1:{otlp_port}"),
+        nginx_port.to_string(),
+    );
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut args = vec!["--endpoint", &endpoint, "--port", &port, "--exe", "nginx"];
+    args.extend_from_slice(&["--metrics-addr", &metrics]);
+    args.extend_from_slice(extra);
+    NginxAgent {
+        nginx_port,
+        otlp_port,
+        metrics_port,
+        _nginx: nginx,
+        agent: Agent::start(&args),
+    }
+}
+
 /// Spans made while the collector is down are kept and delivered once it is up.
 #[test]
 fn export_survives_a_collector_that_is_down_for_a_while() {
     require_root();
-    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
-    let _nginx = start_nginx(nginx_port, free_port());
-    let nginx_s = nginx_port.to_string();
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let agent = Agent::start(&[
-        "--endpoint",
-        &format!("http://127.0.0.1:{otlp_port}"),
-        "--port",
-        &nginx_s,
-        "--exe",
-        "nginx",
-        "--batch-timeout-ms",
-        "50",
-        "--metrics-addr",
-        &metrics,
-    ]);
+    let NginxAgent {
+        nginx_port,
+        otlp_port,
+        metrics_port,
+        _nginx,
+        agent,
+    } = nginx_and_agent(&["--batch-timeout-ms", "50"]);
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
     let req = "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";
     for _ in 0..10 {
@@ -115,22 +136,12 @@ fn export_survives_a_collector_that_is_down_for_a_while() {
 #[test]
 fn shutdown_with_the_collector_down_is_bounded_and_counted() {
     require_root();
-    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
-    let _nginx = start_nginx(nginx_port, free_port());
-    let nginx_s = nginx_port.to_string();
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let mut agent = Agent::start(&[
-        "--endpoint",
-        &format!("http://127.0.0.1:{otlp_port}"),
-        "--port",
-        &nginx_s,
-        "--exe",
-        "nginx",
-        "--batch-timeout-ms",
-        "50",
-        "--metrics-addr",
-        &metrics,
-    ]);
+    let NginxAgent {
+        nginx_port,
+        _nginx,
+        mut agent,
+        ..
+    } = nginx_and_agent(&["--batch-timeout-ms", "50"]);
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
     for _ in 0..10 {
         assert_eq!(
@@ -174,25 +185,19 @@ fn shutdown_with_the_collector_down_is_bounded_and_counted() {
 #[test]
 fn spans_beyond_the_export_queue_are_counted_as_dropped() {
     require_root();
-    let (nginx_port, otlp_port, metrics_port) = (free_port(), free_port(), free_port());
-    let _nginx = start_nginx(nginx_port, free_port());
-    let nginx_s = nginx_port.to_string();
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let agent = Agent::start(&[
-        "--endpoint",
-        &format!("http://127.0.0.1:{otlp_port}"),
-        "--port",
-        &nginx_s,
-        "--exe",
-        "nginx",
+    let NginxAgent {
+        nginx_port,
+        otlp_port,
+        metrics_port,
+        _nginx,
+        agent,
+    } = nginx_and_agent(&[
         "--batch-size",
         "5",
         "--batch-timeout-ms",
         "50",
         "--queue-capacity",
         "5",
-        "--metrics-addr",
-        &metrics,
     ]);
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
     let req = "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";

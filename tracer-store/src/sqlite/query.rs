@@ -183,7 +183,7 @@ impl Cond<'_> {
             },
             "span.kind" => {
                 let k = codec::TagMatcher::body_kind(body).map_err(corrupt)?;
-                kind_name(k) == Some(self.value)
+                kind::name(k) == Some(self.value)
             }
             _ => false,
         };
@@ -194,17 +194,6 @@ impl Cond<'_> {
                 .in_resource(&resource()?.blob)
                 .map_err(corrupt)?)
     }
-}
-
-fn kind_name(k: i32) -> Option<&'static str> {
-    Some(match k {
-        kind::SERVER => "server",
-        kind::CLIENT => "client",
-        kind::PRODUCER => "producer",
-        kind::CONSUMER => "consumer",
-        kind::INTERNAL => "internal",
-        _ => return None,
-    })
 }
 
 /// The index a search walks, newest first.
