@@ -21,6 +21,7 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
+    EbpfContext as _,
 };
 use tracer_common::{
     conn_key, counter, direction, kind, role_hint, syscall, CloseRecord, ConnState, ConnTuple,
@@ -87,7 +88,14 @@ const RET: usize = 16;
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: syscall tracepoint records have six 8-byte argument slots from ARG0.
-    unsafe { ctx.read_at::<u64>(ARG0 + 8 * n) }.unwrap_or(0)
+    unsafe { ctx_u64(ctx, ARG0 + 8 * n) }
+}
+
+/// A direct load from the tracepoint record: the verifier allows aligned reads of the context,
+/// and a load is cheaper than a `bpf_probe_read_kernel` call (`read_at`) on every syscall.
+#[inline(always)]
+unsafe fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
+    unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<u64>() }
 }
 
 #[inline(always)]
@@ -311,7 +319,7 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     };
     let _ = INFLIGHT.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let ret = unsafe { ctx_u64(ctx, RET) } as i64;
     if ret <= 0 {
         return 0;
     }
@@ -505,7 +513,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = INFLIGHT.remove(pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let ret = unsafe { ctx_u64(&ctx, RET) } as i64;
     if ret == 0 || ret == -EINPROGRESS {
         // A new connection on this fd: forget whatever the fd was before.
         track((pid_tgid >> 32) as u32, inflight.fd, role_hint::CONNECTED);
@@ -520,7 +528,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
     if tgid == agent_tgid() {
         return 0;
     }
-    let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let ret = unsafe { ctx_u64(ctx, RET) } as i64;
     if ret >= 0 {
         track(tgid, ret as u32, role_hint::ACCEPTED);
     }
