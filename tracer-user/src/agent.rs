@@ -261,21 +261,19 @@ impl Pipeline {
             return;
         };
         let role = ex.role;
+        let ends = meta.ends.clone();
         let resource = match &meta.resource {
             Some((r, resource)) if *r == role => resource.clone(),
+            // First span of the connection (one map lookup more, once per connection).
             _ => {
-                let (tgid, comm, local_port) = (meta.tgid, meta.comm, meta.ends.local.port());
-                let resource = self.resource_of(tgid, &comm, role, local_port);
+                let (tgid, comm) = (meta.tgid, meta.comm);
+                let resource = self.resource_of(tgid, &comm, role, ends.local.port());
                 if let Some(meta) = self.conns.get_mut(&ex.conn) {
                     meta.resource = Some((role, resource.clone()));
                 }
                 resource
             }
         };
-        let Some(meta) = self.conns.get(&ex.conn) else {
-            return;
-        };
-        let ends = meta.ends.clone();
         let (local, remote) = (ends.local, ends.remote);
         let offset = self.clock_offset;
         let (start_ns, end_ns) = (ex.start_ns, ex.end_ns);
@@ -379,13 +377,12 @@ impl Pipeline {
     /// Sends held server spans whose client never showed up (it is not traced, or not local).
     fn release_pending(&mut self, now: u64) {
         let mut due = Vec::new();
-        self.pending_servers.retain(|_, queue| {
+        // Emptied queues stay for the connection's next request; housekeeping drops them.
+        for queue in self.pending_servers.values_mut() {
             while queue.front().is_some_and(|p| p.deadline <= now) {
                 due.extend(queue.pop_front().map(|p| p.item));
             }
-            // Everything goes at shutdown; otherwise empty queues wait for housekeeping.
-            now != u64::MAX || !queue.is_empty()
-        });
+        }
         for item in due {
             self.send(item);
         }

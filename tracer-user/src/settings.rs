@@ -32,8 +32,8 @@ pub struct AgentArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
     pub protocol: Option<Protocol>,
 
-    /// `gzip` or `none` (the OTLP default). gzip shrinks batches ~5x for ~1 µs of agent CPU
-    /// per span: worth it when the collector is across a slow or metered link. [default: none]
+    /// `gzip` or `none` (the OTLP default). gzip costs agent CPU (~5% of it at saturation);
+    /// worth it when the collector is across a slow or metered link. [default: none]
     #[arg(long, env = "OTEL_EXPORTER_OTLP_COMPRESSION")]
     pub compression: Option<String>,
 

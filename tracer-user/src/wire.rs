@@ -82,28 +82,26 @@ pub fn fixed64_field(out: &mut Vec<u8>, field: u32, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// A `KeyValue` with a string `AnyValue`, as repeated field `field`.
-pub fn string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
-    let any = field_len(value.len());
+/// A `KeyValue` as repeated field `field`, up to its `AnyValue`'s content of `any` bytes.
+fn key_value_head(out: &mut Vec<u8>, field: u32, key: &str, any: usize) {
     let kv = field_len(key.len()) + field_len(any);
     tag(out, field, LEN);
     varint(out, kv as u64);
     bytes_field(out, key_value::KEY, key.as_bytes());
     tag(out, key_value::VALUE, LEN);
     varint(out, any as u64);
+}
+
+/// A `KeyValue` with a string `AnyValue`, as repeated field `field`.
+pub fn string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
+    key_value_head(out, field, key, field_len(value.len()));
     bytes_field(out, any_value::STRING_VALUE, value.as_bytes());
 }
 
 /// A `KeyValue` with an integer `AnyValue`, as repeated field `field`.
 pub fn int_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: i64) {
     // int64 is a plain varint: negative numbers take ten bytes.
-    let any = 1 + varint_len(value as u64);
-    let kv = field_len(key.len()) + field_len(any);
-    tag(out, field, LEN);
-    varint(out, kv as u64);
-    bytes_field(out, key_value::KEY, key.as_bytes());
-    tag(out, key_value::VALUE, LEN);
-    varint(out, any as u64);
+    key_value_head(out, field, key, 1 + varint_len(value as u64));
     varint_field(out, any_value::INT_VALUE, value as u64);
 }
 

@@ -55,6 +55,18 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The agent (with its probes) and the collector, optimised.
+fn build_release() -> anyhow::Result<()> {
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tracer-user",
+        "-p",
+        "tracer-collector",
+    ]))
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("\x1b[1m[xtask]\x1b[0m {cmd:?}");
     if cmd.get_current_dir().is_none() {
@@ -106,26 +118,12 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { rounds, seconds } => {
             setup()?;
-            run(Command::new("cargo").args([
-                "build",
-                "--release",
-                "-p",
-                "tracer-user",
-                "-p",
-                "tracer-collector",
-            ]))?;
+            build_release()?;
             bench::bench(&root(), &bench::BenchArgs { rounds, seconds })
         }
         Cmd::Run { args } => {
             setup()?;
-            run(Command::new("cargo").args([
-                "build",
-                "--release",
-                "-p",
-                "tracer-user",
-                "-p",
-                "tracer-collector",
-            ]))?;
+            build_release()?;
             main_job(&args)
         }
     }
