@@ -62,8 +62,9 @@ pub mod syscall {
 pub mod counter {
     /// A record could not be reserved in the ring buffer (the agent is behind): lost.
     pub const RINGBUF_FULL: u32 = 0;
-    /// The in-flight syscall table was full: that syscall was not traced.
-    pub const INFLIGHT_FULL: u32 = 1;
+    /// A write's entry time was not seen (the thread moved to another CPU mid-call): its record
+    /// carries the exit time as entry time. Not a loss; shows how often request starts are late.
+    pub const ENTRY_TIME_MISSED: u32 = 1;
     /// The connection table refused an insert.
     pub const CONN_TABLE_FULL: u32 = 2;
     /// Reading the payload from user memory failed (page not resident): record sent without it.
@@ -99,7 +100,8 @@ pub struct RecordHeader {
     pub fd: u32,
     /// Unique per connection while the agent runs: the monotonic time the probes first saw it.
     pub conn_id: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds at syscall entry and exit.
+    /// `CLOCK_MONOTONIC` nanoseconds at syscall entry and exit. Entry is stamped for writes
+    /// (where a request starts); for reads and close records it equals `ts_exit`.
     pub ts_enter: u64,
     pub ts_exit: u64,
     pub tuple: ConnTuple,

@@ -1,14 +1,21 @@
 //! Kernel probes.
 //!
-//! Syscall tracepoints only (no kprobes, no fentry: many production kernels lack them). For each
-//! data syscall the entry probe decides whether the file descriptor is a TCP socket and remembers
-//! the user buffer; the exit probe copies a bounded prefix of what was actually moved into one
-//! ring-buffer record stamped with kernel timestamps. The agent reassembles messages and pairs
-//! requests with responses.
+//! Syscall tracepoints only (no kprobes, no fentry: many production kernels lack them), one per
+//! syscall so the kernel itself skips every syscall we do not follow. The exit probe of a data
+//! syscall does the work: the syscall's arguments are still in the thread's saved user registers
+//! (`bpf_task_pt_regs`), so nothing has to be carried from entry to exit; for a TCP socket it
+//! copies a bounded prefix of what was actually moved into one ring-buffer record stamped with
+//! kernel timestamps. Entry probes exist only for writes, to stamp when a request starts, in a
+//! per-CPU slot. The agent reassembles messages and pairs requests with responses.
 //!
-//! The hot path is: one hash lookup on entry (the connection is already known), one insert of the
-//! in-flight syscall, and on exit one lookup, one reserve/copy/commit. The ring buffer wakes the
-//! agent only past a byte threshold; the agent drains on a timer otherwise.
+//! Measured on this project's 2-core test VM (docs/ARCHITECTURE.md): the previous design, an
+//! in-flight hash table filled on every entry and emptied on every exit, was a third of the
+//! programs' time; attaching to `raw_syscalls` instead would have taxed every other syscall of
+//! the host (~200 ns for a `getppid`).
+//!
+//! The hot path is: one register read and one hash lookup (the connection is already known),
+//! one reserve/copy/commit. The ring buffer wakes the agent only past a byte threshold; the
+//! agent drains on a timer otherwise.
 #![no_std]
 #![no_main]
 
@@ -16,10 +23,13 @@ use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw},
+        generated::{
+            bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
+            bpf_probe_read_user as read_user_raw, bpf_task_pt_regs,
+        },
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext as _,
 };
@@ -46,31 +56,48 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 #[map]
 static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Syscalls between entry and exit, keyed by pid_tgid (one in flight per thread).
-/// Preallocated (~1.5 MiB): every traced syscall inserts and deletes an entry, and the
-/// preallocated table's per-CPU free lists are cheaper than allocating each entry.
+/// File descriptors known not to be TCP sockets (files, pipes, UDP and Unix sockets), keyed like
+/// `CONNS`. Without it every read and write of a file on the host would walk
+/// `task -> files -> fdtable -> file -> inode` again (~1 µs measured); with it, one lookup.
+/// An entry goes when its fd is closed or replaced by dup2/dup3; a TCP socket always arrives
+/// through connect or accept, which track it first. A separate LRU so files never evict
+/// connections.
 #[map]
-static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+static NOT_TCP: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// The entry time of the last write-type syscall on each CPU, for the exit probe of the same
+/// thread on the same CPU (see `entry_time`). A per-CPU slot costs no lock and no hashing.
+#[map]
+static ENTRY_TIMES: PerCpuArray<EntryTime> = PerCpuArray::with_max_entries(1, 0);
 
 /// `counter::*`, per CPU.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// What the entry probe leaves for the exit probe.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Inflight {
-    ts_enter: u64,
-    /// Start of the user buffer the payload is in (first iovec for vectored calls).
-    buf: u64,
-    /// Bytes available at `buf` (the first iovec's length for vectored calls).
-    buf_len: u64,
-    fd: u32,
-    syscall: u32,
-    direction: u32,
-    /// For accept/connect: which role hint a new connection gets.
-    role: u32,
+struct EntryTime {
+    pid_tgid: u64,
+    ts: u64,
 }
+
+/// The saved user registers a syscall's arguments are in: `struct pt_regs` (x86-64 UAPI,
+/// arch/x86/include/uapi/asm/ptrace.h) from `r10` to `di`. Arguments 1-4 are di, si, dx, r10.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SyscallRegs {
+    r10: u64,
+    _r9: u64,
+    _r8: u64,
+    _ax: u64,
+    _cx: u64,
+    dx: u64,
+    si: u64,
+    di: u64,
+}
+
+/// Offset of `r10` in `struct pt_regs`.
+const PT_REGS_R10: u64 = 56;
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -85,17 +112,23 @@ const EINPROGRESS: i64 = 115;
 const ARG0: usize = 16;
 const RET: usize = 16;
 
+/// A direct load from the tracepoint record: the verifier allows aligned reads of the context,
+/// and a load is cheaper than a helper call.
 #[inline(always)]
-fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: syscall tracepoint records have six 8-byte argument slots from ARG0.
-    unsafe { ctx_u64(ctx, ARG0 + 8 * n) }
+fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: syscall tracepoint records have `ret` / six argument slots at these offsets.
+    unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<u64>() }
 }
 
-/// A direct load from the tracepoint record: the verifier allows aligned reads of the context,
-/// and a load is cheaper than a `bpf_probe_read_kernel` call (`read_at`) on every syscall.
+/// The calling thread's syscall arguments, from its saved user registers.
 #[inline(always)]
-unsafe fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
-    unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<u64>() }
+fn syscall_regs() -> Option<SyscallRegs> {
+    // SAFETY: bpf_task_pt_regs takes the BTF task pointer bpf_get_current_task_btf returns;
+    // the registers are read with a fault-tolerant kernel read.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        bpf_probe_read_kernel((regs + PT_REGS_R10) as *const SyscallRegs).ok()
+    }
 }
 
 #[inline(always)]
@@ -122,10 +155,27 @@ unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
+/// What an fd is, as far as the probes care.
+enum FdKind {
+    Tcp(ConnTuple),
+    /// Open, and certainly not a TCP socket.
+    NotTcp,
+    /// Not open, or not readable: decide again next time.
+    Unknown,
+}
+
 /// Follows `current->files->fdt->fd[fd]` to the socket and, if it is a TCP socket (an inet
 /// stream socket), returns its endpoints.
 #[inline(always)]
-fn tcp_tuple(fd: u32) -> Option<ConnTuple> {
+fn classify(fd: u32) -> FdKind {
+    match fd_kind(fd) {
+        Some(kind) => kind,
+        None => FdKind::Unknown,
+    }
+}
+
+#[inline(always)]
+fn fd_kind(fd: u32) -> Option<FdKind> {
     let o = offsets();
     if o.valid == 0 {
         return None;
@@ -149,12 +199,12 @@ fn tcp_tuple(fd: u32) -> Option<ConnTuple> {
         let inode: u64 = read_at(file, o.file_inode)?;
         let mode: u16 = read_at(inode, o.inode_mode)?;
         if mode & S_IFMT != S_IFSOCK {
-            return None;
+            return Some(FdKind::NotTcp);
         }
         let socket: u64 = read_at(file, o.file_private_data)?;
         let sock_type: u16 = read_at(socket, o.socket_type)?;
         if sock_type != SOCK_STREAM {
-            return None;
+            return Some(FdKind::NotTcp);
         }
         let sk: u64 = read_at(socket, o.socket_sk)?;
         if sk == 0 {
@@ -176,17 +226,24 @@ fn tcp_tuple(fd: u32) -> Option<ConnTuple> {
             t.local_addr = read_at(sk, o.sock_v6_rcv_saddr)?;
             t.remote_addr = read_at(sk, o.sock_v6_daddr)?;
         } else {
-            return None;
+            return Some(FdKind::NotTcp);
         }
-        Some(t)
+        Some(FdKind::Tcp(t))
     }
 }
 
-/// Starts tracking `fd` of `tgid` if it is a TCP socket. Returns whether it is tracked now.
+/// Starts tracking `fd` of `tgid` if it is a TCP socket. Returns its state if it is tracked now;
+/// remembers an fd that is not one.
 #[inline(always)]
-fn track(tgid: u32, fd: u32, role: u32) -> bool {
-    let Some(tuple) = tcp_tuple(fd) else {
-        return false;
+fn track(tgid: u32, fd: u32, role: u32) -> Option<*mut ConnState> {
+    let key = conn_key(tgid, fd);
+    let tuple = match classify(fd) {
+        FdKind::Tcp(tuple) => tuple,
+        FdKind::NotTcp => {
+            let _ = NOT_TCP.insert(key, 0, 0);
+            return None;
+        }
+        FdKind::Unknown => return None,
     };
     let state = ConnState {
         conn_id: unsafe { bpf_ktime_get_ns() },
@@ -195,11 +252,11 @@ fn track(tgid: u32, fd: u32, role: u32) -> bool {
         role_hint: role,
         ..ConnState::default()
     };
-    if CONNS.insert(conn_key(tgid, fd), state, 0).is_err() {
+    if CONNS.insert(key, state, 0).is_err() {
         bump(counter::CONN_TABLE_FULL);
-        return false;
+        return None;
     }
-    true
+    CONNS.get_ptr_mut(key)
 }
 
 /// Where the payload of a data syscall lives in user memory.
@@ -222,50 +279,37 @@ fn first_iovec(iov: u64) -> (u64, u64) {
     (v[0], v[1])
 }
 
+/// The user buffer of a data syscall and its size, from the syscall's arguments. Read at exit:
+/// the kernel writes back into a `msghdr` only its lengths and flags, never `msg_iov`.
 #[inline(always)]
-fn on_enter(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == agent_tgid() {
-        return 0;
-    }
-    let fd = arg(ctx, 0) as u32;
-    match CONNS.get_ptr(conn_key(tgid, fd)) {
-        Some(state) => {
-            if unsafe { (*state).muted } != 0 {
-                return 0;
-            }
-        }
-        None => {
-            if !track(tgid, fd, role_hint::UNKNOWN) {
-                return 0;
-            }
-        }
-    }
-    let (buf, buf_len) = match buffer {
-        Buffer::Plain => (arg(ctx, 1), arg(ctx, 2)),
-        Buffer::Iovec => first_iovec(arg(ctx, 1)),
+fn buffer_of(regs: &SyscallRegs, buffer: Buffer) -> (u64, u64) {
+    match buffer {
+        Buffer::Plain => (regs.si, regs.dx),
+        Buffer::Iovec => first_iovec(regs.si),
         Buffer::Msghdr => {
             // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
             let iov: u64 =
-                unsafe { bpf_probe_read_user((arg(ctx, 1) + 16) as *const u64) }.unwrap_or(0);
+                unsafe { bpf_probe_read_user((regs.si + 16) as *const u64) }.unwrap_or(0);
             first_iovec(iov)
         }
         Buffer::None => (0, 0),
-    };
-    let inflight = Inflight {
-        ts_enter: unsafe { bpf_ktime_get_ns() },
-        buf,
-        buf_len,
-        fd,
-        syscall: sc,
-        direction: dir,
-        role: 0,
-    };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        bump(counter::INFLIGHT_FULL);
     }
-    0
+}
+
+/// When the calling thread entered the write-type syscall it is leaving, if `sys_enter` stamped
+/// it on this CPU. The slot is cleared so a later call cannot reuse it. A thread that moved to
+/// another CPU mid-call (it blocked, or was preempted and migrated) misses.
+#[inline(always)]
+fn entry_time(pid_tgid: u64) -> Option<u64> {
+    let slot = ENTRY_TIMES.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; programs do not nest on one CPU for these tracepoints.
+    unsafe {
+        if (*slot).pid_tgid != pid_tgid {
+            return None;
+        }
+        (*slot).pid_tgid = 0;
+        Some((*slot).ts)
+    }
 }
 
 #[inline(always)]
@@ -312,26 +356,51 @@ fn wake_flags(size: u64) -> u64 {
     }
 }
 
+/// A data syscall returned `ret`: if its socket is a tracked (or new) TCP connection, send what
+/// moved.
 #[inline(always)]
-fn on_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
-        return 0;
+fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffer: Buffer) -> i32 {
+    let ts_exit = unsafe { bpf_ktime_get_ns() };
+    // Requests a process writes start when it issues the write; what it reads exists once the
+    // read returns, so reads need no entry time (the agent uses `ts_exit` for them).
+    let ts_enter = if dir == direction::EGRESS {
+        entry_time(pid_tgid)
+    } else {
+        Some(ts_exit)
     };
-    let _ = INFLIGHT.remove(pid_tgid);
-    let ret = unsafe { ctx_u64(ctx, RET) } as i64;
     if ret <= 0 {
         return 0;
     }
-    let ts_exit = unsafe { bpf_ktime_get_ns() };
     let tgid = (pid_tgid >> 32) as u32;
-    let Some(state) = CONNS.get_ptr_mut(conn_key(tgid, inflight.fd)) else {
-        return 0;
+    let fd = regs.di as u32;
+    let key = conn_key(tgid, fd);
+    let state = match CONNS.get_ptr_mut(key) {
+        Some(state) => state,
+        None => {
+            if NOT_TCP.get_ptr(key).is_some() {
+                return 0;
+            }
+            match track(tgid, fd, role_hint::UNKNOWN) {
+                Some(state) => state,
+                None => return 0,
+            }
+        }
     };
+    // SAFETY: a map value pointer, valid for this program run.
     let state = unsafe { &mut *state };
+    if state.muted != 0 {
+        return 0;
+    }
+    let ts_enter = match ts_enter {
+        Some(ts) => ts,
+        None => {
+            bump(counter::ENTRY_TIME_MISSED);
+            ts_exit
+        }
+    };
     bump(counter::DATA_SYSCALLS);
-    if state.direction != inflight.direction {
-        state.direction = inflight.direction;
+    if state.direction != dir {
+        state.direction = dir;
         state.message_seq = state.message_seq.wrapping_add(1);
         state.message_captured = 0;
     }
@@ -341,11 +410,12 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     };
     let rec = entry.as_mut_ptr();
+    let (buf, buf_len) = buffer_of(regs, buffer);
     // How much payload to copy: what moved, within the first buffer, within this record, within
     // the message's budget.
     let mut n = ret as u64;
-    if n > inflight.buf_len {
-        n = inflight.buf_len;
+    if n > buf_len {
+        n = buf_len;
     }
     let budget = MESSAGE_CAPTURE_BUDGET.saturating_sub(state.message_captured) as u64;
     if n > budget {
@@ -355,20 +425,13 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
         n = MAX_CAPTURE as u64;
     }
     unsafe {
-        (*rec).header = header(
-            kind::DATA,
-            pid_tgid,
-            inflight.fd,
-            state,
-            inflight.ts_enter,
-            ts_exit,
-        );
-        (*rec).direction = inflight.direction;
-        (*rec).syscall = inflight.syscall;
+        (*rec).header = header(kind::DATA, pid_tgid, fd, state, ts_enter, ts_exit);
+        (*rec).direction = dir;
+        (*rec).syscall = sc;
         (*rec).len = ret as u64;
         (*rec).message_seq = state.message_seq;
         let mut captured = 0u32;
-        if n > 0 && inflight.buf != 0 {
+        if n > 0 && buf != 0 {
             // The mask restates the bound for the verifier (n <= MAX_CAPTURE already).
             let len = (n as u32) & (2 * MAX_CAPTURE as u32 - 1);
             let len = if len > MAX_CAPTURE as u32 {
@@ -376,12 +439,7 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
             } else {
                 len
             };
-            if read_user_raw(
-                (*rec).data.as_mut_ptr().cast(),
-                len,
-                inflight.buf as *const _,
-            ) == 0
-            {
+            if read_user_raw((*rec).data.as_mut_ptr().cast(), len, buf as *const _) == 0 {
                 captured = len;
             } else {
                 bump(counter::PAYLOAD_READ_FAILED);
@@ -396,161 +454,13 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
     0
 }
 
-macro_rules! data_syscall {
-    ($enter:ident, $exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
-        #[tracepoint]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            on_enter(&ctx, $sc, $dir, $buf)
-        }
-        #[tracepoint]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
-            on_exit(&ctx)
-        }
-    };
-}
-
-data_syscall!(
-    sys_enter_read,
-    sys_exit_read,
-    syscall::READ,
-    direction::INGRESS,
-    Buffer::Plain
-);
-data_syscall!(
-    sys_enter_write,
-    sys_exit_write,
-    syscall::WRITE,
-    direction::EGRESS,
-    Buffer::Plain
-);
-data_syscall!(
-    sys_enter_readv,
-    sys_exit_readv,
-    syscall::READV,
-    direction::INGRESS,
-    Buffer::Iovec
-);
-data_syscall!(
-    sys_enter_writev,
-    sys_exit_writev,
-    syscall::WRITEV,
-    direction::EGRESS,
-    Buffer::Iovec
-);
-data_syscall!(
-    sys_enter_sendto,
-    sys_exit_sendto,
-    syscall::SENDTO,
-    direction::EGRESS,
-    Buffer::Plain
-);
-data_syscall!(
-    sys_enter_recvmsg,
-    sys_exit_recvmsg,
-    syscall::RECVMSG,
-    direction::INGRESS,
-    Buffer::Msghdr
-);
-data_syscall!(
-    sys_enter_sendmsg,
-    sys_exit_sendmsg,
-    syscall::SENDMSG,
-    direction::EGRESS,
-    Buffer::Msghdr
-);
-
-/// recvfrom is `data_syscall!` but for MSG_PEEK, which reads without consuming: the same bytes
-/// would be seen twice.
-#[tracepoint]
-pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    if arg(&ctx, 3) & MSG_PEEK != 0 {
-        return 0;
-    }
-    on_enter(&ctx, syscall::RECVFROM, direction::INGRESS, Buffer::Plain)
-}
-#[tracepoint]
-pub fn sys_exit_recvfrom(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx)
-}
-
-/// sendfile(out_fd, in_fd, ...): the socket is the first argument, the payload is a file the
-/// probes do not read. Counted so response lengths and end times stay right.
-#[tracepoint]
-pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
-    on_enter(&ctx, syscall::SENDFILE, direction::EGRESS, Buffer::None)
-}
-#[tracepoint]
-pub fn sys_exit_sendfile64(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx)
-}
-
-/// Remembers the fd of a connect() so the exit probe can start tracking it as a client.
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == agent_tgid() {
-        return 0;
-    }
-    let inflight = Inflight {
-        ts_enter: 0,
-        buf: 0,
-        buf_len: 0,
-        fd: arg(&ctx, 0) as u32,
-        syscall: 0,
-        direction: 0,
-        role: role_hint::CONNECTED,
-    };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        bump(counter::INFLIGHT_FULL);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
-        return 0;
-    };
-    let _ = INFLIGHT.remove(pid_tgid);
-    let ret = unsafe { ctx_u64(&ctx, RET) } as i64;
-    if ret == 0 || ret == -EINPROGRESS {
-        // A new connection on this fd: forget whatever the fd was before.
-        track((pid_tgid >> 32) as u32, inflight.fd, role_hint::CONNECTED);
-    }
-    0
-}
-
+/// `fd` was released (close, or replaced by dup2/dup3): forget it, and tell the agent if it
+/// was a connection.
 #[inline(always)]
-fn on_accept_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == agent_tgid() {
-        return 0;
-    }
-    let ret = unsafe { ctx_u64(ctx, RET) } as i64;
-    if ret >= 0 {
-        track(tgid, ret as u32, role_hint::ACCEPTED);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    on_accept_exit(&ctx)
-}
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    on_accept_exit(&ctx)
-}
-
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let fd = arg(&ctx, 0) as u32;
-    let key = conn_key(tgid, fd);
+fn on_close(pid_tgid: u64, fd: u32) -> i32 {
+    let key = conn_key((pid_tgid >> 32) as u32, fd);
     let Some(state) = (unsafe { CONNS.get(key) }).copied() else {
+        let _ = NOT_TCP.remove(key);
         return 0;
     };
     let _ = CONNS.remove(key);
@@ -570,6 +480,202 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         None => bump(counter::RINGBUF_FULL),
     }
     0
+}
+
+/// Stamps the entry time of a write (see `entry_time`).
+#[inline(always)]
+fn stamp_entry() -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == agent_tgid() {
+        return 0;
+    }
+    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(0) {
+        let ts = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot = EntryTime { pid_tgid, ts } };
+    }
+    0
+}
+
+/// The exit of a data syscall.
+#[inline(always)]
+fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
+    let ret = ctx_u64(ctx, RET) as i64;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == agent_tgid() {
+        return 0;
+    }
+    if ret <= 0 {
+        // Consume the entry stamp so a later call of this thread cannot take it.
+        if dir == direction::EGRESS {
+            entry_time(pid_tgid);
+        }
+        return 0;
+    }
+    let Some(regs) = syscall_regs() else {
+        return 0;
+    };
+    // MSG_PEEK reads without consuming: the same bytes would be seen twice.
+    if sc == syscall::RECVFROM && regs.r10 & MSG_PEEK != 0 {
+        return 0;
+    }
+    on_data(pid_tgid, &regs, ret, sc, dir, buffer) as u32
+}
+
+macro_rules! data_syscall {
+    ($exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            on_exit(&ctx, $sc, $dir, $buf)
+        }
+    };
+    ($enter:ident, $exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
+        #[tracepoint]
+        pub fn $enter(_ctx: TracePointContext) -> u32 {
+            stamp_entry()
+        }
+        data_syscall!($exit, $sc, $dir, $buf);
+    };
+}
+
+data_syscall!(
+    sys_exit_read,
+    syscall::READ,
+    direction::INGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_exit_readv,
+    syscall::READV,
+    direction::INGRESS,
+    Buffer::Iovec
+);
+data_syscall!(
+    sys_exit_recvfrom,
+    syscall::RECVFROM,
+    direction::INGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_exit_recvmsg,
+    syscall::RECVMSG,
+    direction::INGRESS,
+    Buffer::Msghdr
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    syscall::WRITE,
+    direction::EGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    syscall::WRITEV,
+    direction::EGRESS,
+    Buffer::Iovec
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    syscall::SENDTO,
+    direction::EGRESS,
+    Buffer::Plain
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    syscall::SENDMSG,
+    direction::EGRESS,
+    Buffer::Msghdr
+);
+// sendfile(out_fd, in_fd, ...): the socket is the first argument, the payload is a file the
+// probes do not read. Counted so response lengths and end times stay right.
+data_syscall!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    syscall::SENDFILE,
+    direction::EGRESS,
+    Buffer::None
+);
+
+/// A connect that succeeded or is in progress: a new client connection on this fd (whatever
+/// the fd was before is forgotten).
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let ret = ctx_u64(&ctx, RET) as i64;
+    if ret != 0 && ret != -EINPROGRESS {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == agent_tgid() {
+        return 0;
+    }
+    if let Some(regs) = syscall_regs() {
+        track(tgid, regs.di as u32, role_hint::CONNECTED);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == agent_tgid() {
+        return 0;
+    }
+    let ret = ctx_u64(ctx, RET) as i64;
+    if ret >= 0 {
+        track(tgid, ret as u32, role_hint::ACCEPTED);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx)
+}
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx)
+}
+
+/// At entry, while the fd still names the connection (after it, another thread may already
+/// have the number for a new file).
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    on_close(pid_tgid, ctx_u64(&ctx, ARG0) as u32) as u32
+}
+
+/// dup2/dup3(old, new) closed whatever `new` was: the returned fd is now a copy of `old`, which
+/// the next data syscall classifies afresh.
+#[inline(always)]
+fn on_dup_exit(ctx: &TracePointContext) -> u32 {
+    let ret = ctx_u64(ctx, RET) as i64;
+    if ret < 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == agent_tgid() {
+        return 0;
+    }
+    on_close(pid_tgid, ret as u32) as u32
+}
+
+#[tracepoint]
+pub fn sys_exit_dup2(ctx: TracePointContext) -> u32 {
+    // dup2(fd, fd) closes nothing.
+    match syscall_regs() {
+        Some(regs) if regs.di as i64 == ctx_u64(&ctx, RET) as i64 => 0,
+        _ => on_dup_exit(&ctx),
+    }
+}
+#[tracepoint]
+pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
+    on_dup_exit(&ctx)
 }
 
 #[cfg(not(test))]

@@ -194,6 +194,11 @@ impl Pipeline {
                         let remote = records::remote_addr(&h.tuple);
                         let process = self.processes.get(h.tgid, &h.comm);
                         let ignored = !self.filters.wants(&process, local, remote);
+                        if ignored {
+                            // Ask the probes to stop, once (a map update is a syscall); the
+                            // records already in the ring are skipped below.
+                            self.kernel_conns.mute(h.tgid, h.fd, h.conn_id);
+                        }
                         self.conns.entry(id).or_insert(ConnMeta {
                             tgid: h.tgid,
                             fd: h.fd,
@@ -208,9 +213,6 @@ impl Pipeline {
                 };
                 meta.last_seen = h.ts_exit;
                 if meta.ignored {
-                    // Ask the probes to stop; records already in the ring are skipped here.
-                    self.kernel_conns
-                        .mute(meta.tgid, meta.fd, meta.kernel_conn_id);
                     return;
                 }
                 let chunk = Chunk {
@@ -633,14 +635,14 @@ pub fn summary(stats: &Stats) -> String {
     let a = &stats.agent;
     let e = &stats.export;
     format!(
-        "counters: syscalls={} records={} ringbuf_drops={} inflight_drops={} conn_table_drops={} \
+        "counters: syscalls={} records={} ringbuf_drops={} conn_table_drops={} entry_time_missed={} \
          exchanges={} spans={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
          parse_failures={} muted_connections={}",
         k.get(c::DATA_SYSCALLS),
         a.records.load(Relaxed),
         k.get(c::RINGBUF_FULL),
-        k.get(c::INFLIGHT_FULL),
         k.get(c::CONN_TABLE_FULL),
+        k.get(c::ENTRY_TIME_MISSED),
         a.exchanges.load(Relaxed),
         a.spans.load(Relaxed),
         e.spans_sent.load(Relaxed),

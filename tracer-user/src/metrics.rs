@@ -30,9 +30,9 @@ pub fn render(stats: &Stats) -> String {
             k.get(c::RINGBUF_FULL),
         ),
         (
-            "tracer_inflight_dropped_total",
-            "Syscalls not traced because the in-flight table was full",
-            k.get(c::INFLIGHT_FULL),
+            "tracer_entry_time_missed_total",
+            "Writes whose entry time was not seen (thread changed CPU mid-call); their exit time was used",
+            k.get(c::ENTRY_TIME_MISSED),
         ),
         (
             "tracer_conn_table_dropped_total",

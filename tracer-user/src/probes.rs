@@ -13,31 +13,29 @@ use tracer_common::{conn_key, counter, ConnState, KernelOffsets};
 /// The probes, built by build.rs from `tracer-ebpf`.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
-/// Every tracepoint we attach, as (category, name). All are stable since Linux 4.x.
-pub const TRACEPOINTS: &[(&str, &str)] = &[
-    ("syscalls", "sys_enter_read"),
-    ("syscalls", "sys_exit_read"),
-    ("syscalls", "sys_enter_write"),
-    ("syscalls", "sys_exit_write"),
-    ("syscalls", "sys_enter_readv"),
-    ("syscalls", "sys_exit_readv"),
-    ("syscalls", "sys_enter_writev"),
-    ("syscalls", "sys_exit_writev"),
-    ("syscalls", "sys_enter_recvfrom"),
-    ("syscalls", "sys_exit_recvfrom"),
-    ("syscalls", "sys_enter_sendto"),
-    ("syscalls", "sys_exit_sendto"),
-    ("syscalls", "sys_enter_recvmsg"),
-    ("syscalls", "sys_exit_recvmsg"),
-    ("syscalls", "sys_enter_sendmsg"),
-    ("syscalls", "sys_exit_sendmsg"),
-    ("syscalls", "sys_enter_sendfile64"),
-    ("syscalls", "sys_exit_sendfile64"),
-    ("syscalls", "sys_enter_connect"),
-    ("syscalls", "sys_exit_connect"),
-    ("syscalls", "sys_exit_accept"),
-    ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_enter_close"),
+/// Every tracepoint we attach, in the `syscalls` category (stable since Linux 4.x). Reads need
+/// only their exit; writes also their entry, for the time a request starts.
+pub const TRACEPOINTS: &[&str] = &[
+    "sys_exit_read",
+    "sys_exit_readv",
+    "sys_exit_recvfrom",
+    "sys_exit_recvmsg",
+    "sys_enter_write",
+    "sys_exit_write",
+    "sys_enter_writev",
+    "sys_exit_writev",
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    "sys_enter_sendmsg",
+    "sys_exit_sendmsg",
+    "sys_enter_sendfile64",
+    "sys_exit_sendfile64",
+    "sys_exit_connect",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_enter_close",
+    "sys_exit_dup2",
+    "sys_exit_dup3",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -68,11 +66,26 @@ pub fn preflight() -> anyhow::Result<()> {
              Use a kernel built with CONFIG_DEBUG_INFO_BTF=y (default on most distributions since 2020)."
         );
     }
-    let events = Path::new(TRACEFS).join("events");
-    for (category, name) in TRACEPOINTS {
-        if !events.join(category).join(name).exists() {
+    if !cfg!(target_arch = "x86_64") {
+        bail!(
+            "the probes read syscall arguments from x86-64 registers; this agent was built for {}.",
+            std::env::consts::ARCH
+        );
+    }
+    if let Some((major, minor)) = kernel_version() {
+        if (major, minor) < (5, 15) {
             bail!(
-                "the tracepoint {category}:{name} does not exist on this kernel ({}).\n\
+                "this kernel ({}) is older than Linux 5.15: the probes need bpf_task_pt_regs \
+                 (5.15) and the BPF ring buffer (5.8).",
+                kernel_release()
+            );
+        }
+    }
+    let events = Path::new(TRACEFS).join("events").join("syscalls");
+    for name in TRACEPOINTS {
+        if !events.join(name).exists() {
+            bail!(
+                "the tracepoint syscalls:{name} does not exist on this kernel ({}).\n\
                  Syscall tracepoints need CONFIG_FTRACE_SYSCALLS=y.",
                 kernel_release()
             );
@@ -131,6 +144,13 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// (major, minor) of the running kernel, if its release string starts with them.
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = kernel_release();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -153,10 +173,10 @@ impl Probes {
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
             .context(
-                "creating the probes' maps failed (the ring buffer needs Linux 5.8 or later)",
+                "creating the probes' maps failed",
             )?;
         let mut attached = 0;
-        for (category, name) in TRACEPOINTS {
+        for name in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the probes object"))?
@@ -177,8 +197,8 @@ impl Probes {
                 return Err(e).with_context(|| format!("loading the probe {name}"));
             }
             program
-                .attach(category, name)
-                .with_context(|| format!("attaching to the tracepoint {category}:{name}"))?;
+                .attach("syscalls", name)
+                .with_context(|| format!("attaching to the tracepoint syscalls:{name}"))?;
             attached += 1;
         }
         Ok(Probes { ebpf, attached })

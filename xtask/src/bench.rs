@@ -59,6 +59,8 @@ use anyhow::{bail, Context as _};
 pub struct BenchArgs {
     pub rounds: usize,
     pub seconds: u64,
+    /// Run only the kernel-cost micro-benchmark (a minute instead of ten).
+    pub kernel_only: bool,
 }
 
 struct Killed(Child);
@@ -356,7 +358,14 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = bench_in(&bin, &work, args);
+    let result = if args.kernel_only {
+        kernel_cost(&bin).map(|k| {
+            println!("\n== tracer kernel cost (medians of 3 alternations) ==");
+            print_kernel_cost(&k);
+        })
+    } else {
+        bench_in(&bin, &work, args)
+    };
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -411,8 +420,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                         per_req(cpu_seconds(collector_pid) - collector_cpu0);
                     run.agent_peak_mib = peak_rss_mib(pid);
                     run.ringbuf_drops = metric(metrics_port, "tracer_ringbuf_dropped_total");
-                    run.table_drops = metric(metrics_port, "tracer_inflight_dropped_total")
-                        + metric(metrics_port, "tracer_conn_table_dropped_total");
+                    run.table_drops = metric(metrics_port, "tracer_conn_table_dropped_total");
                     run.export_drops =
                         metric(metrics_port, "tracer_export_dropped_queue_full_total")
                             + metric(metrics_port, "tracer_export_dropped_rejected_total");
@@ -516,7 +524,6 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     println!("(req/s achieved; CPU = CPU time per request, utime + stime, of the agent and of the collector)");
-    let label = |s: &str| format!("{s:<48}");
     println!(
         "{}{:.3}  ({:.0} vs {:.0} req/s)",
         label("throughput at saturation, traced / untraced"),
@@ -551,15 +558,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         label("agent peak memory (VmHWM)"),
         results.iter().map(|r| r.agent_peak_mib).fold(0.0, f64::max)
     );
-    println!(
-        "{}{:.0} ns  (on an ignored connection {:.0} ns{})",
-        label("kernel cost per traced syscall"),
-        syscall.traced_ns,
-        syscall.ignored_ns,
-        syscall.program_ns.map_or(String::new(), |p| format!(
-            "; inside the probe programs {p:.0} ns"
-        ))
-    );
+    print_kernel_cost(&syscall);
     println!(
         "{}{:.0} spans/s wall, {:.0} spans per CPU-second",
         label("collector ingest (OTLP/HTTP protobuf -> store)"),
@@ -644,6 +643,35 @@ struct KernelCost {
     /// Time inside the probe programs per traced syscall (entry + exit), from the kernel's
     /// own BPF run-time statistics; `None` if bpftool is missing.
     program_ns: Option<f64>,
+    /// What every other syscall of the host pays: `getppid` (the programs' first test) and a
+    /// one-byte write to /dev/null (a write on a file: entry stamp, fd lookup, not a socket).
+    getppid_ns: f64,
+    file_write_ns: f64,
+    /// Records the ring buffer dropped during the traced runs (should be 0: a drop makes the
+    /// traced figure look cheaper than it is).
+    ringbuf_drops: u64,
+}
+
+const UNTRACED_CALLS: u32 = 1_000_000;
+
+/// Nanoseconds per call of `what` on `cpu`, over `UNTRACED_CALLS` calls.
+fn syscall_loop(cpu: usize, file_write: bool) -> anyhow::Result<f64> {
+    std::thread::spawn(move || -> anyhow::Result<f64> {
+        pin_thread(cpu);
+        let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        let start = Instant::now();
+        for _ in 0..UNTRACED_CALLS {
+            if file_write {
+                null.write_all(b"x")?;
+            } else {
+                // SAFETY: getppid has no preconditions.
+                std::hint::black_box(unsafe { libc::getppid() });
+            }
+        }
+        Ok(start.elapsed().as_nanos() as f64 / f64::from(UNTRACED_CALLS))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("syscall loop panicked"))?
 }
 
 const PING_ROUND_TRIPS: u32 = 100_000;
@@ -704,15 +732,38 @@ fn ping_pong(http: bool, cpu: usize) -> anyhow::Result<f64> {
     Ok(result)
 }
 
-/// Run time and run count of the agent's data-syscall programs (`bpftool prog show`).
-fn program_stats() -> Option<(f64, f64)> {
+fn label(s: &str) -> String {
+    format!("{s:<48}")
+}
+
+fn print_kernel_cost(syscall: &KernelCost) {
+    println!(
+        "{}{:.0} ns  (on an ignored connection {:.0} ns{}; ring-buffer drops {})",
+        label("kernel cost per traced syscall"),
+        syscall.traced_ns,
+        syscall.ignored_ns,
+        syscall.program_ns.map_or(String::new(), |p| format!(
+            "; inside the probe programs {p:.0} ns"
+        )),
+        syscall.ringbuf_drops
+    );
+    println!(
+        "{}getppid {:.0} ns, 1-byte write to /dev/null {:.0} ns",
+        label("kernel cost per untraced syscall"),
+        syscall.getppid_ns,
+        syscall.file_write_ns
+    );
+}
+
+/// Total run time of the agent's probe programs (`bpftool prog show`), nanoseconds.
+fn program_time_ns() -> Option<f64> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // A dependency-free scan of the JSON array: each program is one object.
-    let (mut time, mut exits) = (0.0, 0.0);
+    let mut time = 0.0;
     for obj in text.split("},{") {
         let field = |key: &str| -> Option<&str> {
             let at = obj.find(&format!("\"{key}\":"))? + key.len() + 3;
@@ -721,19 +772,14 @@ fn program_stats() -> Option<(f64, f64)> {
             Some(&rest[..end])
         };
         let Some(name) = field("name") else { continue };
-        let data = ["recvfrom", "sendto", "read", "write"]
-            .iter()
-            .any(|s| name == format!("sys_enter_{s}") || name == format!("sys_exit_{s}"));
-        if !data {
+        if !name.starts_with("sys_enter_") && !name.starts_with("sys_exit_") {
             continue;
         }
-        let num = |k: &str| field(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        time += num("run_time_ns");
-        if name.starts_with("sys_exit_") {
-            exits += num("run_cnt");
-        }
+        time += field("run_time_ns")
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
     }
-    Some((time, exits))
+    Some(time)
 }
 
 /// The kernel side's cost: ping-pong with the probes detached, then attached with the agent
@@ -744,39 +790,55 @@ fn kernel_cost(bin: &Path) -> anyhow::Result<KernelCost> {
     let ping_cpu = cpus - 1;
     let (mut off, mut traced, mut ignored_off, mut ignored) = (vec![], vec![], vec![], vec![]);
     let mut program_ns = Vec::new();
+    let (mut getppid_off, mut getppid_on, mut write_off, mut write_on) =
+        (vec![], vec![], vec![], vec![]);
+    let mut ringbuf_drops = 0;
     for _ in 0..3 {
         off.push(ping_pong(true, ping_cpu)?);
         ignored_off.push(ping_pong(false, ping_cpu)?);
+        getppid_off.push(syscall_loop(ping_cpu, false)?);
+        write_off.push(syscall_loop(ping_cpu, true)?);
+        let metrics_port = free_port();
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "0"])
             .arg(bin.join("tracer"))
-            .args(["agent", "--stdout", "--metrics-addr", "off"])
+            .args(["agent", "--stdout"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--pid", &std::process::id().to_string()])
             .stdout(Stdio::null())
             .env("RUST_LOG", "warn");
         let agent = start_ready(cmd, "tracer: ready")?;
-        // Ignored first, while the agent is idle: its work on the other CPU (possibly a
-        // hyperthread of the same core) would slow this run and inflate the figure.
+        // Untraced and ignored first, while the agent is idle: its work on the other CPU
+        // (possibly a hyperthread of the same core) would slow these runs and inflate them.
+        getppid_on.push(syscall_loop(ping_cpu, false)?);
+        write_on.push(syscall_loop(ping_cpu, true)?);
         ignored.push(ping_pong(false, ping_cpu)?);
         traced.push(ping_pong(true, ping_cpu)?);
         // Program time on its own run: the statistics add two clock reads per program run.
         let stats = "/proc/sys/kernel/bpf_stats_enabled";
         if std::fs::write(stats, "1").is_ok() {
-            let before = program_stats();
+            // Per traced syscall; includes the programs' runs for the other processes' calls
+            // of the traced syscalls in that time (the agent's own exit early).
+            let before = program_time_ns();
             ping_pong(true, ping_cpu)?;
-            if let (Some((t0, n0)), Some((t1, n1))) = (before, program_stats()) {
-                if n1 > n0 {
-                    program_ns.push((t1 - t0) / (n1 - n0));
-                }
+            if let (Some(t0), Some(t1)) = (before, program_time_ns()) {
+                program_ns.push((t1 - t0) / (4.0 * f64::from(PING_ROUND_TRIPS)));
             }
             let _ = std::fs::write(stats, "0");
         }
+        // The probes count a drop when a reserve fails, so the counter is current; the agent
+        // publishes it once a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        ringbuf_drops += metric(metrics_port, "tracer_ringbuf_dropped_total");
         drop(agent);
     }
     Ok(KernelCost {
         traced_ns: median(traced) - median(off),
         ignored_ns: median(ignored) - median(ignored_off),
         program_ns: (!program_ns.is_empty()).then(|| median(program_ns)),
+        getppid_ns: median(getppid_on) - median(getppid_off),
+        file_write_ns: median(write_on) - median(write_off),
+        ringbuf_drops,
     })
 }
 

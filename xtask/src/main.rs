@@ -38,6 +38,9 @@ enum Cmd {
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Only the kernel-cost micro-benchmark (per traced and untraced syscall).
+        #[arg(long)]
+        kernel_only: bool,
     },
     /// Set up, build, and start the collector (store, API, UI on http://127.0.0.1:16686) and the
     /// agent tracing this host, exporting to it. Ctrl-C stops both.
@@ -116,10 +119,21 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .args(&args))
         }
-        Cmd::Bench { rounds, seconds } => {
+        Cmd::Bench {
+            rounds,
+            seconds,
+            kernel_only,
+        } => {
             setup()?;
             build_release()?;
-            bench::bench(&root(), &bench::BenchArgs { rounds, seconds })
+            bench::bench(
+                &root(),
+                &bench::BenchArgs {
+                    rounds,
+                    seconds,
+                    kernel_only,
+                },
+            )
         }
         Cmd::Run { args } => {
             setup()?;
