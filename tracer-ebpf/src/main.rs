@@ -360,17 +360,6 @@ fn wake_flags(size: u64) -> u64 {
 /// moved.
 #[inline(always)]
 fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffer: Buffer) -> i32 {
-    let ts_exit = unsafe { bpf_ktime_get_ns() };
-    // Requests a process writes start when it issues the write; what it reads exists once the
-    // read returns, so reads need no entry time (the agent uses `ts_exit` for them).
-    let ts_enter = if dir == direction::EGRESS {
-        entry_time(pid_tgid)
-    } else {
-        Some(ts_exit)
-    };
-    if ret <= 0 {
-        return 0;
-    }
     let tgid = (pid_tgid >> 32) as u32;
     let fd = regs.di as u32;
     let key = conn_key(tgid, fd);
@@ -386,15 +375,26 @@ fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffe
             }
         }
     };
+    // Requests a process writes start when it issues the write; what it reads exists once the
+    // read returns, so reads need no entry time (the agent uses `ts_exit` for them). Taken
+    // before the muted test so a stamp never outlives its call.
+    let ts_enter = if dir == direction::EGRESS {
+        entry_time(pid_tgid)
+    } else {
+        None
+    };
     // SAFETY: a map value pointer, valid for this program run.
     let state = unsafe { &mut *state };
     if state.muted != 0 {
         return 0;
     }
+    let ts_exit = unsafe { bpf_ktime_get_ns() };
     let ts_enter = match ts_enter {
         Some(ts) => ts,
         None => {
-            bump(counter::ENTRY_TIME_MISSED);
+            if dir == direction::EGRESS {
+                bump(counter::ENTRY_TIME_MISSED);
+            }
             ts_exit
         }
     };
@@ -482,12 +482,16 @@ fn on_close(pid_tgid: u64, fd: u32) -> i32 {
     0
 }
 
-/// Stamps the entry time of a write (see `entry_time`).
+/// Stamps the entry time of a write on a tracked, unmuted connection (see `entry_time`). The fd
+/// is the first argument in the tracepoint record; files and muted connections cost one lookup.
 #[inline(always)]
-fn stamp_entry() -> u32 {
+fn stamp_entry(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == agent_tgid() {
-        return 0;
+    let key = conn_key((pid_tgid >> 32) as u32, ctx_u64(ctx, ARG0) as u32);
+    match CONNS.get_ptr(key) {
+        // SAFETY: a map value pointer, valid for this program run.
+        Some(state) if unsafe { (*state).muted } == 0 => {}
+        _ => return 0,
     }
     if let Some(slot) = ENTRY_TIMES.get_ptr_mut(0) {
         let ts = unsafe { bpf_ktime_get_ns() };
@@ -531,8 +535,8 @@ macro_rules! data_syscall {
     };
     ($enter:ident, $exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
         #[tracepoint]
-        pub fn $enter(_ctx: TracePointContext) -> u32 {
-            stamp_entry()
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            stamp_entry(&ctx)
         }
         data_syscall!($exit, $sc, $dir, $buf);
     };

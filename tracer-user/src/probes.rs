@@ -172,9 +172,7 @@ impl Probes {
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
-            .context(
-                "creating the probes' maps failed",
-            )?;
+            .context("creating the probes' maps failed")?;
         let mut attached = 0;
         for name in TRACEPOINTS {
             let program: &mut TracePoint = ebpf

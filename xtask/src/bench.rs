@@ -359,7 +359,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = if args.kernel_only {
-        kernel_cost(&bin).map(|k| {
+        kernel_cost(&bin, &work).map(|k| {
             println!("\n== tracer kernel cost (medians of 3 alternations) ==");
             print_kernel_cost(&k);
         })
@@ -469,7 +469,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     drop(nginx);
     drop(collector);
 
-    let syscall = kernel_cost(bin)?;
+    let syscall = kernel_cost(bin, work)?;
     let ingest = collector_ingest(bin, work, args.seconds)?;
 
     let pick = |level: Level, traced: bool, f: &dyn Fn(&Run) -> f64| -> f64 {
@@ -676,6 +676,14 @@ fn syscall_loop(cpu: usize, file_write: bool) -> anyhow::Result<f64> {
 
 const PING_ROUND_TRIPS: u32 = 100_000;
 
+/// Pins process `pid` (all its threads present now) to `cpu`.
+fn pin_process(pid: u32, cpu: usize) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_thread(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; affinity of this thread.
@@ -785,7 +793,7 @@ fn program_time_ns() -> Option<f64> {
 /// The kernel side's cost: ping-pong with the probes detached, then attached with the agent
 /// tracing this process (its spans printed to /dev/null, the agent itself on another CPU).
 /// Alternated three times; medians.
-fn kernel_cost(bin: &Path) -> anyhow::Result<KernelCost> {
+fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ping_cpu = cpus - 1;
     let (mut off, mut traced, mut ignored_off, mut ignored) = (vec![], vec![], vec![], vec![]);
@@ -793,6 +801,10 @@ fn kernel_cost(bin: &Path) -> anyhow::Result<KernelCost> {
     let (mut getppid_off, mut getppid_on, mut write_off, mut write_on) =
         (vec![], vec![], vec![], vec![]);
     let mut ringbuf_drops = 0;
+    // The agent exports to a collector, both on the other CPU: `--stdout` (JSON per span) could
+    // not keep up with the ping-pong, and a dropped record makes a traced call look cheaper.
+    let (collector, http, _) = collector(bin, &work.join("kernel-store"))?;
+    pin_process(collector.0.id(), 0);
     for _ in 0..3 {
         off.push(ping_pong(true, ping_cpu)?);
         ignored_off.push(ping_pong(false, ping_cpu)?);
@@ -802,7 +814,7 @@ fn kernel_cost(bin: &Path) -> anyhow::Result<KernelCost> {
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "0"])
             .arg(bin.join("tracer"))
-            .args(["agent", "--stdout"])
+            .args(["agent", "--endpoint", &format!("http://127.0.0.1:{http}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--pid", &std::process::id().to_string()])
             .stdout(Stdio::null())
