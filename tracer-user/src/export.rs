@@ -209,9 +209,14 @@ pub fn build_request(items: &[SpanItem]) -> ExportTraceServiceRequest {
 #[derive(Default)]
 pub struct Encoder {
     scope: Vec<u8>,
-    span: Vec<u8>,
+    /// The encoded spans of one resource, back to back, and each one's length: a protobuf
+    /// length prefix comes before its message, so spans are encoded once here and copied once
+    /// into the request when the lengths are known.
     spans: Vec<u8>,
+    span_lens: Vec<usize>,
     name: String,
+    /// The size of the last request, to allocate the next one at once.
+    last_len: usize,
 }
 
 impl Encoder {
@@ -222,22 +227,32 @@ impl Encoder {
         if self.scope.is_empty() {
             self.scope = scope().encode_to_vec();
         }
-        let mut out = Vec::with_capacity(items.len() * 450 + 1024);
+        let mut out = Vec::with_capacity(self.last_len.max(items.len() * 450) + 1024);
         for (resource, spans) in groups(items) {
-            // ScopeSpans: the scope, then each span as a length-delimited field.
             self.spans.clear();
-            bytes_field(&mut self.spans, scope_spans::SCOPE, &self.scope);
+            self.span_lens.clear();
             for span in spans {
-                self.span.clear();
-                span.encode(&mut self.span, &mut self.name);
-                bytes_field(&mut self.spans, scope_spans::SPANS, &self.span);
+                let start = self.spans.len();
+                span.encode(&mut self.spans, &mut self.name);
+                self.span_lens.push(self.spans.len() - start);
             }
-            let resource_spans = field_len(resource.encoded.len()) + field_len(self.spans.len());
+            // ScopeSpans: the scope, then each span as a length-delimited field.
+            let scope_spans = field_len(self.scope.len())
+                + self.span_lens.iter().map(|&n| field_len(n)).sum::<usize>();
+            let resource_spans = field_len(resource.encoded.len()) + field_len(scope_spans);
             tag(&mut out, request::RESOURCE_SPANS, LEN);
             varint(&mut out, resource_spans as u64);
             bytes_field(&mut out, resource_spans::RESOURCE, &resource.encoded);
-            bytes_field(&mut out, resource_spans::SCOPE_SPANS, &self.spans);
+            tag(&mut out, resource_spans::SCOPE_SPANS, LEN);
+            varint(&mut out, scope_spans as u64);
+            bytes_field(&mut out, scope_spans::SCOPE, &self.scope);
+            let mut at = 0;
+            for &n in &self.span_lens {
+                bytes_field(&mut out, scope_spans::SPANS, &self.spans[at..at + n]);
+                at += n;
+            }
         }
+        self.last_len = out.len();
         out
     }
 
