@@ -389,6 +389,33 @@ fn profile(rounds: usize, requests: usize, f: fn(&[u8]) -> Vec<SpanRecord>) {
     println!("{:.0} CPU ns per span (median)", median(ns));
 }
 
+/// Only `SqliteStore::write` of spans decoded beforehand (filter argument `profile-store`), for
+/// `valgrind --tool=callgrind --toggle-collect='ingest::write_all'` or `perf record`.
+fn profile_store(spans: usize) {
+    let bodies = requests_for(spans.div_ceil(SPANS_PER_REQUEST), 2);
+    let batches: Vec<Vec<SpanRecord>> = bodies.iter().map(|b| direct(b)).collect();
+    let d = fresh_dir("profile-store");
+    let store = SqliteStore::open(&d).expect("open");
+    let t = process_cpu();
+    write_all(&store, &batches);
+    drop(store);
+    let cpu = process_cpu() - t;
+    let n = batches.len() * SPANS_PER_REQUEST;
+    println!(
+        "SqliteStore::write: {:.0} spans/CPU-s ({:.2} µs/span)",
+        n as f64 / cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / n as f64
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[inline(never)]
+fn write_all(store: &SqliteStore, batches: &[Vec<SpanRecord>]) {
+    for b in batches {
+        store.write(b).expect("write");
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument runs just that part.
     let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -399,6 +426,7 @@ fn main() {
     match only.as_deref() {
         Some("profile") => return profile(rounds * 10, requests, direct),
         Some("profile-prost") => return profile(rounds * 10, requests, via_prost),
+        Some("profile-store") => return profile_store(env_usize("BENCH_STORE_SPANS", 102_400)),
         _ => {}
     }
     if only.as_deref().is_none_or(|o| "decode".contains(o)) {

@@ -66,7 +66,7 @@
 //! runs go once all their spans are gone. Freed pages are returned to the file system with
 //! `incremental_vacuum` (the database is created with `auto_vacuum=INCREMENTAL`).
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::File,
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
@@ -678,7 +678,7 @@ impl Inner {
         pending.persist(&tx).map_err(ctx("storing new names"))?;
         {
             let recent = self.read_recent();
-            let mut seen: HashSet<(TraceId, SpanId)> = HashSet::new();
+            let mut seen: foldhash::HashSet<(TraceId, SpanId)> = Default::default();
             let mut ins = tx
                 .prepare_cached(
                     "INSERT INTO spans(id, trace_id, span_id, parent_id, service_id,
