@@ -389,20 +389,31 @@ fn profile(rounds: usize, requests: usize, f: fn(&[u8]) -> Vec<SpanRecord>) {
     println!("{:.0} CPU ns per span (median)", median(ns));
 }
 
-/// Only `SqliteStore::write` of spans decoded beforehand (filter argument `profile-store`), for
-/// `valgrind --tool=callgrind --toggle-collect='ingest::write_all'` or `perf record`.
+/// Only `SqliteStore::write` (filter argument `profile-store`), for `valgrind --tool=callgrind
+/// --toggle-collect='ingest::write_one' --toggle-collect='*maintenance_loop*'` or
+/// `perf record`. `BENCH_TRACE_RUN_SPANS` sets how often the trace index is written out as a
+/// run (default: the store's 262,144), so that short runs include that work too.
 fn profile_store(spans: usize) {
     let bodies = requests_for(spans.div_ceil(SPANS_PER_REQUEST), 2);
-    let batches: Vec<Vec<SpanRecord>> = bodies.iter().map(|b| direct(b)).collect();
     let d = fresh_dir("profile-store");
-    let store = SqliteStore::open(&d).expect("open");
+    let options = tracer_store::StoreOptions {
+        trace_run_spans: env_usize("BENCH_TRACE_RUN_SPANS", 262_144),
+        ..Default::default()
+    };
+    let store = SqliteStore::open_with(&d, &options).expect("open");
+    let mut cpu = Duration::ZERO;
+    for b in &bodies {
+        let spans = direct(b);
+        let t = process_cpu();
+        write_one(&store, &spans);
+        cpu += process_cpu() - t;
+    }
     let t = process_cpu();
-    write_all(&store, &batches);
     drop(store);
-    let cpu = process_cpu() - t;
-    let n = batches.len() * SPANS_PER_REQUEST;
+    cpu += process_cpu() - t;
+    let n = bodies.len() * SPANS_PER_REQUEST;
     println!(
-        "SqliteStore::write: {:.0} spans/CPU-s ({:.2} µs/span)",
+        "SqliteStore::write: {:.0} spans/CPU-s ({:.2} µs/span, the background thread included)",
         n as f64 / cpu.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / n as f64
     );
@@ -410,10 +421,8 @@ fn profile_store(spans: usize) {
 }
 
 #[inline(never)]
-fn write_all(store: &SqliteStore, batches: &[Vec<SpanRecord>]) {
-    for b in batches {
-        store.write(b).expect("write");
-    }
+fn write_one(store: &SqliteStore, spans: &[SpanRecord]) {
+    store.write(spans).expect("write");
 }
 
 fn main() {
