@@ -4,17 +4,19 @@
 //! naming it, and nothing of it is stored (clients retry or fix the whole batch anyway).
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::{any_value::Value, AnyValue, KeyValue as OtlpKeyValue},
+    common::v1::{any_value::Value, KeyValue as OtlpKeyValue},
 };
 use std::sync::Arc;
 
-use tracer_store::{AttrValue, KeyValue, SpanEvent, SpanLink, SpanRecord};
+use tracer_store::{AttrValue, KeyValue, SpanEvent, SpanId, SpanLink, SpanRecord, TraceId};
 
 /// `service.name` for resources that have none (what the OTel SDKs use).
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
 
-fn attr_value(v: AnyValue) -> AttrValue {
-    match v.value {
+/// An OTLP value as stored; `None` (no value, or an empty `AnyValue`) is an empty string.
+#[inline]
+pub(crate) fn attr_value(v: Option<Value>) -> AttrValue {
+    match v {
         Some(Value::StringValue(s)) => AttrValue::Str(s),
         Some(Value::IntValue(i)) => AttrValue::Int(i),
         Some(Value::DoubleValue(d)) => AttrValue::Float(d),
@@ -58,12 +60,16 @@ fn attributes(kvs: Vec<OtlpKeyValue>) -> Vec<KeyValue> {
     kvs.into_iter()
         .map(|kv| KeyValue {
             key: kv.key,
-            value: kv.value.map_or(AttrValue::Str(String::new()), attr_value),
+            value: attr_value(kv.value.and_then(|v| v.value)),
         })
         .collect()
 }
 
-fn fixed<const N: usize>(bytes: &[u8], what: &str, span: usize) -> Result<[u8; N], String> {
+pub(crate) fn fixed<const N: usize>(
+    bytes: &[u8],
+    what: &str,
+    span: usize,
+) -> Result<[u8; N], String> {
     let id: [u8; N] = bytes.try_into().map_err(|_| {
         format!(
             "span #{span}: {what} must be {N} bytes, got {}",
@@ -78,6 +84,41 @@ fn fixed<const N: usize>(bytes: &[u8], what: &str, span: usize) -> Result<[u8; N
     Ok(id)
 }
 
+/// `service.name` of a resource, as text; `unknown_service` when absent or empty.
+pub(crate) fn service_name(resource: &[KeyValue]) -> String {
+    resource
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .map(|kv| kv.value.as_text())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned())
+}
+
+/// The checks every span must pass (shared by both decoding paths, so their messages are the
+/// same): ids of the right length and not all zeros, an empty or valid parent, and no end
+/// before the start. `n` is the span's 1-based position in the request.
+pub(crate) fn check_span(
+    n: usize,
+    trace_id: &[u8],
+    span_id: &[u8],
+    parent_span_id: &[u8],
+    start: u64,
+    end: u64,
+    name: &str,
+) -> Result<(TraceId, SpanId, Option<SpanId>), String> {
+    let trace_id = fixed::<16>(trace_id, "trace_id", n)?;
+    let span_id = fixed::<8>(span_id, "span_id", n)?;
+    let parent_span_id = if parent_span_id.is_empty() {
+        None
+    } else {
+        Some(fixed::<8>(parent_span_id, "parent_span_id", n)?)
+    };
+    if end < start {
+        return Err(format!("span #{n} ({name}): ends before it starts"));
+    }
+    Ok((trace_id, span_id, parent_span_id))
+}
+
 /// Converts a whole export request, taking its strings rather than copying them. `Err` says
 /// what is wrong with the first bad span.
 pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanRecord>, String> {
@@ -90,27 +131,21 @@ pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanReco
                 .map(|r| attributes(r.attributes))
                 .unwrap_or_default(),
         );
-        let service = resource
-            .iter()
-            .find(|kv| kv.key == "service.name")
-            .map(|kv| kv.value.as_text())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
+        let service = service_name(&resource);
         for ss in rs.scope_spans {
             let (scope_name, scope_version) =
                 ss.scope.map(|s| (s.name, s.version)).unwrap_or_default();
             for s in ss.spans {
                 n += 1;
-                let trace_id = fixed::<16>(&s.trace_id, "trace_id", n)?;
-                let span_id = fixed::<8>(&s.span_id, "span_id", n)?;
-                let parent_span_id = if s.parent_span_id.is_empty() {
-                    None
-                } else {
-                    Some(fixed::<8>(&s.parent_span_id, "parent_span_id", n)?)
-                };
-                if s.end_time_unix_nano < s.start_time_unix_nano {
-                    return Err(format!("span #{n} ({}): ends before it starts", s.name));
-                }
+                let (trace_id, span_id, parent_span_id) = check_span(
+                    n,
+                    &s.trace_id,
+                    &s.span_id,
+                    &s.parent_span_id,
+                    s.start_time_unix_nano,
+                    s.end_time_unix_nano,
+                    &s.name,
+                )?;
                 let (status_code, status_message) = s
                     .status
                     .map_or((0, String::new()), |st| (st.code, st.message));

@@ -1,6 +1,7 @@
 //! OTLP ingest over HTTP (`POST /v1/traces`, protobuf or JSON, optionally gzip) and gRPC
 //! (`TraceService/Export`). A batch is acknowledged only after the store says it is durable.
 use std::{
+    borrow::Cow,
     io::Read as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -21,9 +22,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message as _;
-use tracer_store::SpanStore;
+use tracer_store::{SpanRecord, SpanStore};
 
-use crate::convert;
+use crate::{convert, decode};
 
 #[derive(Default, Debug)]
 pub struct IngestStats {
@@ -64,13 +65,21 @@ impl Ingest {
 
     /// Converts and stores; the error is (HTTP status, message).
     async fn accept(&self, req: ExportTraceServiceRequest) -> Result<(), (StatusCode, String)> {
-        let spans = convert::spans_from_request(req).map_err(|e| {
-            self.stats.rejected_malformed.fetch_add(1, Relaxed);
-            (
-                StatusCode::BAD_REQUEST,
-                format!("invalid span: {e}; nothing of this batch was stored"),
-            )
-        })?;
+        let spans = convert::spans_from_request(req).map_err(|e| self.invalid_span(e))?;
+        self.store(spans).await
+    }
+
+    /// A batch refused for one of its spans (`convert::check_span`'s message).
+    fn invalid_span(&self, e: String) -> (StatusCode, String) {
+        self.stats.rejected_malformed.fetch_add(1, Relaxed);
+        (
+            StatusCode::BAD_REQUEST,
+            format!("invalid span: {e}; nothing of this batch was stored"),
+        )
+    }
+
+    /// Stores converted spans; the error is (HTTP status, message).
+    async fn store(&self, spans: Vec<SpanRecord>) -> Result<(), (StatusCode, String)> {
         let count = spans.len() as u64;
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || store.write(&spans)).await;
@@ -202,9 +211,10 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
-    let raw = if gzip {
+    // The body is decoded where it lies: only a gzipped one needs a buffer of its own.
+    let raw: Cow<'_, [u8]> = if gzip {
         match gunzip(&body, ingest.max_body_bytes) {
-            Ok(b) => b,
+            Ok(b) => Cow::Owned(b),
             Err((status, msg)) => {
                 if status == StatusCode::PAYLOAD_TOO_LARGE {
                     ingest.stats.rejected_too_large.fetch_add(1, Relaxed);
@@ -215,23 +225,36 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
             }
         }
     } else {
-        body.to_vec()
+        Cow::Borrowed(&body)
     };
-    let decoded = match encoding {
-        Encoding::Protobuf => ExportTraceServiceRequest::decode(raw.as_slice()).map_err(|e| {
-            format!("the body is not an OTLP ExportTraceServiceRequest in protobuf: {e}")
-        }),
-        Encoding::Json => serde_json::from_slice::<ExportTraceServiceRequest>(&raw)
-            .map_err(|e| format!("the body is not an OTLP ExportTraceServiceRequest in JSON: {e}")),
+    let result = match encoding {
+        // The hot path: protobuf straight to store records (`decode.rs`), no prost structs.
+        Encoding::Protobuf => match decode::spans_from_protobuf(&raw) {
+            Ok(spans) => {
+                drop(raw);
+                ingest.store(spans).await
+            }
+            Err(decode::Error::Malformed(e)) => {
+                ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
+                let msg =
+                    format!("the body is not an OTLP ExportTraceServiceRequest in protobuf: {e}");
+                return reply(encoding, StatusCode::BAD_REQUEST, Some(msg));
+            }
+            Err(decode::Error::Invalid(e)) => Err(ingest.invalid_span(e)),
+        },
+        Encoding::Json => match serde_json::from_slice::<ExportTraceServiceRequest>(&raw) {
+            Ok(req) => {
+                drop(raw);
+                ingest.accept(req).await
+            }
+            Err(e) => {
+                ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
+                let msg = format!("the body is not an OTLP ExportTraceServiceRequest in JSON: {e}");
+                return reply(encoding, StatusCode::BAD_REQUEST, Some(msg));
+            }
+        },
     };
-    let req = match decoded {
-        Ok(r) => r,
-        Err(msg) => {
-            ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
-            return reply(encoding, StatusCode::BAD_REQUEST, Some(msg));
-        }
-    };
-    match ingest.accept(req).await {
+    match result {
         Ok(()) => reply(encoding, StatusCode::OK, None),
         Err((status, msg)) => reply(encoding, status, Some(msg)),
     }

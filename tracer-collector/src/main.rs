@@ -5,16 +5,11 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod convert;
-mod ingest;
-mod jaeger;
-mod tls;
-mod ui;
-
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
+use tracer_collector::{ingest, jaeger, tls, ui};
 use tracer_store::{Retention, SpanStore, SqliteStore};
 
 #[derive(Parser, Debug)]

@@ -9,7 +9,7 @@
 //!
 //! Nothing here needs to be durable: the spans table is the truth, and on open every span past
 //! the last run (`meta.trace_indexed_upto`) is read back into the map.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use crate::{SpanId, TraceId};
 
@@ -37,7 +37,9 @@ impl Spans {
     }
 }
 
-pub(super) type Map = HashMap<TraceId, Spans>;
+/// Seeded foldhash: a lookup per span on the write path (duplicate check and insert), where
+/// SipHash cost more than the map itself.
+pub(super) type Map = foldhash::HashMap<TraceId, Spans>;
 
 #[derive(Default)]
 pub(super) struct Recent {

@@ -1,0 +1,448 @@
+//! `cargo bench -p tracer-collector`: CPU per span of the collector's OTLP/HTTP protobuf ingest,
+//! the `prost` path (decode into `ExportTraceServiceRequest`, then `convert`) side by side with
+//! the direct decoder (`decode.rs`) on the same bodies, then the whole path into a fresh
+//! `SqliteStore`.
+//!
+//! Bodies are what the agent sends: 512 spans a request, grouped by process (one
+//! `ResourceSpans` each, 14 resource attributes, `host.ip` an array), one scope; HTTP server
+//! spans with 17 attributes and client spans with 16, as `tracer-user/src/spans.rs` makes
+//! them. Figures are CPU time (the calling thread's for decoding; the whole process's, the
+//! store's background thread included, for the store), median of the rounds, paths
+//! alternating within a round so that noise from other work on the machine hits both.
+//!
+//! Environment: `BENCH_REQUESTS` (distinct bodies for decoding, default 40), `BENCH_ROUNDS`
+//! (default 7), `BENCH_STORE_SPANS` (spans per store run, default 102,400; 0 skips it),
+//! `BENCH_STORE_ROUNDS` (default 3).
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{any_value::Value, AnyValue, ArrayValue, InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
+};
+use prost::Message as _;
+use tracer_collector::{convert, decode};
+use tracer_store::{SpanRecord, SpanStore, SqliteStore};
+
+/// The collector's allocator, so allocation costs are the ones it pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SPANS_PER_REQUEST: usize = 512;
+const PROCESSES: u64 = 20;
+/// Processes one agent's request carries spans of (one host's nginx workers and upstreams).
+const PROCESSES_PER_REQUEST: u64 = 4;
+const T0: u64 = 1_795_000_000_000_000_000;
+
+/// xorshift64*: deterministic, so runs are comparable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn s(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue(v.into())),
+        }),
+        key_strindex: 0,
+    }
+}
+
+fn i(k: &str, v: i64) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(Value::IntValue(v)),
+        }),
+        key_strindex: 0,
+    }
+}
+
+/// 14 attributes, as `tracer-user/src/resource.rs` reports a process on a host.
+fn resource(p: u64) -> Resource {
+    let mut attrs = vec![
+        s("service.name", &format!("svc-{}", p % 10)),
+        i("process.pid", 1000 + p as i64),
+        s("process.executable.name", "nginx"),
+        s("process.executable.path", "/usr/sbin/nginx"),
+        s("process.command_line", "nginx: worker process"),
+        s("process.linux.cgroup", "/system.slice/nginx.service"),
+        s("host.name", &format!("host-{}", p % 4)),
+        s("host.id", "3d1219c7c4c5404aaa1f6d2a48adfda4"),
+        s("host.arch", "amd64"),
+        s("os.type", "linux"),
+        s("os.version", "6.18.44"),
+        i("host.cpu.count", 2),
+        i("host.memory.total", 25_276_063_744),
+    ];
+    attrs.push(KeyValue {
+        key: "host.ip".into(),
+        value: Some(AnyValue {
+            value: Some(Value::ArrayValue(ArrayValue {
+                values: vec![AnyValue {
+                    value: Some(Value::StringValue("192.0.2.2".into())),
+                }],
+            })),
+        }),
+        key_strindex: 0,
+    });
+    Resource {
+        attributes: attrs,
+        ..Default::default()
+    }
+}
+
+const ROUTES: [(&str, &str); 5] = [
+    ("GET", "/api/v1/items"),
+    ("GET", "/api/v1/items/{id}"),
+    ("POST", "/api/v1/items"),
+    ("PUT", "/api/v1/items/{id}"),
+    ("DELETE", "/api/v1/items/{id}"),
+];
+
+/// An HTTP span as the agent makes it: server spans 17 attributes, client spans 16.
+fn span(rng: &mut Rng, k: u64, server: bool, trace_id: [u8; 16], parent: Option<[u8; 8]>) -> Span {
+    let (method, route) = ROUTES[rng.below(ROUTES.len() as u64) as usize];
+    let path = route.replace("{id}", &rng.below(100_000).to_string());
+    let error = rng.below(50) == 0;
+    let code = if error { 503 } else { 200 };
+    let peer = format!("10.0.{}.{}", rng.below(8), rng.below(250));
+    let start = T0 + k * 100_000;
+    let spread = rng.below(16);
+    let mut attributes = vec![
+        s("http.request.method", method),
+        s("url.path", &path),
+        s("url.scheme", "http"),
+        s("network.protocol.name", "http"),
+        s("network.protocol.version", "1.1"),
+        s("network.transport", "tcp"),
+        s("server.address", "shop.example.com"),
+        i("server.port", 8080),
+        s("network.peer.address", &peer),
+        i("network.peer.port", 32768 + rng.below(28000) as i64),
+        s("network.local.address", "10.0.1.5"),
+        i("network.local.port", 8080),
+        i("http.request.size", rng.below(2000) as i64),
+        i("http.response.size", 200 + rng.below(20_000) as i64),
+    ];
+    if server {
+        attributes.push(s("client.address", &peer));
+    }
+    attributes.push(s(
+        "user_agent.original",
+        "Mozilla/5.0 (X11; Linux x86_64) curl/7.88.1",
+    ));
+    attributes.push(i("http.response.status_code", code));
+    Span {
+        trace_id: trace_id.to_vec(),
+        span_id: rng.next().to_le_bytes().to_vec(),
+        parent_span_id: parent.map_or_else(Vec::new, |p| p.to_vec()),
+        name: format!("{method} {route}"),
+        kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        } as i32,
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + 20_000 + rng.below(1 << spread) * 1_500,
+        attributes,
+        status: error.then(|| Status {
+            message: String::new(),
+            code: StatusCode::Error as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+/// `n` requests of 512 spans: server spans, a third with a client span as their parent.
+fn requests(n: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+    let mut k = 0;
+    (0..n)
+        .map(|_| {
+            let first_process = rng.below(PROCESSES);
+            let mut groups: Vec<Vec<Span>> = vec![Vec::new(); PROCESSES_PER_REQUEST as usize];
+            let mut count = 0;
+            while count < SPANS_PER_REQUEST {
+                let mut trace_id = [0u8; 16];
+                trace_id[..8].copy_from_slice(&rng.next().to_le_bytes());
+                trace_id[8..].copy_from_slice(&rng.next().to_le_bytes());
+                let g = rng.below(PROCESSES_PER_REQUEST) as usize;
+                if rng.below(3) == 0 && count + 2 <= SPANS_PER_REQUEST {
+                    let client = span(rng, k, false, trace_id, None);
+                    let parent: [u8; 8] = client.span_id.as_slice().try_into().unwrap();
+                    groups[g].push(client);
+                    let g2 = rng.below(PROCESSES_PER_REQUEST) as usize;
+                    groups[g2].push(span(rng, k + 1, true, trace_id, Some(parent)));
+                    count += 2;
+                    k += 2;
+                } else {
+                    groups[g].push(span(rng, k, true, trace_id, None));
+                    count += 1;
+                    k += 1;
+                }
+            }
+            ExportTraceServiceRequest {
+                resource_spans: groups
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, spans)| !spans.is_empty())
+                    .map(|(g, spans)| ResourceSpans {
+                        resource: Some(resource((first_process + g as u64) % PROCESSES)),
+                        scope_spans: vec![ScopeSpans {
+                            scope: Some(InstrumentationScope {
+                                name: "tracer".into(),
+                                version: "0.1.0".into(),
+                                ..Default::default()
+                            }),
+                            spans,
+                            schema_url: String::new(),
+                        }],
+                        schema_url: String::new(),
+                    })
+                    .collect(),
+            }
+            .encode_to_vec()
+        })
+        .collect()
+}
+
+fn clock(id: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for the duration of the call.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn thread_cpu() -> Duration {
+    clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn process_cpu() -> Duration {
+    clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    // (The upper median for an even count.)
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+#[inline(never)]
+fn via_prost(body: &[u8]) -> Vec<SpanRecord> {
+    let req = ExportTraceServiceRequest::decode(body).expect("decode");
+    convert::spans_from_request(req).expect("convert")
+}
+
+#[inline(never)]
+fn direct(body: &[u8]) -> Vec<SpanRecord> {
+    decode::spans_from_protobuf(body).expect("decode")
+}
+
+/// ns of CPU per span for `f` over every body (the records dropped inside, as ingest drops
+/// them after the store write).
+fn per_span(bodies: &[Vec<u8>], f: &mut dyn FnMut(&[u8]) -> usize) -> f64 {
+    let t = thread_cpu();
+    let spans: usize = bodies.iter().map(|b| f(b)).sum();
+    (thread_cpu() - t).as_nanos() as f64 / spans as f64
+}
+
+fn decoding(rounds: usize, requests: usize) {
+    let bodies = requests_for(requests, 1);
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    println!(
+        "decode + convert: {requests} bodies of {SPANS_PER_REQUEST} spans ({:.0} bytes/span), \
+         {rounds} rounds, CPU ns per span (median)",
+        bytes as f64 / (requests * SPANS_PER_REQUEST) as f64
+    );
+    // Same output, checked once.
+    for b in &bodies {
+        assert_eq!(via_prost(b), direct(b), "the two paths disagree");
+    }
+    let mut prost_decode_only = Vec::new();
+    let mut prost_full = Vec::new();
+    let mut direct_full = Vec::new();
+    for _ in 0..rounds {
+        prost_decode_only.push(per_span(&bodies, &mut |b| {
+            let r = ExportTraceServiceRequest::decode(b).expect("decode");
+            r.resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .map(|ss| ss.spans.len())
+                .sum()
+        }));
+        prost_full.push(per_span(&bodies, &mut |b| via_prost(b).len()));
+        direct_full.push(per_span(&bodies, &mut |b| direct(b).len()));
+    }
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (pf, df) = (median(prost_full.clone()), median(direct_full.clone()));
+    println!("                                          median      min");
+    for (label, v) in [
+        ("prost decode only (no convert)", &prost_decode_only),
+        ("prost decode + convert (before)", &prost_full),
+        ("direct decoder (decode.rs, after)", &direct_full),
+    ] {
+        println!(
+            "  {label:<36} {:>8.0} ns {:>8.0} ns",
+            median(v.clone()),
+            min(v)
+        );
+    }
+    println!(
+        "  ratio before/after                   {:>8.2}x {:>8.2}x",
+        pf / df,
+        min(&prost_full) / min(&direct_full)
+    );
+}
+
+fn requests_for(n: usize, seed: u64) -> Vec<Vec<u8>> {
+    requests(n, &mut Rng(0x5eed_0000 + seed))
+}
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("bench-collector")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("creating the bench directory");
+    d
+}
+
+/// Spans per CPU-second of decode + convert + `SqliteStore::write` (one writer thread, the
+/// store's background thread counted), into a fresh store.
+fn store_run(bodies: &[Vec<u8>], name: &str, decode: fn(&[u8]) -> Vec<SpanRecord>) -> f64 {
+    let d = fresh_dir(name);
+    let store = SqliteStore::open(&d).expect("open");
+    let t = process_cpu();
+    let mut n = 0;
+    for b in bodies {
+        let spans = decode(b);
+        store.write(&spans).expect("write");
+        n += spans.len();
+    }
+    drop(store); // joins the background thread, so its work is counted
+    let cpu = process_cpu() - t;
+    assert_eq!(n, bodies.len() * SPANS_PER_REQUEST);
+    let _ = std::fs::remove_dir_all(&d);
+    n as f64 / cpu.as_secs_f64()
+}
+
+fn storing(rounds: usize, spans: usize) {
+    let n = spans.div_ceil(SPANS_PER_REQUEST);
+    let bodies = requests_for(n, 2);
+    println!(
+        "decode + convert + SqliteStore::write: {} spans in bodies of {SPANS_PER_REQUEST}, \
+         1 writer thread, {rounds} rounds, spans per CPU-second (median)",
+        n * SPANS_PER_REQUEST
+    );
+    let mut before = Vec::new();
+    let mut after = Vec::new();
+    for _ in 0..rounds {
+        before.push(store_run(&bodies, "prost", via_prost));
+        after.push(store_run(&bodies, "direct", direct));
+    }
+    let (b, a) = (median(before), median(after));
+    println!(
+        "  prost path (before)                   {b:>8.0} spans/CPU-s  {:>6.2} µs/span",
+        1e6 / b
+    );
+    println!(
+        "  direct decoder (after)                {a:>8.0} spans/CPU-s  {:>6.2} µs/span",
+        1e6 / a
+    );
+    println!("  ratio after/before                    {:>8.2}x", a / b);
+}
+
+/// One path in a loop, for `perf record` or `valgrind --tool=callgrind
+/// --toggle-collect='ingest::direct'` (filter argument `profile` or `profile-prost`).
+fn profile(rounds: usize, requests: usize, f: fn(&[u8]) -> Vec<SpanRecord>) {
+    let bodies = requests_for(requests, 1);
+    let mut ns = Vec::new();
+    for _ in 0..rounds {
+        ns.push(per_span(&bodies, &mut |b| f(b).len()));
+    }
+    println!("{:.0} CPU ns per span (median)", median(ns));
+}
+
+/// Only `SqliteStore::write` (filter argument `profile-store`), for `valgrind --tool=callgrind
+/// --toggle-collect='ingest::write_one' --toggle-collect='*maintenance_loop*'` or
+/// `perf record`. `BENCH_TRACE_RUN_SPANS` sets how often the trace index is written out as a
+/// run (default: the store's 262,144), so that short runs include that work too.
+fn profile_store(spans: usize) {
+    let bodies = requests_for(spans.div_ceil(SPANS_PER_REQUEST), 2);
+    let d = fresh_dir("profile-store");
+    let options = tracer_store::StoreOptions {
+        trace_run_spans: env_usize("BENCH_TRACE_RUN_SPANS", 262_144),
+        ..Default::default()
+    };
+    let store = SqliteStore::open_with(&d, &options).expect("open");
+    let mut cpu = Duration::ZERO;
+    for b in &bodies {
+        let spans = direct(b);
+        let t = process_cpu();
+        write_one(&store, &spans);
+        cpu += process_cpu() - t;
+    }
+    let t = process_cpu();
+    drop(store);
+    cpu += process_cpu() - t;
+    let n = bodies.len() * SPANS_PER_REQUEST;
+    println!(
+        "SqliteStore::write: {:.0} spans/CPU-s ({:.2} µs/span, the background thread included)",
+        n as f64 / cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / n as f64
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[inline(never)]
+fn write_one(store: &SqliteStore, spans: &[SpanRecord]) {
+    store.write(spans).expect("write");
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument runs just that part.
+    let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let (rounds, requests) = (
+        env_usize("BENCH_ROUNDS", 7),
+        env_usize("BENCH_REQUESTS", 40),
+    );
+    match only.as_deref() {
+        Some("profile") => return profile(rounds * 10, requests, direct),
+        Some("profile-prost") => return profile(rounds * 10, requests, via_prost),
+        Some("profile-store") => return profile_store(env_usize("BENCH_STORE_SPANS", 102_400)),
+        _ => {}
+    }
+    if only.as_deref().is_none_or(|o| "decode".contains(o)) {
+        decoding(rounds, requests);
+    }
+    let store_spans = env_usize("BENCH_STORE_SPANS", 102_400);
+    if store_spans > 0 && only.as_deref().is_none_or(|o| "store".contains(o)) {
+        storing(env_usize("BENCH_STORE_ROUNDS", 3), store_spans);
+    }
+}

@@ -1,0 +1,8 @@
+//! The collector's parts, as a library so that benches (`benches/ingest.rs`) reach the ingest
+//! path without a running server; `main.rs` is the binary that wires them together.
+pub mod convert;
+pub mod decode;
+pub mod ingest;
+pub mod jaeger;
+pub mod tls;
+pub mod ui;
