@@ -23,8 +23,8 @@
 //! Callers encode their spans on their own thread (interning names through the in-memory
 //! catalog). Then group commit: whichever caller finds no commit running becomes the leader and
 //! writes every batch waiting (its own included, up to 16k spans) in one transaction on the
-//! single writer connection, with cached statements; each caller returns once the commit that
-//! holds its spans is done. A batch sent again (a lost acknowledgement) is not stored twice,
+//! single writer connection, with cached multi-row `INSERT` statements (`insert_many`); each
+//! caller returns once the commit that holds its spans is done. A batch sent again (a lost acknowledgement) is not stored twice,
 //! as long as its first copy is still in the recent trace index.
 //!
 //! The trace index is the unusual part. Trace ids are random, so a B-tree keyed by them takes
@@ -48,7 +48,7 @@
 //! process, even with `kill -9`, loses nothing acknowledged; a power loss or kernel crash can
 //! lose the last commits (never corrupting the file). [`Durability::PowerLoss`] adds an fsync
 //! per group commit (`synchronous=FULL`). A background thread checkpoints the WAL into the
-//! database so commits rarely pay for it.
+//! database, at most once a second, so commits rarely pay for it.
 //!
 //! # Reading
 //!
