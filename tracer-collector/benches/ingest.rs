@@ -392,7 +392,8 @@ fn profile(rounds: usize, requests: usize, f: fn(&[u8]) -> Vec<SpanRecord>) {
 /// Only `SqliteStore::write` (filter argument `profile-store`), for `valgrind --tool=callgrind
 /// --toggle-collect='ingest::write_one' --toggle-collect='*maintenance_loop*'` or
 /// `perf record`. `BENCH_TRACE_RUN_SPANS` sets how often the trace index is written out as a
-/// run (default: the store's 262,144), so that short runs include that work too.
+/// run (default: the store's 262,144), so that short runs include that work too; `BENCH_BATCH`
+/// the spans per `write` call (default 512).
 fn profile_store(spans: usize) {
     let bodies = requests_for(spans.div_ceil(SPANS_PER_REQUEST), 2);
     let d = fresh_dir("profile-store");
@@ -401,11 +402,15 @@ fn profile_store(spans: usize) {
         ..Default::default()
     };
     let store = SqliteStore::open_with(&d, &options).expect("open");
+    // `BENCH_BATCH`: spans per `write` (the agent sends up to 512; the live collector saw 2).
+    let batch = env_usize("BENCH_BATCH", SPANS_PER_REQUEST).max(1);
     let mut cpu = Duration::ZERO;
     for b in &bodies {
         let spans = direct(b);
         let t = process_cpu();
-        write_one(&store, &spans);
+        for chunk in spans.chunks(batch) {
+            write_one(&store, chunk);
+        }
         cpu += process_cpu() - t;
     }
     let t = process_cpu();
