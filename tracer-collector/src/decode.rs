@@ -295,8 +295,9 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Checks a known field that the store does not keep: right wire type, and for strings
-    /// valid UTF-8, as `prost` would.
+    /// Skips a known scalar field that the store does not keep, after checking its wire type
+    /// as `prost` would. (Known strings the store ignores are read with `str`, which checks
+    /// their UTF-8 the same way.)
     fn ignore(&mut self, field: u32, name: &str, wt: u8, want: u8) -> R<()> {
         self.expect(field, name, wt, want)?;
         self.skip(field, wt)
