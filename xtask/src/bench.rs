@@ -360,7 +360,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let result = if args.kernel_only {
         kernel_cost(&bin, &work).map(|k| {
-            println!("\n== tracer kernel cost (medians of 3 alternations) ==");
+            println!("\n== tracer kernel cost (medians of {KERNEL_ALTERNATIONS} alternations) ==");
             print_kernel_cost(&k);
         })
     } else {
@@ -652,7 +652,7 @@ struct KernelCost {
     ringbuf_drops: u64,
 }
 
-const UNTRACED_CALLS: u32 = 1_000_000;
+const UNTRACED_CALLS: u32 = 500_000;
 
 /// Nanoseconds per call of `what` on `cpu`, over `UNTRACED_CALLS` calls.
 fn syscall_loop(cpu: usize, file_write: bool) -> anyhow::Result<f64> {
@@ -674,7 +674,10 @@ fn syscall_loop(cpu: usize, file_write: bool) -> anyhow::Result<f64> {
     .map_err(|_| anyhow::anyhow!("syscall loop panicked"))?
 }
 
-const PING_ROUND_TRIPS: u32 = 100_000;
+const PING_ROUND_TRIPS: u32 = 50_000;
+/// Probes off, then on, this many times: single runs in a VM vary by 20%, so many short
+/// alternations give steadier medians than a few long ones.
+const KERNEL_ALTERNATIONS: usize = 7;
 
 /// Pins process `pid` (all its threads present now) to `cpu`.
 fn pin_process(pid: u32, cpu: usize) {
@@ -792,7 +795,7 @@ fn program_time_ns() -> Option<f64> {
 
 /// The kernel side's cost: ping-pong with the probes detached, then attached with the agent
 /// tracing this process (its spans printed to /dev/null, the agent itself on another CPU).
-/// Alternated three times; medians.
+/// Alternated `KERNEL_ALTERNATIONS` times; medians.
 fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ping_cpu = cpus - 1;
@@ -805,7 +808,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
     // not keep up with the ping-pong, and a dropped record makes a traced call look cheaper.
     let (collector, http, _) = collector(bin, &work.join("kernel-store"))?;
     pin_process(collector.0.id(), 0);
-    for _ in 0..3 {
+    for _ in 0..KERNEL_ALTERNATIONS {
         off.push(ping_pong(true, ping_cpu)?);
         ignored_off.push(ping_pong(false, ping_cpu)?);
         getppid_off.push(syscall_loop(ping_cpu, false)?);
