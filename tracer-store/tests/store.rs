@@ -591,6 +591,33 @@ const V1_SCHEMA: &str = "
     PRAGMA user_version = 1;";
 
 #[test]
+fn a_pre_release_store_is_refused_with_what_to_do() {
+    let path = dir("pre-release");
+    std::fs::create_dir_all(&path).unwrap();
+    {
+        let c = rusqlite::Connection::open(path.join("spans.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE resources(id INTEGER PRIMARY KEY, hash INTEGER NOT NULL UNIQUE, attrs TEXT NOT NULL);
+             CREATE TABLE spans(id INTEGER PRIMARY KEY, trace_id BLOB NOT NULL, attrs TEXT NOT NULL,
+                                extra TEXT NOT NULL);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let err = SqliteStore::open(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains("pre-release build") && err.contains("Move the data directory aside"),
+        "{err}"
+    );
+    // Nothing was changed: the file is still the old layout, for whoever wants it.
+    let c = rusqlite::Connection::open(path.join("spans.db")).unwrap();
+    let version: u32 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
+}
+
+#[test]
 fn a_version_1_store_is_upgraded() {
     let path = dir("v1");
     std::fs::create_dir_all(&path).unwrap();

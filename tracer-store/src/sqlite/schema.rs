@@ -97,6 +97,16 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             known: VERSION,
         });
     }
+    if found == 1 && has_column(conn, "spans", "extra") {
+        // The very first layout (2026-11-25, replaced within the hour, still user_version 1):
+        // JSON `attrs` + `extra` columns that no released migration reads.
+        return Err(StoreError::Database(
+            "this store was written by a pre-release build whose layout cannot be upgraded \
+             (spans with `attrs`/`extra` columns). Move the data directory aside (or delete it) \
+             and start again; the collector then creates a new store"
+                .into(),
+        ));
+    }
     for (i, steps) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let to = i + 1;
         let what = || format!("migrating the schema to version {to}");
@@ -118,6 +128,14 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .map_err(|e| StoreError::Database(format!("{}: {e}", what())))?;
     }
     Ok(())
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> bool {
+    conn.prepare(&format!(
+        "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+    ))
+    .and_then(|mut st| st.exists([column]))
+    .unwrap_or(false)
 }
 
 /// A version-1 span body (JSON).
