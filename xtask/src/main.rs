@@ -144,7 +144,42 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The README's main job: the collector with its embedded store and UI, plus the agent.
+/// The last SIGINT/SIGTERM/SIGHUP this process received (0: none).
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn note_stop_signal(sig: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    STOP_SIGNAL.store(sig, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Waits for `child`; if this process is told to stop, passes it on. Ctrl-C in a terminal
+/// reaches the whole process group, but `kill <xtask pid>` or a service manager reaches only
+/// xtask, and the collector and agent would be left running.
+fn wait_or_stop(child: &mut std::process::Child) -> anyhow::Result<std::process::ExitStatus> {
+    let mut told_at = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if STOP_SIGNAL.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            let since = *told_at.get_or_insert_with(std::time::Instant::now);
+            // Give a child that got the signal itself (Ctrl-C) time to stop on its own; one
+            // signal is a clean shutdown, a second one could cut its flush short.
+            if since.elapsed() > std::time::Duration::from_secs(3) {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                return Ok(child.wait()?);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn main_job(agent_args: &[String]) -> anyhow::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, note_stop_signal as *const () as libc::sighandler_t) };
+    }
     use std::io::{BufRead, BufReader};
     let bin = root().join("target/release");
     let data = root().join("tracer-data");
@@ -184,7 +219,7 @@ fn main_job(agent_args: &[String]) -> anyhow::Result<()> {
         .args(agent_args)
         .spawn()
         .context("starting the agent")?;
-    let status = agent.wait()?;
+    let status = wait_or_stop(&mut agent)?;
     // The terminal's Ctrl-C reached both; give the collector a moment to finish, then make sure.
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling our own child.
