@@ -150,6 +150,13 @@ fn agent_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&AGENT_TGID) }
 }
 
+/// The calling thread's pid_tgid, unless it belongs to the agent.
+#[inline(always)]
+fn caller() -> Option<u64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32 != agent_tgid()).then_some(pid_tgid)
+}
+
 #[inline(always)]
 unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
@@ -160,20 +167,11 @@ enum FdKind {
     Tcp(ConnTuple),
     /// Open, and certainly not a TCP socket.
     NotTcp,
-    /// Not open, or not readable: decide again next time.
-    Unknown,
 }
 
 /// Follows `current->files->fdt->fd[fd]` to the socket and, if it is a TCP socket (an inet
-/// stream socket), returns its endpoints.
-#[inline(always)]
-fn classify(fd: u32) -> FdKind {
-    match fd_kind(fd) {
-        Some(kind) => kind,
-        None => FdKind::Unknown,
-    }
-}
-
+/// stream socket), returns its endpoints. `None`: not open, or not readable; decide again next
+/// time.
 #[inline(always)]
 fn fd_kind(fd: u32) -> Option<FdKind> {
     let o = offsets();
@@ -237,13 +235,12 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
 #[inline(always)]
 fn track(tgid: u32, fd: u32, role: u32) -> Option<*mut ConnState> {
     let key = conn_key(tgid, fd);
-    let tuple = match classify(fd) {
+    let tuple = match fd_kind(fd)? {
         FdKind::Tcp(tuple) => tuple,
         FdKind::NotTcp => {
             let _ = NOT_TCP.insert(key, 0, 0);
             return None;
         }
-        FdKind::Unknown => return None,
     };
     let state = ConnState {
         conn_id: unsafe { bpf_ktime_get_ns() },
@@ -359,7 +356,7 @@ fn wake_flags(size: u64) -> u64 {
 /// A data syscall returned `ret`: if its socket is a tracked (or new) TCP connection, send what
 /// moved.
 #[inline(always)]
-fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffer: Buffer) -> i32 {
+fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffer: Buffer) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = regs.di as u32;
     let key = conn_key(tgid, fd);
@@ -457,7 +454,7 @@ fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffe
 /// `fd` was released (close, or replaced by dup2/dup3): forget it, and tell the agent if it
 /// was a connection.
 #[inline(always)]
-fn on_close(pid_tgid: u64, fd: u32) -> i32 {
+fn on_close(pid_tgid: u64, fd: u32) -> u32 {
     let key = conn_key((pid_tgid >> 32) as u32, fd);
     let Some(state) = (unsafe { CONNS.get(key) }).copied() else {
         let _ = NOT_TCP.remove(key);
@@ -505,10 +502,9 @@ fn stamp_entry(ctx: &TracePointContext) -> u32 {
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
     let ret = ctx_u64(ctx, RET) as i64;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == agent_tgid() {
+    let Some(pid_tgid) = caller() else {
         return 0;
-    }
+    };
     if ret <= 0 {
         // Consume the entry stamp so a later call of this thread cannot take it.
         if dir == direction::EGRESS {
@@ -523,7 +519,7 @@ fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
     if sc == syscall::RECVFROM && regs.r10 & MSG_PEEK != 0 {
         return 0;
     }
-    on_data(pid_tgid, &regs, ret, sc, dir, buffer) as u32
+    on_data(pid_tgid, &regs, ret, sc, dir, buffer)
 }
 
 macro_rules! data_syscall {
@@ -612,27 +608,24 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if ret != 0 && ret != -EINPROGRESS {
         return 0;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == agent_tgid() {
-        return 0;
-    }
-    if let Some(regs) = syscall_regs() {
-        track(tgid, regs.di as u32, role_hint::CONNECTED);
+    if let (Some(pid_tgid), Some(regs)) = (caller(), syscall_regs()) {
+        track(
+            (pid_tgid >> 32) as u32,
+            regs.di as u32,
+            role_hint::CONNECTED,
+        );
     }
     0
 }
 
 #[inline(always)]
 fn on_accept_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == agent_tgid() {
+    let ret = ctx_u64(ctx, RET) as i64;
+    if ret < 0 {
         return 0;
     }
-    let ret = ctx_u64(ctx, RET) as i64;
-    if ret >= 0 {
-        track(tgid, ret as u32, role_hint::ACCEPTED);
+    if let Some(pid_tgid) = caller() {
+        track((pid_tgid >> 32) as u32, ret as u32, role_hint::ACCEPTED);
     }
     0
 }
@@ -651,7 +644,7 @@ pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    on_close(pid_tgid, ctx_u64(&ctx, ARG0) as u32) as u32
+    on_close(pid_tgid, ctx_u64(&ctx, ARG0) as u32)
 }
 
 /// dup2/dup3(old, new) closed whatever `new` was: the returned fd is now a copy of `old`, which
@@ -662,11 +655,10 @@ fn on_dup_exit(ctx: &TracePointContext) -> u32 {
     if ret < 0 {
         return 0;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == agent_tgid() {
-        return 0;
+    match caller() {
+        Some(pid_tgid) => on_close(pid_tgid, ret as u32),
+        None => 0,
     }
-    on_close(pid_tgid, ret as u32) as u32
 }
 
 #[tracepoint]
