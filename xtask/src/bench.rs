@@ -596,7 +596,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             - sum(&|r| r.export_drops) as i64;
         println!(
             "  {:<10} requests {}, spans built {}, at the collector {} (unaccounted {unaccounted}); \
-             drops: ring buffer {}, in-flight/connection tables {}, export {}",
+             drops: ring buffer {}, connection table {}, export {}",
             level.name(),
             sum(&|r| r.wrk.requests),
             sum(&|r| r.spans_built),
