@@ -20,23 +20,91 @@ use crate::{
     wire,
 };
 
-/// A connection's endpoints from the traced process's point of view, with the addresses
-/// formatted once per connection rather than once per span.
+/// A connection's endpoints from the traced process's point of view, with its attributes
+/// formatted and encoded once per connection rather than once per span.
 pub struct Endpoints {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     local_ip: String,
     remote_ip: String,
+    /// [`connection_attributes`] as OTLP `KeyValue`s: those of a client span, then
+    /// `client.address` from `client_address_at` on (server spans only).
+    encoded: Vec<u8>,
+    client_address_at: usize,
 }
 
 impl Endpoints {
     pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
-        Endpoints {
+        let mut ends = Endpoints {
             local,
             remote,
             local_ip: local.ip().to_string(),
             remote_ip: remote.ip().to_string(),
+            encoded: Vec::new(),
+            client_address_at: 0,
+        };
+        let mut encoded = Vec::with_capacity(160);
+        connection_attributes(&ends, false, |k, v| encode_attribute(&mut encoded, k, v));
+        let client_address_at = encoded.len();
+        let mut server = Vec::new();
+        connection_attributes(&ends, true, |k, v| encode_attribute(&mut server, k, v));
+        // The server's list is the client's plus what only servers report.
+        debug_assert!(server.starts_with(&encoded));
+        encoded.extend_from_slice(&server[client_address_at..]);
+        ends.encoded = encoded;
+        ends.client_address_at = client_address_at;
+        ends
+    }
+
+    fn encoded(&self, server_side: bool) -> &[u8] {
+        if server_side {
+            &self.encoded
+        } else {
+            &self.encoded[..self.client_address_at]
         }
+    }
+}
+
+/// The attributes every span of the agent has, whatever its request.
+fn constant_attributes(mut f: impl FnMut(&str, Value<'_>)) {
+    f("url.scheme", Value::Str("http"));
+    f("network.protocol.name", Value::Str("http"));
+    f("network.protocol.version", Value::Str("1.1"));
+    f("network.transport", Value::Str("tcp"));
+}
+
+/// [`constant_attributes`], encoded once.
+fn encoded_constant_attributes() -> &'static [u8] {
+    static ENCODED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ENCODED.get_or_init(|| {
+        let mut out = Vec::new();
+        constant_attributes(|k, v| encode_attribute(&mut out, k, v));
+        out
+    })
+}
+
+/// The attributes a connection gives all its spans.
+fn connection_attributes(ends: &Endpoints, server_side: bool, mut f: impl FnMut(&str, Value<'_>)) {
+    f("network.peer.address", Value::Str(&ends.remote_ip));
+    f(
+        "network.peer.port",
+        Value::Int(i64::from(ends.remote.port())),
+    );
+    f("network.local.address", Value::Str(&ends.local_ip));
+    f(
+        "network.local.port",
+        Value::Int(i64::from(ends.local.port())),
+    );
+    if server_side {
+        f("client.address", Value::Str(&ends.remote_ip));
+    }
+}
+
+/// One attribute as a span's `attributes` field.
+fn encode_attribute(out: &mut Vec<u8>, key: &str, value: Value<'_>) {
+    match value {
+        Value::Str(s) => wire::string_attribute(out, wire::span::ATTRIBUTES, key, s),
+        Value::Int(i) => wire::int_attribute(out, wire::span::ATTRIBUTES, key, i),
     }
 }
 
@@ -113,12 +181,19 @@ impl HttpSpan {
         }
     }
 
-    /// The span's attributes, in order, per the HTTP semantic conventions.
+    /// The span's attributes, in order, per the HTTP semantic conventions: those of its
+    /// request, then the constant ones, then its connection's.
     pub fn attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
+        self.request_attributes(&mut f);
+        constant_attributes(&mut f);
+        connection_attributes(&self.ends, self.server_side(), &mut f);
+    }
+
+    /// The attributes that change from one request to the next.
+    fn request_attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         let ex = &self.exchange;
         let ends = &self.ends;
-        let server_side = self.server_side();
-        let (server_ip, server_port) = if server_side {
+        let (server_ip, server_port) = if self.server_side() {
             (&ends.local_ip, ends.local.port())
         } else {
             (&ends.remote_ip, ends.remote.port())
@@ -129,30 +204,13 @@ impl HttpSpan {
         });
         f("http.request.method", Value::Str(&ex.method));
         f("url.path", Value::Str(&ex.path));
-        f("url.scheme", Value::Str("http"));
-        f("network.protocol.name", Value::Str("http"));
-        f("network.protocol.version", Value::Str("1.1"));
-        f("network.transport", Value::Str("tcp"));
         f("server.address", Value::Str(host.unwrap_or(server_ip)));
         f(
             "server.port",
             Value::Int(i64::from(host_port.unwrap_or(server_port))),
         );
-        f("network.peer.address", Value::Str(&ends.remote_ip));
-        f(
-            "network.peer.port",
-            Value::Int(i64::from(ends.remote.port())),
-        );
-        f("network.local.address", Value::Str(&ends.local_ip));
-        f(
-            "network.local.port",
-            Value::Int(i64::from(ends.local.port())),
-        );
         f("http.request.size", Value::Int(ex.request_bytes as i64));
         f("http.response.size", Value::Int(ex.response_bytes as i64));
-        if server_side {
-            f("client.address", Value::Str(&ends.remote_ip));
-        }
         if let Some(ua) = &ex.user_agent {
             f("user_agent.original", Value::Str(ua));
         }
@@ -214,10 +272,9 @@ impl HttpSpan {
         varint_field(out, span::KIND, self.kind() as u64);
         fixed64_field(out, span::START_TIME_UNIX_NANO, self.start_unix_nano);
         fixed64_field(out, span::END_TIME_UNIX_NANO, self.end_unix_nano);
-        self.attributes(|k, v| match v {
-            Value::Str(s) => string_attribute(out, span::ATTRIBUTES, k, s),
-            Value::Int(i) => int_attribute(out, span::ATTRIBUTES, k, i),
-        });
+        self.request_attributes(|k, v| encode_attribute(out, k, v));
+        out.extend_from_slice(encoded_constant_attributes());
+        out.extend_from_slice(self.ends.encoded(self.server_side()));
         let (code, message) = self.status();
         let code = code as u64;
         let mut len = 0;
