@@ -2,7 +2,7 @@
 //! that is down or slow never blocks the ring-buffer drain. Every span that cannot be delivered is
 //! counted (and logged at most once every few seconds).
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     io::Write as _,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -422,20 +422,29 @@ pub fn spawn(
     let bound = queue.clone();
     let handle = tokio::spawn(async move {
         let batch_size = exporter.config.batch_size.max(1);
-        // Spans received and not yet in a batch: a drain's worth may exceed a batch.
-        let mut waiting: VecDeque<SpanItem> = VecDeque::new();
+        // Spans received and not yet delivered: a drain's worth may exceed a batch. Batches
+        // are delivered as slices of it, so a span is moved once on its way (into `waiting`,
+        // and not even that when nothing was waiting).
+        let mut waiting: Vec<SpanItem> = Vec::new();
+        let take = |waiting: &mut Vec<SpanItem>, items: Vec<SpanItem>| {
+            if waiting.is_empty() {
+                *waiting = items;
+            } else {
+                waiting.extend(items);
+            }
+        };
         let mut closed = false;
         while !closed {
             if waiting.is_empty() {
                 match rx.recv().await {
-                    Some(items) => waiting.extend(items),
+                    Some(items) => take(&mut waiting, items),
                     None => break,
                 }
             }
             let flush_at = tokio::time::Instant::now() + exporter.config.batch_timeout;
             while waiting.len() < batch_size {
                 match tokio::time::timeout_at(flush_at, rx.recv()).await {
-                    Ok(Some(items)) => waiting.extend(items),
+                    Ok(Some(items)) => take(&mut waiting, items),
                     Ok(None) => {
                         closed = true;
                         break;
@@ -445,29 +454,30 @@ pub fn spawn(
             }
             let deadline = closed.then(|| Instant::now() + exporter.config.shutdown_timeout);
             // Full batches, or what the timeout found; a partial rest waits for more.
+            let mut done = 0;
             loop {
-                let n = waiting.len().min(batch_size);
+                let n = (waiting.len() - done).min(batch_size);
                 if n == 0 {
                     break;
                 }
-                let batch: Vec<SpanItem> = waiting.drain(..n).collect();
-                bound.queued.fetch_sub(batch.len(), Relaxed);
-                exporter.deliver(&batch, deadline, &|| rx.is_closed()).await;
-                if waiting.len() < batch_size {
+                bound.queued.fetch_sub(n, Relaxed);
+                let batch = &waiting[done..done + n];
+                exporter.deliver(batch, deadline, &|| rx.is_closed()).await;
+                done += n;
+                if waiting.len() - done < batch_size {
                     break;
                 }
             }
+            waiting.drain(..done);
         }
         // Shutdown: whatever is still queued gets one bounded chance.
         let deadline = Instant::now() + exporter.config.shutdown_timeout;
         while let Ok(items) = rx.try_recv() {
-            waiting.extend(items);
+            take(&mut waiting, items);
         }
-        while !waiting.is_empty() {
-            let n = waiting.len().min(batch_size);
-            let batch: Vec<SpanItem> = waiting.drain(..n).collect();
+        for batch in waiting.chunks(batch_size) {
             bound.queued.fetch_sub(batch.len(), Relaxed);
-            exporter.deliver(&batch, Some(deadline), &|| true).await;
+            exporter.deliver(batch, Some(deadline), &|| true).await;
         }
     });
     Ok((
@@ -545,10 +555,7 @@ mod tests {
         let exchange = Exchange {
             conn: 1,
             role: Role::Server,
-            method: "GET".into(),
-            path: path.into(),
-            host: None,
-            user_agent: None,
+            request: crate::http::RequestText::new("GET", path, None, None),
             status: Some(200),
             start_ns: 1,
             end_ns: 2,

@@ -20,7 +20,7 @@ use tracer_common::direction::{EGRESS, INGRESS};
 
 use crate::{
     hashing::IdentityHasher,
-    http::{self, Parse, RequestHead, ResponseHead, Sniff},
+    http::{self, Parse, RequestHead, RequestText, ResponseHead, Sniff},
 };
 
 /// Caller-assigned unique id of a connection, already well mixed (see `agent::conn_id`).
@@ -102,10 +102,7 @@ impl Chunk<'_> {
 pub struct Exchange {
     pub conn: ConnId,
     pub role: Role,
-    pub method: String,
-    pub path: String,
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
+    pub request: RequestText,
     /// `None` if the connection closed or went quiet before a response.
     pub status: Option<u16>,
     /// Server: exit of the read that brought the first request byte. Client: entry of the write
@@ -264,20 +261,12 @@ struct Pending {
     bytes: u64,
     /// `None` for a request whose head was lost: it keeps its place in the queue so that the
     /// responses after it still pair with the right requests, but is never reported.
-    info: Option<RequestInfo>,
-}
-
-#[derive(Debug)]
-struct RequestInfo {
-    method: String,
-    path: String,
-    host: Option<String>,
-    user_agent: Option<String>,
+    info: Option<RequestText>,
 }
 
 impl Pending {
     fn method_is(&self, method: &str) -> bool {
-        self.info.as_ref().is_some_and(|i| i.method == method)
+        self.info.as_ref().is_some_and(|i| i.method() == method)
     }
 
     fn into_exchange(
@@ -292,10 +281,7 @@ impl Pending {
         Some(Exchange {
             conn,
             role,
-            method: info.method,
-            path: info.path,
-            host: info.host,
-            user_agent: info.user_agent,
+            request: info,
             status,
             start_ns: self.start_ns,
             end_ns: end_ns.max(self.start_ns),
@@ -664,13 +650,7 @@ impl Conn {
                 _ => ReqState::Head,
             }
         };
-        let info = RequestInfo {
-            method: head.method,
-            path: head.path,
-            host: head.host,
-            user_agent: head.user_agent,
-        };
-        self.enqueue(role, seq, head.head_len as u64, Some(info), cx);
+        self.enqueue(role, seq, head.head_len as u64, Some(head.text), cx);
     }
 
     fn push_lost_request(&mut self, role: Role, cx: &mut Cx) {
@@ -684,7 +664,7 @@ impl Conn {
         role: Role,
         seq: u64,
         bytes: u64,
-        info: Option<RequestInfo>,
+        info: Option<RequestText>,
         cx: &mut Cx,
     ) {
         if self.pending.len() >= MAX_PENDING {
@@ -1011,10 +991,7 @@ mod tests {
         Exchange {
             conn: C,
             role,
-            method: method.into(),
-            path: path.into(),
-            host: None,
-            user_agent: None,
+            request: RequestText::new(method, path, None, None),
             status,
             start_ns: span.0,
             end_ns: span.1,
@@ -1060,8 +1037,7 @@ mod tests {
             (110, 130),
             (req1.len() as u64, resp1.len() as u64),
         );
-        first.host = Some("svc.test".into());
-        first.user_agent = Some("t/1".into());
+        first.request = RequestText::new("GET", "/a", Some("svc.test"), Some("t/1"));
         let n = |b: &[u8]| b.len() as u64;
         assert_eq!(
             r.take(),
@@ -1109,7 +1085,7 @@ mod tests {
             (1_000, 1_400),
             (req.len() as u64, resp.len() as u64 + 4),
         );
-        want.host = Some("api.test".into());
+        want.request = RequestText::new("POST", "/submit", Some("api.test"), None);
         assert_eq!(r.take(), vec![want]);
     }
 
@@ -1133,7 +1109,7 @@ mod tests {
             (11, 23),
             (req.len() as u64, resp.len() as u64),
         );
-        want.host = Some("h".into());
+        want.request = RequestText::new("GET", "/s", Some("h"), None);
         assert_eq!(r.take(), vec![want]);
         assert_eq!(r.p.parse_failures(), 0);
     }
@@ -1151,7 +1127,7 @@ mod tests {
         let got = r.take();
         let paths: Vec<_> = got
             .iter()
-            .map(|e| (e.path.as_str(), e.start_ns, e.end_ns))
+            .map(|e| (e.request.path(), e.start_ns, e.end_ns))
             .collect();
         assert_eq!(paths, [("/1", 20, 40), ("/2", 20, 40), ("/3", 20, 40)]);
         for (e, resp) in got.iter().zip(&responses) {
@@ -1167,7 +1143,7 @@ mod tests {
         let got: Vec<_> = r
             .take()
             .into_iter()
-            .map(|e| (e.path, e.end_ns, e.status))
+            .map(|e| (e.request.path().to_owned(), e.end_ns, e.status))
             .collect();
         assert_eq!(
             got,
@@ -1199,11 +1175,11 @@ mod tests {
         let got = r.take();
         assert_eq!(got.len(), 2);
         assert_eq!(
-            (got[0].path.as_str(), got[0].request_bytes),
+            (got[0].request.path(), got[0].request_bytes),
             ("/upload", head.len() as u64 + 10_000)
         );
         assert_eq!((got[0].start_ns, got[0].end_ns), (20, 70));
-        assert_eq!((got[1].path.as_str(), got[1].start_ns), ("/next", 50));
+        assert_eq!((got[1].request.path(), got[1].start_ns), ("/next", 50));
         assert_eq!(r.p.parse_failures(), 0);
     }
 
@@ -1283,11 +1259,11 @@ mod tests {
         let got = r.take();
         assert_eq!(got.len(), 1);
         assert_eq!(
-            (got[0].path.as_str(), got[0].start_ns, got[0].end_ns),
+            (got[0].request.path(), got[0].start_ns, got[0].end_ns),
             ("/a", 10, 60)
         );
         r.rec(INGRESS, 90, 100, &ok("x"));
-        assert_eq!(r.take()[0].path, "/b");
+        assert_eq!(r.take()[0].request.path(), "/b");
     }
 
     #[test]
@@ -1310,7 +1286,11 @@ mod tests {
             120,
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         );
-        let got: Vec<_> = r.take().into_iter().map(|e| (e.path, e.end_ns)).collect();
+        let got: Vec<_> = r
+            .take()
+            .into_iter()
+            .map(|e| (e.request.path().to_owned(), e.end_ns))
+            .collect();
         assert_eq!(got, [("/c".into(), 80), ("/d".into(), 120)]);
     }
 
@@ -1337,7 +1317,14 @@ mod tests {
         let got: Vec<_> = r
             .take()
             .into_iter()
-            .map(|e| (e.method, e.path, e.status, e.end_ns))
+            .map(|e| {
+                (
+                    e.request.method().to_owned(),
+                    e.request.path().to_owned(),
+                    e.status,
+                    e.end_ns,
+                )
+            })
             .collect();
         assert_eq!(
             got,
@@ -1410,7 +1397,7 @@ mod tests {
         r.p.on_close(C, 500, &mut r.out);
         let got = r.take();
         assert_eq!(
-            (got[0].path.as_str(), got[0].status, got[0].end_ns),
+            (got[0].request.path(), got[0].status, got[0].end_ns),
             ("/cut", None, 500)
         );
     }
@@ -1465,7 +1452,7 @@ mod tests {
         let got = r.take();
         assert_eq!(got.len(), 1);
         assert_eq!(
-            (got[0].path.as_str(), got[0].start_ns, got[0].end_ns),
+            (got[0].request.path(), got[0].start_ns, got[0].end_ns),
             ("/found", 60, 80)
         );
         assert_eq!(r.p.parse_failures(), 1);
@@ -1483,7 +1470,7 @@ mod tests {
         r.rec(EGRESS, 70, 80, &ok(""));
         let got = r.take();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].path, "/b");
+        assert_eq!(got[0].request.path().to_owned(), "/b");
     }
 
     #[test]
@@ -1528,7 +1515,7 @@ mod tests {
         r.rec(EGRESS, 140, 150, &ok(""));
         let got = r.take();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].path, "/small");
+        assert_eq!(got[0].request.path().to_owned(), "/small");
     }
 
     #[test]

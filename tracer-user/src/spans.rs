@@ -164,9 +164,9 @@ impl HttpSpan {
     /// `METHOD /path/{id}`: span names must be low-cardinality (`url.path` keeps the real path).
     pub fn name_into(&self, out: &mut String) {
         out.clear();
-        out.push_str(&self.exchange.method);
+        out.push_str(self.exchange.request.method());
         out.push(' ');
-        path_template_into(&self.exchange.path, out);
+        path_template_into(self.exchange.request.path(), out);
     }
 
     /// Status code and message. Semantic conventions: 5xx is an error on both sides, 4xx only
@@ -198,12 +198,12 @@ impl HttpSpan {
         } else {
             (&ends.remote_ip, ends.remote.port())
         };
-        let (host, host_port) = ex.host.as_deref().map_or((None, None), |h| {
+        let (host, host_port) = ex.request.host().map_or((None, None), |h| {
             let (h, p) = split_host(h);
             (Some(h), p)
         });
-        f("http.request.method", Value::Str(&ex.method));
-        f("url.path", Value::Str(&ex.path));
+        f("http.request.method", Value::Str(ex.request.method()));
+        f("url.path", Value::Str(ex.request.path()));
         f("server.address", Value::Str(host.unwrap_or(server_ip)));
         f(
             "server.port",
@@ -211,7 +211,7 @@ impl HttpSpan {
         );
         f("http.request.size", Value::Int(ex.request_bytes as i64));
         f("http.response.size", Value::Int(ex.response_bytes as i64));
-        if let Some(ua) = &ex.user_agent {
+        if let Some(ua) = ex.request.user_agent() {
             f("user_agent.original", Value::Str(ua));
         }
         match ex.status {
@@ -397,10 +397,12 @@ mod tests {
         Exchange {
             conn: 1,
             role,
-            method: "GET".into(),
-            path: "/x/42".into(),
-            host: Some("localhost:8080".into()),
-            user_agent: Some("curl/8.0 \u{e9}".into()),
+            request: crate::http::RequestText::new(
+                "GET",
+                "/x/42",
+                Some("localhost:8080"),
+                Some("curl/8.0 \u{e9}"),
+            ),
             status,
             start_ns: 1_000,
             end_ns: 3_000,
