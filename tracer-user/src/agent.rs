@@ -17,7 +17,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
     btf,
-    export::{self, ExportResource, ExportStats, SpanItem, SpanSender},
+    export::{self, ExportResource, ExportStats, SpanBatch, SpanSender},
     hashing::FxHasher,
     metrics,
     pairing::{Chunk, ConnId, ConnMap, Exchange, Pairer, Role},
@@ -70,6 +70,8 @@ struct ConnMeta {
 enum Sink {
     Otlp(SpanSender),
     Stdout,
+    /// `tracer replay`: each drain's spans are encoded into a request, then dropped.
+    Discard(export::Encoder),
 }
 
 struct Filters {
@@ -120,18 +122,29 @@ pub struct Pipeline {
     rules: Vec<ServiceRule>,
     filters: Filters,
     sink: Sink,
-    kernel_conns: Connections,
+    /// The probes' connection table, to mute connections; none when replaying a recording.
+    kernel_conns: Option<Connections>,
+    /// `--record`: every record is appended here too.
+    recording: Option<std::io::BufWriter<std::fs::File>>,
     stats: Arc<Stats>,
     clock_offset: i128,
     exchanges: Vec<Exchange>,
     /// Spans for the exporter, handed over once per drain.
-    outbox: Vec<SpanItem>,
+    outbox: SpanBatch,
+    /// Scratch space for span names.
+    name: String,
     /// Server spans waiting for their client's span on this host, by (server local, server remote).
     pending_servers: HashMap<
         (SocketAddr, SocketAddr),
         std::collections::VecDeque<PendingServer>,
         BuildHasherDefault<FxHasher>,
     >,
+}
+
+/// One span with the resource (process) it belongs to.
+struct SpanItem {
+    resource: Arc<ExportResource>,
+    span: HttpSpan,
 }
 
 /// A server span held until its local client's span completes (or `deadline`, monotonic ns).
@@ -166,6 +179,30 @@ pub fn monotonic_now() -> u64 {
 }
 
 impl Pipeline {
+    fn new(rules: Vec<ServiceRule>, filters: Filters, sink: Sink, stats: Arc<Stats>) -> Self {
+        let host = HostFacts::read();
+        let host_ips = host.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        Pipeline {
+            pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64),
+            conns: ConnMap::default(),
+            processes: ProcessCache::default(),
+            resources: HashMap::new(),
+            host,
+            host_ips,
+            rules,
+            filters,
+            sink,
+            kernel_conns: None,
+            recording: None,
+            stats,
+            clock_offset: spans::monotonic_to_unix_offset(),
+            exchanges: Vec::new(),
+            outbox: SpanBatch::default(),
+            name: String::new(),
+            pending_servers: HashMap::default(),
+        }
+    }
+
     fn service_name(&self, p: &ProcessFacts, local_port: Option<u16>) -> String {
         for rule in &self.rules {
             let hit = match &rule.matches {
@@ -183,6 +220,12 @@ impl Pipeline {
 
     fn handle(&mut self, bytes: &[u8]) {
         self.stats.agent.records.fetch_add(1, Relaxed);
+        if let Some(file) = &mut self.recording {
+            if let Err(e) = write_record(file, bytes) {
+                log::error!("recording stopped: {e}");
+                self.recording = None;
+            }
+        }
         match records::decode(bytes) {
             Some(Record::Data { record }) => {
                 let h = &record.header;
@@ -197,7 +240,9 @@ impl Pipeline {
                         if ignored {
                             // Ask the probes to stop, once (a map update is a syscall); the
                             // records already in the ring are skipped below.
-                            self.kernel_conns.mute(h.tgid, h.fd, h.conn_id);
+                            if let Some(k) = &mut self.kernel_conns {
+                                k.mute(h.tgid, h.fd, h.conn_id);
+                            }
                         }
                         self.conns.entry(id).or_insert(ConnMeta {
                             tgid: h.tgid,
@@ -225,8 +270,9 @@ impl Pipeline {
                 self.pairer.on_chunk(id, &chunk, &mut self.exchanges);
                 if self.pairer.is_not_http(id) {
                     meta.ignored = true;
-                    self.kernel_conns
-                        .mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    if let Some(k) = &mut self.kernel_conns {
+                        k.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    }
                     self.pairer.forget(id);
                     self.stats.agent.connections_muted.fetch_add(1, Relaxed);
                 }
@@ -335,7 +381,9 @@ impl Pipeline {
 
     fn send(&mut self, item: SpanItem) {
         match &self.sink {
-            Sink::Otlp(_) => self.outbox.push(item),
+            Sink::Otlp(_) | Sink::Discard(_) => {
+                self.outbox.push(item.resource, &item.span, &mut self.name)
+            }
             Sink::Stdout => println!(
                 "{}",
                 stdout_line(&item.resource.proto, &item.span.to_proto())
@@ -345,10 +393,19 @@ impl Pipeline {
 
     /// Hands the spans of this drain to the exporter in one go.
     fn flush_outbox(&mut self) {
-        if let Sink::Otlp(tx) = &self.sink {
-            if !self.outbox.is_empty() {
-                tx.send(std::mem::replace(&mut self.outbox, Vec::with_capacity(256)));
+        if self.outbox.is_empty() {
+            return;
+        }
+        match &mut self.sink {
+            Sink::Otlp(tx) => {
+                let next = SpanBatch::with_capacity_of(&self.outbox);
+                tx.send(std::mem::replace(&mut self.outbox, next));
             }
+            Sink::Discard(encoder) => {
+                std::hint::black_box(encoder.protobuf(self.outbox.as_slice()));
+                self.outbox = SpanBatch::with_capacity_of(&self.outbox);
+            }
+            Sink::Stdout => {}
         }
     }
 
@@ -392,7 +449,11 @@ impl Pipeline {
 
     /// Periodic work: time out responses without a length, forget dead connections/processes.
     fn tick(&mut self) {
-        let now = monotonic_now();
+        self.tick_at(monotonic_now());
+    }
+
+    /// `tick` at `now` (monotonic ns): a replay ticks on the recording's clock.
+    fn tick_at(&mut self, now: u64) {
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
         self.release_pending(now);
@@ -480,6 +541,155 @@ fn stdout_line(
     .to_string()
 }
 
+fn filters(args: &AgentArgs, export_addrs: Vec<SocketAddr>) -> Filters {
+    Filters {
+        pids: args.pids.clone(),
+        executables: args.executables.clone(),
+        cgroups: args.cgroups.clone(),
+        ports: args.ports.clone(),
+        export_addrs,
+    }
+}
+
+/// `--record`: a new file only root can read (records carry payload prefixes).
+fn create_recording(path: &std::path::Path) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the recording {}", path.display()))?;
+    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
+}
+
+/// A recording is the records back to back, each after its length (u32, little-endian).
+fn write_record(out: &mut impl std::io::Write, record: &[u8]) -> std::io::Result<()> {
+    out.write_all(&(record.len() as u32).to_le_bytes())?;
+    out.write_all(record)
+}
+
+/// The records of a recording, each copied to an 8-byte aligned place (as the ring buffer
+/// hands them out) in one buffer, and where each is in it. A record cut short (the agent was
+/// killed mid-write) ends the recording.
+fn read_records(data: &[u8]) -> (Vec<u64>, Vec<std::ops::Range<usize>>) {
+    let mut words: Vec<u64> = Vec::with_capacity(data.len() / 8 + 1);
+    let mut places = Vec::new();
+    let mut rest = data;
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_le_bytes(*len) as usize;
+        let Some(record) = tail.get(..len) else {
+            log::warn!("the recording ends inside a record; replaying what precedes it");
+            break;
+        };
+        let at = words.len() * 8;
+        words.extend(record.chunks(8).map(|c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            u64::from_ne_bytes(w)
+        }));
+        places.push(at..at + len);
+        rest = &tail[len..];
+    }
+    (words, places)
+}
+
+/// Records a live agent drains at a time in a replay: what a 10 ms drain finds at ~13k
+/// requests/s.
+const REPLAY_DRAIN: usize = 512;
+
+/// `tracer replay`: runs recorded ring-buffer records through the agent's own work (decoding,
+/// pairing, spans, OTLP encoding; no probes, no network) `repeat` times, and reports the CPU it
+/// took per record and per span. Deterministic enough to compare builds, and to run under
+/// `valgrind --tool=callgrind` for instruction counts.
+pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow::Result<()> {
+    let data =
+        std::fs::read(file).with_context(|| format!("reading the recording {}", file.display()))?;
+    let (mut words, places) = read_records(&data);
+    drop(data);
+    if places.is_empty() {
+        anyhow::bail!(
+            "{} holds no records: record some traffic first with `tracer agent --record FILE`",
+            file.display()
+        );
+    }
+    let stats = Arc::new(Stats {
+        agent: AgentStats::default(),
+        export: Arc::new(ExportStats::default()),
+        kernel: std::sync::Mutex::new(Default::default()),
+    });
+    let filters = Filters {
+        pids: Vec::new(),
+        executables: Vec::new(),
+        cgroups: Vec::new(),
+        ports,
+        export_addrs: Vec::new(),
+    };
+    let sink = Sink::Discard(export::Encoder::default());
+    let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());
+    let cpu = || {
+        // SAFETY: getrusage fills the struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        us(ru.ru_utime) + us(ru.ru_stime)
+    };
+    // Each pass runs later than the one before, as live traffic would: the timestamps of every
+    // record move on by the recording's length (word offsets: records are 8-byte aligned).
+    let (enter, exit) = (
+        std::mem::offset_of!(tracer_common::RecordHeader, ts_enter) / 8,
+        std::mem::offset_of!(tracer_common::RecordHeader, ts_exit) / 8,
+    );
+    let stamps: Vec<u64> = places.iter().map(|p| words[p.start / 8 + exit]).collect();
+    let first = stamps.iter().min().copied().unwrap_or(0);
+    let shift = stamps.iter().max().copied().unwrap_or(0) - first + 1_000_000_000;
+    let mut cpu_ns = 0.0;
+    for pass in 0..repeat.max(1) {
+        if pass > 0 {
+            for p in &places {
+                words[p.start / 8 + enter] += shift;
+                words[p.start / 8 + exit] += shift;
+            }
+        }
+        // SAFETY: u64s are plain bytes; the slice covers the vector's initialised words.
+        let arena: &[u8] =
+            unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) };
+        let records: Vec<&[u8]> = places.iter().map(|r| &arena[r.clone()]).collect();
+        let start = cpu();
+        for drain in records.chunks(REPLAY_DRAIN) {
+            for record in drain {
+                pipeline.handle(record);
+            }
+            if let Some(Record::Data { record }) = drain.last().and_then(|r| records::decode(r)) {
+                pipeline.tick_at(record.header.ts_exit);
+            }
+            pipeline.flush_outbox();
+        }
+        if pass + 1 == repeat.max(1) {
+            pipeline.release_pending(u64::MAX);
+            pipeline.flush_outbox();
+        }
+        cpu_ns += (cpu() - start) as f64 * 1000.0;
+    }
+    let a = &stats.agent;
+    let (n_records, n_spans) = (a.records.load(Relaxed), a.spans.load(Relaxed));
+    log::info!("{}", summary(&stats));
+    println!(
+        "replayed {} records x {}: {} records, {} spans, {} exchanges; CPU {:.0} ns per record, \
+         {:.0} ns per span ({:.2} s in all)",
+        places.len(),
+        repeat.max(1),
+        n_records,
+        n_spans,
+        a.exchanges.load(Relaxed),
+        cpu_ns / n_records.max(1) as f64,
+        cpu_ns / n_spans.max(1) as f64,
+        cpu_ns / 1e9
+    );
+    Ok(())
+}
+
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     while let Some(item) = ring.next() {
         pipeline.handle(&item);
@@ -534,36 +744,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics::serve(addr, stats.clone()).await?;
     }
 
-    let mut pipeline = Pipeline {
-        pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64),
-        conns: ConnMap::default(),
-        processes: ProcessCache::default(),
-        resources: HashMap::new(),
-        host_ips: Vec::new(),
-        host: HostFacts::read(),
-        rules,
-        filters: Filters {
-            pids: args.pids.clone(),
-            executables: args.executables.clone(),
-            cgroups: args.cgroups.clone(),
-            ports: args.ports.clone(),
-            export_addrs,
-        },
-        sink,
-        kernel_conns,
-        stats: stats.clone(),
-        clock_offset: spans::monotonic_to_unix_offset(),
-        exchanges: Vec::new(),
-        outbox: Vec::new(),
-        pending_servers: HashMap::default(),
-    };
-
-    pipeline.host_ips = pipeline
-        .host
-        .ips
-        .iter()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
+    let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
+    pipeline.kernel_conns = Some(kernel_conns);
+    if let Some(path) = &args.record {
+        pipeline.recording = Some(create_recording(path)?);
+    }
     log::info!(
         "tracing TCP/HTTP on {} (kernel {}): {} probes attached; {}",
         pipeline.host.name,
@@ -670,4 +855,27 @@ async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {
         .await
         .map(|a| a.collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recording gives back each record whole and 8-byte aligned (records are read in place
+    /// as `DataRecord`s), and a record cut short ends it without failing the replay.
+    #[test]
+    fn recordings_give_back_aligned_records() {
+        let records: [&[u8]; 3] = [b"first record", b"", b"third, longer than eight"];
+        let mut file = Vec::new();
+        for r in records {
+            write_record(&mut file, r).unwrap();
+        }
+        file.extend_from_slice(&100u32.to_le_bytes());
+        file.extend_from_slice(b"cut short");
+        let (words, places) = read_records(&file);
+        let arena: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let got: Vec<&[u8]> = places.iter().map(|p| &arena[p.clone()]).collect();
+        assert_eq!(got, records);
+        assert!(places.iter().all(|p| p.start % 8 == 0));
+    }
 }

@@ -3,6 +3,7 @@
 //! counted (and logged at most once every few seconds).
 use std::{
     collections::HashMap,
+    hash::BuildHasherDefault,
     io::Write as _,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -18,12 +19,12 @@ use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::InstrumentationScope,
     resource::v1::Resource,
-    trace::v1::{ResourceSpans, ScopeSpans},
+    trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::spans::HttpSpan;
+use crate::{hashing::FxHasher, spans::HttpSpan};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -69,11 +70,120 @@ impl ExportResource {
     }
 }
 
-/// One span with the resource (process) it belongs to. Resources are shared: the exporter
-/// groups spans by the `Arc`'s address.
-pub struct SpanItem {
-    pub resource: Arc<ExportResource>,
-    pub span: HttpSpan,
+/// Spans encoded as OTLP `Span` messages ([`HttpSpan::encode`]), back to back, each with the
+/// resource (process) it belongs to. Resources are shared: the exporter groups spans by the
+/// `Arc`'s address.
+///
+/// The drain encodes a span as soon as it is final, so the exporter moves bytes rather than
+/// span structs, and what a span owns is freed on the thread that allocated it (both were
+/// measurable shares of the agent's time).
+#[derive(Default)]
+pub struct SpanBatch {
+    bytes: Vec<u8>,
+    spans: Vec<BatchEntry>,
+}
+
+struct BatchEntry {
+    resource: Arc<ExportResource>,
+    len: u32,
+}
+
+impl SpanBatch {
+    /// An empty batch with room for what `other` holds: drains tend to take alike.
+    pub fn with_capacity_of(other: &SpanBatch) -> Self {
+        SpanBatch {
+            bytes: Vec::with_capacity(other.bytes.len()),
+            spans: Vec::with_capacity(other.spans.len()),
+        }
+    }
+
+    /// Encodes `span`; `name` is scratch space reused across calls.
+    pub fn push(&mut self, resource: Arc<ExportResource>, span: &HttpSpan, name: &mut String) {
+        let start = self.bytes.len();
+        span.encode(&mut self.bytes, name);
+        let len = (self.bytes.len() - start) as u32;
+        self.spans.push(BatchEntry { resource, len });
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Keeps the first `n` spans.
+    fn truncate(&mut self, n: usize) {
+        if n < self.spans.len() {
+            let bytes = self.spans[..n].iter().map(|e| e.len as usize).sum();
+            self.bytes.truncate(bytes);
+            self.spans.truncate(n);
+        }
+    }
+
+    fn append(&mut self, mut other: SpanBatch) {
+        if self.is_empty() {
+            *self = other;
+        } else {
+            self.bytes.extend_from_slice(&other.bytes);
+            self.spans.append(&mut other.spans);
+        }
+    }
+
+    /// Removes the first `n` spans, which take the first `bytes` bytes.
+    fn remove_front(&mut self, n: usize, bytes: usize) {
+        self.spans.drain(..n);
+        self.bytes.drain(..bytes);
+    }
+
+    /// Up to `max` spans from span `from`, whose bytes start at `byte_from`.
+    fn slice(&self, from: usize, byte_from: usize, max: usize) -> SpanSlice<'_> {
+        let spans = &self.spans[from..(from + max).min(self.spans.len())];
+        let len = spans.iter().map(|e| e.len as usize).sum::<usize>();
+        SpanSlice {
+            bytes: &self.bytes[byte_from..byte_from + len],
+            spans,
+        }
+    }
+
+    pub fn as_slice(&self) -> SpanSlice<'_> {
+        self.slice(0, 0, self.spans.len())
+    }
+}
+
+/// Some consecutive spans of a [`SpanBatch`]: what one request to the collector carries.
+#[derive(Clone, Copy)]
+pub struct SpanSlice<'a> {
+    bytes: &'a [u8],
+    spans: &'a [BatchEntry],
+}
+
+impl<'a> SpanSlice<'a> {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The spans grouped by resource, in order of first appearance: each resource with the
+    /// encoded spans that belong to it.
+    fn groups(&self) -> Vec<(&'a ExportResource, Vec<&'a [u8]>)> {
+        let mut groups: Vec<(&ExportResource, Vec<&[u8]>)> = Vec::new();
+        let mut index: HashMap<*const ExportResource, usize, BuildHasherDefault<FxHasher>> =
+            HashMap::default();
+        let mut at = 0;
+        for entry in self.spans {
+            let span = &self.bytes[at..at + entry.len as usize];
+            at += entry.len as usize;
+            let i = *index
+                .entry(Arc::as_ptr(&entry.resource))
+                .or_insert_with(|| {
+                    groups.push((&entry.resource, Vec::new()));
+                    groups.len() - 1
+                });
+            groups[i].1.push(span);
+        }
+        groups
+    }
 }
 
 #[derive(Default, Debug)]
@@ -101,7 +211,7 @@ impl ExportStats {
 /// drain), so the channel costs nothing per span; the queue's bound is kept in spans.
 #[derive(Clone)]
 pub struct SpanSender {
-    tx: mpsc::UnboundedSender<Vec<SpanItem>>,
+    tx: mpsc::UnboundedSender<SpanBatch>,
     queue: Arc<QueueBound>,
     stats: Arc<ExportStats>,
     limiter: Arc<LogLimiter>,
@@ -115,7 +225,7 @@ struct QueueBound {
 
 impl SpanSender {
     /// Queues `items`; what does not fit is dropped and counted.
-    pub fn send(&self, mut items: Vec<SpanItem>) {
+    pub fn send(&self, mut items: SpanBatch) {
         if items.is_empty() {
             return;
         }
@@ -173,72 +283,50 @@ fn scope() -> InstrumentationScope {
     }
 }
 
-/// Groups spans by resource, in order of first appearance.
-fn groups(items: &[SpanItem]) -> Vec<(&ExportResource, Vec<&HttpSpan>)> {
-    let mut groups: Vec<(&ExportResource, Vec<&HttpSpan>)> = Vec::new();
-    let mut index: HashMap<*const ExportResource, usize> = HashMap::new();
-    for item in items {
-        let i = *index.entry(Arc::as_ptr(&item.resource)).or_insert_with(|| {
-            groups.push((&item.resource, Vec::new()));
-            groups.len() - 1
-        });
-        groups[i].1.push(&item.span);
-    }
-    groups
-}
-
-/// The spans as one OTLP request of `prost` structs (for OTLP/JSON).
-pub fn build_request(items: &[SpanItem]) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: groups(items)
+/// The spans as one OTLP request of `prost` structs (for OTLP/JSON), decoded from their
+/// protobuf encoding.
+pub fn build_request(items: SpanSlice<'_>) -> anyhow::Result<ExportTraceServiceRequest> {
+    let mut resource_spans = Vec::new();
+    for (resource, spans) in items.groups() {
+        let spans = spans
             .into_iter()
-            .map(|(resource, spans)| ResourceSpans {
-                resource: Some(resource.proto.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope()),
-                    spans: spans.into_iter().map(HttpSpan::to_proto).collect(),
-                    schema_url: String::new(),
-                }],
+            .map(Span::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .context("decoding an encoded span")?;
+        resource_spans.push(ResourceSpans {
+            resource: Some(resource.proto.clone()),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(scope()),
+                spans,
                 schema_url: String::new(),
-            })
-            .collect(),
+            }],
+            schema_url: String::new(),
+        });
     }
+    Ok(ExportTraceServiceRequest { resource_spans })
 }
 
-/// Reusable buffers for encoding requests.
+/// Reusable state for encoding requests.
 #[derive(Default)]
 pub struct Encoder {
     scope: Vec<u8>,
-    /// The encoded spans of one resource, back to back, and each one's length: a protobuf
-    /// length prefix comes before its message, so spans are encoded once here and copied once
-    /// into the request when the lengths are known.
-    spans: Vec<u8>,
-    span_lens: Vec<usize>,
-    name: String,
     /// The size of the last request, to allocate the next one at once.
     last_len: usize,
 }
 
 impl Encoder {
-    /// The spans as one protobuf `ExportTraceServiceRequest`, written directly (see `wire.rs`);
-    /// the same message `build_request` describes.
-    pub fn protobuf(&mut self, items: &[SpanItem]) -> Vec<u8> {
+    /// The spans as one protobuf `ExportTraceServiceRequest`, written directly around the
+    /// encoded spans (see `wire.rs`); the same message `build_request` describes.
+    pub fn protobuf(&mut self, items: SpanSlice<'_>) -> Vec<u8> {
         use crate::wire::*;
         if self.scope.is_empty() {
             self.scope = scope().encode_to_vec();
         }
-        let mut out = Vec::with_capacity(self.last_len.max(items.len() * 450) + 1024);
-        for (resource, spans) in groups(items) {
-            self.spans.clear();
-            self.span_lens.clear();
-            for span in spans {
-                let start = self.spans.len();
-                span.encode(&mut self.spans, &mut self.name);
-                self.span_lens.push(self.spans.len() - start);
-            }
+        let mut out = Vec::with_capacity(self.last_len.max(items.bytes.len() + 1024));
+        for (resource, spans) in items.groups() {
             // ScopeSpans: the scope, then each span as a length-delimited field.
             let scope_spans = field_len(self.scope.len())
-                + self.span_lens.iter().map(|&n| field_len(n)).sum::<usize>();
+                + spans.iter().map(|s| field_len(s.len())).sum::<usize>();
             let resource_spans = field_len(resource.encoded.len()) + field_len(scope_spans);
             tag(&mut out, request::RESOURCE_SPANS, LEN);
             varint(&mut out, resource_spans as u64);
@@ -246,20 +334,18 @@ impl Encoder {
             tag(&mut out, resource_spans::SCOPE_SPANS, LEN);
             varint(&mut out, scope_spans as u64);
             bytes_field(&mut out, scope_spans::SCOPE, &self.scope);
-            let mut at = 0;
-            for &n in &self.span_lens {
-                bytes_field(&mut out, scope_spans::SPANS, &self.spans[at..at + n]);
-                at += n;
+            for span in spans {
+                bytes_field(&mut out, scope_spans::SPANS, span);
             }
         }
         self.last_len = out.len();
         out
     }
 
-    pub fn encode(&mut self, items: &[SpanItem], protocol: Protocol) -> anyhow::Result<Vec<u8>> {
+    pub fn encode(&mut self, items: SpanSlice<'_>, protocol: Protocol) -> anyhow::Result<Vec<u8>> {
         Ok(match protocol {
             Protocol::HttpProtobuf => self.protobuf(items),
-            Protocol::HttpJson => serde_json::to_vec(&build_request(items))?,
+            Protocol::HttpJson => serde_json::to_vec(&build_request(items)?)?,
         })
     }
 }
@@ -272,15 +358,20 @@ enum Outcome {
     Retry(String),
 }
 
-struct Exporter {
+/// Requests to the collector in flight at once. One at a time, each waiting for the collector
+/// to store its batch, did not keep up with 30k requests/s (the backlog grew by ~3k spans a
+/// second); the OpenTelemetry Collector's exporters default to 10.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// What a delivery needs, shared by the deliveries in flight.
+struct Poster {
     config: ExportConfig,
     client: reqwest::Client,
     stats: Arc<ExportStats>,
     limiter: Arc<LogLimiter>,
-    encoder: Encoder,
 }
 
-impl Exporter {
+impl Poster {
     async fn post(&self, body: Bytes) -> Outcome {
         let content_type = match self.config.protocol {
             Protocol::HttpProtobuf => "application/x-protobuf",
@@ -323,20 +414,12 @@ impl Exporter {
     /// `deadline` passes. Shutdown sets a deadline: given one, or from the moment
     /// `shutting_down` says so (a collector that is down must not keep the agent from exiting).
     async fn deliver(
-        &mut self,
-        items: &[SpanItem],
+        self: Arc<Self>,
+        body: Bytes,
+        count: u64,
         mut deadline: Option<Instant>,
-        shutting_down: &(dyn Fn() -> bool + Sync),
+        shutting_down: impl Fn() -> bool,
     ) {
-        let count = items.len() as u64;
-        let body = match self.body(items) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => {
-                log::error!("encoding a batch failed: {e:#}");
-                self.stats.dropped_rejected.fetch_add(count, Relaxed);
-                return;
-            }
-        };
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.post(body.clone()).await {
@@ -377,10 +460,52 @@ impl Exporter {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
 
-    fn body(&mut self, items: &[SpanItem]) -> anyhow::Result<Vec<u8>> {
-        let raw = self.encoder.encode(items, self.config.protocol)?;
-        if !self.config.gzip {
+/// The exporter task's state: the encoder, and the requests in flight.
+struct Exporter {
+    poster: Arc<Poster>,
+    encoder: Encoder,
+    in_flight: tokio::task::JoinSet<()>,
+    /// Tells whether the agent has stopped (every `SpanSender` is gone) without keeping it from
+    /// stopping: deliveries then give up retrying at the shutdown deadline.
+    senders: mpsc::WeakUnboundedSender<SpanBatch>,
+}
+
+impl Exporter {
+    /// Encodes `items` and starts delivering them once fewer than `MAX_IN_FLIGHT` requests are
+    /// out.
+    async fn launch(&mut self, items: SpanSlice<'_>, deadline: Option<Instant>) {
+        let count = items.len() as u64;
+        let body = match self.body(items) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                log::error!("encoding a batch failed: {e:#}");
+                self.poster.stats.dropped_rejected.fetch_add(count, Relaxed);
+                return;
+            }
+        };
+        while self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.in_flight.join_next().await;
+        }
+        let senders = self.senders.clone();
+        let shutting_down = move || senders.upgrade().is_none();
+        let delivery = self
+            .poster
+            .clone()
+            .deliver(body, count, deadline, shutting_down);
+        self.in_flight.spawn(delivery);
+    }
+
+    /// Waits for every delivery in flight to end (each has its own deadline at shutdown).
+    async fn finish(&mut self) {
+        while self.in_flight.join_next().await.is_some() {}
+    }
+
+    fn body(&mut self, items: SpanSlice<'_>) -> anyhow::Result<Vec<u8>> {
+        let config = &self.poster.config;
+        let raw = self.encoder.encode(items, config.protocol)?;
+        if !config.gzip {
             return Ok(raw);
         }
         let mut gz = GzEncoder::new(Vec::with_capacity(raw.len() / 4), Compression::fast());
@@ -406,45 +531,43 @@ pub fn spawn(
         builder = builder.add_root_certificate(cert);
     }
     let client = builder.build().context("building the HTTP client")?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<SpanItem>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<SpanBatch>();
     let queue = Arc::new(QueueBound {
         queued: AtomicUsize::new(0),
         capacity: config.queue_capacity.max(1),
     });
     let limiter = Arc::new(LogLimiter::new(Duration::from_secs(10)));
+    let shutdown_timeout = config.shutdown_timeout;
+    let batch_size = config.batch_size.max(1);
+    let batch_timeout = config.batch_timeout;
     let mut exporter = Exporter {
-        config,
-        client,
-        stats: stats.clone(),
-        limiter: limiter.clone(),
+        poster: Arc::new(Poster {
+            config,
+            client,
+            stats: stats.clone(),
+            limiter: limiter.clone(),
+        }),
         encoder: Encoder::default(),
+        in_flight: tokio::task::JoinSet::new(),
+        senders: tx.downgrade(),
     };
     let bound = queue.clone();
     let handle = tokio::spawn(async move {
-        let batch_size = exporter.config.batch_size.max(1);
         // Spans received and not yet delivered: a drain's worth may exceed a batch. Batches
-        // are delivered as slices of it, so a span is moved once on its way (into `waiting`,
-        // and not even that when nothing was waiting).
-        let mut waiting: Vec<SpanItem> = Vec::new();
-        let take = |waiting: &mut Vec<SpanItem>, items: Vec<SpanItem>| {
-            if waiting.is_empty() {
-                *waiting = items;
-            } else {
-                waiting.extend(items);
-            }
-        };
+        // are delivered as slices of it.
+        let mut waiting = SpanBatch::default();
         let mut closed = false;
         while !closed {
             if waiting.is_empty() {
                 match rx.recv().await {
-                    Some(items) => take(&mut waiting, items),
+                    Some(items) => waiting.append(items),
                     None => break,
                 }
             }
-            let flush_at = tokio::time::Instant::now() + exporter.config.batch_timeout;
+            let flush_at = tokio::time::Instant::now() + batch_timeout;
             while waiting.len() < batch_size {
                 match tokio::time::timeout_at(flush_at, rx.recv()).await {
-                    Ok(Some(items)) => take(&mut waiting, items),
+                    Ok(Some(items)) => waiting.append(items),
                     Ok(None) => {
                         closed = true;
                         break;
@@ -452,33 +575,38 @@ pub fn spawn(
                     Err(_) => break,
                 }
             }
-            let deadline = closed.then(|| Instant::now() + exporter.config.shutdown_timeout);
+            let deadline = closed.then(|| Instant::now() + shutdown_timeout);
             // Full batches, or what the timeout found; a partial rest waits for more.
-            let mut done = 0;
+            let (mut done, mut bytes_done) = (0, 0);
             loop {
-                let n = (waiting.len() - done).min(batch_size);
-                if n == 0 {
+                let batch = waiting.slice(done, bytes_done, batch_size);
+                if batch.len() == 0 {
                     break;
                 }
-                bound.queued.fetch_sub(n, Relaxed);
-                let batch = &waiting[done..done + n];
-                exporter.deliver(batch, deadline, &|| rx.is_closed()).await;
-                done += n;
+                bound.queued.fetch_sub(batch.len(), Relaxed);
+                exporter.launch(batch, deadline).await;
+                done += batch.len();
+                bytes_done += batch.bytes.len();
                 if waiting.len() - done < batch_size {
                     break;
                 }
             }
-            waiting.drain(..done);
+            waiting.remove_front(done, bytes_done);
         }
         // Shutdown: whatever is still queued gets one bounded chance.
-        let deadline = Instant::now() + exporter.config.shutdown_timeout;
+        let deadline = Instant::now() + shutdown_timeout;
         while let Ok(items) = rx.try_recv() {
-            take(&mut waiting, items);
+            waiting.append(items);
         }
-        for batch in waiting.chunks(batch_size) {
+        let (mut done, mut bytes_done) = (0, 0);
+        while done < waiting.len() {
+            let batch = waiting.slice(done, bytes_done, batch_size);
             bound.queued.fetch_sub(batch.len(), Relaxed);
-            exporter.deliver(batch, Some(deadline), &|| true).await;
+            exporter.launch(batch, Some(deadline)).await;
+            done += batch.len();
+            bytes_done += batch.bytes.len();
         }
+        exporter.finish().await;
     });
     Ok((
         SpanSender {
@@ -550,7 +678,7 @@ mod tests {
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
     }
 
-    fn item(resource: &Arc<ExportResource>, path: &str) -> SpanItem {
+    fn span(path: &str) -> HttpSpan {
         use crate::pairing::{Exchange, Role};
         let exchange = Exchange {
             conn: 1,
@@ -566,10 +694,7 @@ mod tests {
             "127.0.0.1:80".parse().unwrap(),
             "127.0.0.1:5000".parse().unwrap(),
         ));
-        SpanItem {
-            resource: resource.clone(),
-            span: HttpSpan::new(exchange, ends, |t| t),
-        }
+        HttpSpan::new(exchange, ends, |t| t)
     }
 
     fn resource(service: &str) -> Arc<ExportResource> {
@@ -579,29 +704,73 @@ mod tests {
         }))
     }
 
+    fn batch(items: &[(&Arc<ExportResource>, &HttpSpan)]) -> SpanBatch {
+        let mut batch = SpanBatch::default();
+        for (resource, span) in items {
+            batch.push((*resource).clone(), span, &mut String::new());
+        }
+        batch
+    }
+
+    /// The request the agent must send for `items`, built from `prost` structs alone.
+    fn expected(groups: &[(&Arc<ExportResource>, Vec<&HttpSpan>)]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: groups
+                .iter()
+                .map(|(resource, spans)| ResourceSpans {
+                    resource: Some(resource.proto.clone()),
+                    scope_spans: vec![ScopeSpans {
+                        scope: Some(scope()),
+                        spans: spans.iter().map(|s| s.to_proto()).collect(),
+                        schema_url: String::new(),
+                    }],
+                    schema_url: String::new(),
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn spans_are_grouped_by_resource() {
         let (a, b) = (resource("a"), resource("b"));
-        let items = vec![item(&a, "/one"), item(&b, "/two"), item(&a, "/three")];
-        let req = build_request(&items);
-        assert_eq!(req.resource_spans.len(), 2);
-        let names: Vec<_> = req.resource_spans[0].scope_spans[0]
-            .spans
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
-        assert_eq!(names, ["GET /one", "GET /three"]);
+        let (one, two, three) = (span("/one"), span("/two"), span("/three"));
+        let batch = batch(&[(&a, &one), (&b, &two), (&a, &three)]);
+        let req = build_request(batch.as_slice()).unwrap();
+        assert_eq!(req, expected(&[(&a, vec![&one, &three]), (&b, vec![&two])]));
     }
 
     #[test]
     fn direct_protobuf_is_the_request_prost_would_send() {
         let (a, b) = (resource("a"), resource("b"));
-        let items = vec![item(&a, "/1"), item(&b, "/2"), item(&a, "/3/4")];
+        let spans = [span("/1"), span("/2"), span("/3/4")];
+        let batch = batch(&[(&a, &spans[0]), (&b, &spans[1]), (&a, &spans[2])]);
+        let want = expected(&[(&a, vec![&spans[0], &spans[2]]), (&b, vec![&spans[1]])]);
         let mut encoder = Encoder::default();
         for _ in 0..2 {
-            let body = encoder.protobuf(&items);
+            let body = encoder.protobuf(batch.as_slice());
             let decoded = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
-            assert_eq!(decoded, build_request(&items));
+            assert_eq!(decoded, want);
         }
+    }
+
+    /// Batches are cut from what the drain sent without re-encoding: a slice from the middle
+    /// and a truncated batch still hold whole spans.
+    #[test]
+    fn slices_and_truncation_keep_whole_spans() {
+        let a = resource("a");
+        let spans: Vec<HttpSpan> = (0..5).map(|i| span(&format!("/{i}"))).collect();
+        let items: Vec<_> = spans.iter().map(|s| (&a, s)).collect();
+        let mut all = batch(&items);
+        let first_two: usize = all.spans[..2].iter().map(|e| e.len as usize).sum();
+        let middle = build_request(all.slice(2, first_two, 2)).unwrap();
+        assert_eq!(middle, expected(&[(&a, vec![&spans[2], &spans[3]])]));
+        all.remove_front(2, first_two);
+        all.truncate(2);
+        let rest = build_request(all.as_slice()).unwrap();
+        assert_eq!(rest, expected(&[(&a, vec![&spans[2], &spans[3]])]));
+        let mut joined = batch(&items[..1]);
+        joined.append(batch(&items[1..2]));
+        let joined = build_request(joined.as_slice()).unwrap();
+        assert_eq!(joined, expected(&[(&a, vec![&spans[0], &spans[1]])]));
     }
 }

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the kernel probes and stream spans to a collector (needs root or CAP_BPF+CAP_PERFMON).
-    Agent(settings::AgentArgs),
+    Agent(Box<settings::AgentArgs>),
     /// List the services the collector knows.
     Services {
         #[command(flatten)]
@@ -57,6 +57,19 @@ enum Command {
         #[command(flatten)]
         client: client::ClientArgs,
     },
+    /// Benchmark the agent's own work (pairing, spans, OTLP encoding) on records saved by
+    /// `tracer agent --record FILE`: prints its CPU time per record and per span.
+    Replay {
+        /// The recording.
+        file: std::path::PathBuf,
+        /// Times to run through it.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Only trace connections with this local or remote port (repeatable), as the agent's
+        /// `--port`.
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+    },
 }
 
 /// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (the version libmimalloc-sys 0.1.49
@@ -72,6 +85,14 @@ fn main() -> std::process::ExitCode {
         .format_target(false)
         .init();
     let cli = Cli::parse();
+    if let Command::Replay {
+        file,
+        repeat,
+        ports,
+    } = &cli.command
+    {
+        return exit(agent::replay(file, *repeat, ports.clone()));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,16 +100,21 @@ fn main() -> std::process::ExitCode {
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             match cli.command {
-                Command::Agent(args) => agent::run(args).await,
+                Command::Agent(args) => agent::run(*args).await,
                 Command::Services { client } => client::services(&client).await,
                 Command::Operations { service, client } => {
                     client::operations(&client, &service).await
                 }
                 Command::Traces { query, client } => client::traces(&client, &query).await,
                 Command::Trace { id, client } => client::trace(&client, &id).await,
+                Command::Replay { .. } => unreachable!("handled without a runtime"),
             }
         })
     });
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

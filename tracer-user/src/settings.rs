@@ -94,6 +94,13 @@ pub struct AgentArgs {
     /// Longest wait before a partial batch is sent, in milliseconds. [default: 500]
     #[arg(long)]
     pub batch_timeout_ms: Option<u64>,
+
+    /// Also append every ring-buffer record to this file, for `tracer replay` (the benchmark
+    /// of the agent's own work on recorded traffic). Records hold payload prefixes, so the file
+    /// is as sensitive as the traffic; it is created readable by root only.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub record: Option<PathBuf>,
 }
 
 fn vec_or<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
@@ -135,6 +142,7 @@ impl AgentArgs {
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
             batch_size: self.batch_size.or(file.batch_size),
             batch_timeout_ms: self.batch_timeout_ms.or(file.batch_timeout_ms),
+            record: self.record,
         })
     }
 
