@@ -89,11 +89,12 @@ struct BatchEntry {
 }
 
 impl SpanBatch {
-    /// An empty batch with room for what `other` holds: drains tend to take alike.
+    /// An empty batch with room for a half more than `other` holds: drains tend to take
+    /// alike, and growing a batch copies it.
     pub fn with_capacity_of(other: &SpanBatch) -> Self {
         SpanBatch {
-            bytes: Vec::with_capacity(other.bytes.len()),
-            spans: Vec::with_capacity(other.spans.len()),
+            bytes: Vec::with_capacity(other.bytes.len() * 3 / 2),
+            spans: Vec::with_capacity(other.spans.len() * 3 / 2),
         }
     }
 

@@ -101,6 +101,7 @@ fn connection_attributes(ends: &Endpoints, server_side: bool, mut f: impl FnMut(
 }
 
 /// One attribute as a span's `attributes` field.
+#[inline(always)]
 fn encode_attribute(out: &mut Vec<u8>, key: &str, value: Value<'_>) {
     match value {
         Value::Str(s) => wire::string_attribute(out, wire::span::ATTRIBUTES, key, s),
@@ -190,6 +191,7 @@ impl HttpSpan {
     }
 
     /// The attributes that change from one request to the next.
+    #[inline(always)]
     fn request_attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         let ex = &self.exchange;
         let ends = &self.ends;
