@@ -155,6 +155,11 @@ struct PendingServer {
     deadline: u64,
 }
 
+/// Encoded spans handed to the exporter at a time at most. Kept below mimalloc's large-object
+/// size: larger batches, allocated on this thread and freed on the exporter's, held ~10 MiB
+/// more resident memory at 30k requests/s.
+const OUTBOX_BYTES: usize = 48 * 1024;
+
 /// How long a server span waits for its client's span from the same host.
 const LINK_WAIT: Duration = Duration::from_millis(300);
 
@@ -197,7 +202,7 @@ impl Pipeline {
             stats,
             clock_offset: spans::monotonic_to_unix_offset(),
             exchanges: Vec::new(),
-            outbox: SpanBatch::default(),
+            outbox: SpanBatch::with_capacity(OUTBOX_BYTES + OUTBOX_BYTES / 4),
             name: String::new(),
             pending_servers: HashMap::default(),
         }
@@ -382,7 +387,10 @@ impl Pipeline {
     fn send(&mut self, item: SpanItem) {
         match &self.sink {
             Sink::Otlp(_) | Sink::Discard(_) => {
-                self.outbox.push(item.resource, &item.span, &mut self.name)
+                self.outbox.push(item.resource, &item.span, &mut self.name);
+                if self.outbox.bytes_len() >= OUTBOX_BYTES {
+                    self.flush_outbox();
+                }
             }
             Sink::Stdout => println!(
                 "{}",
@@ -391,19 +399,19 @@ impl Pipeline {
         }
     }
 
-    /// Hands the spans of this drain to the exporter in one go.
+    /// Hands the spans of this drain (or `OUTBOX_BYTES` of them) to the exporter in one go.
     fn flush_outbox(&mut self) {
         if self.outbox.is_empty() {
             return;
         }
         match &mut self.sink {
             Sink::Otlp(tx) => {
-                let next = SpanBatch::with_capacity_of(&self.outbox);
+                let next = SpanBatch::with_capacity(OUTBOX_BYTES + OUTBOX_BYTES / 4);
                 tx.send(std::mem::replace(&mut self.outbox, next));
             }
             Sink::Discard(encoder) => {
                 std::hint::black_box(encoder.protobuf(self.outbox.as_slice()));
-                self.outbox = SpanBatch::with_capacity_of(&self.outbox);
+                self.outbox.clear();
             }
             Sink::Stdout => {}
         }

@@ -89,13 +89,22 @@ struct BatchEntry {
 }
 
 impl SpanBatch {
-    /// An empty batch with room for a half more than `other` holds: drains tend to take
-    /// alike, and growing a batch copies it.
-    pub fn with_capacity_of(other: &SpanBatch) -> Self {
+    /// An empty batch with room for `bytes` of encoded spans.
+    pub fn with_capacity(bytes: usize) -> Self {
         SpanBatch {
-            bytes: Vec::with_capacity(other.bytes.len() * 3 / 2),
-            spans: Vec::with_capacity(other.spans.len() * 3 / 2),
+            bytes: Vec::with_capacity(bytes),
+            // Spans take ~500 bytes.
+            spans: Vec::with_capacity(bytes / 256),
         }
+    }
+
+    pub fn bytes_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.spans.clear();
     }
 
     /// Encodes `span`; `name` is scratch space reused across calls.

@@ -12,6 +12,9 @@
 //!    drops (ring buffer, in-flight and connection tables), export drops, spans built and spans
 //!    the collector acknowledged. After each traced run the bench waits until the agent has
 //!    exported or counted as dropped every span it built, so the counts add up.
+//!    Then **the agent's pipeline alone**: 3 s at 10k req/s recorded with `tracer agent
+//!    --record`, replayed 3 times by `tracer replay` (pairing, spans, OTLP encoding; no probes,
+//!    ring buffer or export, warm caches), next to the live agent's CPU at 10k req/s.
 //! 2. **Kernel micro-benchmark**: a loopback ping-pong inside the bench process, both threads
 //!    pinned to one CPU, with the probes detached, then attached (the agent on CPU 0 tracing
 //!    this process, spans to /dev/null). HTTP-shaped messages give the cost per traced syscall;
@@ -466,6 +469,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let replay = replay_cost(bin, work, nginx_port, http, args.seconds)?;
     drop(nginx);
     drop(collector);
 
@@ -553,6 +557,24 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let live = pick(Level::Paced(10_000), true, &|r| r.agent_cpu_us_per_req);
+    let replayed = replay.ns_per_span * 2.0 / 1000.0;
+    println!(
+        "{}{:.2} us a request ({:.0} ns a record, {:.0} a span); live at 10k req/s {:.2} us, \
+         {:.1}x",
+        label("agent pipeline alone (tracer replay)"),
+        replayed,
+        replay.ns_per_record,
+        replay.ns_per_span,
+        live,
+        live / replayed
+    );
+    println!(
+        "  (the {} records of {} s at 10k req/s, replayed 3 times through pairing, spans and OTLP \
+         encoding: no probes, no export, warm caches; the rest of the live figure is the ring \
+         buffer, the runtime, export and a cold cache at each 10 ms drain)",
+        replay.records, REPLAY_SECONDS
+    );
     println!(
         "{}{:.1} MiB",
         label("agent peak memory (VmHWM)"),
@@ -631,6 +653,80 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     println!("(store query latency: cargo bench -p tracer-store)");
     Ok(())
+}
+
+/// The agent's own work on real records, without the probes, the ring buffer or the export.
+struct Replay {
+    records: u64,
+    ns_per_record: f64,
+    ns_per_span: f64,
+}
+
+const REPLAY_SECONDS: u64 = 3;
+
+/// Records `REPLAY_SECONDS` of nginx at 10k req/s with `tracer agent --record`, then runs
+/// `tracer replay` on them.
+fn replay_cost(
+    bin: &Path,
+    work: &Path,
+    nginx_port: u16,
+    collector_http: u16,
+    seconds: u64,
+) -> anyhow::Result<Replay> {
+    let file = work.join("records.bin");
+    let mut cmd = Command::new(bin.join("tracer"));
+    cmd.args([
+        "agent",
+        "--endpoint",
+        &format!("http://127.0.0.1:{collector_http}"),
+    ])
+    .args(["--port", &nginx_port.to_string()])
+    .arg("--record")
+    .arg(&file)
+    .env("RUST_LOG", "warn");
+    let agent = start_ready(cmd, "tracer: ready")?;
+    wrk(
+        nginx_port,
+        REPLAY_SECONDS.min(seconds),
+        Level::Paced(10_000),
+        work,
+    )?;
+    // Stopping the agent flushes the recording.
+    drop(agent);
+    let out = Command::new(bin.join("tracer"))
+        .arg("replay")
+        .arg(&file)
+        .args(["--port", &nginx_port.to_string(), "--repeat", "3"])
+        .output()
+        .context("running tracer replay")?;
+    // The records hold payload prefixes of the traffic.
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "tracer replay failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // "replayed N records x 3: ... CPU X ns per record, Y ns per span (...)"
+    let number_before = |marker: &str| -> Option<f64> {
+        let head = &text[..text.find(marker)?];
+        head.rsplit(' ').next()?.parse().ok()
+    };
+    let parsed = (|| {
+        Some(Replay {
+            records: text
+                .strip_prefix("replayed ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?,
+            ns_per_record: number_before(" ns per record")?,
+            ns_per_span: number_before(" ns per span")?,
+        })
+    })();
+    parsed.with_context(|| format!("unexpected output from tracer replay: {text}"))
 }
 
 /// What the probes cost per syscall, measured with a loopback ping-pong inside this process.
