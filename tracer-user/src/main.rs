@@ -96,8 +96,10 @@ fn main() -> std::process::ExitCode {
     {
         return exit(agent::replay(file, *repeat, ports.clone()));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the drain, the exporter and the metrics endpoint: with worker threads,
+    // every drain's hand-over to the exporter woke one up (a futex and an epoll wake each way),
+    // which measured 10.9 -> 8.6 us of agent CPU a request at 10k req/s.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
