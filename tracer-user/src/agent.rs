@@ -415,7 +415,7 @@ impl Pipeline {
                 tx.send(std::mem::replace(&mut self.outbox, next));
             }
             Sink::Discard(encoder) => {
-                std::hint::black_box(encoder.protobuf(self.outbox.as_slice()));
+                std::hint::black_box(encoder.protobuf(std::slice::from_ref(&self.outbox)));
                 self.outbox.clear();
             }
             Sink::Stdout => {}

@@ -131,58 +131,18 @@ impl SpanBatch {
             self.spans.truncate(n);
         }
     }
-
-    fn append(&mut self, mut other: SpanBatch) {
-        if self.is_empty() {
-            *self = other;
-        } else {
-            self.bytes.extend_from_slice(&other.bytes);
-            self.spans.append(&mut other.spans);
-        }
-    }
-
-    /// Removes the first `n` spans, which take the first `bytes` bytes.
-    fn remove_front(&mut self, n: usize, bytes: usize) {
-        self.spans.drain(..n);
-        self.bytes.drain(..bytes);
-    }
-
-    /// Up to `max` spans from span `from`, whose bytes start at `byte_from`.
-    fn slice(&self, from: usize, byte_from: usize, max: usize) -> SpanSlice<'_> {
-        let spans = &self.spans[from..(from + max).min(self.spans.len())];
-        let len = spans.iter().map(|e| e.len as usize).sum::<usize>();
-        SpanSlice {
-            bytes: &self.bytes[byte_from..byte_from + len],
-            spans,
-        }
-    }
-
-    pub fn as_slice(&self) -> SpanSlice<'_> {
-        self.slice(0, 0, self.spans.len())
-    }
 }
 
-/// Some consecutive spans of a [`SpanBatch`]: what one request to the collector carries.
-#[derive(Clone, Copy)]
-pub struct SpanSlice<'a> {
-    bytes: &'a [u8],
-    spans: &'a [BatchEntry],
-}
-
-impl<'a> SpanSlice<'a> {
-    pub fn len(&self) -> usize {
-        self.spans.len()
-    }
-
-    /// The spans grouped by resource, in order of first appearance: each resource with the
-    /// encoded spans that belong to it.
-    fn groups(&self) -> Vec<(&'a ExportResource, Vec<&'a [u8]>)> {
-        let mut groups: Vec<(&ExportResource, Vec<&[u8]>)> = Vec::new();
-        let mut index: HashMap<*const ExportResource, usize, BuildHasherDefault<FxHasher>> =
-            HashMap::default();
+/// The spans of `parts` grouped by resource, in order of first appearance: each resource with
+/// the encoded spans that belong to it.
+fn groups(parts: &[SpanBatch]) -> Vec<(&ExportResource, Vec<&[u8]>)> {
+    let mut groups: Vec<(&ExportResource, Vec<&[u8]>)> = Vec::new();
+    let mut index: HashMap<*const ExportResource, usize, BuildHasherDefault<FxHasher>> =
+        HashMap::default();
+    for part in parts {
         let mut at = 0;
-        for entry in self.spans {
-            let span = &self.bytes[at..at + entry.len as usize];
+        for entry in &part.spans {
+            let span = &part.bytes[at..at + entry.len as usize];
             at += entry.len as usize;
             let i = *index
                 .entry(Arc::as_ptr(&entry.resource))
@@ -192,8 +152,12 @@ impl<'a> SpanSlice<'a> {
                 });
             groups[i].1.push(span);
         }
-        groups
     }
+    groups
+}
+
+fn span_count(parts: &[SpanBatch]) -> usize {
+    parts.iter().map(SpanBatch::len).sum()
 }
 
 #[derive(Default, Debug)]
@@ -295,9 +259,9 @@ fn scope() -> InstrumentationScope {
 
 /// The spans as one OTLP request of `prost` structs (for OTLP/JSON), decoded from their
 /// protobuf encoding.
-pub fn build_request(items: SpanSlice<'_>) -> anyhow::Result<ExportTraceServiceRequest> {
+pub fn build_request(parts: &[SpanBatch]) -> anyhow::Result<ExportTraceServiceRequest> {
     let mut resource_spans = Vec::new();
-    for (resource, spans) in items.groups() {
+    for (resource, spans) in groups(parts) {
         let spans = spans
             .into_iter()
             .map(Span::decode)
@@ -327,13 +291,14 @@ pub struct Encoder {
 impl Encoder {
     /// The spans as one protobuf `ExportTraceServiceRequest`, written directly around the
     /// encoded spans (see `wire.rs`); the same message `build_request` describes.
-    pub fn protobuf(&mut self, items: SpanSlice<'_>) -> Vec<u8> {
+    pub fn protobuf(&mut self, parts: &[SpanBatch]) -> Vec<u8> {
         use crate::wire::*;
         if self.scope.is_empty() {
             self.scope = scope().encode_to_vec();
         }
-        let mut out = Vec::with_capacity(self.last_len.max(items.bytes.len() + 1024));
-        for (resource, spans) in items.groups() {
+        let bytes = parts.iter().map(|p| p.bytes.len()).sum::<usize>();
+        let mut out = Vec::with_capacity(self.last_len.max(bytes + 1024));
+        for (resource, spans) in groups(parts) {
             // ScopeSpans: the scope, then each span as a length-delimited field.
             let scope_spans = field_len(self.scope.len())
                 + spans.iter().map(|s| field_len(s.len())).sum::<usize>();
@@ -352,10 +317,10 @@ impl Encoder {
         out
     }
 
-    pub fn encode(&mut self, items: SpanSlice<'_>, protocol: Protocol) -> anyhow::Result<Vec<u8>> {
+    pub fn encode(&mut self, parts: &[SpanBatch], protocol: Protocol) -> anyhow::Result<Vec<u8>> {
         Ok(match protocol {
-            Protocol::HttpProtobuf => self.protobuf(items),
-            Protocol::HttpJson => serde_json::to_vec(&build_request(items)?)?,
+            Protocol::HttpProtobuf => self.protobuf(parts),
+            Protocol::HttpJson => serde_json::to_vec(&build_request(parts)?)?,
         })
     }
 }
@@ -485,9 +450,9 @@ struct Exporter {
 impl Exporter {
     /// Encodes `items` and starts delivering them once fewer than `MAX_IN_FLIGHT` requests are
     /// out.
-    async fn launch(&mut self, items: SpanSlice<'_>, deadline: Option<Instant>) {
-        let count = items.len() as u64;
-        let body = match self.body(items) {
+    async fn launch(&mut self, parts: &[SpanBatch], deadline: Option<Instant>) {
+        let count = span_count(parts) as u64;
+        let body = match self.body(parts) {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 log::error!("encoding a batch failed: {e:#}");
@@ -512,9 +477,9 @@ impl Exporter {
         while self.in_flight.join_next().await.is_some() {}
     }
 
-    fn body(&mut self, items: SpanSlice<'_>) -> anyhow::Result<Vec<u8>> {
+    fn body(&mut self, parts: &[SpanBatch]) -> anyhow::Result<Vec<u8>> {
         let config = &self.poster.config;
-        let raw = self.encoder.encode(items, config.protocol)?;
+        let raw = self.encoder.encode(parts, config.protocol)?;
         if !config.gzip {
             return Ok(raw);
         }
@@ -563,21 +528,22 @@ pub fn spawn(
     };
     let bound = queue.clone();
     let handle = tokio::spawn(async move {
-        // Spans received and not yet delivered: a drain's worth may exceed a batch. Batches
-        // are delivered as slices of it.
-        let mut waiting = SpanBatch::default();
+        // Drain batches received and not yet delivered. A request takes whole drain batches
+        // (so it holds `batch_size` spans or up to one drain's worth more): no span is copied
+        // on its way to the request body.
+        let mut waiting: Vec<SpanBatch> = Vec::new();
         let mut closed = false;
         while !closed {
             if waiting.is_empty() {
                 match rx.recv().await {
-                    Some(items) => waiting.append(items),
+                    Some(batch) => waiting.push(batch),
                     None => break,
                 }
             }
             let flush_at = tokio::time::Instant::now() + batch_timeout;
-            while waiting.len() < batch_size {
+            while span_count(&waiting) < batch_size {
                 match tokio::time::timeout_at(flush_at, rx.recv()).await {
-                    Ok(Some(items)) => waiting.append(items),
+                    Ok(Some(batch)) => waiting.push(batch),
                     Ok(None) => {
                         closed = true;
                         break;
@@ -586,35 +552,26 @@ pub fn spawn(
                 }
             }
             let deadline = closed.then(|| Instant::now() + shutdown_timeout);
-            // Full batches, or what the timeout found; a partial rest waits for more.
-            let (mut done, mut bytes_done) = (0, 0);
-            loop {
-                let batch = waiting.slice(done, bytes_done, batch_size);
-                if batch.len() == 0 {
-                    break;
-                }
-                bound.queued.fetch_sub(batch.len(), Relaxed);
-                exporter.launch(batch, deadline).await;
-                done += batch.len();
-                bytes_done += batch.bytes.len();
-                if waiting.len() - done < batch_size {
-                    break;
-                }
-            }
-            waiting.remove_front(done, bytes_done);
+            bound.queued.fetch_sub(span_count(&waiting), Relaxed);
+            exporter.launch(&waiting, deadline).await;
+            waiting.clear();
         }
         // Shutdown: whatever is still queued gets one bounded chance.
         let deadline = Instant::now() + shutdown_timeout;
-        while let Ok(items) = rx.try_recv() {
-            waiting.append(items);
+        while let Ok(batch) = rx.try_recv() {
+            waiting.push(batch);
         }
-        let (mut done, mut bytes_done) = (0, 0);
-        while done < waiting.len() {
-            let batch = waiting.slice(done, bytes_done, batch_size);
-            bound.queued.fetch_sub(batch.len(), Relaxed);
-            exporter.launch(batch, Some(deadline)).await;
-            done += batch.len();
-            bytes_done += batch.bytes.len();
+        let mut rest = &waiting[..];
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut spans = 0;
+            while n < rest.len() && spans < batch_size {
+                spans += rest[n].len();
+                n += 1;
+            }
+            bound.queued.fetch_sub(spans, Relaxed);
+            exporter.launch(&rest[..n], Some(deadline)).await;
+            rest = &rest[n..];
         }
         exporter.finish().await;
     });
@@ -745,7 +702,7 @@ mod tests {
         let (a, b) = (resource("a"), resource("b"));
         let (one, two, three) = (span("/one"), span("/two"), span("/three"));
         let batch = batch(&[(&a, &one), (&b, &two), (&a, &three)]);
-        let req = build_request(batch.as_slice()).unwrap();
+        let req = build_request(&[batch]).unwrap();
         assert_eq!(req, expected(&[(&a, vec![&one, &three]), (&b, vec![&two])]));
     }
 
@@ -757,30 +714,31 @@ mod tests {
         let want = expected(&[(&a, vec![&spans[0], &spans[2]]), (&b, vec![&spans[1]])]);
         let mut encoder = Encoder::default();
         for _ in 0..2 {
-            let body = encoder.protobuf(batch.as_slice());
+            let body = encoder.protobuf(std::slice::from_ref(&batch));
             let decoded = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
             assert_eq!(decoded, want);
         }
     }
 
-    /// Batches are cut from what the drain sent without re-encoding: a slice from the middle
-    /// and a truncated batch still hold whole spans.
+    /// A request made of several drain batches groups their spans by resource across them, and
+    /// a batch cut short by a full queue keeps whole spans.
     #[test]
-    fn slices_and_truncation_keep_whole_spans() {
-        let a = resource("a");
+    fn requests_span_batches_and_truncation_keeps_whole_spans() {
+        let (a, b) = (resource("a"), resource("b"));
         let spans: Vec<HttpSpan> = (0..5).map(|i| span(&format!("/{i}"))).collect();
-        let items: Vec<_> = spans.iter().map(|s| (&a, s)).collect();
-        let mut all = batch(&items);
-        let first_two: usize = all.spans[..2].iter().map(|e| e.len as usize).sum();
-        let middle = build_request(all.slice(2, first_two, 2)).unwrap();
-        assert_eq!(middle, expected(&[(&a, vec![&spans[2], &spans[3]])]));
-        all.remove_front(2, first_two);
-        all.truncate(2);
-        let rest = build_request(all.as_slice()).unwrap();
-        assert_eq!(rest, expected(&[(&a, vec![&spans[2], &spans[3]])]));
-        let mut joined = batch(&items[..1]);
-        joined.append(batch(&items[1..2]));
-        let joined = build_request(joined.as_slice()).unwrap();
-        assert_eq!(joined, expected(&[(&a, vec![&spans[0], &spans[1]])]));
+        let first = batch(&[(&a, &spans[0]), (&b, &spans[1])]);
+        let mut second = batch(&[(&a, &spans[2]), (&b, &spans[3]), (&a, &spans[4])]);
+        second.truncate(2);
+        let parts = [first, second];
+        let want = expected(&[
+            (&a, vec![&spans[0], &spans[2]]),
+            (&b, vec![&spans[1], &spans[3]]),
+        ]);
+        assert_eq!(build_request(&parts).unwrap(), want);
+        let body = Encoder::default().protobuf(&parts);
+        assert_eq!(
+            ExportTraceServiceRequest::decode(body.as_slice()).unwrap(),
+            want
+        );
     }
 }

@@ -87,7 +87,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub queue_capacity: Option<usize>,
 
-    /// Spans per export request. [default: 512]
+    /// Spans per export request (requests take whole drain batches of up to 48 KiB, so one may
+    /// hold ~100 spans more). [default: 512]
     #[arg(long)]
     pub batch_size: Option<usize>,
 
