@@ -81,6 +81,7 @@ use crate::{
     SpanId, SpanRecord, SpanRef, SpanStore, StoreError, StoreStats, TraceId, TraceQuery,
 };
 
+mod alloc;
 mod catalog;
 mod codec;
 mod query;
@@ -339,6 +340,7 @@ impl SqliteStore {
     }
 
     pub fn open_with(dir: &Path, options: &StoreOptions) -> Result<SqliteStore, StoreError> {
+        alloc::install();
         let open_err = |reason: String| StoreError::Open {
             path: dir.display().to_string(),
             reason,
