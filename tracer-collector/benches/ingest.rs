@@ -180,7 +180,12 @@ fn span(rng: &mut Rng, k: u64, server: bool, trace_id: [u8; 16], parent: Option<
 
 /// `n` requests of 512 spans: server spans, a third with a client span as their parent.
 fn requests(n: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
-    let mut k = 0;
+    requests_from(n, rng, 0)
+}
+
+/// The same, the first span starting `first` span gaps after `T0`.
+fn requests_from(n: usize, rng: &mut Rng, first: u64) -> Vec<Vec<u8>> {
+    let mut k = first;
     (0..n)
         .map(|_| {
             let first_process = rng.below(PROCESSES);
@@ -546,11 +551,14 @@ fn post_all(port: u16, bodies: &[Vec<u8>], rate: f64) {
 }
 
 /// Filter argument `http`: collector CPU per span, whole process (HTTP, decoding, store,
-/// background threads), over `BENCH_HTTP_SPANS` spans (default 204,800) into a fresh store.
+/// background threads), over `BENCH_HTTP_SPANS` spans (default 204,800) sent after
+/// `BENCH_HTTP_WARMUP` others (default 512,000, not measured; earlier in time): a fresh store
+/// spends much of its first ~450k spans growing SQLite's page cache (128 MiB), which a
+/// collector that has run for a minute no longer does.
 /// `BENCH_HTTP_RATE`: spans per second to send at (default 0, as fast as it answers; the
-/// end-to-end bench's collector gets ~20-50k). `BENCH_COLLECTOR_BASE`: a second collector
-/// binary (say main's) run alternately with this one, `BENCH_HTTP_ROUNDS` times each (default
-/// 3). `BENCH_PORT` (default: 35100): the first of the three ports each collector listens on.
+/// end-to-end bench's collector gets ~20-50k). `BENCH_COLLECTOR_BASE`: other collector
+/// binaries (say main's; `:`-separated) run alternately with this one, `BENCH_HTTP_ROUNDS`
+/// times each (default 3). `BENCH_PORT` (default: 35100): the first of the three ports each collector listens on.
 /// `BENCH_DIR`: where the stores go (default: the target's tmp directory).
 fn http() {
     let spans = env_usize("BENCH_HTTP_SPANS", 204_800);
@@ -562,15 +570,24 @@ fn http() {
         PathBuf::from,
     );
     let this = PathBuf::from(env!("CARGO_BIN_EXE_tracer-collector"));
-    let mut binaries = vec![("this build", this)];
-    if let Some(base) = std::env::var_os("BENCH_COLLECTOR_BASE") {
-        binaries.insert(0, ("base (BENCH_COLLECTOR_BASE)", PathBuf::from(base)));
-    }
-    let bodies = requests_for(spans.div_ceil(SPANS_PER_REQUEST), 3);
+    let mut binaries: Vec<(String, PathBuf)> = std::env::var("BENCH_COLLECTOR_BASE")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|p| !p.is_empty())
+        .map(|p| (p.to_owned(), PathBuf::from(p)))
+        .collect();
+    binaries.push(("this build".into(), this));
+    let warmup = env_usize("BENCH_HTTP_WARMUP", 512_000).div_ceil(SPANS_PER_REQUEST);
+    let bodies = requests_from(
+        spans.div_ceil(SPANS_PER_REQUEST),
+        &mut Rng(0x5eed_0003),
+        (warmup * SPANS_PER_REQUEST) as u64,
+    );
     let n = bodies.len() * SPANS_PER_REQUEST;
     println!(
-        "tracer-collector over OTLP/HTTP: {n} spans in bodies of {SPANS_PER_REQUEST}, one \
-         connection, {}, {rounds} rounds; collector CPU (all threads) per span",
+        "tracer-collector over OTLP/HTTP: {n} spans in bodies of {SPANS_PER_REQUEST} after {} \
+         others, one connection, {}, {rounds} rounds; collector CPU (all threads) per span",
+        warmup * SPANS_PER_REQUEST,
         if rate > 0.0 {
             format!("{rate:.0} spans/s")
         } else {
@@ -581,6 +598,18 @@ fn http() {
     for _ in 0..rounds {
         for (b, (_, binary)) in binaries.iter().enumerate() {
             let server = Server::start(binary, dir.join(format!("http-{b}")), port + 3 * b as u16);
+            // Generated as they go (in this process), so they need no memory of their own.
+            let mut rng = Rng(0x5eed_1000);
+            for first in (0..warmup).step_by(16) {
+                let chunk = requests_from(
+                    16.min(warmup - first),
+                    &mut rng,
+                    (first * SPANS_PER_REQUEST) as u64,
+                );
+                post_all(server.http_port, &chunk, 0.0);
+            }
+            // Its last checkpoint done.
+            std::thread::sleep(Duration::from_millis(1200));
             let (c0, t0) = (server.cpu(), Instant::now());
             post_all(server.http_port, &bodies, rate);
             let wall = t0.elapsed();
@@ -597,7 +626,7 @@ fn http() {
         let cpu: Vec<f64> = r.iter().map(|x| x.0).collect();
         let wall: Vec<f64> = r.iter().map(|x| x.1).collect();
         println!(
-            "  {label:<28} {:>6.2} µs CPU/span (median; runs {})  {:>8.0} spans/s wall",
+            "  {label:<32} {:>6.2} µs CPU/span (median; runs {})  {:>8.0} spans/s wall",
             median(cpu.clone()),
             cpu.iter()
                 .map(|c| format!("{c:.2}"))
