@@ -300,6 +300,7 @@ fn decoding(rounds: usize, requests: usize) {
     let mut prost_decode_only = Vec::new();
     let mut prost_full = Vec::new();
     let mut direct_full = Vec::new();
+    let mut borrowed = Vec::new();
     for _ in 0..rounds {
         prost_decode_only.push(per_span(&bodies, &mut |b| {
             let r = ExportTraceServiceRequest::decode(b).expect("decode");
@@ -311,6 +312,11 @@ fn decoding(rounds: usize, requests: usize) {
         }));
         prost_full.push(per_span(&bodies, &mut |b| via_prost(b).len()));
         direct_full.push(per_span(&bodies, &mut |b| direct(b).len()));
+        borrowed.push(per_span(&bodies, &mut |b| {
+            decode::decode(b)
+                .expect("decode")
+                .with_spans(|spans| spans.len())
+        }));
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (pf, df) = (median(prost_full.clone()), median(direct_full.clone()));
@@ -319,6 +325,7 @@ fn decoding(rounds: usize, requests: usize) {
         ("prost decode only (no convert)", &prost_decode_only),
         ("prost decode + convert (before)", &prost_full),
         ("direct decoder (decode.rs, after)", &direct_full),
+        ("  borrowed spans (what ingest stores)", &borrowed),
     ] {
         println!(
             "  {label:<36} {:>8.0} ns {:>8.0} ns",
@@ -346,17 +353,36 @@ fn fresh_dir(name: &str) -> PathBuf {
     d
 }
 
+/// How a body gets into the store.
+#[derive(Clone, Copy)]
+enum Route {
+    /// Owned records from this decoder, then `SqliteStore::write`.
+    Records(fn(&[u8]) -> Vec<SpanRecord>),
+    /// What ingest does: spans borrowed from the body, `SpanStore::write_refs`.
+    Borrowed,
+}
+
 /// Spans per CPU-second of decode + convert + `SqliteStore::write` (one writer thread, the
 /// store's background thread counted), into a fresh store.
-fn store_run(bodies: &[Vec<u8>], name: &str, decode: fn(&[u8]) -> Vec<SpanRecord>) -> f64 {
+fn store_run(bodies: &[Vec<u8>], name: &str, path: Route) -> f64 {
     let d = fresh_dir(name);
     let store = SqliteStore::open(&d).expect("open");
     let t = process_cpu();
     let mut n = 0;
     for b in bodies {
-        let spans = decode(b);
-        store.write(&spans).expect("write");
-        n += spans.len();
+        n += match path {
+            Route::Records(decode) => {
+                let spans = decode(b);
+                store.write(&spans).expect("write");
+                spans.len()
+            }
+            Route::Borrowed => {
+                let d = decode::decode(b).expect("decode");
+                d.with_spans(|spans| store.write_refs(spans))
+                    .expect("write");
+                d.len()
+            }
+        };
     }
     drop(store); // joins the background thread, so its work is counted
     let cpu = process_cpu() - t;
@@ -375,11 +401,13 @@ fn storing(rounds: usize, spans: usize) {
     );
     let mut before = Vec::new();
     let mut after = Vec::new();
+    let mut borrowed = Vec::new();
     for _ in 0..rounds {
-        before.push(store_run(&bodies, "prost", via_prost));
-        after.push(store_run(&bodies, "direct", direct));
+        before.push(store_run(&bodies, "prost", Route::Records(via_prost)));
+        after.push(store_run(&bodies, "direct", Route::Records(direct)));
+        borrowed.push(store_run(&bodies, "borrowed", Route::Borrowed));
     }
-    let (b, a) = (median(before), median(after));
+    let (b, a, r) = (median(before), median(after), median(borrowed));
     println!(
         "  prost path (before)                   {b:>8.0} spans/CPU-s  {:>6.2} µs/span",
         1e6 / b
@@ -387,6 +415,10 @@ fn storing(rounds: usize, spans: usize) {
     println!(
         "  direct decoder (after)                {a:>8.0} spans/CPU-s  {:>6.2} µs/span",
         1e6 / a
+    );
+    println!(
+        "  borrowed spans, write_refs (ingest)   {r:>8.0} spans/CPU-s  {:>6.2} µs/span",
+        1e6 / r
     );
     println!("  ratio after/before                    {:>8.2}x", a / b);
 }
