@@ -1,10 +1,11 @@
-//! OTLP/HTTP protobuf bodies straight to store records, without `prost`'s intermediate structs.
+//! OTLP/HTTP protobuf bodies straight to store spans, without `prost`'s intermediate structs.
 //!
 //! `prost` decodes an `ExportTraceServiceRequest` into a tree of structs (every attribute key
 //! and value its own `String`, every list a growing `Vec`) that `convert` then takes apart; that
-//! was a quarter of the collector's CPU per span. This reads the body once, keeps borrowed
-//! slices until a span is complete, and copies each string once, from the body into the
-//! `String` the [`SpanRecord`] keeps. The result is the same as
+//! was a quarter of the collector's CPU per span. This reads the body once into [`Decoded`],
+//! whose spans borrow every string from the body, and ingest lends them to the store as they
+//! are ([`Decoded::with_spans`], `SpanStore::write_refs`): no string is copied or allocated per
+//! attribute. [`spans_from_protobuf`] makes owned records of them, the same as
 //! `convert::spans_from_request(ExportTraceServiceRequest::decode(body)?)` (a test compares
 //! them on many requests, mutated ones too), with these decisions:
 //!

@@ -21,7 +21,8 @@
 //! # Writing
 //!
 //! Callers encode their spans on their own thread (interning names through the in-memory
-//! catalog). Then group commit: whichever caller finds no commit running becomes the leader and
+//! catalog), from borrowed [`SpanRef`]s: `write_refs` takes them as the collector's protobuf
+//! decoder lends them, `write` lends owned records the same way. Then group commit: whichever caller finds no commit running becomes the leader and
 //! writes every batch waiting (its own included, up to 16k spans) in one transaction on the
 //! single writer connection, with cached multi-row `INSERT` statements (`insert_many`); each
 //! caller returns once the commit that holds its spans is done. A batch sent again (a lost acknowledgement) is not stored twice,
