@@ -13,9 +13,17 @@
 //! Environment: `BENCH_REQUESTS` (distinct bodies for decoding, default 40), `BENCH_ROUNDS`
 //! (default 7), `BENCH_STORE_SPANS` (spans per store run, default 102,400; 0 skips it),
 //! `BENCH_STORE_ROUNDS` (default 3).
+//!
+//! `cargo bench -p tracer-collector -- http` measures the collector as deployed instead: the
+//! `tracer-collector` binary in a process of its own, sent the same bodies over one keep-alive
+//! HTTP/1.1 connection the way the agent sends them (one request at a time), its CPU read from
+//! `/proc/<pid>/stat`; see [`http`] for its settings.
 use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
     path::{Path, PathBuf},
-    time::Duration,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use opentelemetry_proto::tonic::{
@@ -172,7 +180,12 @@ fn span(rng: &mut Rng, k: u64, server: bool, trace_id: [u8; 16], parent: Option<
 
 /// `n` requests of 512 spans: server spans, a third with a client span as their parent.
 fn requests(n: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
-    let mut k = 0;
+    requests_from(n, rng, 0)
+}
+
+/// The same, the first span starting `first` span gaps after `T0`.
+fn requests_from(n: usize, rng: &mut Rng, first: u64) -> Vec<Vec<u8>> {
+    let mut k = first;
     (0..n)
         .map(|_| {
             let first_process = rng.below(PROCESSES);
@@ -287,6 +300,7 @@ fn decoding(rounds: usize, requests: usize) {
     let mut prost_decode_only = Vec::new();
     let mut prost_full = Vec::new();
     let mut direct_full = Vec::new();
+    let mut borrowed = Vec::new();
     for _ in 0..rounds {
         prost_decode_only.push(per_span(&bodies, &mut |b| {
             let r = ExportTraceServiceRequest::decode(b).expect("decode");
@@ -298,6 +312,11 @@ fn decoding(rounds: usize, requests: usize) {
         }));
         prost_full.push(per_span(&bodies, &mut |b| via_prost(b).len()));
         direct_full.push(per_span(&bodies, &mut |b| direct(b).len()));
+        borrowed.push(per_span(&bodies, &mut |b| {
+            decode::decode(b)
+                .expect("decode")
+                .with_spans(|spans| spans.len())
+        }));
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (pf, df) = (median(prost_full.clone()), median(direct_full.clone()));
@@ -306,6 +325,7 @@ fn decoding(rounds: usize, requests: usize) {
         ("prost decode only (no convert)", &prost_decode_only),
         ("prost decode + convert (before)", &prost_full),
         ("direct decoder (decode.rs, after)", &direct_full),
+        ("  borrowed spans (what ingest stores)", &borrowed),
     ] {
         println!(
             "  {label:<36} {:>8.0} ns {:>8.0} ns",
@@ -333,17 +353,36 @@ fn fresh_dir(name: &str) -> PathBuf {
     d
 }
 
+/// How a body gets into the store.
+#[derive(Clone, Copy)]
+enum Route {
+    /// Owned records from this decoder, then `SqliteStore::write`.
+    Records(fn(&[u8]) -> Vec<SpanRecord>),
+    /// What ingest does: spans borrowed from the body, `SpanStore::write_refs`.
+    Borrowed,
+}
+
 /// Spans per CPU-second of decode + convert + `SqliteStore::write` (one writer thread, the
 /// store's background thread counted), into a fresh store.
-fn store_run(bodies: &[Vec<u8>], name: &str, decode: fn(&[u8]) -> Vec<SpanRecord>) -> f64 {
+fn store_run(bodies: &[Vec<u8>], name: &str, path: Route) -> f64 {
     let d = fresh_dir(name);
     let store = SqliteStore::open(&d).expect("open");
     let t = process_cpu();
     let mut n = 0;
     for b in bodies {
-        let spans = decode(b);
-        store.write(&spans).expect("write");
-        n += spans.len();
+        n += match path {
+            Route::Records(decode) => {
+                let spans = decode(b);
+                store.write(&spans).expect("write");
+                spans.len()
+            }
+            Route::Borrowed => {
+                let d = decode::decode(b).expect("decode");
+                d.with_spans(|spans| store.write_refs(spans))
+                    .expect("write");
+                d.len()
+            }
+        };
     }
     drop(store); // joins the background thread, so its work is counted
     let cpu = process_cpu() - t;
@@ -362,11 +401,13 @@ fn storing(rounds: usize, spans: usize) {
     );
     let mut before = Vec::new();
     let mut after = Vec::new();
+    let mut borrowed = Vec::new();
     for _ in 0..rounds {
-        before.push(store_run(&bodies, "prost", via_prost));
-        after.push(store_run(&bodies, "direct", direct));
+        before.push(store_run(&bodies, "prost", Route::Records(via_prost)));
+        after.push(store_run(&bodies, "direct", Route::Records(direct)));
+        borrowed.push(store_run(&bodies, "borrowed", Route::Borrowed));
     }
-    let (b, a) = (median(before), median(after));
+    let (b, a, r) = (median(before), median(after), median(borrowed));
     println!(
         "  prost path (before)                   {b:>8.0} spans/CPU-s  {:>6.2} µs/span",
         1e6 / b
@@ -374,6 +415,10 @@ fn storing(rounds: usize, spans: usize) {
     println!(
         "  direct decoder (after)                {a:>8.0} spans/CPU-s  {:>6.2} µs/span",
         1e6 / a
+    );
+    println!(
+        "  borrowed spans, write_refs (ingest)   {r:>8.0} spans/CPU-s  {:>6.2} µs/span",
+        1e6 / r
     );
     println!("  ratio after/before                    {:>8.2}x", a / b);
 }
@@ -430,6 +475,200 @@ fn write_one(store: &SqliteStore, spans: &[SpanRecord]) {
     store.write(spans).expect("write");
 }
 
+/// The collector binary under test, started on its own ports and data directory; killed (and
+/// its directory removed) when dropped.
+struct Server {
+    child: Child,
+    http_port: u16,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(binary: &Path, dir: PathBuf, first_port: u16) -> Server {
+        let _ = std::fs::remove_dir_all(&dir);
+        let addr = |k: u16| format!("127.0.0.1:{}", first_port + k);
+        let mut child = Command::new(binary)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--http-addr", &addr(0), "--grpc-addr", &addr(1)])
+            .args(["--query-addr", &addr(2)])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        while !line.contains("tracer-collector: ready") {
+            line.clear();
+            let n = err.read_line(&mut line).expect("collector stderr");
+            assert!(n > 0, "{} exited before it was ready", binary.display());
+        }
+        // Keep draining, so that a chatty collector never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Server {
+            child,
+            http_port: first_port,
+            dir,
+        }
+    }
+
+    /// utime + stime of the whole process (every thread), from `/proc/<pid>/stat`.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("reading the collector's /proc stat");
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<u64> = rest
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().expect("stat field"))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_nanos((f[0] + f[1]) * 1_000_000_000 / hz)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// POSTs each body on one keep-alive connection, one at a time, checking for a 200; with
+/// `rate` > 0 (spans per second), paced to it the way an agent's 512-span batches arrive.
+fn post_all(port: u16, bodies: &[Vec<u8>], rate: f64) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the collector");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let start = Instant::now();
+    for (k, body) in bodies.iter().enumerate() {
+        if rate > 0.0 {
+            let due = start + Duration::from_secs_f64((k * SPANS_PER_REQUEST) as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        let head = format!(
+            "POST /v1/traces HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+             content-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        writer.write_all(head.as_bytes()).expect("sending");
+        writer.write_all(body).expect("sending");
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("reading the response");
+        assert!(
+            line.starts_with("HTTP/1.1 200"),
+            "collector answered {line:?}"
+        );
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("reading the response");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut rest = vec![0; length];
+        reader.read_exact(&mut rest).expect("reading the response");
+    }
+}
+
+/// Filter argument `http`: collector CPU per span, whole process (HTTP, decoding, store,
+/// background threads), over `BENCH_HTTP_SPANS` spans (default 204,800) sent after
+/// `BENCH_HTTP_WARMUP` others (default 512,000, not measured; earlier in time): a fresh store
+/// spends much of its first ~450k spans growing SQLite's page cache (128 MiB), which a
+/// collector that has run for a minute no longer does.
+/// `BENCH_HTTP_RATE`: spans per second to send at (default 0, as fast as it answers; the
+/// end-to-end bench's collector gets ~20-50k). `BENCH_COLLECTOR_BASE`: other collector
+/// binaries (say main's; `:`-separated) run alternately with this one, `BENCH_HTTP_ROUNDS`
+/// times each (default 3). `BENCH_PORT` (default: 35100): the first of the three ports each collector listens on.
+/// `BENCH_DIR`: where the stores go (default: the target's tmp directory).
+fn http() {
+    let spans = env_usize("BENCH_HTTP_SPANS", 204_800);
+    let rate = env_usize("BENCH_HTTP_RATE", 0) as f64;
+    let rounds = env_usize("BENCH_HTTP_ROUNDS", 3);
+    let port = env_usize("BENCH_PORT", 35_100) as u16;
+    let dir = std::env::var_os("BENCH_DIR").map_or_else(
+        || Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-collector"),
+        PathBuf::from,
+    );
+    let this = PathBuf::from(env!("CARGO_BIN_EXE_tracer-collector"));
+    let mut binaries: Vec<(String, PathBuf)> = std::env::var("BENCH_COLLECTOR_BASE")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|p| !p.is_empty())
+        .map(|p| (p.to_owned(), PathBuf::from(p)))
+        .collect();
+    binaries.push(("this build".into(), this));
+    let warmup = env_usize("BENCH_HTTP_WARMUP", 512_000).div_ceil(SPANS_PER_REQUEST);
+    let bodies = requests_from(
+        spans.div_ceil(SPANS_PER_REQUEST),
+        &mut Rng(0x5eed_0003),
+        (warmup * SPANS_PER_REQUEST) as u64,
+    );
+    let n = bodies.len() * SPANS_PER_REQUEST;
+    println!(
+        "tracer-collector over OTLP/HTTP: {n} spans in bodies of {SPANS_PER_REQUEST} after {} \
+         others, one connection, {}, {rounds} rounds; collector CPU (all threads) per span",
+        warmup * SPANS_PER_REQUEST,
+        if rate > 0.0 {
+            format!("{rate:.0} spans/s")
+        } else {
+            "as fast as it answers".into()
+        }
+    );
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); binaries.len()];
+    for _ in 0..rounds {
+        for (b, (_, binary)) in binaries.iter().enumerate() {
+            let server = Server::start(binary, dir.join(format!("http-{b}")), port + 3 * b as u16);
+            // Generated as they go (in this process), so they need no memory of their own.
+            let mut rng = Rng(0x5eed_1000);
+            for first in (0..warmup).step_by(16) {
+                let chunk = requests_from(
+                    16.min(warmup - first),
+                    &mut rng,
+                    (first * SPANS_PER_REQUEST) as u64,
+                );
+                post_all(server.http_port, &chunk, 0.0);
+            }
+            // Its last checkpoint done.
+            std::thread::sleep(Duration::from_millis(1200));
+            let (c0, t0) = (server.cpu(), Instant::now());
+            post_all(server.http_port, &bodies, rate);
+            let wall = t0.elapsed();
+            // The last second's checkpoint belongs to this ingest too.
+            std::thread::sleep(Duration::from_millis(1200));
+            let cpu = server.cpu() - c0;
+            results[b].push((
+                cpu.as_secs_f64() * 1e6 / n as f64,
+                n as f64 / wall.as_secs_f64(),
+            ));
+        }
+    }
+    for ((label, _), r) in binaries.iter().zip(&results) {
+        let cpu: Vec<f64> = r.iter().map(|x| x.0).collect();
+        let wall: Vec<f64> = r.iter().map(|x| x.1).collect();
+        println!(
+            "  {label:<32} {:>6.2} µs CPU/span (median; runs {})  {:>8.0} spans/s wall",
+            median(cpu.clone()),
+            cpu.iter()
+                .map(|c| format!("{c:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(wall)
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument runs just that part.
     let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -441,6 +680,7 @@ fn main() {
         Some("profile") => return profile(rounds * 10, requests, direct),
         Some("profile-prost") => return profile(rounds * 10, requests, via_prost),
         Some("profile-store") => return profile_store(env_usize("BENCH_STORE_SPANS", 102_400)),
+        Some("http") => return http(),
         _ => {}
     }
     if only.as_deref().is_none_or(|o| "decode".contains(o)) {

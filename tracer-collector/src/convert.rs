@@ -26,7 +26,7 @@ pub(crate) fn attr_value(v: Option<Value>) -> AttrValue {
     }
 }
 
-fn json_value(v: &Value) -> serde_json::Value {
+pub(crate) fn json_value(v: &Value) -> serde_json::Value {
     match v {
         Value::StringValue(s) => s.clone().into(),
         Value::IntValue(i) => (*i).into(),

@@ -1,10 +1,11 @@
-//! OTLP/HTTP protobuf bodies straight to store records, without `prost`'s intermediate structs.
+//! OTLP/HTTP protobuf bodies straight to store spans, without `prost`'s intermediate structs.
 //!
 //! `prost` decodes an `ExportTraceServiceRequest` into a tree of structs (every attribute key
 //! and value its own `String`, every list a growing `Vec`) that `convert` then takes apart; that
-//! was a quarter of the collector's CPU per span. This reads the body once, keeps borrowed
-//! slices until a span is complete, and copies each string once, from the body into the
-//! `String` the [`SpanRecord`] keeps. The result is the same as
+//! was a quarter of the collector's CPU per span. This reads the body once into [`Decoded`],
+//! whose spans borrow every string from the body, and ingest lends them to the store as they
+//! are ([`Decoded::with_spans`], `SpanStore::write_refs`): no string is copied or allocated per
+//! attribute. [`spans_from_protobuf`] makes owned records of them, the same as
 //! `convert::spans_from_request(ExportTraceServiceRequest::decode(body)?)` (a test compares
 //! them on many requests, mutated ones too), with these decisions:
 //!
@@ -30,9 +31,12 @@ use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, ArrayValue, KeyValueList};
 use prost::Message as _;
-use tracer_store::{KeyValue, SpanEvent, SpanLink, SpanRecord};
+use tracer_store::{
+    AttrValueRef, KeyValue, KeyValueRef, SpanEventRef, SpanId, SpanLinkRef, SpanRecord, SpanRef,
+    TraceId,
+};
 
-use crate::convert::{attr_value, check_span, service_name};
+use crate::convert::{check_span, json_value, UNKNOWN_SERVICE};
 
 /// Why a body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,23 +322,195 @@ struct RawSpan<'a> {
     status_message: &'a str,
 }
 
-struct Decoder {
-    out: Vec<SpanRecord>,
+/// A range of [`Decoded::attrs`] (or of its events and links).
+#[derive(Clone, Copy, Default)]
+struct Span32 {
+    start: u32,
+    end: u32,
+}
+
+impl Span32 {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
+
+/// Text that is in the body, or was made while decoding (`Decoded::owned`).
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    Body(&'a str),
+    Owned(u32),
+}
+
+struct OutSpan<'a> {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent_span_id: Option<SpanId>,
+    name: &'a str,
+    kind: i32,
+    start: u64,
+    duration: u64,
+    status_code: i32,
+    status_message: &'a str,
+    attrs: Span32,
+    events: Span32,
+    links: Span32,
+    /// Index in `Decoded::resources`, set when its `ResourceSpans` ends.
+    resource: u32,
+    scope_name: &'a str,
+    scope_version: &'a str,
+}
+
+struct OutEvent<'a> {
+    time: u64,
+    name: &'a str,
+    attrs: Span32,
+}
+
+struct OutLink {
+    trace_id: TraceId,
+    span_id: SpanId,
+    attrs: Span32,
+}
+
+struct OutResource<'a> {
+    attrs: Span32,
+    service: Text<'a>,
+}
+
+/// A decoded body: its spans, borrowing their strings from it. [`Decoded::with_spans`] lends
+/// them to the store as [`SpanRef`]s (no `String` per attribute, which was a third of the
+/// collector's CPU per span with allocating and freeing); [`Decoded::into_records`] makes
+/// owned records.
+pub struct Decoded<'a> {
+    spans: Vec<OutSpan<'a>>,
+    /// The attributes of every span, event, link and resource, each list contiguous. A JSON
+    /// value (array, map, bytes) is an empty `Json` here, its text in `json`.
+    attrs: Vec<KeyValueRef<'a>>,
+    /// (index in `attrs`, owned-text index) of each JSON value.
+    json: Vec<(u32, u32)>,
+    events: Vec<OutEvent<'a>>,
+    links: Vec<OutLink>,
+    resources: Vec<OutResource<'a>>,
+    /// Text made while decoding: JSON renderings, service names that were not strings.
+    owned: Vec<String>,
+}
+
+impl<'a> Decoded<'a> {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    fn text(&self, t: Text<'a>) -> &str {
+        match t {
+            Text::Body(s) => s,
+            Text::Owned(i) => &self.owned[i as usize],
+        }
+    }
+
+    /// Calls `f` with the spans (in body order), as the store's `write_refs` takes them.
+    pub fn with_spans<T>(&self, f: impl FnOnce(&[SpanRef<'_>]) -> T) -> T {
+        let patched: Vec<KeyValueRef<'_>>;
+        let attrs: &[KeyValueRef<'_>] = if self.json.is_empty() {
+            &self.attrs
+        } else {
+            let mut a = self.attrs.clone();
+            for &(at, text) in &self.json {
+                a[at as usize].value = AttrValueRef::Json(&self.owned[text as usize]);
+            }
+            patched = a;
+            &patched
+        };
+        let events: Vec<SpanEventRef<'_>> = self
+            .events
+            .iter()
+            .map(|e| SpanEventRef {
+                time_unix_nano: e.time,
+                name: e.name,
+                attributes: &attrs[e.attrs.range()],
+            })
+            .collect();
+        let links: Vec<SpanLinkRef<'_>> = self
+            .links
+            .iter()
+            .map(|l| SpanLinkRef {
+                trace_id: l.trace_id,
+                span_id: l.span_id,
+                attributes: &attrs[l.attrs.range()],
+            })
+            .collect();
+        let spans: Vec<SpanRef<'_>> = self
+            .spans
+            .iter()
+            .map(|s| {
+                let res = &self.resources[s.resource as usize];
+                SpanRef {
+                    trace_id: s.trace_id,
+                    span_id: s.span_id,
+                    parent_span_id: s.parent_span_id,
+                    service: self.text(res.service),
+                    operation: s.name,
+                    kind: s.kind,
+                    start_unix_nano: s.start,
+                    duration_nano: s.duration,
+                    status_code: s.status_code,
+                    status_message: s.status_message,
+                    attributes: &attrs[s.attrs.range()],
+                    resource: &attrs[res.attrs.range()],
+                    events: &events[s.events.range()],
+                    links: &links[s.links.range()],
+                    scope_name: s.scope_name,
+                    scope_version: s.scope_version,
+                }
+            })
+            .collect();
+        f(&spans)
+    }
+
+    /// Owned records, one `Arc` resource per `ResourceSpans`.
+    pub fn into_records(self) -> Vec<SpanRecord> {
+        self.with_spans(|refs| {
+            // Each made from the first span that uses it (every resource has one or more).
+            let mut resources: Vec<Option<Arc<Vec<KeyValue>>>> = vec![None; self.resources.len()];
+            for (s, r) in self.spans.iter().zip(refs) {
+                resources[s.resource as usize].get_or_insert_with(|| {
+                    Arc::new(r.resource.iter().map(|kv| kv.into_owned()).collect())
+                });
+            }
+            self.spans
+                .iter()
+                .zip(refs)
+                .map(|(s, r)| {
+                    r.to_record(resources[s.resource as usize].clone().unwrap_or_default())
+                })
+                .collect()
+        })
+    }
+}
+
+struct Decoder<'a> {
+    out: Decoded<'a>,
     /// Spans read so far (the `#n` in messages).
     n: usize,
     /// The first span that failed the checks.
     invalid: Option<String>,
-    /// Attributes of the span being read, moved into an exactly sized `Vec` when it ends (no
-    /// growth steps per span).
-    span_attrs: Vec<KeyValue>,
-    /// The same for the event or link being read.
-    inner_attrs: Vec<KeyValue>,
-    /// The resource every span starts with until its `ResourceSpans` ends.
-    empty_resource: Arc<Vec<KeyValue>>,
+    /// Attributes of the span being read (its events' and links' go straight to `out.attrs`
+    /// while these wait), and the JSON values among them (index in this list, text).
+    span_attrs: Vec<KeyValueRef<'a>>,
+    span_json: Vec<(u32, u32)>,
 }
 
 /// Decodes an OTLP `ExportTraceServiceRequest` in protobuf into store records; all or nothing.
 pub fn spans_from_protobuf(body: &[u8]) -> Result<Vec<SpanRecord>, Error> {
+    decode(body).map(Decoded::into_records)
+}
+
+/// Decodes an OTLP `ExportTraceServiceRequest` in protobuf; all or nothing.
+pub fn decode(body: &[u8]) -> Result<Decoded<'_>, Error> {
     let mut r = Reader {
         buf: body,
         pos: 0,
@@ -342,12 +518,19 @@ pub fn spans_from_protobuf(body: &[u8]) -> Result<Vec<SpanRecord>, Error> {
         what: "ExportTraceServiceRequest",
     };
     let mut d = Decoder {
-        out: Vec::new(),
+        out: Decoded {
+            spans: Vec::new(),
+            attrs: Vec::new(),
+            json: Vec::new(),
+            events: Vec::new(),
+            links: Vec::new(),
+            resources: Vec::new(),
+            owned: Vec::new(),
+        },
         n: 0,
         invalid: None,
         span_attrs: Vec::new(),
-        inner_attrs: Vec::new(),
-        empty_resource: Arc::default(),
+        span_json: Vec::new(),
     };
     d.request(&mut r)
         .map_err(|f| Error::Malformed(f.to_string()))?;
@@ -357,8 +540,24 @@ pub fn spans_from_protobuf(body: &[u8]) -> Result<Vec<SpanRecord>, Error> {
     }
 }
 
-impl Decoder {
-    fn request(&mut self, r: &mut Reader<'_>) -> R<()> {
+/// Appends `list` (with its JSON values, indexed in `list`) to `out.attrs`; returns its range.
+fn append_attrs<'a>(
+    out: &mut Decoded<'a>,
+    list: &mut Vec<KeyValueRef<'a>>,
+    json: &mut Vec<(u32, u32)>,
+) -> Span32 {
+    let start = out.attrs.len() as u32;
+    out.json
+        .extend(json.drain(..).map(|(at, text)| (start + at, text)));
+    out.attrs.append(list);
+    Span32 {
+        start,
+        end: out.attrs.len() as u32,
+    }
+}
+
+impl<'a> Decoder<'a> {
+    fn request(&mut self, r: &mut Reader<'a>) -> R<()> {
         while r.more() {
             match r.key()? {
                 (1, wt) => {
@@ -371,14 +570,17 @@ impl Decoder {
         Ok(())
     }
 
-    fn resource_spans(&mut self, r: &mut Reader<'_>) -> R<()> {
-        let first = self.out.len();
+    fn resource_spans(&mut self, r: &mut Reader<'a>) -> R<()> {
+        let first = self.out.spans.len();
         let mut attrs = Vec::new();
+        let mut json = Vec::new();
         while r.more() {
             match r.key()? {
                 (1, wt) => {
                     r.expect(1, "resource", wt, LEN)?;
-                    r.message("Resource", |r| resource(r, &mut attrs))?;
+                    r.message("Resource", |r| {
+                        resource(r, &mut attrs, &mut json, &mut self.out.owned)
+                    })?;
                 }
                 (2, wt) => {
                     r.expect(2, "scope_spans", wt, LEN)?;
@@ -391,24 +593,57 @@ impl Decoder {
                 (f, wt) => r.skip(f, wt)?,
             }
         }
-        if self.out.len() > first {
-            let service = service_name(&attrs);
-            let resource = Arc::new(attrs);
-            for s in &mut self.out[first..] {
-                s.resource = resource.clone();
-                s.service.clone_from(&service);
+        if self.out.spans.len() > first {
+            let service = self.service_name(&attrs, &json);
+            let attrs = append_attrs(&mut self.out, &mut attrs, &mut json);
+            let index = self.out.resources.len() as u32;
+            self.out.resources.push(OutResource { attrs, service });
+            for s in &mut self.out.spans[first..] {
+                s.resource = index;
             }
         }
         Ok(())
     }
 
-    fn scope_spans(&mut self, r: &mut Reader<'_>) -> R<()> {
-        let first = self.out.len();
+    /// `service.name` of a resource, as `convert::service_name` finds it.
+    fn service_name(&mut self, attrs: &[KeyValueRef<'a>], json: &[(u32, u32)]) -> Text<'a> {
+        let Some((at, kv)) = attrs
+            .iter()
+            .enumerate()
+            .find(|(_, kv)| kv.key == "service.name")
+        else {
+            return Text::Body(UNKNOWN_SERVICE);
+        };
+        let text = match kv.value {
+            AttrValueRef::Str(s) => Text::Body(s),
+            AttrValueRef::Json(_) => json
+                .iter()
+                .find(|(a, _)| *a as usize == at)
+                .map_or(Text::Body(UNKNOWN_SERVICE), |&(_, i)| Text::Owned(i)),
+            other => {
+                self.out.owned.push(other.as_text().into_owned());
+                Text::Owned(self.out.owned.len() as u32 - 1)
+            }
+        };
+        let empty = match text {
+            Text::Body(s) => s.is_empty(),
+            Text::Owned(i) => self.out.owned[i as usize].is_empty(),
+        };
+        if empty {
+            Text::Body(UNKNOWN_SERVICE)
+        } else {
+            text
+        }
+    }
+
+    fn scope_spans(&mut self, r: &mut Reader<'a>) -> R<()> {
+        let first = self.out.spans.len();
         let (mut name, mut version) = ("", "");
         while r.more() {
             match r.key()? {
                 (1, wt) => {
                     r.expect(1, "scope", wt, LEN)?;
+                    let owned = &mut self.out.owned;
                     r.message("InstrumentationScope", |r| {
                         while r.more() {
                             match r.key()? {
@@ -423,7 +658,9 @@ impl Decoder {
                                 (3, wt) => {
                                     // Scope attributes are not stored; read them for the checks.
                                     r.expect(3, "attributes", wt, LEN)?;
-                                    r.message("KeyValue", key_value)?;
+                                    let mark = owned.len();
+                                    r.message("KeyValue", |r| key_value(r, owned))?;
+                                    owned.truncate(mark);
                                 }
                                 (4, wt) => r.ignore(4, "dropped_attributes_count", wt, VARINT)?,
                                 (f, wt) => r.skip(f, wt)?,
@@ -444,19 +681,20 @@ impl Decoder {
             }
         }
         if !name.is_empty() || !version.is_empty() {
-            for s in &mut self.out[first..] {
-                s.scope_name = name.to_owned();
-                s.scope_version = version.to_owned();
+            for s in &mut self.out.spans[first..] {
+                s.scope_name = name;
+                s.scope_version = version;
             }
         }
         Ok(())
     }
 
-    fn span(&mut self, r: &mut Reader<'_>) -> R<()> {
+    fn span(&mut self, r: &mut Reader<'a>) -> R<()> {
         let mut s = RawSpan::default();
-        let mut events = Vec::new();
-        let mut links = Vec::new();
+        let events_start = self.out.events.len() as u32;
+        let links_start = self.out.links.len() as u32;
         self.span_attrs.clear();
+        self.span_json.clear();
         while r.more() {
             match r.key()? {
                 (1, wt) => {
@@ -493,21 +731,22 @@ impl Decoder {
                 }
                 (9, wt) => {
                     r.expect(9, "attributes", wt, LEN)?;
-                    let kv = r.message("KeyValue", key_value)?;
+                    let owned = &mut self.out.owned;
+                    let (kv, json) = r.message("KeyValue", |r| key_value(r, owned))?;
+                    if let Some(text) = json {
+                        self.span_json.push((self.span_attrs.len() as u32, text));
+                    }
                     self.span_attrs.push(kv);
                 }
                 (10, wt) => r.ignore(10, "dropped_attributes_count", wt, VARINT)?,
                 (11, wt) => {
                     r.expect(11, "events", wt, LEN)?;
-                    let e = r.message("Span.Event", |r| self.event(r))?;
-                    events.push(e);
+                    r.message("Span.Event", |r| self.event(r))?;
                 }
                 (12, wt) => r.ignore(12, "dropped_events_count", wt, VARINT)?,
                 (13, wt) => {
                     r.expect(13, "links", wt, LEN)?;
-                    if let Some(l) = r.message("Span.Link", |r| self.link(r))? {
-                        links.push(l);
-                    }
+                    r.message("Span.Link", |r| self.link(r))?;
                 }
                 (14, wt) => r.ignore(14, "dropped_links_count", wt, VARINT)?,
                 (15, wt) => {
@@ -553,31 +792,49 @@ impl Decoder {
                 return Ok(());
             }
         };
-        self.out.push(SpanRecord {
+        let attrs = append_attrs(&mut self.out, &mut self.span_attrs, &mut self.span_json);
+        self.out.spans.push(OutSpan {
             trace_id,
             span_id,
             parent_span_id,
-            // Filled in when the ScopeSpans and ResourceSpans end.
-            service: String::new(),
-            operation: s.name.to_owned(),
+            name: s.name,
             kind: s.kind,
-            start_unix_nano: s.start,
-            duration_nano: s.end - s.start,
+            start: s.start,
+            duration: s.end - s.start,
             status_code: s.status_code,
-            status_message: s.status_message.to_owned(),
-            attributes: take_exact(&mut self.span_attrs),
-            resource: self.empty_resource.clone(),
-            events,
-            links,
-            scope_name: String::new(),
-            scope_version: String::new(),
+            status_message: s.status_message,
+            attrs,
+            events: Span32 {
+                start: events_start,
+                end: self.out.events.len() as u32,
+            },
+            links: Span32 {
+                start: links_start,
+                end: self.out.links.len() as u32,
+            },
+            // Filled in when the ScopeSpans and ResourceSpans end.
+            resource: 0,
+            scope_name: "",
+            scope_version: "",
         });
         Ok(())
     }
 
-    fn event(&mut self, r: &mut Reader<'_>) -> R<SpanEvent> {
+    /// Reads one attribute into `out.attrs` (events' and links' lists are contiguous there:
+    /// nothing else is read while they are).
+    fn inner_attr(&mut self, r: &mut Reader<'a>) -> R<()> {
+        let owned = &mut self.out.owned;
+        let (kv, json) = r.message("KeyValue", |r| key_value(r, owned))?;
+        if let Some(text) = json {
+            self.out.json.push((self.out.attrs.len() as u32, text));
+        }
+        self.out.attrs.push(kv);
+        Ok(())
+    }
+
+    fn event(&mut self, r: &mut Reader<'a>) -> R<()> {
         let (mut time, mut name) = (0, "");
-        self.inner_attrs.clear();
+        let start = self.out.attrs.len() as u32;
         while r.more() {
             match r.key()? {
                 (1, wt) => {
@@ -590,24 +847,27 @@ impl Decoder {
                 }
                 (3, wt) => {
                     r.expect(3, "attributes", wt, LEN)?;
-                    let kv = r.message("KeyValue", key_value)?;
-                    self.inner_attrs.push(kv);
+                    self.inner_attr(r)?;
                 }
                 (4, wt) => r.ignore(4, "dropped_attributes_count", wt, VARINT)?,
                 (f, wt) => r.skip(f, wt)?,
             }
         }
-        Ok(SpanEvent {
-            time_unix_nano: time,
-            name: name.to_owned(),
-            attributes: take_exact(&mut self.inner_attrs),
-        })
+        self.out.events.push(OutEvent {
+            time,
+            name,
+            attrs: Span32 {
+                start,
+                end: self.out.attrs.len() as u32,
+            },
+        });
+        Ok(())
     }
 
-    /// A link, or `None` if its ids are not 16 and 8 bytes (dropped, as `convert` does).
-    fn link(&mut self, r: &mut Reader<'_>) -> R<Option<SpanLink>> {
+    /// A link; dropped if its ids are not 16 and 8 bytes, as `convert` does.
+    fn link(&mut self, r: &mut Reader<'a>) -> R<()> {
         let (mut trace_id, mut span_id): (&[u8], &[u8]) = (&[], &[]);
-        self.inner_attrs.clear();
+        let start = self.out.attrs.len() as u32;
         while r.more() {
             match r.key()? {
                 (1, wt) => {
@@ -624,38 +884,41 @@ impl Decoder {
                 }
                 (4, wt) => {
                     r.expect(4, "attributes", wt, LEN)?;
-                    let kv = r.message("KeyValue", key_value)?;
-                    self.inner_attrs.push(kv);
+                    self.inner_attr(r)?;
                 }
                 (5, wt) => r.ignore(5, "dropped_attributes_count", wt, VARINT)?,
                 (6, wt) => r.ignore(6, "flags", wt, I32)?,
                 (f, wt) => r.skip(f, wt)?,
             }
         }
-        let (Ok(trace_id), Ok(span_id)) = (trace_id.try_into(), span_id.try_into()) else {
-            return Ok(None);
-        };
-        Ok(Some(SpanLink {
-            trace_id,
-            span_id,
-            attributes: take_exact(&mut self.inner_attrs),
-        }))
+        let end = self.out.attrs.len() as u32;
+        if let (Ok(trace_id), Ok(span_id)) = (trace_id.try_into(), span_id.try_into()) {
+            self.out.links.push(OutLink {
+                trace_id,
+                span_id,
+                attrs: Span32 { start, end },
+            });
+        }
+        // A dropped link's attributes stay in `attrs`, referenced by nothing.
+        Ok(())
     }
 }
 
-/// Moves the scratch list's items into an exactly sized `Vec` (one allocation, one `memcpy`).
-fn take_exact(scratch: &mut Vec<KeyValue>) -> Vec<KeyValue> {
-    let mut v = Vec::with_capacity(scratch.len());
-    v.append(scratch);
-    v
-}
-
-fn resource(r: &mut Reader<'_>, attrs: &mut Vec<KeyValue>) -> R<()> {
+fn resource<'a>(
+    r: &mut Reader<'a>,
+    attrs: &mut Vec<KeyValueRef<'a>>,
+    json: &mut Vec<(u32, u32)>,
+    owned: &mut Vec<String>,
+) -> R<()> {
     while r.more() {
         match r.key()? {
             (1, wt) => {
                 r.expect(1, "attributes", wt, LEN)?;
-                attrs.push(r.message("KeyValue", key_value)?);
+                let (kv, text) = r.message("KeyValue", |r| key_value(r, owned))?;
+                if let Some(text) = text {
+                    json.push((attrs.len() as u32, text));
+                }
+                attrs.push(kv);
             }
             (2, wt) => r.ignore(2, "dropped_attributes_count", wt, VARINT)?,
             (3, wt) => {
@@ -682,9 +945,11 @@ fn entity_ref(r: &mut Reader<'_>) -> R<()> {
     Ok(())
 }
 
-fn key_value(r: &mut Reader<'_>) -> R<KeyValue> {
+/// One attribute. A JSON value is rendered into `owned`: the attribute then holds an empty
+/// `Json` and the index of its text is returned beside it.
+fn key_value<'a>(r: &mut Reader<'a>, owned: &mut Vec<String>) -> R<(KeyValueRef<'a>, Option<u32>)> {
     let mut key = "";
-    let mut value = None;
+    let mut value = AnyVal::None;
     while r.more() {
         match r.key()? {
             (1, wt) => {
@@ -699,40 +964,59 @@ fn key_value(r: &mut Reader<'_>) -> R<KeyValue> {
             (f, wt) => r.skip(f, wt)?,
         }
     }
-    Ok(KeyValue {
-        key: key.to_owned(),
-        value: attr_value(value),
-    })
+    let (value, json) = match value {
+        AnyVal::None => (AttrValueRef::Str(""), None),
+        AnyVal::Str(s) => (AttrValueRef::Str(s), None),
+        AnyVal::Bool(b) => (AttrValueRef::Bool(b), None),
+        AnyVal::Int(i) => (AttrValueRef::Int(i), None),
+        AnyVal::Double(d) => (AttrValueRef::Float(d), None),
+        AnyVal::Other(v) => {
+            owned.push(json_value(&v).to_string());
+            (AttrValueRef::Json(""), Some(owned.len() as u32 - 1))
+        }
+    };
+    Ok((KeyValueRef { key, value }, json))
+}
+
+/// An `AnyValue` as read: scalars borrowed from the body, the rare rest as `prost` values
+/// (rendered as JSON the way `convert` renders them).
+enum AnyVal<'a> {
+    None,
+    Str(&'a str),
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Other(Value),
 }
 
 /// Reads an `AnyValue` into `v`, merging as protobuf does: a scalar replaces what was there,
 /// an array or key-value list merges into one of the same kind.
-fn any_value(r: &mut Reader<'_>, v: &mut Option<Value>) -> R<()> {
+fn any_value<'a>(r: &mut Reader<'a>, v: &mut AnyVal<'a>) -> R<()> {
     while r.more() {
         match r.key()? {
             (1, wt) => {
                 r.expect(1, "string_value", wt, LEN)?;
-                *v = Some(Value::StringValue(r.str()?.to_owned()));
+                *v = AnyVal::Str(r.str()?);
             }
             (2, wt) => {
                 r.expect(2, "bool_value", wt, VARINT)?;
-                *v = Some(Value::BoolValue(r.varint()? != 0));
+                *v = AnyVal::Bool(r.varint()? != 0);
             }
             (3, wt) => {
                 r.expect(3, "int_value", wt, VARINT)?;
-                *v = Some(Value::IntValue(r.varint()? as i64));
+                *v = AnyVal::Int(r.varint()? as i64);
             }
             (4, wt) => {
                 r.expect(4, "double_value", wt, I64)?;
-                *v = Some(Value::DoubleValue(f64::from_bits(r.fixed64()?)));
+                *v = AnyVal::Double(f64::from_bits(r.fixed64()?));
             }
             (5, wt) => {
                 r.expect(5, "array_value", wt, LEN)?;
                 let at = r.pos;
                 let b = r.bytes()?;
                 let merged = match v {
-                    Some(Value::ArrayValue(a)) => a.merge(b),
-                    _ => ArrayValue::decode(b).map(|a| *v = Some(Value::ArrayValue(a))),
+                    AnyVal::Other(Value::ArrayValue(a)) => a.merge(b),
+                    _ => ArrayValue::decode(b).map(|a| *v = AnyVal::Other(Value::ArrayValue(a))),
                 };
                 if let Err(e) = merged {
                     return r.fail(at, format!("array value: {e}"));
@@ -743,8 +1027,8 @@ fn any_value(r: &mut Reader<'_>, v: &mut Option<Value>) -> R<()> {
                 let at = r.pos;
                 let b = r.bytes()?;
                 let merged = match v {
-                    Some(Value::KvlistValue(l)) => l.merge(b),
-                    _ => KeyValueList::decode(b).map(|l| *v = Some(Value::KvlistValue(l))),
+                    AnyVal::Other(Value::KvlistValue(l)) => l.merge(b),
+                    _ => KeyValueList::decode(b).map(|l| *v = AnyVal::Other(Value::KvlistValue(l))),
                 };
                 if let Err(e) = merged {
                     return r.fail(at, format!("key-value list value: {e}"));
@@ -752,11 +1036,11 @@ fn any_value(r: &mut Reader<'_>, v: &mut Option<Value>) -> R<()> {
             }
             (7, wt) => {
                 r.expect(7, "bytes_value", wt, LEN)?;
-                *v = Some(Value::BytesValue(r.bytes()?.to_vec()));
+                *v = AnyVal::Other(Value::BytesValue(r.bytes()?.to_vec()));
             }
             (8, wt) => {
                 r.expect(8, "string_value_strindex", wt, VARINT)?;
-                *v = Some(Value::StringValueStrindex(r.varint()? as i32));
+                *v = AnyVal::Other(Value::StringValueStrindex(r.varint()? as i32));
             }
             (f, wt) => r.skip(f, wt)?,
         }

@@ -1,7 +1,6 @@
 //! OTLP ingest over HTTP (`POST /v1/traces`, protobuf or JSON, optionally gzip) and gRPC
 //! (`TraceService/Export`). A batch is acknowledged only after the store says it is durable.
 use std::{
-    borrow::Cow,
     io::Read as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -22,7 +21,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message as _;
-use tracer_store::{SpanRecord, SpanStore};
+use tracer_store::{SpanRecord, SpanStore, StoreError};
 
 use crate::{convert, decode};
 
@@ -83,6 +82,39 @@ impl Ingest {
         let count = spans.len() as u64;
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || store.write(&spans)).await;
+        self.stored(count, result)
+    }
+
+    /// Decodes an OTLP protobuf body and stores its spans, borrowing them from the body (see
+    /// `decode::Decoded`); both on a blocking thread, which owns the body meanwhile.
+    async fn store_protobuf(&self, body: Bytes) -> Result<(), (StatusCode, String)> {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let decoded = decode::decode(&body)?;
+            let count = decoded.len() as u64;
+            Ok((count, decoded.with_spans(|spans| store.write_refs(spans))))
+        })
+        .await;
+        match result {
+            Ok(Ok((count, stored))) => self.stored(count, Ok(stored)),
+            Ok(Err(decode::Error::Malformed(e))) => {
+                self.stats.rejected_malformed.fetch_add(1, Relaxed);
+                Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not an OTLP ExportTraceServiceRequest in protobuf: {e}"),
+                ))
+            }
+            Ok(Err(decode::Error::Invalid(e))) => Err(self.invalid_span(e)),
+            Err(e) => self.stored(0, Err(e)),
+        }
+    }
+
+    /// Counts and logs what the store said about `count` spans.
+    fn stored(
+        &self,
+        count: u64,
+        result: Result<Result<(), StoreError>, tokio::task::JoinError>,
+    ) -> Result<(), (StatusCode, String)> {
         match result {
             Ok(Ok(())) => {
                 self.stats.spans_accepted.fetch_add(count, Relaxed);
@@ -212,9 +244,9 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
     // The body is decoded where it lies: only a gzipped one needs a buffer of its own.
-    let raw: Cow<'_, [u8]> = if gzip {
+    let raw: Bytes = if gzip {
         match gunzip(&body, ingest.max_body_bytes) {
-            Ok(b) => Cow::Owned(b),
+            Ok(b) => Bytes::from(b),
             Err((status, msg)) => {
                 if status == StatusCode::PAYLOAD_TOO_LARGE {
                     ingest.stats.rejected_too_large.fetch_add(1, Relaxed);
@@ -225,23 +257,11 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
             }
         }
     } else {
-        Cow::Borrowed(&body)
+        body
     };
     let result = match encoding {
-        // The hot path: protobuf straight to store records (`decode.rs`), no prost structs.
-        Encoding::Protobuf => match decode::spans_from_protobuf(&raw) {
-            Ok(spans) => {
-                drop(raw);
-                ingest.store(spans).await
-            }
-            Err(decode::Error::Malformed(e)) => {
-                ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
-                let msg =
-                    format!("the body is not an OTLP ExportTraceServiceRequest in protobuf: {e}");
-                return reply(encoding, StatusCode::BAD_REQUEST, Some(msg));
-            }
-            Err(decode::Error::Invalid(e)) => Err(ingest.invalid_span(e)),
-        },
+        // The hot path: protobuf straight to the store (`decode.rs`), no prost structs.
+        Encoding::Protobuf => ingest.store_protobuf(raw).await,
         Encoding::Json => match serde_json::from_slice::<ExportTraceServiceRequest>(&raw) {
             Ok(req) => {
                 drop(raw);

@@ -63,10 +63,83 @@ impl AttrValue {
     }
 }
 
+impl AttrValue {
+    pub fn as_ref(&self) -> AttrValueRef<'_> {
+        match self {
+            AttrValue::Str(s) => AttrValueRef::Str(s),
+            AttrValue::Int(i) => AttrValueRef::Int(*i),
+            AttrValue::Float(f) => AttrValueRef::Float(*f),
+            AttrValue::Bool(b) => AttrValueRef::Bool(*b),
+            AttrValue::Json(s) => AttrValueRef::Json(s),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: String,
     pub value: AttrValue,
+}
+
+impl KeyValue {
+    pub fn as_ref(&self) -> KeyValueRef<'_> {
+        KeyValueRef {
+            key: &self.key,
+            value: self.value.as_ref(),
+        }
+    }
+}
+
+/// An [`AttrValue`] borrowed from where it was decoded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AttrValueRef<'a> {
+    Str(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Json(&'a str),
+}
+
+impl AttrValueRef<'_> {
+    pub fn into_owned(self) -> AttrValue {
+        match self {
+            AttrValueRef::Str(s) => AttrValue::Str(s.to_owned()),
+            AttrValueRef::Int(i) => AttrValue::Int(i),
+            AttrValueRef::Float(f) => AttrValue::Float(f),
+            AttrValueRef::Bool(b) => AttrValue::Bool(b),
+            AttrValueRef::Json(s) => AttrValue::Json(s.to_owned()),
+        }
+    }
+
+    /// As [`AttrValue::as_text`], borrowing when the value is text already.
+    pub fn as_text(&self) -> std::borrow::Cow<'_, str> {
+        match *self {
+            AttrValueRef::Str(s) | AttrValueRef::Json(s) => s.into(),
+            AttrValueRef::Int(i) => i.to_string().into(),
+            AttrValueRef::Float(f) => f.to_string().into(),
+            AttrValueRef::Bool(b) => if b { "true" } else { "false" }.into(),
+        }
+    }
+}
+
+/// A [`KeyValue`] borrowed from where it was decoded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeyValueRef<'a> {
+    pub key: &'a str,
+    pub value: AttrValueRef<'a>,
+}
+
+impl KeyValueRef<'_> {
+    pub fn into_owned(self) -> KeyValue {
+        KeyValue {
+            key: self.key.to_owned(),
+            value: self.value.into_owned(),
+        }
+    }
+}
+
+fn owned_attrs(attrs: &[KeyValueRef<'_>]) -> Vec<KeyValue> {
+    attrs.iter().map(|kv| kv.into_owned()).collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,6 +181,163 @@ pub struct SpanRecord {
     pub links: Vec<SpanLink>,
     pub scope_name: String,
     pub scope_version: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpanEventRef<'a> {
+    pub time_unix_nano: u64,
+    pub name: &'a str,
+    pub attributes: &'a [KeyValueRef<'a>],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpanLinkRef<'a> {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub attributes: &'a [KeyValueRef<'a>],
+}
+
+/// A [`SpanRecord`] borrowed from where it was decoded (an OTLP body), for
+/// [`SpanStore::write_refs`]: storing it needs no `String` per attribute. Spans of one resource
+/// share its slice, as records share their `Arc`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpanRef<'a> {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    pub service: &'a str,
+    pub operation: &'a str,
+    pub kind: i32,
+    pub start_unix_nano: u64,
+    pub duration_nano: u64,
+    pub status_code: i32,
+    pub status_message: &'a str,
+    pub attributes: &'a [KeyValueRef<'a>],
+    pub resource: &'a [KeyValueRef<'a>],
+    pub events: &'a [SpanEventRef<'a>],
+    pub links: &'a [SpanLinkRef<'a>],
+    pub scope_name: &'a str,
+    pub scope_version: &'a str,
+}
+
+impl SpanRef<'_> {
+    /// The owned record; `resource` becomes the record's (pass the same `Arc` to spans that
+    /// share a resource).
+    pub fn to_record(&self, resource: Arc<Vec<KeyValue>>) -> SpanRecord {
+        SpanRecord {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent_span_id: self.parent_span_id,
+            service: self.service.to_owned(),
+            operation: self.operation.to_owned(),
+            kind: self.kind,
+            start_unix_nano: self.start_unix_nano,
+            duration_nano: self.duration_nano,
+            status_code: self.status_code,
+            status_message: self.status_message.to_owned(),
+            attributes: owned_attrs(self.attributes),
+            resource,
+            events: self
+                .events
+                .iter()
+                .map(|e| SpanEvent {
+                    time_unix_nano: e.time_unix_nano,
+                    name: e.name.to_owned(),
+                    attributes: owned_attrs(e.attributes),
+                })
+                .collect(),
+            links: self
+                .links
+                .iter()
+                .map(|l| SpanLink {
+                    trace_id: l.trace_id,
+                    span_id: l.span_id,
+                    attributes: owned_attrs(l.attributes),
+                })
+                .collect(),
+            scope_name: self.scope_name.to_owned(),
+            scope_version: self.scope_version.to_owned(),
+        }
+    }
+}
+
+/// Owned records as [`SpanRef`]s, for `f`: every attribute list of the batch borrowed into one
+/// `Vec` (no allocation per span).
+pub fn with_span_refs<T>(spans: &[SpanRecord], f: impl FnOnce(&[SpanRef<'_>]) -> T) -> T {
+    let mut kvs: Vec<KeyValueRef<'_>> = Vec::new();
+    // Per span: where its attributes, resource, event and link attributes start in `kvs`.
+    let mut resource_at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> =
+        Vec::with_capacity(spans.len());
+    let mut last_resource: Option<(&Arc<Vec<KeyValue>>, std::ops::Range<usize>)> = None;
+    for s in spans {
+        let at = kvs.len();
+        kvs.extend(s.attributes.iter().map(KeyValue::as_ref));
+        for e in &s.events {
+            kvs.extend(e.attributes.iter().map(KeyValue::as_ref));
+        }
+        for l in &s.links {
+            kvs.extend(l.attributes.iter().map(KeyValue::as_ref));
+        }
+        let res = match &last_resource {
+            Some((r, range)) if Arc::ptr_eq(r, &s.resource) => range.clone(),
+            _ => {
+                let r_at = kvs.len();
+                kvs.extend(s.resource.iter().map(KeyValue::as_ref));
+                last_resource = Some((&s.resource, r_at..kvs.len()));
+                r_at..kvs.len()
+            }
+        };
+        resource_at.push((at..kvs.len(), res));
+    }
+    let mut events: Vec<SpanEventRef<'_>> = Vec::new();
+    let mut links: Vec<SpanLinkRef<'_>> = Vec::new();
+    let mut inner_at = Vec::with_capacity(spans.len());
+    for (s, (own, _)) in spans.iter().zip(&resource_at) {
+        let mut k = own.start + s.attributes.len();
+        let (e0, l0) = (events.len(), links.len());
+        for e in &s.events {
+            let n = e.attributes.len();
+            events.push(SpanEventRef {
+                time_unix_nano: e.time_unix_nano,
+                name: &e.name,
+                attributes: &kvs[k..k + n],
+            });
+            k += n;
+        }
+        for l in &s.links {
+            let n = l.attributes.len();
+            links.push(SpanLinkRef {
+                trace_id: l.trace_id,
+                span_id: l.span_id,
+                attributes: &kvs[k..k + n],
+            });
+            k += n;
+        }
+        inner_at.push((e0..events.len(), l0..links.len()));
+    }
+    let refs: Vec<SpanRef<'_>> = spans
+        .iter()
+        .zip(resource_at.iter().zip(&inner_at))
+        .map(|(s, ((own, res), (ev, li)))| SpanRef {
+            trace_id: s.trace_id,
+            span_id: s.span_id,
+            parent_span_id: s.parent_span_id,
+            service: &s.service,
+            operation: &s.operation,
+            kind: s.kind,
+            start_unix_nano: s.start_unix_nano,
+            duration_nano: s.duration_nano,
+            status_code: s.status_code,
+            status_message: &s.status_message,
+            attributes: &kvs[own.start..own.start + s.attributes.len()],
+            resource: &kvs[res.clone()],
+            events: &events[ev.clone()],
+            links: &links[li.clone()],
+            scope_name: &s.scope_name,
+            scope_version: &s.scope_version,
+        })
+        .collect();
+    f(&refs)
 }
 
 /// A trace search, with Jaeger's semantics: a trace matches when at least one of its spans
@@ -182,6 +412,24 @@ pub trait SpanStore: Send + Sync + 'static {
     /// Stores `spans` durably: once this returns `Ok`, a crash (even `kill -9`) loses none of them.
     /// Spans of one trace may come in any order, in any number of calls.
     fn write(&self, spans: &[SpanRecord]) -> Result<(), StoreError>;
+    /// [`SpanStore::write`] for borrowed spans (what the OTLP protobuf decoder makes); the
+    /// default makes owned records of them.
+    fn write_refs(&self, spans: &[SpanRef<'_>]) -> Result<(), StoreError> {
+        let mut records = Vec::with_capacity(spans.len());
+        let mut last: Option<(&[KeyValueRef<'_>], Arc<Vec<KeyValue>>)> = None;
+        for s in spans {
+            let resource = match &last {
+                Some((r, arc)) if std::ptr::eq(*r, s.resource) => arc.clone(),
+                _ => {
+                    let arc = Arc::new(owned_attrs(s.resource));
+                    last = Some((s.resource, arc.clone()));
+                    arc
+                }
+            };
+            records.push(s.to_record(resource));
+        }
+        self.write(&records)
+    }
     /// Every service name, sorted.
     fn services(&self) -> Result<Vec<String>, StoreError>;
     /// Span names of a service (optionally only one kind), sorted by name.
@@ -197,4 +445,128 @@ pub trait SpanStore: Send + Sync + 'static {
     ) -> Result<Vec<DependencyLink>, StoreError>;
     fn enforce_retention(&self, policy: &Retention) -> Result<RetentionReport, StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(k: &str, v: AttrValue) -> KeyValue {
+        KeyValue {
+            key: k.into(),
+            value: v,
+        }
+    }
+
+    fn record(n: u8, resource: &Arc<Vec<KeyValue>>, events: usize, links: usize) -> SpanRecord {
+        let attrs = |k: usize| -> Vec<KeyValue> {
+            (0..k)
+                .map(|i| kv(&format!("k{n}.{i}"), AttrValue::Int(i as i64)))
+                .collect()
+        };
+        SpanRecord {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            parent_span_id: n.is_multiple_of(2).then_some([1; 8]),
+            service: format!("svc{n}"),
+            operation: format!("op{n}"),
+            kind: kind::SERVER,
+            start_unix_nano: u64::from(n),
+            duration_nano: 5,
+            status_code: status::ERROR,
+            status_message: "m".into(),
+            attributes: vec![
+                kv("s", AttrValue::Str(format!("v{n}"))),
+                kv("f", AttrValue::Float(0.5)),
+                kv("b", AttrValue::Bool(true)),
+                kv("j", AttrValue::Json("[1]".into())),
+            ],
+            resource: resource.clone(),
+            events: (0..events)
+                .map(|e| SpanEvent {
+                    time_unix_nano: e as u64,
+                    name: format!("e{e}"),
+                    attributes: attrs(e),
+                })
+                .collect(),
+            links: (0..links)
+                .map(|l| SpanLink {
+                    trace_id: [l as u8; 16],
+                    span_id: [l as u8; 8],
+                    attributes: attrs(l + 1),
+                })
+                .collect(),
+            scope_name: "scope".into(),
+            scope_version: String::new(),
+        }
+    }
+
+    /// Records lent as refs and made owned again are the same records, whatever mix of
+    /// events, links and shared or distinct resources a batch has.
+    #[test]
+    fn span_refs_round_trip_to_the_same_records() {
+        let r1 = Arc::new(vec![kv("service.name", AttrValue::Str("a".into()))]);
+        let r2 = Arc::new(vec![]);
+        let r3 = Arc::new(vec![
+            kv("service.name", AttrValue::Str("b".into())),
+            kv("host.cpu.count", AttrValue::Int(2)),
+        ]);
+        let spans = vec![
+            record(1, &r1, 0, 0),
+            record(2, &r1, 2, 1),
+            record(3, &r2, 1, 0),
+            record(4, &r3, 0, 3),
+            record(5, &r1, 3, 2),
+        ];
+        let back = with_span_refs(&spans, |refs| {
+            assert_eq!(refs.len(), spans.len());
+            assert!(std::ptr::eq(refs[0].resource, refs[1].resource));
+            refs.iter()
+                .zip(&spans)
+                .map(|(r, s)| r.to_record(s.resource.clone()))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(back, spans);
+    }
+
+    /// The default `write_refs` hands `write` the same records, sharing resources again.
+    #[test]
+    fn the_default_write_refs_writes_the_same_records() {
+        #[derive(Default)]
+        struct Keep(std::sync::Mutex<Vec<SpanRecord>>);
+        impl SpanStore for Keep {
+            fn write(&self, spans: &[SpanRecord]) -> Result<(), StoreError> {
+                self.0.lock().unwrap().extend_from_slice(spans);
+                Ok(())
+            }
+            fn services(&self) -> Result<Vec<String>, StoreError> {
+                unimplemented!()
+            }
+            fn operations(&self, _: &str, _: Option<i32>) -> Result<Vec<Operation>, StoreError> {
+                unimplemented!()
+            }
+            fn trace(&self, _: &TraceId) -> Result<Vec<SpanRecord>, StoreError> {
+                unimplemented!()
+            }
+            fn find_traces(&self, _: &TraceQuery) -> Result<Vec<Vec<SpanRecord>>, StoreError> {
+                unimplemented!()
+            }
+            fn dependencies(&self, _: u64, _: u64) -> Result<Vec<DependencyLink>, StoreError> {
+                unimplemented!()
+            }
+            fn enforce_retention(&self, _: &Retention) -> Result<RetentionReport, StoreError> {
+                unimplemented!()
+            }
+            fn stats(&self) -> Result<StoreStats, StoreError> {
+                unimplemented!()
+            }
+        }
+        let r1 = Arc::new(vec![kv("service.name", AttrValue::Str("a".into()))]);
+        let spans = vec![record(1, &r1, 1, 1), record(2, &r1, 0, 2)];
+        let store = Keep::default();
+        with_span_refs(&spans, |refs| store.write_refs(refs)).unwrap();
+        let got = store.0.into_inner().unwrap();
+        assert_eq!(got, spans);
+        assert!(Arc::ptr_eq(&got[0].resource, &got[1].resource));
+    }
 }

@@ -21,7 +21,8 @@
 //! # Writing
 //!
 //! Callers encode their spans on their own thread (interning names through the in-memory
-//! catalog). Then group commit: whichever caller finds no commit running becomes the leader and
+//! catalog), from borrowed [`SpanRef`]s: `write_refs` takes them as the collector's protobuf
+//! decoder lends them, `write` lends owned records the same way. Then group commit: whichever caller finds no commit running becomes the leader and
 //! writes every batch waiting (its own included, up to 16k spans) in one transaction on the
 //! single writer connection, with cached multi-row `INSERT` statements (`insert_many`); each
 //! caller returns once the commit that holds its spans is done. A batch sent again (a lost acknowledgement) is not stored twice,
@@ -77,10 +78,11 @@ use std::{
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 
 use crate::{
-    status, DependencyLink, KeyValue, Operation, Retention, RetentionReport, SpanId, SpanRecord,
-    SpanStore, StoreError, StoreStats, TraceId, TraceQuery,
+    status, with_span_refs, DependencyLink, KeyValueRef, Operation, Retention, RetentionReport,
+    SpanId, SpanRecord, SpanRef, SpanStore, StoreError, StoreStats, TraceId, TraceQuery,
 };
 
+mod alloc;
 mod catalog;
 mod codec;
 mod query;
@@ -152,12 +154,12 @@ fn worth_indexing(key: &str, value: &str) -> bool {
 
 /// Appends the tag index keys of a span's (or its resource's) attributes; an error status is
 /// indexed as `error=true`, the way the query API shows it.
-pub(crate) fn index_tags(attrs: &[KeyValue], status_code: i32, out: &mut Vec<i64>) {
+pub(crate) fn index_tags(attrs: &[KeyValueRef<'_>], status_code: i32, out: &mut Vec<i64>) {
     for kv in attrs {
-        if indexed_key(&kv.key) {
+        if indexed_key(kv.key) {
             let text = kv.value.as_text();
-            if worth_indexing(&kv.key, &text) {
-                out.push(codec::tag_hash(&kv.key, &text));
+            if worth_indexing(kv.key, &text) {
+                out.push(codec::tag_hash(kv.key, &text));
             }
         }
     }
@@ -339,6 +341,7 @@ impl SqliteStore {
     }
 
     pub fn open_with(dir: &Path, options: &StoreOptions) -> Result<SqliteStore, StoreError> {
+        alloc::install();
         let open_err = |reason: String| StoreError::Open {
             path: dir.display().to_string(),
             reason,
@@ -652,7 +655,7 @@ impl Inner {
     }
 
     /// Encodes `spans` on the calling thread, interning new names as needed.
-    fn encode(&self, spans: &[SpanRecord]) -> Result<EncodedBatch, StoreError> {
+    fn encode(&self, spans: &[SpanRef<'_>]) -> Result<EncodedBatch, StoreError> {
         // Each pass resolves one level (strings and services, then resources and operations
         // that need their ids), so three passes always suffice.
         for _ in 0..4 {
@@ -977,7 +980,7 @@ impl Drop for LeaderGuard<'_> {
 
 /// One encoding pass over `spans`; fills `missing` with the names that need ids first (the
 /// batch is then incomplete and thrown away).
-fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> EncodedBatch {
+fn encode_batch(cat: &Catalog, spans: &[SpanRef<'_>], missing: &mut Missing) -> EncodedBatch {
     let mut out = EncodedBatch {
         rows: Vec::with_capacity(spans.len()),
         bodies: Vec::with_capacity(spans.len() * 192),
@@ -993,44 +996,44 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> E
     let mut resource_blob = Vec::new();
     let mut resource_tags = Vec::new();
     // Spans of one batch mostly share a resource: compare with the last one before encoding.
-    let mut last_resource: Option<(&Arc<Vec<KeyValue>>, i64)> = None;
+    let mut last_resource: Option<(&[KeyValueRef<'_>], i64)> = None;
     let mut last_service: Option<(&str, i64)> = None;
     for s in spans {
         let service_id = match last_service {
             Some((name, id)) if name == s.service => Some(id),
             _ => {
-                let id = cat.service_id(&s.service);
+                let id = cat.service_id(s.service);
                 match id {
-                    Some(id) => last_service = Some((&s.service, id)),
-                    None if !services.contains(&s.service) => services.push(s.service.clone()),
+                    Some(id) => last_service = Some((s.service, id)),
+                    None if !services.iter().any(|n| n == s.service) => {
+                        services.push(s.service.to_owned())
+                    }
                     None => {}
                 }
                 id
             }
         };
         let operation_id =
-            service_id.and_then(|svc| match cat.operation_id(svc, &s.operation, s.kind) {
+            service_id.and_then(|svc| match cat.operation_id(svc, s.operation, s.kind) {
                 Some(id) => Some(id),
                 None => {
-                    operations.push((svc, s.operation.clone(), s.kind));
+                    operations.push((svc, s.operation.to_owned(), s.kind));
                     None
                 }
             });
         let resource_id = match last_resource {
-            Some((attrs, id)) if Arc::ptr_eq(attrs, &s.resource) || **attrs == *s.resource => {
-                Some(id)
-            }
+            Some((attrs, id)) if std::ptr::eq(attrs, s.resource) || attrs == s.resource => Some(id),
             _ => {
                 last_resource = None;
                 resource_blob.clear();
                 let before = interner.missing();
-                codec::encode_resource(&mut resource_blob, &s.resource, &mut interner);
+                codec::encode_resource(&mut resource_blob, s.resource, &mut interner);
                 if interner.missing() > before {
                     None // the blob changes once its keys have ids
                 } else if let Some(id) = cat.resource_id(&resource_blob) {
                     resource_tags.clear();
-                    index_tags(&s.resource, status::UNSET, &mut resource_tags);
-                    last_resource = Some((&s.resource, id));
+                    index_tags(s.resource, status::UNSET, &mut resource_tags);
+                    last_resource = Some((s.resource, id));
                     Some(id)
                 } else {
                     resources.push(resource_blob.clone());
@@ -1044,12 +1047,12 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> E
             &BodyRef {
                 kind: s.kind,
                 start_unix_nano: s.start_unix_nano,
-                status_message: &s.status_message,
-                attributes: &s.attributes,
-                events: &s.events,
-                links: &s.links,
-                scope_name: &s.scope_name,
-                scope_version: &s.scope_version,
+                status_message: s.status_message,
+                attributes: s.attributes,
+                events: s.events,
+                links: s.links,
+                scope_name: s.scope_name,
+                scope_version: s.scope_version,
             },
             &mut interner,
         );
@@ -1060,7 +1063,7 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> E
             continue;
         };
         let tags_start = out.tags.len();
-        index_tags(&s.attributes, s.status_code, &mut out.tags);
+        index_tags(s.attributes, s.status_code, &mut out.tags);
         out.tags.extend_from_slice(&resource_tags);
         if out.tags.len() - tags_start > 1 {
             let mut unique: Vec<i64> = out.tags.drain(tags_start..).collect();
@@ -1089,6 +1092,10 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRecord], missing: &mut Missing) -> E
 
 impl SpanStore for SqliteStore {
     fn write(&self, spans: &[SpanRecord]) -> Result<(), StoreError> {
+        with_span_refs(spans, |refs| self.write_refs(refs))
+    }
+
+    fn write_refs(&self, spans: &[SpanRef<'_>]) -> Result<(), StoreError> {
         if spans.is_empty() {
             return Ok(());
         }

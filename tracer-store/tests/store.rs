@@ -158,6 +158,57 @@ fn every_field_round_trips_and_traces_assemble_across_writes() {
     assert_eq!(store.stats().unwrap().spans, 4);
 }
 
+/// Spans with events, links and several resources in one `write`, and the same through
+/// `write_refs` (what OTLP protobuf ingest uses): both store exactly what was given.
+#[test]
+fn a_mixed_batch_round_trips_through_write_and_write_refs() {
+    let store = SqliteStore::open(&dir("mixed")).unwrap();
+    let t0 = now();
+    let batch = |trace: u8| -> Vec<SpanRecord> {
+        let other: Arc<Vec<KeyValue>> = Arc::new(vec![
+            text("service.name", "db"),
+            kv("host.ip", AttrValue::Json("[\"10.0.0.1\"]".into())),
+        ]);
+        (1..=6u8)
+            .map(|i| {
+                let mut s = span(
+                    trace,
+                    i,
+                    (i > 1).then_some(1),
+                    "web",
+                    "GET /",
+                    t0 + u64::from(i),
+                    9,
+                );
+                if i % 2 == 0 {
+                    s.resource = other.clone();
+                    s.service = "db".into();
+                }
+                s.events = (0..i % 3)
+                    .map(|e| SpanEvent {
+                        time_unix_nano: t0 + u64::from(e),
+                        name: format!("event {e}"),
+                        attributes: vec![kv("n", AttrValue::Int(e.into()))],
+                    })
+                    .collect();
+                s.links = (0..i % 2)
+                    .map(|_| SpanLink {
+                        trace_id: [i; 16],
+                        span_id: [i; 8],
+                        attributes: vec![text("why", "retry"), kv("ok", AttrValue::Bool(true))],
+                    })
+                    .collect();
+                s
+            })
+            .collect()
+    };
+    let (a, b) = (batch(21), batch(22));
+    store.write(&a).unwrap();
+    tracer_store::with_span_refs(&b, |refs| store.write_refs(refs)).unwrap();
+    assert_eq!(store.trace(&[21; 16]).unwrap(), a);
+    assert_eq!(store.trace(&[22; 16]).unwrap(), b);
+}
+
 #[test]
 fn a_batch_sent_twice_is_stored_once() {
     let store = SqliteStore::open(&dir("dup")).unwrap();

@@ -5,7 +5,9 @@
 //! into the `strings` dictionary; everything else inline. A string reference is one varint `h`:
 //! even `h` is an inline string of `h >> 1` bytes that follow, odd `h` is dictionary id `h >> 1`.
 //! With 17 attributes a typical HTTP span body is ~150 bytes, a third of its JSON.
-use crate::{AttrValue, KeyValue, SpanEvent, SpanLink};
+use crate::{
+    AttrValue, AttrValueRef, KeyValue, KeyValueRef, SpanEvent, SpanEventRef, SpanLink, SpanLinkRef,
+};
 
 /// First byte of every body: bumps when the layout changes, so old rows stay readable.
 const BODY_FORMAT: u8 = 1;
@@ -76,34 +78,38 @@ fn put_inline(out: &mut Vec<u8>, s: &str) {
 
 /// Values are inline: most distinct values (paths, addresses, ports) do not repeat enough to
 /// pay for a dictionary entry.
-fn put_value(out: &mut Vec<u8>, v: &AttrValue) {
+fn put_value(out: &mut Vec<u8>, v: AttrValueRef<'_>) {
     match v {
-        AttrValue::Str(s) => {
+        AttrValueRef::Str(s) => {
             out.push(V_STR);
             put_inline(out, s);
         }
-        AttrValue::Json(s) => {
+        AttrValueRef::Json(s) => {
             out.push(V_JSON);
             put_inline(out, s);
         }
-        AttrValue::Int(i) => {
+        AttrValueRef::Int(i) => {
             out.push(V_INT);
-            put_varint(out, zigzag(*i));
+            put_varint(out, zigzag(i));
         }
-        AttrValue::Float(f) => {
+        AttrValueRef::Float(f) => {
             out.push(V_FLOAT);
             out.extend_from_slice(&f.to_le_bytes());
         }
-        AttrValue::Bool(false) => out.push(V_FALSE),
-        AttrValue::Bool(true) => out.push(V_TRUE),
+        AttrValueRef::Bool(false) => out.push(V_FALSE),
+        AttrValueRef::Bool(true) => out.push(V_TRUE),
     }
 }
 
-pub(super) fn put_attrs(out: &mut Vec<u8>, attrs: &[KeyValue], interner: &mut impl Interner) {
+pub(super) fn put_attrs(
+    out: &mut Vec<u8>,
+    attrs: &[KeyValueRef<'_>],
+    interner: &mut impl Interner,
+) {
     put_varint(out, attrs.len() as u64);
     for kv in attrs {
-        put_sref(out, &kv.key, interner);
-        put_value(out, &kv.value);
+        put_sref(out, kv.key, interner);
+        put_value(out, kv.value);
     }
 }
 
@@ -112,9 +118,9 @@ pub(super) struct BodyRef<'a> {
     pub kind: i32,
     pub start_unix_nano: u64,
     pub status_message: &'a str,
-    pub attributes: &'a [KeyValue],
-    pub events: &'a [SpanEvent],
-    pub links: &'a [SpanLink],
+    pub attributes: &'a [KeyValueRef<'a>],
+    pub events: &'a [SpanEventRef<'a>],
+    pub links: &'a [SpanLinkRef<'a>],
     pub scope_name: &'a str,
     pub scope_version: &'a str,
 }
@@ -147,8 +153,8 @@ pub(super) fn encode_body(out: &mut Vec<u8>, b: &BodyRef<'_>, interner: &mut imp
                 out,
                 zigzag(e.time_unix_nano.wrapping_sub(b.start_unix_nano) as i64),
             );
-            put_sref(out, &e.name, interner);
-            put_attrs(out, &e.attributes, interner);
+            put_sref(out, e.name, interner);
+            put_attrs(out, e.attributes, interner);
         }
     }
     if flags & FLAG_LINKS != 0 {
@@ -156,12 +162,16 @@ pub(super) fn encode_body(out: &mut Vec<u8>, b: &BodyRef<'_>, interner: &mut imp
         for l in b.links {
             out.extend_from_slice(&l.trace_id);
             out.extend_from_slice(&l.span_id);
-            put_attrs(out, &l.attributes, interner);
+            put_attrs(out, l.attributes, interner);
         }
     }
 }
 
-pub(super) fn encode_resource(out: &mut Vec<u8>, attrs: &[KeyValue], interner: &mut impl Interner) {
+pub(super) fn encode_resource(
+    out: &mut Vec<u8>,
+    attrs: &[KeyValueRef<'_>],
+    interner: &mut impl Interner,
+) {
     out.push(RESOURCE_FORMAT);
     put_attrs(out, attrs, interner);
 }
@@ -559,13 +569,24 @@ mod tests {
             span_id: [8; 8],
             attributes: vec![],
         }];
+        let attr_refs: Vec<KeyValueRef<'_>> = attrs.iter().map(KeyValue::as_ref).collect();
+        let event_refs = [SpanEventRef {
+            time_unix_nano: 3,
+            name: "before start",
+            attributes: &attr_refs,
+        }];
+        let link_refs = [SpanLinkRef {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            attributes: &[],
+        }];
         let b = BodyRef {
             kind: 3,
             start_unix_nano: u64::MAX - 1,
             status_message: "oops",
-            attributes: &attrs,
-            events: &events,
-            links: &links,
+            attributes: &attr_refs,
+            events: &event_refs,
+            links: &link_refs,
             scope_name: "scope",
             scope_version: "",
         };

@@ -622,8 +622,10 @@ pub(super) fn tagged_spans(
                 .attributes
         };
         let mut tags = Vec::new();
-        index_tags(&attrs, status_code, &mut tags);
-        index_tags(&res.attrs, status::UNSET, &mut tags);
+        let refs: Vec<_> = attrs.iter().map(KeyValue::as_ref).collect();
+        index_tags(&refs, status_code, &mut tags);
+        let refs: Vec<_> = res.attrs.iter().map(KeyValue::as_ref).collect();
+        index_tags(&refs, status::UNSET, &mut tags);
         tags.sort_unstable();
         tags.dedup();
         out.push((id, start, tags));

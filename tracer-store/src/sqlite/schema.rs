@@ -9,7 +9,7 @@ use super::{
     codec::{self, BodyRef},
     ctx, index_tags,
 };
-use crate::{KeyValue, SpanEvent, SpanLink, StoreError};
+use crate::{KeyValue, SpanEvent, SpanEventRef, SpanLink, SpanLinkRef, StoreError};
 
 enum Step {
     Sql(&'static str),
@@ -176,7 +176,8 @@ fn convert_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
             let attrs: Vec<KeyValue> = serde_json::from_str(&json)
                 .map_err(|e| StoreError::Database(format!("version-1 resource {id}: {e}")))?;
             blob.clear();
-            codec::encode_resource(&mut blob, &attrs, &mut dict);
+            let refs: Vec<_> = attrs.iter().map(KeyValue::as_ref).collect();
+            codec::encode_resource(&mut blob, &refs, &mut dict);
             ins.execute(params![id, blob])
                 .map_err(ctx("converting resources"))?;
             resources.insert(id, attrs);
@@ -211,15 +212,44 @@ fn convert_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
         let b: V1Body = serde_json::from_str(&json)
             .map_err(|e| StoreError::Database(format!("version-1 span {id}: {e}")))?;
         body_buf.clear();
+        // The owned v1 body as the borrowed records the codec takes.
+        let attributes: Vec<_> = b.attributes.iter().map(KeyValue::as_ref).collect();
+        let inner: Vec<Vec<_>> = b
+            .events
+            .iter()
+            .map(|e| &e.attributes)
+            .chain(b.links.iter().map(|l| &l.attributes))
+            .map(|a| a.iter().map(KeyValue::as_ref).collect())
+            .collect();
+        let events: Vec<_> = b
+            .events
+            .iter()
+            .zip(&inner)
+            .map(|(e, a)| SpanEventRef {
+                time_unix_nano: e.time_unix_nano,
+                name: &e.name,
+                attributes: a,
+            })
+            .collect();
+        let links: Vec<_> = b
+            .links
+            .iter()
+            .zip(&inner[b.events.len()..])
+            .map(|(l, a)| SpanLinkRef {
+                trace_id: l.trace_id,
+                span_id: l.span_id,
+                attributes: a,
+            })
+            .collect();
         codec::encode_body(
             &mut body_buf,
             &BodyRef {
                 kind: b.kind,
                 start_unix_nano: start as u64,
                 status_message: &b.status_message,
-                attributes: &b.attributes,
-                events: &b.events,
-                links: &b.links,
+                attributes: &attributes,
+                events: &events,
+                links: &links,
                 scope_name: &b.scope_name,
                 scope_version: &b.scope_version,
             },
@@ -240,12 +270,14 @@ fn convert_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
         ])
         .map_err(ctx("converting spans"))?;
         tags.clear();
-        index_tags(&b.attributes, status, &mut tags);
-        index_tags(
-            resources.get(&resource_id).unwrap_or(&no_resource),
-            crate::status::UNSET,
-            &mut tags,
-        );
+        index_tags(&attributes, status, &mut tags);
+        let resource: Vec<_> = resources
+            .get(&resource_id)
+            .unwrap_or(&no_resource)
+            .iter()
+            .map(KeyValue::as_ref)
+            .collect();
+        index_tags(&resource, crate::status::UNSET, &mut tags);
         tags.sort_unstable();
         tags.dedup();
         for h in &tags {
