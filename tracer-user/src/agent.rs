@@ -23,6 +23,7 @@ use crate::{
     pairing::{Chunk, ConnId, ConnMap, Exchange, Pairer, Role},
     probes::{self, Connections, Counters, LoadOptions, Probes},
     records::{self, Record},
+    replay,
     resource::{self, HostFacts, ProcessCache, ProcessFacts},
     settings::{parse_service_rule, AgentArgs, RuleMatch, ServiceRule},
     spans::{self, Endpoints, HttpSpan},
@@ -69,14 +70,14 @@ struct ConnMeta {
     resource: Option<(Role, Arc<ExportResource>)>,
 }
 
-enum Sink {
+pub(crate) enum Sink {
     Otlp(SpanSender),
     Stdout,
     /// `tracer replay`: each drain's spans are encoded into a request, then dropped.
     Discard(export::Encoder),
 }
 
-struct Filters {
+pub(crate) struct Filters {
     pids: Vec<u32>,
     executables: Vec<String>,
     cgroups: Vec<String>,
@@ -87,6 +88,17 @@ struct Filters {
 }
 
 impl Filters {
+    /// Only connections with one of `ports` at either end (`tracer replay --port`).
+    pub(crate) fn only_ports(ports: Vec<u16>) -> Self {
+        Filters {
+            pids: Vec::new(),
+            executables: Vec::new(),
+            cgroups: Vec::new(),
+            ports,
+            export_addrs: Vec::new(),
+        }
+    }
+
     fn wants(&self, p: &ProcessFacts, local: SocketAddr, remote: SocketAddr) -> bool {
         if self
             .export_addrs
@@ -186,7 +198,12 @@ pub fn monotonic_now() -> u64 {
 }
 
 impl Pipeline {
-    fn new(rules: Vec<ServiceRule>, filters: Filters, sink: Sink, stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(
+        rules: Vec<ServiceRule>,
+        filters: Filters,
+        sink: Sink,
+        stats: Arc<Stats>,
+    ) -> Self {
         let host = HostFacts::read();
         let host_ips = host.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         Pipeline {
@@ -225,10 +242,10 @@ impl Pipeline {
         p.executable_name.clone()
     }
 
-    fn handle(&mut self, bytes: &[u8]) {
+    pub(crate) fn handle(&mut self, bytes: &[u8]) {
         self.stats.agent.records.fetch_add(1, Relaxed);
         if let Some(file) = &mut self.recording {
-            if let Err(e) = write_record(file, bytes) {
+            if let Err(e) = replay::write_record(file, bytes) {
                 log::error!("recording stopped: {e}");
                 self.recording = None;
             }
@@ -405,7 +422,7 @@ impl Pipeline {
     }
 
     /// Hands the spans of this drain (or `OUTBOX_BYTES` of them) to the exporter in one go.
-    fn flush_outbox(&mut self) {
+    pub(crate) fn flush_outbox(&mut self) {
         if self.outbox.is_empty() {
             return;
         }
@@ -447,7 +464,7 @@ impl Pipeline {
     }
 
     /// Sends held server spans whose client never showed up (it is not traced, or not local).
-    fn release_pending(&mut self, now: u64) {
+    pub(crate) fn release_pending(&mut self, now: u64) {
         let mut due = Vec::new();
         // Emptied queues stay for the connection's next request; housekeeping drops them.
         for queue in self.pending_servers.values_mut() {
@@ -466,7 +483,7 @@ impl Pipeline {
     }
 
     /// `tick` at `now` (monotonic ns): a replay ticks on the recording's clock.
-    fn tick_at(&mut self, now: u64) {
+    pub(crate) fn tick_at(&mut self, now: u64) {
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
         self.release_pending(now);
@@ -564,145 +581,6 @@ fn filters(args: &AgentArgs, export_addrs: Vec<SocketAddr>) -> Filters {
     }
 }
 
-/// `--record`: a new file only root can read (records carry payload prefixes).
-fn create_recording(path: &std::path::Path) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating the recording {}", path.display()))?;
-    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
-}
-
-/// A recording is the records back to back, each after its length (u32, little-endian).
-fn write_record(out: &mut impl std::io::Write, record: &[u8]) -> std::io::Result<()> {
-    out.write_all(&(record.len() as u32).to_le_bytes())?;
-    out.write_all(record)
-}
-
-/// The records of a recording, each copied to an 8-byte aligned place (as the ring buffer
-/// hands them out) in one buffer, and where each is in it. A record cut short (the agent was
-/// killed mid-write) ends the recording.
-fn read_records(data: &[u8]) -> (Vec<u64>, Vec<std::ops::Range<usize>>) {
-    let mut words: Vec<u64> = Vec::with_capacity(data.len() / 8 + 1);
-    let mut places = Vec::new();
-    let mut rest = data;
-    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
-        let len = u32::from_le_bytes(*len) as usize;
-        let Some(record) = tail.get(..len) else {
-            log::warn!("the recording ends inside a record; replaying what precedes it");
-            break;
-        };
-        let at = words.len() * 8;
-        words.extend(record.chunks(8).map(|c| {
-            let mut w = [0u8; 8];
-            w[..c.len()].copy_from_slice(c);
-            u64::from_ne_bytes(w)
-        }));
-        places.push(at..at + len);
-        rest = &tail[len..];
-    }
-    (words, places)
-}
-
-/// Records a live agent drains at a time in a replay: what a 10 ms drain finds at ~13k
-/// requests/s.
-const REPLAY_DRAIN: usize = 512;
-
-/// `tracer replay`: runs recorded ring-buffer records through the agent's own work (decoding,
-/// pairing, spans, OTLP encoding; no probes, no network) `repeat` times, and reports the CPU it
-/// took per record and per span. Deterministic enough to compare builds, and to run under
-/// `valgrind --tool=callgrind` for instruction counts.
-pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow::Result<()> {
-    let data =
-        std::fs::read(file).with_context(|| format!("reading the recording {}", file.display()))?;
-    let (mut words, places) = read_records(&data);
-    drop(data);
-    if places.is_empty() {
-        anyhow::bail!(
-            "{} holds no records: record some traffic first with `tracer agent --record FILE`",
-            file.display()
-        );
-    }
-    let stats = Arc::new(Stats {
-        agent: AgentStats::default(),
-        export: Arc::new(ExportStats::default()),
-        kernel: std::sync::Mutex::new(Default::default()),
-    });
-    let filters = Filters {
-        pids: Vec::new(),
-        executables: Vec::new(),
-        cgroups: Vec::new(),
-        ports,
-        export_addrs: Vec::new(),
-    };
-    let sink = Sink::Discard(export::Encoder::default());
-    let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());
-    let cpu = || {
-        // SAFETY: getrusage fills the struct it is given.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-        us(ru.ru_utime) + us(ru.ru_stime)
-    };
-    // Each pass runs later than the one before, as live traffic would: the timestamps of every
-    // record move on by the recording's length (word offsets: records are 8-byte aligned).
-    let (enter, exit) = (
-        std::mem::offset_of!(tracer_common::RecordHeader, ts_enter) / 8,
-        std::mem::offset_of!(tracer_common::RecordHeader, ts_exit) / 8,
-    );
-    let stamps: Vec<u64> = places.iter().map(|p| words[p.start / 8 + exit]).collect();
-    let first = stamps.iter().min().copied().unwrap_or(0);
-    let shift = stamps.iter().max().copied().unwrap_or(0) - first + 1_000_000_000;
-    let mut cpu_ns = 0.0;
-    for pass in 0..repeat.max(1) {
-        if pass > 0 {
-            for p in &places {
-                words[p.start / 8 + enter] += shift;
-                words[p.start / 8 + exit] += shift;
-            }
-        }
-        // SAFETY: u64s are plain bytes; the slice covers the vector's initialised words.
-        let arena: &[u8] =
-            unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) };
-        let records: Vec<&[u8]> = places.iter().map(|r| &arena[r.clone()]).collect();
-        let start = cpu();
-        for drain in records.chunks(REPLAY_DRAIN) {
-            for record in drain {
-                pipeline.handle(record);
-            }
-            if let Some(Record::Data { record }) = drain.last().and_then(|r| records::decode(r)) {
-                pipeline.tick_at(record.header.ts_exit);
-            }
-            pipeline.flush_outbox();
-        }
-        if pass + 1 == repeat.max(1) {
-            pipeline.release_pending(u64::MAX);
-            pipeline.flush_outbox();
-        }
-        cpu_ns += (cpu() - start) as f64 * 1000.0;
-    }
-    let a = &stats.agent;
-    let (n_records, n_spans) = (a.records.load(Relaxed), a.spans.load(Relaxed));
-    log::info!("{}", summary(&stats));
-    println!(
-        "replayed {} records x {}: {} records, {} spans, {} exchanges; CPU {:.0} ns per record, \
-         {:.0} ns per span ({:.2} s in all)",
-        places.len(),
-        repeat.max(1),
-        n_records,
-        n_spans,
-        a.exchanges.load(Relaxed),
-        cpu_ns / n_records.max(1) as f64,
-        cpu_ns / n_spans.max(1) as f64,
-        cpu_ns / 1e9
-    );
-    Ok(())
-}
-
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     while let Some(item) = ring.next() {
         pipeline.handle(&item);
@@ -760,7 +638,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
     pipeline.kernel_conns = Some(kernel_conns);
     if let Some(path) = &args.record {
-        pipeline.recording = Some(create_recording(path)?);
+        pipeline.recording = Some(replay::create_recording(path)?);
     }
     log::info!(
         "tracing TCP/HTTP on {} (kernel {}): {} probes attached; {}",
@@ -874,27 +752,4 @@ async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {
         .await
         .map(|a| a.collect())
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A recording gives back each record whole and 8-byte aligned (records are read in place
-    /// as `DataRecord`s), and a record cut short ends it without failing the replay.
-    #[test]
-    fn recordings_give_back_aligned_records() {
-        let records: [&[u8]; 3] = [b"first record", b"", b"third, longer than eight"];
-        let mut file = Vec::new();
-        for r in records {
-            write_record(&mut file, r).unwrap();
-        }
-        file.extend_from_slice(&100u32.to_le_bytes());
-        file.extend_from_slice(b"cut short");
-        let (words, places) = read_records(&file);
-        let arena: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let got: Vec<&[u8]> = places.iter().map(|p| &arena[p.clone()]).collect();
-        assert_eq!(got, records);
-        assert!(places.iter().all(|p| p.start % 8 == 0));
-    }
 }

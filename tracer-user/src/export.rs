@@ -75,8 +75,8 @@ impl ExportResource {
 /// `Arc`'s address.
 ///
 /// The drain encodes a span as soon as it is final, so the exporter moves bytes rather than
-/// span structs, and what a span owns is freed on the thread that allocated it (both were
-/// measurable shares of the agent's time).
+/// span structs (moving them, and freeing what they own later, were measurable shares of the
+/// agent's time).
 #[derive(Default)]
 pub struct SpanBatch {
     bytes: Vec<u8>,

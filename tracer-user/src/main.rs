@@ -14,6 +14,7 @@ mod metrics;
 mod pairing;
 mod probes;
 mod records;
+mod replay;
 mod resource;
 mod settings;
 mod spans;
@@ -94,7 +95,7 @@ fn main() -> std::process::ExitCode {
         ports,
     } = &cli.command
     {
-        return exit(agent::replay(file, *repeat, ports.clone()));
+        return exit(replay::replay(file, *repeat, ports.clone()));
     }
     // One thread for the drain, the exporter and the metrics endpoint: with worker threads,
     // every drain's hand-over to the exporter woke one up (a futex and an epoll wake each way),
