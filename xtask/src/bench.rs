@@ -571,8 +571,8 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "  (the {} records of {} s at 10k req/s, replayed 3 times through pairing, spans and OTLP \
-         encoding: no probes, no export, warm caches; the rest of the live figure is the ring \
-         buffer, the runtime, export and a cold cache at each 10 ms drain)",
+         encoding: no probes, no export, warm caches; the rest of the live figure is the export, \
+         the runtime and the wake-ups: see the README)",
         replay.records, REPLAY_SECONDS
     );
     println!(
