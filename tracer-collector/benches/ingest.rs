@@ -35,6 +35,7 @@ use opentelemetry_proto::tonic::{
 use prost::Message as _;
 use tracer_collector::{convert, decode};
 use tracer_store::{SpanRecord, SpanStore, SqliteStore};
+use tracer_test_support::Rng;
 
 /// The collector's allocator, so allocation costs are the ones it pays.
 #[global_allocator]
@@ -45,22 +46,6 @@ const PROCESSES: u64 = 20;
 /// Processes one agent's request carries spans of (one host's nginx workers and upstreams).
 const PROCESSES_PER_REQUEST: u64 = 4;
 const T0: u64 = 1_795_000_000_000_000_000;
-
-/// xorshift64*: deterministic, so runs are comparable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn s(k: &str, v: &str) -> KeyValue {
     KeyValue {

@@ -1569,13 +1569,8 @@ mod tests {
     #[test]
     fn mutated_bodies_agree() {
         let bodies = [rich_request().encode_to_vec(), odd_body()];
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
+        let mut rng = tracer_test_support::Rng(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next();
         // More with DECODE_FUZZ_ITERATIONS=1000000 (in release: `cargo test --release`).
         let iterations = std::env::var("DECODE_FUZZ_ITERATIONS")
             .ok()

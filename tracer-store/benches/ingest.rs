@@ -18,22 +18,7 @@ use tracer_store::{
     kind, status, AttrValue, Durability, KeyValue, SpanRecord, SpanStore, SqliteStore,
     StoreOptions, TraceId, TraceQuery,
 };
-
-/// xorshift64*: deterministic, so runs are comparable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use tracer_test_support::Rng;
 
 fn s(k: &str, v: &str) -> KeyValue {
     KeyValue {

@@ -781,22 +781,9 @@ mod tests {
         assert_eq!(sniff(b"GETS"), Sniff::Other);
     }
 
-    /// xorshift64*: deterministic, good enough to spray bytes.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     #[test]
     fn never_panics_on_random_bytes() {
+        use tracer_test_support::Rng;
         let seeds: &[&[u8]] = &[
             b"GET http://u@h:1/p?q HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.0 204 No Content\nConnection: keep-alive, close\n\n",
@@ -808,30 +795,30 @@ mod tests {
         let mut buf = Vec::new();
         for _ in 0..20_000 {
             buf.clear();
-            let seed = seeds[rng.below(seeds.len())];
+            let seed = seeds[rng.index(seeds.len())];
             buf.extend_from_slice(seed);
-            for _ in 0..rng.below(8) {
-                let byte = if rng.below(2) == 0 {
-                    alphabet[rng.below(alphabet.len())]
+            for _ in 0..rng.index(8) {
+                let byte = if rng.index(2) == 0 {
+                    alphabet[rng.index(alphabet.len())]
                 } else {
                     rng.next() as u8
                 };
-                match rng.below(3) {
+                match rng.index(3) {
                     0 if !buf.is_empty() => {
-                        let i = rng.below(buf.len());
+                        let i = rng.index(buf.len());
                         buf[i] = byte;
                     }
                     1 => {
-                        let i = rng.below(buf.len() + 1);
+                        let i = rng.index(buf.len() + 1);
                         buf.insert(i, byte);
                     }
                     _ => {
-                        let n = rng.below(buf.len() + 1);
+                        let n = rng.index(buf.len() + 1);
                         buf.truncate(n);
                     }
                 }
             }
-            for _ in 0..rng.below(64) {
+            for _ in 0..rng.index(64) {
                 buf.push(rng.next() as u8);
             }
             if let Parse::Complete(h) = parse_request(&buf) {
