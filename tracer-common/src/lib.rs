@@ -168,6 +168,10 @@ pub const fn conn_key(tgid: u32, fd: u32) -> u64 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
+    /// `task_struct.pid` and `.tgid`: read through the task pointer the probes hold anyway,
+    /// one helper call less than `bpf_get_current_pid_tgid` on every syscall.
+    pub task_pid: u32,
+    pub task_tgid: u32,
     pub task_files: u32,
     pub files_fdt: u32,
     pub fdtable_max_fds: u32,
@@ -191,6 +195,8 @@ pub struct KernelOffsets {
 
 impl KernelOffsets {
     pub const ZERO: KernelOffsets = KernelOffsets {
+        task_pid: 0,
+        task_tgid: 0,
         task_files: 0,
         files_fdt: 0,
         fdtable_max_fds: 0,

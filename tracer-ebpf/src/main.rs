@@ -13,8 +13,10 @@
 //! programs' time; attaching to `raw_syscalls` instead would have taxed every other syscall of
 //! the host (~200 ns for a `getppid`).
 //!
-//! The hot path is: one register read and one hash lookup (the connection is already known),
-//! one reserve/copy/commit. The ring buffer wakes the agent only past a byte threshold; the
+//! The hot path is: register and task fields read with plain loads through BTF pointers, one
+//! hash lookup (the connection is already known), one clock read, one reserve/copy/commit. Each
+//! helper call counts: on this project's VM every kernel return pays a speculation mitigation
+//! (docs/ARCHITECTURE.md, "Fewer calls into the kernel per syscall"). The ring buffer wakes the agent only past a byte threshold; the
 //! agent drains on a timer otherwise.
 #![no_std]
 #![no_main]
@@ -81,23 +83,51 @@ struct EntryTime {
     ts: u64,
 }
 
-/// The saved user registers a syscall's arguments are in: `struct pt_regs` (x86-64 UAPI,
-/// arch/x86/include/uapi/asm/ptrace.h) from `r10` to `di`. Arguments 1-4 are di, si, dx, r10.
-#[repr(C)]
+/// The calling thread's saved user registers (`struct pt_regs`), where a syscall's arguments
+/// are. `bpf_task_pt_regs` returns a BTF pointer, so each register is one plain load the
+/// verifier checks against the kernel's BTF (and the JIT guards against faults): no helper call.
+/// Copying the registers with `bpf_probe_read_kernel` instead cost ~100 ns a syscall here, three
+/// nested kernel calls each paying for the return-stack mitigations of this CPU.
 #[derive(Clone, Copy)]
-struct SyscallRegs {
-    r10: u64,
-    _r9: u64,
-    _r8: u64,
-    _ax: u64,
-    _cx: u64,
-    dx: u64,
-    si: u64,
-    di: u64,
-}
+struct SyscallRegs(*const u8);
 
-/// Offset of `r10` in `struct pt_regs`.
-const PT_REGS_R10: u64 = 56;
+/// Offsets in `struct pt_regs` (x86-64 UAPI, arch/x86/include/uapi/asm/ptrace.h). Arguments 1-4
+/// are di, si, dx, r10.
+const PT_REGS_R10: usize = 56;
+const PT_REGS_DX: usize = 96;
+const PT_REGS_SI: usize = 104;
+const PT_REGS_DI: usize = 112;
+
+impl SyscallRegs {
+    #[inline(always)]
+    fn of(task: Task) -> Self {
+        // SAFETY: bpf_task_pt_regs takes the BTF task pointer bpf_get_current_task_btf returns.
+        SyscallRegs(unsafe { bpf_task_pt_regs(task.0 as *mut _) } as *const u8)
+    }
+
+    #[inline(always)]
+    fn at(self, offset: usize) -> u64 {
+        // SAFETY: a BTF pointer to pt_regs; the verifier checks the offset against its type.
+        unsafe { core::ptr::read_volatile(self.0.add(offset).cast::<u64>()) }
+    }
+
+    #[inline(always)]
+    fn di(self) -> u64 {
+        self.at(PT_REGS_DI)
+    }
+    #[inline(always)]
+    fn si(self) -> u64 {
+        self.at(PT_REGS_SI)
+    }
+    #[inline(always)]
+    fn dx(self) -> u64 {
+        self.at(PT_REGS_DX)
+    }
+    #[inline(always)]
+    fn r10(self) -> u64 {
+        self.at(PT_REGS_R10)
+    }
+}
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -120,17 +150,6 @@ fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
     unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<u64>() }
 }
 
-/// The calling thread's syscall arguments, from its saved user registers.
-#[inline(always)]
-fn syscall_regs() -> Option<SyscallRegs> {
-    // SAFETY: bpf_task_pt_regs takes the BTF task pointer bpf_get_current_task_btf returns;
-    // the registers are read with a fault-tolerant kernel read.
-    unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
-        bpf_probe_read_kernel((regs + PT_REGS_R10) as *const SyscallRegs).ok()
-    }
-}
-
 #[inline(always)]
 fn bump(which: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(which) {
@@ -150,11 +169,45 @@ fn agent_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&AGENT_TGID) }
 }
 
-/// The calling thread's pid_tgid, unless it belongs to the agent.
+/// The calling thread's `task_struct`, as the BTF pointer `bpf_get_current_task_btf` returns:
+/// its fields are plain loads at offsets from BTF, which the verifier sees as constants (they
+/// are in the frozen read-only data) and checks against the kernel's type.
+#[derive(Clone, Copy)]
+struct Task(*const u8);
+
+impl Task {
+    #[inline(always)]
+    fn current() -> Self {
+        // SAFETY: no preconditions.
+        Task(unsafe { bpf_get_current_task_btf() } as *const u8)
+    }
+
+    /// `pid_tgid` as `bpf_get_current_pid_tgid` would return it, without the call.
+    #[inline(always)]
+    fn pid_tgid(self) -> u64 {
+        // SAFETY: field offsets of task_struct from the running kernel's BTF (read_volatile:
+        // the agent rewrites the zero initialiser before load).
+        unsafe {
+            let pid = core::ptr::read_volatile(&raw const OFFSETS.task_pid) as usize;
+            let tgid = core::ptr::read_volatile(&raw const OFFSETS.task_tgid) as usize;
+            let pid = core::ptr::read_volatile(self.0.add(pid).cast::<u32>());
+            let tgid = core::ptr::read_volatile(self.0.add(tgid).cast::<u32>());
+            (u64::from(tgid) << 32) | u64::from(pid)
+        }
+    }
+}
+
+/// The calling thread and its pid_tgid, unless it belongs to the agent (or the agent has not
+/// filled in the offsets yet).
 #[inline(always)]
-fn caller() -> Option<u64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    ((pid_tgid >> 32) as u32 != agent_tgid()).then_some(pid_tgid)
+fn caller() -> Option<(Task, u64)> {
+    // SAFETY: read_volatile as in `offsets`.
+    if unsafe { core::ptr::read_volatile(&raw const OFFSETS.valid) } == 0 {
+        return None;
+    }
+    let task = Task::current();
+    let pid_tgid = task.pid_tgid();
+    ((pid_tgid >> 32) as u32 != agent_tgid()).then_some((task, pid_tgid))
 }
 
 #[inline(always)]
@@ -279,14 +332,14 @@ fn first_iovec(iov: u64) -> (u64, u64) {
 /// The user buffer of a data syscall and its size, from the syscall's arguments. Read at exit:
 /// the kernel writes back into a `msghdr` only its lengths and flags, never `msg_iov`.
 #[inline(always)]
-fn buffer_of(regs: &SyscallRegs, buffer: Buffer) -> (u64, u64) {
+fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> (u64, u64) {
     match buffer {
-        Buffer::Plain => (regs.si, regs.dx),
-        Buffer::Iovec => first_iovec(regs.si),
+        Buffer::Plain => (regs.si(), regs.dx()),
+        Buffer::Iovec => first_iovec(regs.si()),
         Buffer::Msghdr => {
             // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
             let iov: u64 =
-                unsafe { bpf_probe_read_user((regs.si + 16) as *const u64) }.unwrap_or(0);
+                unsafe { bpf_probe_read_user((regs.si() + 16) as *const u64) }.unwrap_or(0);
             first_iovec(iov)
         }
         Buffer::None => (0, 0),
@@ -356,9 +409,15 @@ fn wake_flags(size: u64) -> u64 {
 /// A data syscall returned `ret`: if its socket is a tracked (or new) TCP connection, send what
 /// moved.
 #[inline(always)]
-fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffer: Buffer) -> u32 {
+fn on_data(
+    pid_tgid: u64,
+    regs: SyscallRegs,
+    ret: i64,
+    (sc, dir, buffer): (u32, u32, Buffer),
+    ts_enter: Option<u64>,
+) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
-    let fd = regs.di as u32;
+    let fd = regs.di() as u32;
     let key = conn_key(tgid, fd);
     let state = match CONNS.get_ptr_mut(key) {
         Some(state) => state,
@@ -371,14 +430,6 @@ fn on_data(pid_tgid: u64, regs: &SyscallRegs, ret: i64, sc: u32, dir: u32, buffe
                 None => return 0,
             }
         }
-    };
-    // Requests a process writes start when it issues the write; what it reads exists once the
-    // read returns, so reads need no entry time (the agent uses `ts_exit` for them). Taken
-    // before the muted test so a stamp never outlives its call.
-    let ts_enter = if dir == direction::EGRESS {
-        entry_time(pid_tgid)
-    } else {
-        None
     };
     // SAFETY: a map value pointer, valid for this program run.
     let state = unsafe { &mut *state };
@@ -479,17 +530,12 @@ fn on_close(pid_tgid: u64, fd: u32) -> u32 {
     0
 }
 
-/// Stamps the entry time of a write on a tracked, unmuted connection (see `entry_time`). The fd
-/// is the first argument in the tracepoint record; files and muted connections cost one lookup.
+/// Stamps the entry time of a write-type syscall for its exit (see `entry_time`). Every call is
+/// stamped, writes to files included: skipping those took a connection lookup, which cost more
+/// than the clock read (~100 ns against ~60 ns, measured here).
 #[inline(always)]
-fn stamp_entry(ctx: &TracePointContext) -> u32 {
+fn stamp_entry() -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let key = conn_key((pid_tgid >> 32) as u32, ctx_u64(ctx, ARG0) as u32);
-    match CONNS.get_ptr(key) {
-        // SAFETY: a map value pointer, valid for this program run.
-        Some(state) if unsafe { (*state).muted } == 0 => {}
-        _ => return 0,
-    }
     if let Some(slot) = ENTRY_TIMES.get_ptr_mut(0) {
         let ts = unsafe { bpf_ktime_get_ns() };
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
@@ -502,24 +548,26 @@ fn stamp_entry(ctx: &TracePointContext) -> u32 {
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
     let ret = ctx_u64(ctx, RET) as i64;
-    let Some(pid_tgid) = caller() else {
+    let Some((task, pid_tgid)) = caller() else {
         return 0;
+    };
+    // Requests a process writes start when it issues the write; what it reads exists once the
+    // read returns, so reads need no entry time (the agent uses `ts_exit` for them). Taken
+    // first, whatever this call turns out to be, so a stamp never outlives its call.
+    let ts_enter = if dir == direction::EGRESS {
+        entry_time(pid_tgid)
+    } else {
+        None
     };
     if ret <= 0 {
-        // Consume the entry stamp so a later call of this thread cannot take it.
-        if dir == direction::EGRESS {
-            entry_time(pid_tgid);
-        }
         return 0;
     }
-    let Some(regs) = syscall_regs() else {
-        return 0;
-    };
+    let regs = SyscallRegs::of(task);
     // MSG_PEEK reads without consuming: the same bytes would be seen twice.
-    if sc == syscall::RECVFROM && regs.r10 & MSG_PEEK != 0 {
+    if sc == syscall::RECVFROM && regs.r10() & MSG_PEEK != 0 {
         return 0;
     }
-    on_data(pid_tgid, &regs, ret, sc, dir, buffer)
+    on_data(pid_tgid, regs, ret, (sc, dir, buffer), ts_enter)
 }
 
 macro_rules! data_syscall {
@@ -531,8 +579,8 @@ macro_rules! data_syscall {
     };
     ($enter:ident, $exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
         #[tracepoint]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            stamp_entry(&ctx)
+        pub fn $enter(_ctx: TracePointContext) -> u32 {
+            stamp_entry()
         }
         data_syscall!($exit, $sc, $dir, $buf);
     };
@@ -608,12 +656,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if ret != 0 && ret != -EINPROGRESS {
         return 0;
     }
-    if let (Some(pid_tgid), Some(regs)) = (caller(), syscall_regs()) {
-        track(
-            (pid_tgid >> 32) as u32,
-            regs.di as u32,
-            role_hint::CONNECTED,
-        );
+    if let Some((task, pid_tgid)) = caller() {
+        let fd = SyscallRegs::of(task).di() as u32;
+        track((pid_tgid >> 32) as u32, fd, role_hint::CONNECTED);
     }
     0
 }
@@ -624,7 +669,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
     if ret < 0 {
         return 0;
     }
-    if let Some(pid_tgid) = caller() {
+    if let Some((_, pid_tgid)) = caller() {
         track((pid_tgid >> 32) as u32, ret as u32, role_hint::ACCEPTED);
     }
     0
@@ -648,30 +693,29 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 }
 
 /// dup2/dup3(old, new) closed whatever `new` was: the returned fd is now a copy of `old`, which
-/// the next data syscall classifies afresh.
+/// the next data syscall classifies afresh. `dup2(fd, fd)` closes nothing (dup3 refuses it).
 #[inline(always)]
-fn on_dup_exit(ctx: &TracePointContext) -> u32 {
+fn on_dup_exit(ctx: &TracePointContext, may_be_same: bool) -> u32 {
     let ret = ctx_u64(ctx, RET) as i64;
     if ret < 0 {
         return 0;
     }
-    match caller() {
-        Some(pid_tgid) => on_close(pid_tgid, ret as u32),
-        None => 0,
+    let Some((task, pid_tgid)) = caller() else {
+        return 0;
+    };
+    if may_be_same && SyscallRegs::of(task).di() as i64 == ret {
+        return 0;
     }
+    on_close(pid_tgid, ret as u32)
 }
 
 #[tracepoint]
 pub fn sys_exit_dup2(ctx: TracePointContext) -> u32 {
-    // dup2(fd, fd) closes nothing.
-    match syscall_regs() {
-        Some(regs) if regs.di as i64 == ctx_u64(&ctx, RET) as i64 => 0,
-        _ => on_dup_exit(&ctx),
-    }
+    on_dup_exit(&ctx, true)
 }
 #[tracepoint]
 pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
-    on_dup_exit(&ctx)
+    on_dup_exit(&ctx, false)
 }
 
 #[cfg(not(test))]

@@ -229,6 +229,8 @@ pub fn kernel_offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     let common = off("sock", "__sk_common")?;
     let sk = |f: &str| off("sock_common", f).map(|o| o + common);
     Ok(KernelOffsets {
+        task_pid: off("task_struct", "pid")?,
+        task_tgid: off("task_struct", "tgid")?,
         task_files: off("task_struct", "files")?,
         files_fdt: off("files_struct", "fdt")?,
         fdtable_max_fds: off("fdtable", "max_fds")?,
