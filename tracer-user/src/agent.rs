@@ -74,7 +74,7 @@ pub(crate) enum Sink {
     Otlp(SpanSender),
     Stdout,
     /// `tracer replay`: each drain's spans are encoded into a request, then dropped.
-    Discard(export::Encoder),
+    Discard(export::Encoder, Vec<u8>),
 }
 
 pub(crate) struct Filters {
@@ -221,7 +221,7 @@ impl Pipeline {
             stats,
             clock_offset: spans::monotonic_to_unix_offset(),
             exchanges: Vec::new(),
-            outbox: SpanBatch::with_capacity(OUTBOX_BYTES + OUTBOX_BYTES / 4),
+            outbox: SpanBatch::with_capacity(export::BATCH_BYTES),
             name: String::new(),
             pending_servers: HashMap::default(),
         }
@@ -407,7 +407,7 @@ impl Pipeline {
     /// which was 4% of the agent's time).
     fn send(&mut self, item: &SpanItem) {
         match &self.sink {
-            Sink::Otlp(_) | Sink::Discard(_) => {
+            Sink::Otlp(_) | Sink::Discard(..) => {
                 self.outbox
                     .push(item.resource.clone(), &item.span, &mut self.name);
                 if self.outbox.bytes_len() >= OUTBOX_BYTES {
@@ -428,11 +428,13 @@ impl Pipeline {
         }
         match &mut self.sink {
             Sink::Otlp(tx) => {
-                let next = SpanBatch::with_capacity(OUTBOX_BYTES + OUTBOX_BYTES / 4);
+                let next = tx.recycler.batch();
                 tx.send(std::mem::replace(&mut self.outbox, next));
             }
-            Sink::Discard(encoder) => {
-                std::hint::black_box(encoder.protobuf(std::slice::from_ref(&self.outbox)));
+            Sink::Discard(encoder, body) => {
+                encoder.protobuf_into(std::slice::from_ref(&self.outbox), body);
+                std::hint::black_box(&body);
+                body.clear();
                 self.outbox.clear();
             }
             Sink::Stdout => {}

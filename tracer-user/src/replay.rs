@@ -83,7 +83,7 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
         kernel: std::sync::Mutex::new(Default::default()),
     });
     let filters = Filters::only_ports(ports);
-    let sink = Sink::Discard(export::Encoder::default());
+    let sink = Sink::Discard(export::Encoder::default(), Vec::new());
     let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());
     let cpu = || {
         // SAFETY: getrusage fills the struct it is given.
