@@ -21,7 +21,10 @@
 //!    single bytes (a connection the agent mutes as not HTTP) the cost on an ignored
 //!    connection. The time inside the probe programs is read from the kernel's BPF run-time
 //!    statistics (`kernel.bpf_stats_enabled`, `bpftool prog show`); the rest of the difference
-//!    is the syscall tracepoint machinery around them.
+//!    is the syscall tracepoint machinery around them. Each call of the ping-pong blocks and
+//!    switches threads, so the programs run on cold caches; a second loop, in which one thread
+//!    owns both ends of the connection (loopback delivers during the write, so nothing blocks),
+//!    gives the same figures on warm caches.
 //! 3. **Collector ingest rate**: a fresh collector (empty data dir) fed OTLP/HTTP protobuf
 //!    `ExportTraceServiceRequest`s of 512 realistic HTTP server spans (17 attributes per span, as
 //!    the agent sends them; 4 resources of 13 attributes) by a few client threads for
@@ -739,6 +742,11 @@ struct KernelCost {
     /// Time inside the probe programs per traced syscall (entry + exit), from the kernel's
     /// own BPF run-time statistics; `None` if bpftool is missing.
     program_ns: Option<f64>,
+    /// The same, in a loop where one thread owns both ends of the connection: no context
+    /// switch between calls, so the programs run on warm caches.
+    program_warm_ns: Option<f64>,
+    /// Per traced syscall in that loop, on − off.
+    traced_warm_ns: f64,
     /// What every other syscall of the host pays: `getppid` (the programs' first test) and a
     /// one-byte write to /dev/null (a write on a file: entry stamp, fd lookup, not a socket).
     getppid_ns: f64,
@@ -839,6 +847,36 @@ fn ping_pong(http: bool, cpu: usize) -> anyhow::Result<f64> {
     Ok(result)
 }
 
+/// Nanoseconds per syscall of a loopback exchange in which one thread owns both ends: it writes
+/// the request, reads it at the server end, writes the response, reads it at the client end.
+/// Loopback delivers during the write, so no call blocks and no context switch comes between
+/// them: the probes' cost on warm caches.
+fn one_thread_exchange(cpu: usize) -> anyhow::Result<f64> {
+    std::thread::spawn(move || -> anyhow::Result<f64> {
+        pin_thread(cpu);
+        let (req, resp): (&[u8], &[u8]) = (
+            b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let mut client = TcpStream::connect(listener.local_addr()?)?;
+        let (mut server, _) = listener.accept()?;
+        client.set_nodelay(true)?;
+        server.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        let start = Instant::now();
+        for _ in 0..PING_ROUND_TRIPS {
+            client.write_all(req)?;
+            server.read_exact(&mut b[..req.len()])?;
+            server.write_all(resp)?;
+            client.read_exact(&mut b[..resp.len()])?;
+        }
+        Ok(start.elapsed().as_nanos() as f64 / (4.0 * f64::from(PING_ROUND_TRIPS)))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("one-thread exchange panicked"))?
+}
+
 fn label(s: &str) -> String {
     format!("{s:<48}")
 }
@@ -853,6 +891,14 @@ fn print_kernel_cost(syscall: &KernelCost) {
             "; inside the probe programs {p:.0} ns"
         )),
         syscall.ringbuf_drops
+    );
+    println!(
+        "{}{:.0} ns  (one thread owns both ends: no context switch{})",
+        label("kernel cost per traced syscall, warm caches"),
+        syscall.traced_warm_ns,
+        syscall.program_warm_ns.map_or(String::new(), |p| format!(
+            "; inside the probe programs {p:.0} ns"
+        )),
     );
     println!(
         "{}getppid {:.0} ns, 1-byte write to /dev/null {:.0} ns",
@@ -896,7 +942,8 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ping_cpu = cpus - 1;
     let (mut off, mut traced, mut ignored_off, mut ignored) = (vec![], vec![], vec![], vec![]);
-    let mut program_ns = Vec::new();
+    let (mut program_ns, mut program_warm_ns) = (Vec::new(), Vec::new());
+    let (mut warm_off, mut warm_on) = (vec![], vec![]);
     let (mut getppid_off, mut getppid_on, mut write_off, mut write_on) =
         (vec![], vec![], vec![], vec![]);
     let mut ringbuf_drops = 0;
@@ -909,6 +956,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         ignored_off.push(ping_pong(false, ping_cpu)?);
         getppid_off.push(syscall_loop(ping_cpu, false)?);
         write_off.push(syscall_loop(ping_cpu, true)?);
+        warm_off.push(one_thread_exchange(ping_cpu)?);
         let metrics_port = free_port();
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "0"])
@@ -925,6 +973,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         write_on.push(syscall_loop(ping_cpu, true)?);
         ignored.push(ping_pong(false, ping_cpu)?);
         traced.push(ping_pong(true, ping_cpu)?);
+        warm_on.push(one_thread_exchange(ping_cpu)?);
         // Program time on its own run: the statistics add two clock reads per program run.
         let stats = "/proc/sys/kernel/bpf_stats_enabled";
         if std::fs::write(stats, "1").is_ok() {
@@ -932,8 +981,13 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
             // of the traced syscalls in that time (the agent's own exit early).
             let before = program_time_ns();
             ping_pong(true, ping_cpu)?;
-            if let (Some(t0), Some(t1)) = (before, program_time_ns()) {
+            let after = program_time_ns();
+            if let (Some(t0), Some(t1)) = (before, after) {
                 program_ns.push((t1 - t0) / (4.0 * f64::from(PING_ROUND_TRIPS)));
+            }
+            one_thread_exchange(ping_cpu)?;
+            if let (Some(t0), Some(t1)) = (after, program_time_ns()) {
+                program_warm_ns.push((t1 - t0) / (4.0 * f64::from(PING_ROUND_TRIPS)));
             }
             let _ = std::fs::write(stats, "0");
         }
@@ -947,6 +1001,8 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         traced_ns: median(traced) - median(off),
         ignored_ns: median(ignored) - median(ignored_off),
         program_ns: (!program_ns.is_empty()).then(|| median(program_ns)),
+        program_warm_ns: (!program_warm_ns.is_empty()).then(|| median(program_warm_ns)),
+        traced_warm_ns: median(warm_on) - median(warm_off),
         getppid_ns: median(getppid_on) - median(getppid_off),
         file_write_ns: median(write_on) - median(write_off),
         ringbuf_drops,
