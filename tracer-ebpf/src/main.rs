@@ -91,12 +91,9 @@ struct EntryTime {
 #[derive(Clone, Copy)]
 struct SyscallRegs(*const u8);
 
-/// Offsets in `struct pt_regs` (x86-64 UAPI, arch/x86/include/uapi/asm/ptrace.h). Arguments 1-4
-/// are di, si, dx, r10.
-const PT_REGS_R10: usize = 56;
-const PT_REGS_DX: usize = 96;
-const PT_REGS_SI: usize = 104;
-const PT_REGS_DI: usize = 112;
+/// Where syscall arguments 1-4 (di, si, dx, r10) are in `struct pt_regs` (x86-64 UAPI,
+/// arch/x86/include/uapi/asm/ptrace.h).
+const PT_REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
 
 impl SyscallRegs {
     #[inline(always)]
@@ -105,27 +102,11 @@ impl SyscallRegs {
         SyscallRegs(unsafe { bpf_task_pt_regs(task.0 as *mut _) } as *const u8)
     }
 
+    /// Syscall argument `n` (0-based, a constant at every call site).
     #[inline(always)]
-    fn at(self, offset: usize) -> u64 {
+    fn arg(self, n: usize) -> u64 {
         // SAFETY: a BTF pointer to pt_regs; the verifier checks the offset against its type.
-        unsafe { core::ptr::read_volatile(self.0.add(offset).cast::<u64>()) }
-    }
-
-    #[inline(always)]
-    fn di(self) -> u64 {
-        self.at(PT_REGS_DI)
-    }
-    #[inline(always)]
-    fn si(self) -> u64 {
-        self.at(PT_REGS_SI)
-    }
-    #[inline(always)]
-    fn dx(self) -> u64 {
-        self.at(PT_REGS_DX)
-    }
-    #[inline(always)]
-    fn r10(self) -> u64 {
-        self.at(PT_REGS_R10)
+        unsafe { core::ptr::read_volatile(self.0.add(PT_REGS_ARGS[n]).cast::<u64>()) }
     }
 }
 
@@ -334,12 +315,12 @@ fn first_iovec(iov: u64) -> (u64, u64) {
 #[inline(always)]
 fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> (u64, u64) {
     match buffer {
-        Buffer::Plain => (regs.si(), regs.dx()),
-        Buffer::Iovec => first_iovec(regs.si()),
+        Buffer::Plain => (regs.arg(1), regs.arg(2)),
+        Buffer::Iovec => first_iovec(regs.arg(1)),
         Buffer::Msghdr => {
             // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
             let iov: u64 =
-                unsafe { bpf_probe_read_user((regs.si() + 16) as *const u64) }.unwrap_or(0);
+                unsafe { bpf_probe_read_user((regs.arg(1) + 16) as *const u64) }.unwrap_or(0);
             first_iovec(iov)
         }
         Buffer::None => (0, 0),
@@ -417,7 +398,7 @@ fn on_data(
     ts_enter: Option<u64>,
 ) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
-    let fd = regs.di() as u32;
+    let fd = regs.arg(0) as u32;
     let key = conn_key(tgid, fd);
     let state = match CONNS.get_ptr_mut(key) {
         Some(state) => state,
@@ -564,7 +545,7 @@ fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer) -> u32 {
     }
     let regs = SyscallRegs::of(task);
     // MSG_PEEK reads without consuming: the same bytes would be seen twice.
-    if sc == syscall::RECVFROM && regs.r10() & MSG_PEEK != 0 {
+    if sc == syscall::RECVFROM && regs.arg(3) & MSG_PEEK != 0 {
         return 0;
     }
     on_data(pid_tgid, regs, ret, (sc, dir, buffer), ts_enter)
@@ -657,7 +638,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some((task, pid_tgid)) = caller() {
-        let fd = SyscallRegs::of(task).di() as u32;
+        let fd = SyscallRegs::of(task).arg(0) as u32;
         track((pid_tgid >> 32) as u32, fd, role_hint::CONNECTED);
     }
     0
@@ -703,7 +684,7 @@ fn on_dup_exit(ctx: &TracePointContext, may_be_same: bool) -> u32 {
     let Some((task, pid_tgid)) = caller() else {
         return 0;
     };
-    if may_be_same && SyscallRegs::of(task).di() as i64 == ret {
+    if may_be_same && SyscallRegs::of(task).arg(0) as i64 == ret {
         return 0;
     }
     on_close(pid_tgid, ret as u32)

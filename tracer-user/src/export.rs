@@ -143,13 +143,17 @@ pub struct Recycler {
     bodies: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
+/// Encoded spans the drain hands to the exporter at a time at most. Kept below mimalloc's
+/// large-object size: larger batches, allocated on the drain and freed by the exporter, held
+/// ~10 MiB more resident memory at 30k requests/s.
+pub const OUTBOX_BYTES: usize = 48 * 1024;
 /// Drain batches kept for reuse: a request of 2048 spans takes ~20 of them.
 const KEEP_BATCHES: usize = 48;
 /// Request bodies kept: one per request in flight, and the one being built.
 const KEEP_BODIES: usize = MAX_IN_FLIGHT + 1;
-/// A drain batch's room: it is handed over once it holds `OUTBOX_BYTES` (agent.rs), so this
-/// leaves room for the span that crosses the line.
-pub const BATCH_BYTES: usize = 60 * 1024;
+/// A drain batch's room: it is handed over once it holds `OUTBOX_BYTES`, so this leaves room
+/// for the span that crosses the line.
+pub const BATCH_BYTES: usize = OUTBOX_BYTES + OUTBOX_BYTES / 4;
 
 impl Recycler {
     /// An empty drain batch.
@@ -643,10 +647,14 @@ pub fn spawn(
                     None => break,
                 }
             }
+            let mut spans = span_count(&waiting);
             let flush_at = tokio::time::Instant::now() + batch_timeout;
-            while span_count(&waiting) < batch_size {
+            while spans < batch_size {
                 match tokio::time::timeout_at(flush_at, rx.recv()).await {
-                    Ok(Some(batch)) => waiting.push(batch),
+                    Ok(Some(batch)) => {
+                        spans += batch.len();
+                        waiting.push(batch);
+                    }
                     Ok(None) => {
                         closed = true;
                         break;
@@ -655,7 +663,7 @@ pub fn spawn(
                 }
             }
             let deadline = closed.then(|| Instant::now() + shutdown_timeout);
-            bound.queued.fetch_sub(span_count(&waiting), Relaxed);
+            bound.queued.fetch_sub(spans, Relaxed);
             exporter.launch(&waiting, deadline).await;
             exporter.recycler.return_batches(waiting.drain(..));
         }
