@@ -32,6 +32,7 @@ pub mod direction {
 pub mod kind {
     pub const DATA: u32 = 1;
     pub const CLOSE: u32 = 2;
+    pub const CONNECTION: u32 = 3;
 }
 
 /// How the connection came to the probes' attention. A hint for the agent; the protocol
@@ -91,43 +92,56 @@ pub struct ConnTuple {
 }
 
 /// Fields every record starts with; the decoder reads `kind` at offset 0 before anything else.
+///
+/// Records are kept small: the lines the probes write into the ring are usually cold, and the
+/// agent reads each one from another CPU. The connection's endpoints and command name (56
+/// bytes) travel once, in a [`ConnRecord`], instead of in every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RecordHeader {
     pub kind: u32,
     pub tgid: u32,
-    pub tid: u32,
     pub fd: u32,
+    pub _pad: u32,
     /// Unique per connection while the agent runs: the monotonic time the probes first saw it.
     pub conn_id: u64,
     /// `CLOCK_MONOTONIC` nanoseconds at syscall entry and exit. Entry is stamped for writes
-    /// (where a request starts); for reads and close records it equals `ts_exit`.
+    /// (where a request starts); for every other record it equals `ts_exit`.
     pub ts_enter: u64,
     pub ts_exit: u64,
-    pub tuple: ConnTuple,
-    pub role_hint: u32,
-    pub _pad: u32,
-    /// The thread's command name when the connection was first seen: the agent's fallback for a
-    /// process that exited before it could read /proc (curl, short scripts).
-    pub comm: [u8; 16],
 }
 
-/// One data syscall on a tracked TCP connection.
+/// The probes started tracking a TCP connection. Precedes every other record of it in the
+/// ring; if it was lost (ring full), the agent reads the same facts from the `CONNS` map.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnRecord {
+    pub header: RecordHeader,
+    pub tuple: ConnTuple,
+    /// The thread's command name: the agent's fallback for a process that exited before it
+    /// could read /proc (curl, short scripts).
+    pub comm: [u8; 16],
+    /// `role_hint::*`.
+    pub role_hint: u32,
+    pub _pad: u32,
+}
+
+/// One data syscall on a tracked TCP connection. `captured` bytes of payload follow it in the
+/// same ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct DataRecord {
     pub header: RecordHeader,
+    /// Bytes the syscall moved (its return value).
+    pub len: u64,
     /// `direction::*`.
     pub direction: u32,
     /// `syscall::*`.
     pub syscall: u32,
-    /// Bytes the syscall moved (its return value).
-    pub len: u64,
-    /// Bytes of `data` that hold payload (`<= MAX_CAPTURE`, `<= len`).
+    /// Bytes of payload after the record (`<= MAX_CAPTURE`, `<= len`).
     pub captured: u32,
     /// Counts direction changes on the connection: records of one message share it.
     pub message_seq: u32,
-    pub data: [u8; MAX_CAPTURE],
 }
 
 /// The traced process closed a tracked connection.
@@ -141,10 +155,9 @@ pub struct CloseRecord {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnState {
+    // What every data syscall reads or writes comes first, next to the map entry's key: one
+    // cache line to fetch instead of two.
     pub conn_id: u64,
-    pub tuple: ConnTuple,
-    pub comm: [u8; 16],
-    pub role_hint: u32,
     /// Direction of the message in progress (0 before the first byte).
     pub direction: u32,
     pub message_seq: u32,
@@ -152,6 +165,10 @@ pub struct ConnState {
     pub message_captured: u32,
     /// Set by the agent for connections it cannot parse: the probes then stop sending their data.
     pub muted: u32,
+    // The rest is for the agent, when a connection's `ConnRecord` was lost.
+    pub tuple: ConnTuple,
+    pub comm: [u8; 16],
+    pub role_hint: u32,
     pub _pad: u32,
 }
 

@@ -12,8 +12,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
+use tracer_common::ConnTuple;
 
 use crate::{
     btf,
@@ -25,6 +25,7 @@ use crate::{
     records::{self, Record},
     replay,
     resource::{self, HostFacts, ProcessCache, ProcessFacts},
+    ring::Ring,
     settings::{parse_service_rule, AgentArgs, RuleMatch, ServiceRule},
     spans::{self, Endpoints, HttpSpan},
 };
@@ -34,6 +35,8 @@ use crate::{
 pub struct AgentStats {
     pub records: AtomicU64,
     pub undecodable_records: AtomicU64,
+    /// Records of a connection whose `ConnRecord` was lost and whose probe state is gone.
+    pub unknown_connection_records: AtomicU64,
     pub exchanges: AtomicU64,
     pub spans: AtomicU64,
     pub connections_muted: AtomicU64,
@@ -246,34 +249,29 @@ impl Pipeline {
             }
         }
         match records::decode(bytes) {
-            Some(Record::Data { record }) => {
+            Some(Record::Connection(rec)) => {
+                let h = &rec.header;
+                self.track(h.tgid, h.fd, h.conn_id, &rec.tuple, &rec.comm);
+                return;
+            }
+            Some(Record::Data { record, payload }) => {
                 let h = &record.header;
                 let id = conn_id(h.tgid, h.fd, h.conn_id);
-                let meta = match self.conns.get_mut(&id) {
-                    Some(m) => m,
-                    None => {
-                        let local = records::local_addr(&h.tuple);
-                        let remote = records::remote_addr(&h.tuple);
-                        let process = self.processes.get(h.tgid, &h.comm);
-                        let ignored = !self.filters.wants(&process, local, remote);
-                        if ignored {
-                            // Ask the probes to stop, once (a map update is a syscall); the
-                            // records already in the ring are skipped below.
-                            if let Some(k) = &mut self.kernel_conns {
-                                k.mute(h.tgid, h.fd, h.conn_id);
-                            }
-                        }
-                        self.conns.entry(id).or_insert(ConnMeta {
-                            tgid: h.tgid,
-                            fd: h.fd,
-                            kernel_conn_id: h.conn_id,
-                            ends: Arc::new(Endpoints::new(local, remote)),
-                            comm: h.comm,
-                            ignored,
-                            last_seen: 0,
-                            resource: None,
-                        })
-                    }
+                if !self.conns.contains_key(&id) {
+                    // Its connection record was lost (ring full): the probes still know it.
+                    let known =
+                        (self.kernel_conns.as_ref()).and_then(|k| k.get(h.tgid, h.fd, h.conn_id));
+                    let Some(state) = known else {
+                        self.stats
+                            .agent
+                            .unknown_connection_records
+                            .fetch_add(1, Relaxed);
+                        return;
+                    };
+                    self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &state.comm);
+                }
+                let Some(meta) = self.conns.get_mut(&id) else {
+                    return;
                 };
                 meta.last_seen = h.ts_exit;
                 if meta.ignored {
@@ -284,7 +282,7 @@ impl Pipeline {
                     ts_enter: h.ts_enter,
                     ts_exit: h.ts_exit,
                     len: record.len,
-                    payload: records::payload(record),
+                    payload,
                 };
                 self.pairer.on_chunk(id, &chunk, &mut self.exchanges);
                 if self.pairer.is_not_http(id) {
@@ -309,6 +307,43 @@ impl Pipeline {
             }
         }
         self.flush_exchanges();
+    }
+
+    /// Starts following a connection the probes announced: decides whether it is wanted, and
+    /// mutes it in the probes if not.
+    fn track(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        kernel_conn_id: u64,
+        tuple: &ConnTuple,
+        comm: &[u8; 16],
+    ) {
+        let local = records::local_addr(tuple);
+        let remote = records::remote_addr(tuple);
+        let process = self.processes.get(tgid, comm);
+        let ignored = !self.filters.wants(&process, local, remote);
+        if ignored {
+            // Ask the probes to stop, once (a map update is a syscall); the records already
+            // in the ring are skipped in `handle`.
+            if let Some(k) = &mut self.kernel_conns {
+                k.mute(tgid, fd, kernel_conn_id);
+            }
+        }
+        let id = conn_id(tgid, fd, kernel_conn_id);
+        self.conns.insert(
+            id,
+            ConnMeta {
+                tgid,
+                fd,
+                kernel_conn_id,
+                ends: Arc::new(Endpoints::new(local, remote)),
+                comm: *comm,
+                ignored,
+                last_seen: kernel_conn_id,
+                resource: None,
+            },
+        );
     }
 
     fn flush_exchanges(&mut self) {
@@ -578,10 +613,8 @@ fn filters(args: &AgentArgs, export_addrs: Vec<SocketAddr>) -> Filters {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
-    while let Some(item) = ring.next() {
-        pipeline.handle(&item);
-    }
+fn drain(ring: &mut Ring, pipeline: &mut Pipeline) {
+    ring.drain(|record| pipeline.handle(record));
     pipeline.flush_outbox();
 }
 
@@ -749,4 +782,98 @@ async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {
         .await
         .map(|a| a.collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{direction, kind, ConnRecord, DataRecord, RecordHeader};
+
+    use super::*;
+
+    /// `rec` then `payload`, 8-byte aligned as the ring buffer hands records out.
+    fn aligned<T: Copy>(rec: &T, payload: &[u8]) -> Vec<u64> {
+        let len = size_of::<T>() + payload.len();
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: `words` has room for `len` bytes; T is a plain-old-data record.
+        unsafe {
+            let bytes = words.as_mut_ptr().cast::<u8>();
+            bytes.cast::<T>().write(*rec);
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                bytes.add(size_of::<T>()),
+                payload.len(),
+            );
+        }
+        words
+    }
+
+    fn feed(pipeline: &mut Pipeline, words: &[u64], len: usize) {
+        // SAFETY: u64s are plain bytes; `len` is within them.
+        pipeline.handle(unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), len) });
+    }
+
+    fn header(k: u32, ts: u64) -> RecordHeader {
+        RecordHeader {
+            kind: k,
+            // A pid that cannot exist: the process facts fall back to the command name.
+            tgid: u32::MAX - 1,
+            fd: 7,
+            conn_id: 1000,
+            ts_enter: ts,
+            ts_exit: ts,
+            ..Default::default()
+        }
+    }
+
+    fn data(pipeline: &mut Pipeline, dir: u32, ts: u64, payload: &[u8]) {
+        let rec = DataRecord {
+            header: header(kind::DATA, ts),
+            len: payload.len() as u64,
+            direction: dir,
+            captured: payload.len() as u32,
+            message_seq: dir,
+            ..Default::default()
+        };
+        let len = size_of::<DataRecord>() + payload.len();
+        feed(pipeline, &aligned(&rec, payload), len);
+    }
+
+    /// Data records follow the `ConnRecord` that announced their connection; without one (it
+    /// was lost and the probes' state is gone) they are counted, not guessed at.
+    #[test]
+    fn connections_are_announced_once_and_unannounced_data_is_counted() {
+        let stats = Arc::new(Stats {
+            agent: AgentStats::default(),
+            export: Arc::new(ExportStats::default()),
+            kernel: std::sync::Mutex::new(Default::default()),
+        });
+        let sink = Sink::Discard(export::Encoder::default(), Vec::new());
+        let mut pipeline =
+            Pipeline::new(Vec::new(), Filters::only_ports(vec![]), sink, stats.clone());
+        let request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+        data(&mut pipeline, direction::EGRESS, 10, request);
+        data(&mut pipeline, direction::INGRESS, 20, response);
+        assert_eq!(stats.agent.unknown_connection_records.load(Relaxed), 2);
+        assert_eq!(stats.agent.exchanges.load(Relaxed), 0);
+
+        let mut conn = ConnRecord {
+            header: header(kind::CONNECTION, 5),
+            comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        conn.tuple.family = libc::AF_INET as u16;
+        conn.tuple.local_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        conn.tuple.remote_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        conn.tuple.local_port = 40000;
+        conn.tuple.remote_port = 80;
+        feed(&mut pipeline, &aligned(&conn, &[]), size_of::<ConnRecord>());
+        data(&mut pipeline, direction::EGRESS, 30, request);
+        data(&mut pipeline, direction::INGRESS, 40, response);
+        assert_eq!(stats.agent.unknown_connection_records.load(Relaxed), 2);
+        assert_eq!(stats.agent.exchanges.load(Relaxed), 1);
+        assert_eq!(stats.agent.spans.load(Relaxed), 1);
+        assert_eq!(stats.agent.undecodable_records.load(Relaxed), 0);
+    }
 }

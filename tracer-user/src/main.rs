@@ -16,6 +16,7 @@ mod probes;
 mod records;
 mod replay;
 mod resource;
+mod ring;
 mod settings;
 mod spans;
 mod wire;

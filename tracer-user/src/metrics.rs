@@ -13,7 +13,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 14] = [
+    let rows: [(&str, &str, u64); 16] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -48,6 +48,16 @@ pub fn render(stats: &Stats) -> String {
             "tracer_records_received_total",
             "Records the agent drained",
             a.records.load(Relaxed),
+        ),
+        (
+            "tracer_records_undecodable_total",
+            "Records dropped: unknown kind or short (probes and agent from different builds)",
+            a.undecodable_records.load(Relaxed),
+        ),
+        (
+            "tracer_records_unknown_connection_total",
+            "Records dropped: their connection's first record was lost and it was closed since",
+            a.unknown_connection_records.load(Relaxed),
         ),
         (
             "tracer_exchanges_total",

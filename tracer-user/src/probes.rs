@@ -4,11 +4,13 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{ProgramError, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tracer_common::{conn_key, counter, ConnState, KernelOffsets};
+
+use crate::ring::Ring;
 
 /// The probes, built by build.rs from `tracer-ebpf`.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -203,9 +205,11 @@ impl Probes {
     }
 
     /// The ring buffer the probes write records to (can be taken once).
-    pub fn take_ring_buffer(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
-        Ok(RingBuf::try_from(map)?)
+    pub fn take_ring_buffer(&mut self) -> anyhow::Result<Ring> {
+        match self.ebpf.take_map("EVENTS").context("EVENTS map missing")? {
+            Map::RingBuf(data) => Ring::new(data),
+            _ => anyhow::bail!("EVENTS is not a ring buffer map"),
+        }
     }
 
     /// A handle to read the per-CPU counters (can be taken once).
@@ -251,6 +255,12 @@ impl Counters {
 pub struct Connections(HashMap<MapData, u64, ConnState>);
 
 impl Connections {
+    /// The probes' state of a connection, if `fd` of `tgid` still is that connection.
+    pub fn get(&self, tgid: u32, fd: u32, conn_id: u64) -> Option<ConnState> {
+        let state = self.0.get(&conn_key(tgid, fd), 0).ok()?;
+        (state.conn_id == conn_id).then_some(state)
+    }
+
     /// Tells the probes to stop sending records for this connection.
     pub fn mute(&mut self, tgid: u32, fd: u32, conn_id: u64) {
         let key = conn_key(tgid, fd);

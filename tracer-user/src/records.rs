@@ -1,11 +1,18 @@
 //! Decoding ring-buffer records into owned Rust values.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tracer_common::{kind, CloseRecord, ConnTuple, DataRecord, RecordHeader};
+use tracer_common::{kind, CloseRecord, ConnRecord, ConnTuple, DataRecord, RecordHeader};
 
 pub enum Record<'a> {
-    Data { record: &'a DataRecord },
-    Close { header: RecordHeader },
+    /// A data syscall and the payload captured from it.
+    Data {
+        record: &'a DataRecord,
+        payload: &'a [u8],
+    },
+    Connection(ConnRecord),
+    Close {
+        header: RecordHeader,
+    },
 }
 
 /// Reinterprets one ring-buffer item. Returns `None` for a record of unknown kind or short size
@@ -23,9 +30,15 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
             }
             // SAFETY: size checked above; the ring buffer hands out 8-byte aligned records and
             // alignment is checked; DataRecord is plain old data valid for any bit pattern.
-            Some(Record::Data {
-                record: unsafe { &*ptr },
-            })
+            let record = unsafe { &*ptr };
+            let after = &bytes[size_of::<DataRecord>()..];
+            let payload = &after[..(record.captured as usize).min(after.len())];
+            Some(Record::Data { record, payload })
+        }
+        kind::CONNECTION if bytes.len() >= size_of::<ConnRecord>() => {
+            // SAFETY: size checked; read_unaligned has no alignment requirement.
+            let rec = unsafe { bytes.as_ptr().cast::<ConnRecord>().read_unaligned() };
+            Some(Record::Connection(rec))
         }
         kind::CLOSE if bytes.len() >= size_of::<CloseRecord>() => {
             // SAFETY: size checked; read_unaligned has no alignment requirement.
@@ -34,12 +47,6 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
         }
         _ => None,
     }
-}
-
-/// The payload bytes a data record carries.
-pub fn payload(record: &DataRecord) -> &[u8] {
-    let n = (record.captured as usize).min(record.data.len());
-    &record.data[..n]
 }
 
 fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
@@ -75,6 +82,36 @@ mod tests {
         t.local_addr[11] = 0xff;
         t.local_addr[12..].copy_from_slice(&[127, 0, 0, 1]);
         assert_eq!(local_addr(&t), "127.0.0.1:80".parse().unwrap());
+    }
+
+    #[test]
+    fn payload_is_what_follows_the_record_up_to_captured() {
+        let mut words = [0u64; 12];
+        let rec = DataRecord {
+            header: RecordHeader {
+                kind: kind::DATA,
+                ..Default::default()
+            },
+            captured: 5,
+            ..Default::default()
+        };
+        // SAFETY: DataRecord is plain old data and fits in the words.
+        unsafe { words.as_mut_ptr().cast::<DataRecord>().write(rec) };
+        // SAFETY: u64s are plain bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), 96) };
+        bytes[size_of::<DataRecord>()..][..8].copy_from_slice(b"GET /abc");
+        let Some(Record::Data { payload, .. }) = decode(bytes) else {
+            panic!("not decoded as data");
+        };
+        assert_eq!(payload, b"GET /");
+        // A record claiming more than it carries gives what it carries.
+        words[7] = 1000 << 32 | 1000; // captured and message_seq, whatever their order
+                                      // SAFETY: as above.
+        let bytes = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), 72) };
+        let Some(Record::Data { payload, .. }) = decode(bytes) else {
+            panic!("not decoded as data");
+        };
+        assert_eq!(payload.len(), 8);
     }
 
     #[test]

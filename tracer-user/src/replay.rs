@@ -118,7 +118,8 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
             for record in drain {
                 pipeline.handle(record);
             }
-            if let Some(Record::Data { record }) = drain.last().and_then(|r| records::decode(r)) {
+            if let Some(Record::Data { record, .. }) = drain.last().and_then(|r| records::decode(r))
+            {
                 pipeline.tick_at(record.header.ts_exit);
             }
             pipeline.flush_outbox();
