@@ -395,7 +395,7 @@ fn header(k: u32, tgid: u32, fd: u32, conn_id: u64, ts_enter: u64, ts_exit: u64)
 /// Waking is an inter-processor interrupt, which in a VM is a trap to the hypervisor: measured
 /// here, ~5 µs a record. Waking on every record while more than the threshold waits (while the
 /// agent is already draining) made half of all records pay that at 20k requests/s. A crossing
-/// missed under a race between CPUs costs at most the agent's drain interval (10 ms).
+/// missed under a race between CPUs costs at most the agent's drain interval (50 ms).
 #[inline(always)]
 fn wake_flags(size: u64) -> u64 {
     // What the record takes in the ring: 8-byte aligned, after an 8-byte header.

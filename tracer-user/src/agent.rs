@@ -57,8 +57,13 @@ pub struct Stats {
 const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the kernel's counters are read for the metrics.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the ring buffer is drained when the probes did not wake us.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// How often the ring buffer is drained when the probes did not wake us. Each drain starts with
+/// the agent's working set (connections, pairing state, code) evicted by the traced processes
+/// while it slept; fewer, larger drains pay that less often. Measured at 10k requests/s
+/// (3 alternated runs): 10 ms 8.2 µs of agent CPU a request, 25 ms 6.5, 50 ms 6.0, 100 ms 5.8.
+/// At saturation 100 ms raised wrk's p99 by 1-3 ms (the agent's longer bursts on a shared
+/// CPU); 50 ms stayed within noise of 10 ms.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 struct ConnMeta {
     tgid: u32,

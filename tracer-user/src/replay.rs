@@ -58,9 +58,9 @@ fn read_records(data: &[u8]) -> (Vec<u64>, Vec<std::ops::Range<usize>>) {
     (words, places)
 }
 
-/// Records a live agent drains at a time in a replay: what a 10 ms drain finds at ~13k
+/// Records a live agent drains at a time in a replay: what a 50 ms drain finds at ~10k
 /// requests/s.
-const REPLAY_DRAIN: usize = 512;
+const REPLAY_DRAIN: usize = 2048;
 
 /// `tracer replay`: runs recorded ring-buffer records through the agent's own work (decoding,
 /// pairing, spans, OTLP encoding; no probes, no network) `repeat` times, and reports the CPU it
