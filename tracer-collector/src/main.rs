@@ -66,6 +66,12 @@ fn parse_age(s: &str) -> anyhow::Result<Option<Duration>> {
 }
 
 fn main() -> std::process::ExitCode {
+    // No transparent huge pages: ingest allocates and frees request-sized buffers, and each
+    // time the allocator gave memory back, the next fault zeroed a whole 2 MiB page (12% of the
+    // collector's CPU at 10k requests/s in perf; 19.0 -> 16.7 µs a traced request with THP off,
+    // 3 alternated runs).
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
