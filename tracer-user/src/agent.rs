@@ -262,21 +262,25 @@ impl Pipeline {
             Some(Record::Data { record, payload }) => {
                 let h = &record.header;
                 let id = conn_id(h.tgid, h.fd, h.conn_id);
-                if !self.conns.contains_key(&id) {
-                    // Its connection record was lost (ring full): the probes still know it.
-                    let known =
-                        (self.kernel_conns.as_ref()).and_then(|k| k.get(h.tgid, h.fd, h.conn_id));
-                    let Some(state) = known else {
-                        self.stats
-                            .agent
-                            .unknown_connection_records
-                            .fetch_add(1, Relaxed);
-                        return;
-                    };
-                    self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &state.comm);
-                }
-                let Some(meta) = self.conns.get_mut(&id) else {
-                    return;
+                let meta = match self.conns.get_mut(&id) {
+                    Some(meta) => meta,
+                    None => {
+                        // Its connection record was lost (ring full): the probes still know it.
+                        let known = (self.kernel_conns.as_ref())
+                            .and_then(|k| k.get(h.tgid, h.fd, h.conn_id));
+                        let Some(state) = known else {
+                            self.stats
+                                .agent
+                                .unknown_connection_records
+                                .fetch_add(1, Relaxed);
+                            return;
+                        };
+                        self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &state.comm);
+                        let Some(meta) = self.conns.get_mut(&id) else {
+                            return;
+                        };
+                        meta
+                    }
                 };
                 meta.last_seen = h.ts_exit;
                 if meta.ignored {
