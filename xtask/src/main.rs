@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: set-up, build, test and run orchestration, so the README's commands work
 //! on a fresh machine.
 use std::{
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -187,10 +188,14 @@ fn main_job(agent_args: &[String]) -> anyhow::Result<()> {
         "\x1b[1m[xtask]\x1b[0m starting the collector (store in {})",
         data.display()
     );
+    // Its own process group: the terminal's Ctrl-C reaches the agent (and xtask), not the
+    // collector, which is stopped once the agent has flushed its last spans into it. Stopped
+    // together, the collector was often gone before the agent's final export (spans dropped).
     let mut collector = Command::new(bin.join("tracer-collector"))
         .arg("--data-dir")
         .arg(&data)
         .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .spawn()
         .context("starting tracer-collector")?;
     let stderr = collector.stderr.take().context("collector stderr")?;
@@ -220,8 +225,6 @@ fn main_job(agent_args: &[String]) -> anyhow::Result<()> {
         .spawn()
         .context("starting the agent")?;
     let status = wait_or_stop(&mut agent)?;
-    // The terminal's Ctrl-C reached both; give the collector a moment to finish, then make sure.
-    std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(collector.id() as i32, libc::SIGTERM) };
     let _ = collector.wait();
