@@ -76,7 +76,8 @@ static ENTRY_TIMES: PerCpuArray<EntryTime> = PerCpuArray::with_max_entries(1, 0)
 /// real size. Reserved in the ring at its largest, a record with ~100 bytes of payload took
 /// 584 bytes; the payload copy also landed in cold ring lines, and reserve plus submit are two
 /// helper calls against one. Measured with bpf_stats, builds alternated: see
-/// docs/ARCHITECTURE.md, "Small records".
+/// docs/ARCHITECTURE.md, "Small records". One slot per CPU is enough: syscall tracepoint
+/// programs run with preemption off and never nest on a CPU (as for `ENTRY_TIMES`).
 #[map]
 static SCRATCH: PerCpuArray<DataWithPayload> = PerCpuArray::with_max_entries(1, 0);
 

@@ -62,7 +62,7 @@ enum Command {
     /// Benchmark the agent's own work (pairing, spans, OTLP encoding) on records saved by
     /// `tracer agent --record FILE`: prints its CPU time per record and per span.
     Replay {
-        /// The recording.
+        /// The recording (made by this version of the agent: the record layout is the probes').
         file: std::path::PathBuf,
         /// Times to run through it.
         #[arg(long, default_value_t = 1)]
