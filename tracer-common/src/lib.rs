@@ -20,6 +20,10 @@ pub const MESSAGE_CAPTURE_BUDGET: u32 = 2048;
 /// drains on a timer. Waking per record costs ~1 µs per syscall (see docs/ARCHITECTURE.md).
 pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
+/// The version of the records' layout, bumped whenever a record type or kind changes.
+/// Recordings (`tracer agent --record`) carry it, so a replay refuses another version's.
+pub const RECORD_LAYOUT: u32 = 2;
+
 /// Direction of the data, seen from the traced process.
 pub mod direction {
     /// Bytes the process received (read, recv*).

@@ -24,10 +24,41 @@ pub(crate) fn create_recording(
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating the recording {}", path.display()))?;
-    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    write_header(&mut out).with_context(|| format!("writing the recording {}", path.display()))?;
+    Ok(out)
 }
 
-/// A recording is the records back to back, each after its length (u32, little-endian).
+/// What a recording starts with: a magic string, then `RECORD_LAYOUT` (u32, little-endian).
+const MAGIC: &[u8; 8] = b"tracerec";
+
+fn write_header(out: &mut impl std::io::Write) -> std::io::Result<()> {
+    out.write_all(MAGIC)?;
+    out.write_all(&tracer_common::RECORD_LAYOUT.to_le_bytes())
+}
+
+/// The records of a recording, after its header; an error says why the file is not one this
+/// agent can replay.
+fn body_of(data: &[u8]) -> anyhow::Result<&[u8]> {
+    let Some(rest) = data.strip_prefix(MAGIC) else {
+        anyhow::bail!("not a recording made by `tracer agent --record` (no header)");
+    };
+    let Some((layout, rest)) = rest.split_first_chunk::<4>() else {
+        anyhow::bail!("the recording ends inside its header");
+    };
+    let layout = u32::from_le_bytes(*layout);
+    if layout != tracer_common::RECORD_LAYOUT {
+        anyhow::bail!(
+            "recorded with record layout {layout}, this agent reads layout {}: record again \
+             with this version (`tracer agent --record FILE`)",
+            tracer_common::RECORD_LAYOUT
+        );
+    }
+    Ok(rest)
+}
+
+/// After the header, a recording is the records back to back, each after its length (u32,
+/// little-endian).
 pub(crate) fn write_record(out: &mut impl std::io::Write, record: &[u8]) -> std::io::Result<()> {
     out.write_all(&(record.len() as u32).to_le_bytes())?;
     out.write_all(record)
@@ -69,7 +100,8 @@ const REPLAY_DRAIN: usize = 2048;
 pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow::Result<()> {
     let data =
         std::fs::read(file).with_context(|| format!("reading the recording {}", file.display()))?;
-    let (mut words, places) = read_records(&data);
+    let body = body_of(&data).with_context(|| format!("replaying {}", file.display()))?;
+    let (mut words, places) = read_records(body);
     drop(data);
     if places.is_empty() {
         anyhow::bail!(
@@ -163,10 +195,27 @@ mod tests {
         }
         file.extend_from_slice(&100u32.to_le_bytes());
         file.extend_from_slice(b"cut short");
-        let (words, places) = read_records(&file);
+        let mut recording = Vec::new();
+        write_header(&mut recording).unwrap();
+        recording.extend_from_slice(&file);
+        let (words, places) = read_records(body_of(&recording).unwrap());
         let arena: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let got: Vec<&[u8]> = places.iter().map(|p| &arena[p.clone()]).collect();
         assert_eq!(got, records);
         assert!(places.iter().all(|p| p.start % 8 == 0));
+    }
+
+    /// A file without the header, or from another record layout, is refused with the reason.
+    #[test]
+    fn recordings_of_another_layout_are_refused() {
+        let err = body_of(b"\x10\0\0\0some record").unwrap_err().to_string();
+        assert!(err.contains("no header"), "{err}");
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&1u32.to_le_bytes());
+        let err = body_of(&old).unwrap_err().to_string();
+        assert!(
+            err.contains("layout 1") && err.contains("record again"),
+            "{err}"
+        );
     }
 }
