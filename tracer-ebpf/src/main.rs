@@ -14,7 +14,7 @@
 //! the host (~200 ns for a `getppid`).
 //!
 //! The hot path is: register and task fields read with plain loads through BTF pointers, one
-//! hash lookup (the connection is already known), one clock read, one reserve/copy/commit. Each
+//! hash lookup (the connection is already known), one clock read, one copy into the ring. Each
 //! helper call counts: on this project's VM every kernel return pays a speculation mitigation
 //! (docs/ARCHITECTURE.md, "Fewer calls into the kernel per syscall"). The ring buffer wakes the
 //! agent only past a byte threshold; the agent drains on a timer otherwise.

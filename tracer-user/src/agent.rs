@@ -47,6 +47,7 @@ pub struct AgentStats {
 }
 
 /// Everything the metrics endpoint and the exit summary report.
+#[derive(Default)]
 pub struct Stats {
     pub agent: AgentStats,
     pub export: Arc<ExportStats>,
@@ -224,7 +225,7 @@ impl Pipeline {
             stats,
             clock_offset: spans::monotonic_to_unix_offset(),
             exchanges: Vec::new(),
-            outbox: SpanBatch::with_capacity(export::BATCH_BYTES),
+            outbox: SpanBatch::default(),
             name: String::new(),
             pending_servers: HashMap::default(),
         }
@@ -654,11 +655,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let counters: Counters = probes.take_counters()?;
     let kernel_conns = probes.take_connections()?;
 
-    let stats = Arc::new(Stats {
-        agent: AgentStats::default(),
-        export: Arc::new(ExportStats::default()),
-        kernel: std::sync::Mutex::new(Default::default()),
-    });
+    let stats = Arc::new(Stats::default());
     let (sink, exporter) = if args.stdout {
         (Sink::Stdout, None)
     } else {
@@ -798,28 +795,7 @@ mod tests {
     use tracer_common::{direction, kind, ConnRecord, DataRecord, RecordHeader};
 
     use super::*;
-
-    /// `rec` then `payload`, 8-byte aligned as the ring buffer hands records out.
-    fn aligned<T: Copy>(rec: &T, payload: &[u8]) -> Vec<u64> {
-        let len = size_of::<T>() + payload.len();
-        let mut words = vec![0u64; len.div_ceil(8)];
-        // SAFETY: `words` has room for `len` bytes; T is a plain-old-data record.
-        unsafe {
-            let bytes = words.as_mut_ptr().cast::<u8>();
-            bytes.cast::<T>().write(*rec);
-            std::ptr::copy_nonoverlapping(
-                payload.as_ptr(),
-                bytes.add(size_of::<T>()),
-                payload.len(),
-            );
-        }
-        words
-    }
-
-    fn feed(pipeline: &mut Pipeline, words: &[u64], len: usize) {
-        // SAFETY: u64s are plain bytes; `len` is within them.
-        pipeline.handle(unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), len) });
-    }
+    use crate::records::AlignedRecord;
 
     fn header(k: u32, ts: u64) -> RecordHeader {
         RecordHeader {
@@ -843,19 +819,14 @@ mod tests {
             message_seq: dir,
             ..Default::default()
         };
-        let len = size_of::<DataRecord>() + payload.len();
-        feed(pipeline, &aligned(&rec, payload), len);
+        pipeline.handle(AlignedRecord::new(&rec, payload).bytes());
     }
 
     /// Data records follow the `ConnRecord` that announced their connection; without one (it
     /// was lost and the probes' state is gone) they are counted, not guessed at.
     #[test]
     fn connections_are_announced_once_and_unannounced_data_is_counted() {
-        let stats = Arc::new(Stats {
-            agent: AgentStats::default(),
-            export: Arc::new(ExportStats::default()),
-            kernel: std::sync::Mutex::new(Default::default()),
-        });
+        let stats = Arc::new(Stats::default());
         let sink = Sink::Discard(export::Encoder::default(), Vec::new());
         let mut pipeline =
             Pipeline::new(Vec::new(), Filters::only_ports(vec![]), sink, stats.clone());
@@ -877,7 +848,7 @@ mod tests {
         conn.tuple.remote_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
         conn.tuple.local_port = 40000;
         conn.tuple.remote_port = 80;
-        feed(&mut pipeline, &aligned(&conn, &[]), size_of::<ConnRecord>());
+        pipeline.handle(AlignedRecord::new(&conn, &[]).bytes());
         data(&mut pipeline, direction::EGRESS, 30, request);
         data(&mut pipeline, direction::INGRESS, 40, response);
         assert_eq!(stats.agent.unknown_connection_records.load(Relaxed), 2);

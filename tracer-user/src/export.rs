@@ -77,7 +77,6 @@ impl ExportResource {
 /// The drain encodes a span as soon as it is final, so the exporter moves bytes rather than
 /// span structs (moving them, and freeing what they own later, were measurable shares of the
 /// agent's time).
-#[derive(Default)]
 pub struct SpanBatch {
     bytes: Vec<u8>,
     spans: Vec<BatchEntry>,
@@ -88,16 +87,18 @@ struct BatchEntry {
     len: u32,
 }
 
-impl SpanBatch {
-    /// An empty batch with room for `bytes` of encoded spans.
-    pub fn with_capacity(bytes: usize) -> Self {
+/// An empty batch with room for a drain's worth (`BATCH_BYTES`) of encoded spans.
+impl Default for SpanBatch {
+    fn default() -> Self {
         SpanBatch {
-            bytes: Vec::with_capacity(bytes),
+            bytes: Vec::with_capacity(BATCH_BYTES),
             // Spans take ~500 bytes.
-            spans: Vec::with_capacity(bytes / 256),
+            spans: Vec::with_capacity(BATCH_BYTES / 256),
         }
     }
+}
 
+impl SpanBatch {
     pub fn bytes_len(&self) -> usize {
         self.bytes.len()
     }
@@ -158,9 +159,7 @@ pub const BATCH_BYTES: usize = OUTBOX_BYTES + OUTBOX_BYTES / 4;
 impl Recycler {
     /// An empty drain batch.
     pub fn batch(&self) -> SpanBatch {
-        lock(&self.batches)
-            .pop()
-            .unwrap_or_else(|| SpanBatch::with_capacity(BATCH_BYTES))
+        lock(&self.batches).pop().unwrap_or_default()
     }
 
     /// Takes back batches whose spans have been encoded into a request.

@@ -49,6 +49,35 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
     }
 }
 
+/// A record built in a test, laid out as the ring buffer hands records out: `rec`, then
+/// `payload`, 8-byte aligned.
+#[cfg(test)]
+pub(crate) struct AlignedRecord {
+    words: Vec<u64>,
+    len: usize,
+}
+
+#[cfg(test)]
+impl AlignedRecord {
+    pub fn new<T: Copy>(rec: &T, payload: &[u8]) -> Self {
+        let len = size_of::<T>() + payload.len();
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: `words` has room for `len` bytes; T is a plain-old-data record.
+        unsafe {
+            let bytes = words.as_mut_ptr().cast::<u8>();
+            bytes.cast::<T>().write(*rec);
+            let after = bytes.add(size_of::<T>());
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), after, payload.len());
+        }
+        AlignedRecord { words, len }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: u64s are plain bytes; `len` is within them.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
 fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
     if family == libc::AF_INET as u16 {
         IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
@@ -86,7 +115,6 @@ mod tests {
 
     #[test]
     fn payload_is_what_follows_the_record_up_to_captured() {
-        let mut words = [0u64; 12];
         let rec = DataRecord {
             header: RecordHeader {
                 kind: kind::DATA,
@@ -95,20 +123,18 @@ mod tests {
             captured: 5,
             ..Default::default()
         };
-        // SAFETY: DataRecord is plain old data and fits in the words.
-        unsafe { words.as_mut_ptr().cast::<DataRecord>().write(rec) };
-        // SAFETY: u64s are plain bytes.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), 96) };
-        bytes[size_of::<DataRecord>()..][..8].copy_from_slice(b"GET /abc");
-        let Some(Record::Data { payload, .. }) = decode(bytes) else {
+        let record = AlignedRecord::new(&rec, b"GET /abc");
+        let Some(Record::Data { payload, .. }) = decode(record.bytes()) else {
             panic!("not decoded as data");
         };
         assert_eq!(payload, b"GET /");
         // A record claiming more than it carries gives what it carries.
-        words[7] = 1000 << 32 | 1000; // captured and message_seq, whatever their order
-                                      // SAFETY: as above.
-        let bytes = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), 72) };
-        let Some(Record::Data { payload, .. }) = decode(bytes) else {
+        let rec = DataRecord {
+            captured: 1000,
+            ..rec
+        };
+        let record = AlignedRecord::new(&rec, b"GET /abc");
+        let Some(Record::Data { payload, .. }) = decode(record.bytes()) else {
             panic!("not decoded as data");
         };
         assert_eq!(payload.len(), 8);

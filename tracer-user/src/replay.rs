@@ -7,8 +7,8 @@ use std::sync::{atomic::Ordering::Relaxed, Arc};
 use anyhow::Context as _;
 
 use crate::{
-    agent::{summary, AgentStats, Filters, Pipeline, Sink, Stats},
-    export::{self, ExportStats},
+    agent::{summary, Filters, Pipeline, Sink, Stats},
+    export,
     records::{self, Record},
 };
 
@@ -109,11 +109,7 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
             file.display()
         );
     }
-    let stats = Arc::new(Stats {
-        agent: AgentStats::default(),
-        export: Arc::new(ExportStats::default()),
-        kernel: std::sync::Mutex::new(Default::default()),
-    });
+    let stats = Arc::new(Stats::default());
     let filters = Filters::only_ports(ports);
     let sink = Sink::Discard(export::Encoder::default(), Vec::new());
     let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());

@@ -801,15 +801,16 @@ fn pin_thread(cpu: usize) {
     }
 }
 
+/// The exchange the kernel-cost loops repeat on a traced connection.
+const PING_REQUEST: &[u8] = b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n";
+const PING_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
 /// Nanoseconds per syscall of a loopback ping-pong: a request/response pair of HTTP-shaped
 /// messages (or single bytes), 4 syscalls a round trip. Both threads run on `cpu`: a
 /// cross-CPU wakeup per message would cost more than what is being measured, and vary more.
 fn ping_pong(http: bool, cpu: usize) -> anyhow::Result<f64> {
     let (req, resp): (&[u8], &'static [u8]) = if http {
-        (
-            b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-        )
+        (PING_REQUEST, PING_RESPONSE)
     } else {
         (b"p", b"q")
     };
@@ -854,10 +855,7 @@ fn ping_pong(http: bool, cpu: usize) -> anyhow::Result<f64> {
 fn one_thread_exchange(cpu: usize) -> anyhow::Result<f64> {
     std::thread::spawn(move || -> anyhow::Result<f64> {
         pin_thread(cpu);
-        let (req, resp): (&[u8], &[u8]) = (
-            b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-        );
+        let (req, resp) = (PING_REQUEST, PING_RESPONSE);
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let mut client = TcpStream::connect(listener.local_addr()?)?;
         let (mut server, _) = listener.accept()?;
