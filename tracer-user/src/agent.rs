@@ -30,7 +30,8 @@ use crate::{
     spans::{self, Endpoints, HttpSpan},
 };
 
-/// Counters of the agent's own work (the probes and the exporter keep theirs).
+/// Counters of the agent's own work (the probes and the exporter keep theirs). Written by the
+/// pipeline's thread alone (see [`count`]).
 #[derive(Default, Debug)]
 pub struct AgentStats {
     pub records: AtomicU64,
@@ -44,6 +45,14 @@ pub struct AgentStats {
     /// Gauges: connections the pairer follows, processes whose facts are cached.
     pub connections: AtomicU64,
     pub processes: AtomicU64,
+}
+
+/// Adds one to a counter of [`AgentStats`]. Only the pipeline's thread writes them (the metrics
+/// endpoint reads), so a plain load and store do. A locked add, on x86, first waits for all the
+/// thread's earlier stores to reach the cache; perf put 4% of the agent on the one done for
+/// every record, though swapping it made no difference beyond the noise of an A/B (4 rounds).
+fn count(counter: &AtomicU64) {
+    counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
 }
 
 /// Everything the metrics endpoint and the exit summary report.
@@ -247,7 +256,7 @@ impl Pipeline {
     }
 
     pub(crate) fn handle(&mut self, bytes: &[u8]) {
-        self.stats.agent.records.fetch_add(1, Relaxed);
+        count(&self.stats.agent.records);
         if let Some(file) = &mut self.recording {
             if let Err(e) = replay::write_record(file, bytes) {
                 log::error!("recording stopped: {e}");
@@ -270,10 +279,7 @@ impl Pipeline {
                         let known = (self.kernel_conns.as_ref())
                             .and_then(|k| k.get(h.tgid, h.fd, h.conn_id));
                         let Some(state) = known else {
-                            self.stats
-                                .agent
-                                .unknown_connection_records
-                                .fetch_add(1, Relaxed);
+                            count(&self.stats.agent.unknown_connection_records);
                             return;
                         };
                         self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &state.comm);
@@ -301,7 +307,7 @@ impl Pipeline {
                         k.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
                     }
                     self.pairer.forget(id);
-                    self.stats.agent.connections_muted.fetch_add(1, Relaxed);
+                    count(&self.stats.agent.connections_muted);
                 }
             }
             Some(Record::Close { header }) => {
@@ -313,7 +319,7 @@ impl Pipeline {
                 return;
             }
             None => {
-                self.stats.agent.undecodable_records.fetch_add(1, Relaxed);
+                count(&self.stats.agent.undecodable_records);
             }
         }
         self.flush_exchanges();
@@ -368,7 +374,7 @@ impl Pipeline {
     }
 
     fn emit(&mut self, ex: Exchange) {
-        self.stats.agent.exchanges.fetch_add(1, Relaxed);
+        count(&self.stats.agent.exchanges);
         let Some(meta) = self.conns.get(&ex.conn) else {
             return;
         };
@@ -390,7 +396,7 @@ impl Pipeline {
         let offset = self.clock_offset;
         let (start_ns, end_ns) = (ex.start_ns, ex.end_ns);
         let span = HttpSpan::new(ex, ends, |mono| (i128::from(mono) + offset).max(0) as u64);
-        self.stats.agent.spans.fetch_add(1, Relaxed);
+        count(&self.stats.agent.spans);
         let item = SpanItem { resource, span };
         match role {
             // The client of this request may run on this host: hold the span briefly so the
