@@ -456,13 +456,19 @@ mod tests {
     }
 
     /// The hand-written encoder and the `prost` structs must describe the same span, for every
-    /// shape of span the agent makes.
+    /// shape of span the agent makes: attributes short enough for one-byte lengths and longer.
     #[test]
     fn direct_encoding_decodes_to_the_proto_span() {
+        let long = "x".repeat(300);
         for role in [Role::Server, Role::Client] {
             for status in [Some(200), Some(404), Some(503), None] {
-                for linked in [false, true] {
-                    let mut span = HttpSpan::new(exchange(role, status), ends(), |t| t * 7);
+                for (linked, long_text) in [(false, false), (true, false), (false, true)] {
+                    let mut ex = exchange(role, status);
+                    if long_text {
+                        let path = format!("/{long}");
+                        ex.request = crate::http::RequestText::new("GET", &path, None, Some(&long));
+                    }
+                    let mut span = HttpSpan::new(ex, ends(), |t| t * 7);
                     if linked {
                         span.parent_span_id = Some([9; 8]);
                         span.linked = true;
@@ -470,7 +476,11 @@ mod tests {
                     let mut buf = Vec::new();
                     span.encode(&mut buf, &mut String::new());
                     let decoded = Span::decode(buf.as_slice()).unwrap();
-                    assert_eq!(decoded, span.to_proto(), "{role:?} {status:?} {linked}");
+                    assert_eq!(
+                        decoded,
+                        span.to_proto(),
+                        "{role:?} {status:?} {linked} {long_text}"
+                    );
                 }
             }
         }
