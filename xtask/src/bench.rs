@@ -5,7 +5,10 @@
 //! 1. **nginx under wrk on loopback**, agent off then agent on (full pipeline: probes, parsing,
 //!    export to a running collector), alternating untraced / traced at each load level, for
 //!    `--rounds` rounds of `--seconds` each. Load levels: saturation (wrk as fast as it can, 50
-//!    connections) and paced at 10k and 20k req/s (the budget is zero drops at 20k req/s).
+//!    connections), paced at 10k and 20k req/s (the budget is zero drops at 20k req/s), and one
+//!    connection in a closed loop (each request sent when the last response is in): with no
+//!    schedule and no queueing, its latency difference is what tracing adds to one request's
+//!    path, where the paced levels' medians move by tens of µs between runs of the same build.
 //!    Per run: throughput, latency p50/p99, and for traced runs the agent's CPU time per request
 //!    and peak memory, the collector's CPU time per request (it shares the same cores, so part
 //!    of the throughput lost at saturation is the collector's, not the agent's), the kernel-side
@@ -157,6 +160,8 @@ enum Level {
     Saturated,
     /// A target rate in requests per second.
     Paced(u32),
+    /// One connection, a request as soon as the last response is in.
+    OneConnection,
 }
 
 impl Level {
@@ -164,6 +169,7 @@ impl Level {
         match self {
             Level::Saturated => "saturated".into(),
             Level::Paced(r) => format!("paced {}k", r / 1000),
+            Level::OneConnection => "1 conn".into(),
         }
     }
 
@@ -172,6 +178,7 @@ impl Level {
         match self {
             Level::Saturated => 50,
             Level::Paced(rate) => rate.div_ceil(RATE_PER_CONNECTION).max(8),
+            Level::OneConnection => 1,
         }
     }
 }
@@ -383,7 +390,12 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let collector_pid = collector.0.id();
     let metrics_port = free_port();
 
-    let levels = [Level::Saturated, Level::Paced(10_000), Level::Paced(20_000)];
+    let levels = [
+        Level::Saturated,
+        Level::Paced(10_000),
+        Level::Paced(20_000),
+        Level::OneConnection,
+    ];
 
     let mut results: Vec<Run> = Vec::new();
     for round in 0..args.rounds {
@@ -437,8 +449,8 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 }
                 drop(agent);
                 let target = match level {
-                    Level::Saturated => String::new(),
                     Level::Paced(t) => format!(" (target {t})"),
+                    Level::Saturated | Level::OneConnection => String::new(),
                 };
                 eprintln!(
                     "round {} {:<10} {:<8} {:>7.0} req/s{target:<15} p50 {:>6.1} us  p99 {:>7.1} us{}",
@@ -516,8 +528,8 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             "{:<10} {:>6} {:>5} | {:>8.0} {:>8.1} {:>8.1} | {:>8.0} {:>8.1} {:>8.1} | {:>10.2} us {:>10.2} us",
             level.name(),
             match level {
-                Level::Saturated => "-".to_owned(),
                 Level::Paced(t) => t.to_string(),
+                Level::Saturated | Level::OneConnection => "-".to_owned(),
             },
             level.connections(),
             rps(level, false),
@@ -560,6 +572,15 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let one = Level::OneConnection;
+    println!(
+        "{}p50 {:+.1} us, p99 {:+.1} us  ({:.0} -> {:.0} req/s)",
+        label("latency added, one connection, closed loop"),
+        p50(one, true) - p50(one, false),
+        p99(one, true) - p99(one, false),
+        rps(one, false),
+        rps(one, true),
+    );
     let live = pick(Level::Paced(10_000), true, &|r| r.agent_cpu_us_per_req);
     let replayed = replay.ns_per_span * 2.0 / 1000.0;
     println!(
