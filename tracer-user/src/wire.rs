@@ -103,40 +103,46 @@ fn key_value_head(out: &mut Vec<u8>, field: u32, key: &str, any: usize) {
     varint(out, any as u64);
 }
 
-/// The first four bytes of a `KeyValue` as repeated field `field`, when all its lengths fit in
-/// one byte (`kv` < 128; fields numbered below 16): tag, length, the key's tag and length.
+/// Writes a `KeyValue` as repeated field `field` up to its value's own bytes (the `AnyValue`'s
+/// tag and length, the key, and the value's tag `value_tag`) in three runs, when every length
+/// in it fits one byte (`kv` < 128; fields numbered below 16). Returns false, having written
+/// nothing, otherwise.
+///
+/// Nearly every attribute fits: written tag by tag, varint by varint, attributes were about a
+/// third of encoding a span.
 #[inline(always)]
-fn short_key_value_head(field: u32, kv: usize, key: &str) -> [u8; 4] {
+fn short_key_value_head(
+    out: &mut Vec<u8>,
+    field: u32,
+    key: &str,
+    any: usize,
+    value_tag: u8,
+) -> bool {
+    let kv = field_len(key.len()) + field_len(any);
+    if field >= 16 || kv >= 128 {
+        return false;
+    }
     let tag = |field: u32, wire_type: u8| (field << 3) as u8 | wire_type;
-    [
+    out.reserve(2 + kv);
+    out.extend_from_slice(&[
         tag(field, LEN),
         kv as u8,
         tag(key_value::KEY, LEN),
         key.len() as u8,
-    ]
+    ]);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&[tag(key_value::VALUE, LEN), any as u8, value_tag]);
+    true
 }
 
 /// A `KeyValue` with a string `AnyValue`, as repeated field `field`.
-///
-/// Nearly every attribute is under 128 bytes: then each length is one byte, and the framing is
-/// written as two 4-byte runs (a span's attributes written tag by tag, varint by varint, were
-/// about a third of encoding it).
 #[inline(always)]
 pub fn string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
     let any = field_len(value.len());
-    let kv = field_len(key.len()) + field_len(any);
-    if field < 16 && kv < 128 {
-        out.reserve(2 + kv);
-        out.extend_from_slice(&short_key_value_head(field, kv, key));
-        out.extend_from_slice(key.as_bytes());
-        let value_tag = (any_value::STRING_VALUE << 3) as u8 | LEN;
-        let value_head = [
-            (key_value::VALUE << 3) as u8 | LEN,
-            any as u8,
-            value_tag,
-            value.len() as u8,
-        ];
-        out.extend_from_slice(&value_head);
+    let value_tag = (any_value::STRING_VALUE << 3) as u8 | LEN;
+    if short_key_value_head(out, field, key, any, value_tag) {
+        // `any` < 128: the value's length is one byte too.
+        out.push(value.len() as u8);
         out.extend_from_slice(value.as_bytes());
         return;
     }
@@ -149,14 +155,8 @@ pub fn string_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &str) {
 pub fn int_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: i64) {
     // int64 is a plain varint: negative numbers take ten bytes.
     let any = 1 + varint_len(value as u64);
-    let kv = field_len(key.len()) + field_len(any);
-    if field < 16 && kv < 128 {
-        // As in `string_attribute`.
-        out.reserve(2 + kv);
-        out.extend_from_slice(&short_key_value_head(field, kv, key));
-        out.extend_from_slice(key.as_bytes());
-        let value_tag = (any_value::INT_VALUE << 3) as u8 | VARINT;
-        out.extend_from_slice(&[(key_value::VALUE << 3) as u8 | LEN, any as u8, value_tag]);
+    let value_tag = (any_value::INT_VALUE << 3) as u8 | VARINT;
+    if short_key_value_head(out, field, key, any, value_tag) {
         varint(out, value as u64);
         return;
     }
