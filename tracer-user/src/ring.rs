@@ -170,9 +170,10 @@ impl Ring {
 
 /// How far ahead of the record being handled the drain asks for the ring's bytes. The records
 /// were written by the probes on whichever CPU made the syscall, so the first read of each one
-/// missed the cache: head parsing was 13% of the agent, most of it waiting for those lines.
-/// Asking a few records ahead overlaps the waits with handling the records before; measured at
-/// 10k requests/s, 5 alternated rounds: agent CPU a request 5.55 -> 5.27 µs, lower in every round.
+/// (head parsing) missed the cache. Asking a few records ahead overlaps those waits with
+/// handling the records before; measured at 10k requests/s, 5 alternated rounds: agent CPU a
+/// request 5.55 -> 5.27 µs, lower in every round. Asking for the next record only (an earlier
+/// session) measured nothing: it comes too late.
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Asks the CPU to start loading `len` bytes at `data + from` into its cache. A hint: it
