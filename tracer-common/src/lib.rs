@@ -22,7 +22,7 @@ pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
 /// The version of the records' layout, bumped whenever a record type or kind changes.
 /// Recordings (`tracer agent --record`) carry it, so a replay refuses another version's.
-pub const RECORD_LAYOUT: u32 = 2;
+pub const RECORD_LAYOUT: u32 = 3;
 
 /// Direction of the data, seen from the traced process.
 pub mod direction {
@@ -37,17 +37,6 @@ pub mod kind {
     pub const DATA: u32 = 1;
     pub const CLOSE: u32 = 2;
     pub const CONNECTION: u32 = 3;
-}
-
-/// How the connection came to the probes' attention. A hint for the agent; the protocol
-/// parser decides the role from what is said on the wire.
-pub mod role_hint {
-    /// Seen first on a data syscall (e.g. it existed before the agent started).
-    pub const UNKNOWN: u32 = 0;
-    /// Returned by accept/accept4: this process is the server.
-    pub const ACCEPTED: u32 = 1;
-    /// Passed to connect: this process is the client.
-    pub const CONNECTED: u32 = 2;
 }
 
 /// Which syscall produced a record (for debugging and statistics).
@@ -125,9 +114,6 @@ pub struct ConnRecord {
     /// The thread's command name: the agent's fallback for a process that exited before it
     /// could read /proc (curl, short scripts).
     pub comm: [u8; 16],
-    /// `role_hint::*`.
-    pub role_hint: u32,
-    pub _pad: u32,
 }
 
 /// One data syscall on a tracked TCP connection. `captured` bytes of payload follow it in the
@@ -172,8 +158,6 @@ pub struct ConnState {
     // The rest is for the agent, when a connection's `ConnRecord` was lost.
     pub tuple: ConnTuple,
     pub comm: [u8; 16],
-    pub role_hint: u32,
-    pub _pad: u32,
 }
 
 /// Key of the `CONNS` map: one entry per (process, file descriptor).

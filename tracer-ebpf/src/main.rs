@@ -36,8 +36,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tracer_common::{
-    conn_key, counter, direction, kind, role_hint, syscall, CloseRecord, ConnRecord, ConnState,
-    ConnTuple, DataRecord, KernelOffsets, RecordHeader, MAX_CAPTURE, MESSAGE_CAPTURE_BUDGET,
+    conn_key, counter, direction, kind, syscall, CloseRecord, ConnRecord, ConnState, ConnTuple,
+    DataRecord, KernelOffsets, RecordHeader, MAX_CAPTURE, MESSAGE_CAPTURE_BUDGET,
     WAKEUP_THRESHOLD_BYTES,
 };
 
@@ -283,7 +283,7 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
 /// Starts tracking `fd` of `tgid` if it is a TCP socket and tells the agent its endpoints.
 /// Returns its state if it is tracked now; remembers an fd that is not one.
 #[inline(always)]
-fn track(tgid: u32, fd: u32, role: u32) -> Option<*mut ConnState> {
+fn track(tgid: u32, fd: u32) -> Option<*mut ConnState> {
     let key = conn_key(tgid, fd);
     let tuple = match fd_kind(fd)? {
         FdKind::Tcp(tuple) => tuple,
@@ -296,7 +296,6 @@ fn track(tgid: u32, fd: u32, role: u32) -> Option<*mut ConnState> {
         conn_id: unsafe { bpf_ktime_get_ns() },
         tuple,
         comm: bpf_get_current_comm().unwrap_or_default(),
-        role_hint: role,
         ..ConnState::default()
     };
     if CONNS.insert(key, state, 0).is_err() {
@@ -311,8 +310,6 @@ fn track(tgid: u32, fd: u32, role: u32) -> Option<*mut ConnState> {
                 header: header(kind::CONNECTION, tgid, fd, ts, ts, ts),
                 tuple: state.tuple,
                 comm: state.comm,
-                role_hint: role,
-                _pad: 0,
             };
             // SAFETY: a reserved record of the right size.
             unsafe { *entry.as_mut_ptr() = rec };
@@ -429,7 +426,7 @@ fn on_data(
             if NOT_TCP.get_ptr(key).is_some() {
                 return 0;
             }
-            match track(tgid, fd, role_hint::UNKNOWN) {
+            match track(tgid, fd) {
                 Some(state) => state,
                 None => return 0,
             }
@@ -679,7 +676,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     if let Some((task, pid_tgid)) = caller() {
         let fd = SyscallRegs::of(task).arg(0) as u32;
-        track((pid_tgid >> 32) as u32, fd, role_hint::CONNECTED);
+        track((pid_tgid >> 32) as u32, fd);
     }
     0
 }
@@ -691,7 +688,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if let Some((_, pid_tgid)) = caller() {
-        track((pid_tgid >> 32) as u32, ret as u32, role_hint::ACCEPTED);
+        track((pid_tgid >> 32) as u32, ret as u32);
     }
     0
 }

@@ -356,6 +356,7 @@ impl Pipeline {
                 ends: Arc::new(Endpoints::new(local, remote)),
                 comm: *comm,
                 ignored,
+                // The probes' connection id is the time they first saw it.
                 last_seen: kernel_conn_id,
                 resource: None,
             },
