@@ -9,6 +9,10 @@
 //!    connection in a closed loop (each request sent when the last response is in): with no
 //!    schedule and no queueing, its latency difference is what tracing adds to one request's
 //!    path, where the paced levels' medians move by tens of µs between runs of the same build.
+//!    At saturation, 10k and one connection there is a third run: the agent exporting to a
+//!    sink in the bench process that reads each request and discards it (`otlp_sink.rs`),
+//!    standing in for a collector on another machine, as deployed. The collector otherwise
+//!    shares the 2 cores with nginx and wrk, and its CPU would be counted as the agent's cost.
 //!    Per run: throughput, latency p50/p99, and for traced runs the agent's CPU time per request
 //!    and peak memory, the collector's CPU time per request (it shares the same cores, so part
 //!    of the throughput lost at saturation is the collector's, not the agent's), the kernel-side
@@ -60,10 +64,13 @@ use std::{
     net::{TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
+    sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _};
+
+use crate::otlp_sink;
 
 pub struct BenchArgs {
     pub rounds: usize,
@@ -179,6 +186,36 @@ impl Level {
             Level::Saturated => 50,
             Level::Paced(rate) => rate.div_ceil(RATE_PER_CONNECTION).max(8),
             Level::OneConnection => 1,
+        }
+    }
+}
+
+/// Whether a run is traced, and where its agent sends the spans.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Untraced,
+    /// The agent exports to the collector, on the same 2 cores as nginx and wrk.
+    Traced,
+    /// The agent exports to a sink that only reads the requests (`otlp_sink.rs`): the collector
+    /// as deployed, on another machine, so the run shows what the traced machine pays.
+    CollectorElsewhere,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Untraced => "untraced",
+            Mode::Traced => "traced",
+            Mode::CollectorElsewhere => "traced, collector elsewhere",
+        }
+    }
+
+    /// The modes each level runs in: the collector-elsewhere runs where they answer a budget
+    /// line (throughput, latency), not at 20k, whose zero-drop check needs the collector.
+    fn for_level(level: Level) -> &'static [Mode] {
+        match level {
+            Level::Paced(20_000) => &[Mode::Untraced, Mode::Traced],
+            _ => &[Mode::Untraced, Mode::Traced, Mode::CollectorElsewhere],
         }
     }
 }
@@ -326,7 +363,7 @@ fn metric(port: u16, name: &str) -> u64 {
 
 struct Run {
     level: Level,
-    traced: bool,
+    mode: Mode,
     wrk: Wrk,
     agent_cpu_us_per_req: f64,
     collector_cpu_us_per_req: f64,
@@ -389,6 +426,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let nginx = nginx(&work.join("nginx"), nginx_port)?;
     let (collector, http, query) = collector(bin, &work.join("store"))?;
     let collector_pid = collector.0.id();
+    let (sink_port, sink) = otlp_sink::start()?;
     let metrics_port = free_port();
 
     let levels = [
@@ -401,13 +439,21 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let mut results: Vec<Run> = Vec::new();
     for round in 0..args.rounds {
         for &level in &levels {
-            for traced in [false, true] {
-                let agent = if traced {
+            for &mode in Mode::for_level(level) {
+                let export_port = match mode {
+                    Mode::CollectorElsewhere => sink_port,
+                    _ => http,
+                };
+                let agent = if mode != Mode::Untraced {
                     let mut cmd = Command::new(bin.join("tracer"));
-                    cmd.args(["agent", "--endpoint", &format!("http://127.0.0.1:{http}")])
-                        .args(["--port", &nginx_port.to_string()])
-                        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-                        .env("RUST_LOG", "warn");
+                    cmd.args([
+                        "agent",
+                        "--endpoint",
+                        &format!("http://127.0.0.1:{export_port}"),
+                    ])
+                    .args(["--port", &nginx_port.to_string()])
+                    .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+                    .env("RUST_LOG", "warn");
                     Some(start_ready(cmd, "tracer: ready")?)
                 } else {
                     None
@@ -418,7 +464,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 let w = wrk(nginx_port, args.seconds, level, work)?;
                 let mut run = Run {
                     level,
-                    traced,
+                    mode,
                     wrk: w,
                     agent_cpu_us_per_req: 0.0,
                     collector_cpu_us_per_req: 0.0,
@@ -435,8 +481,10 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     let pid = a.0.id();
                     let per_req = |s: f64| s * 1e6 / w.requests as f64;
                     run.agent_cpu_us_per_req = per_req(cpu_seconds(pid) - agent_cpu0);
-                    run.collector_cpu_us_per_req =
-                        per_req(cpu_seconds(collector_pid) - collector_cpu0);
+                    if mode == Mode::Traced {
+                        run.collector_cpu_us_per_req =
+                            per_req(cpu_seconds(collector_pid) - collector_cpu0);
+                    }
                     run.agent_peak_mib = peak_rss_mib(pid);
                     run.ringbuf_drops = metric(metrics_port, "tracer_ringbuf_dropped_total");
                     run.table_drops = metric(metrics_port, "tracer_conn_table_dropped_total");
@@ -445,8 +493,11 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                             + metric(metrics_port, "tracer_export_dropped_rejected_total");
                     run.spans_built = metric(metrics_port, "tracer_spans_total");
                     run.spans_exported = metric(metrics_port, "tracer_spans_exported_total");
-                    run.collector_spans = metric(query, "tracer_collector_spans_accepted_total")
-                        .saturating_sub(before_spans);
+                    if mode == Mode::Traced {
+                        run.collector_spans =
+                            metric(query, "tracer_collector_spans_accepted_total")
+                                .saturating_sub(before_spans);
+                    }
                 }
                 drop(agent);
                 let target = match level {
@@ -454,15 +505,16 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     Level::Saturated | Level::OneConnection => String::new(),
                 };
                 eprintln!(
-                    "round {} {:<10} {:<8} {:>7.0} req/s{target:<15} p50 {:>6.1} us  p99 {:>7.1} us{}",
+                    "round {} {:<10} {:<27} {:>7.0} req/s{target:<15} p50 {:>6.1} us  p99 {:>7.1} us{}",
                     round + 1,
                     level.name(),
-                    if traced { "traced" } else { "untraced" },
+                    mode.name(),
                     w.rps,
                     w.p50_us,
                     w.p99_us,
-                    if traced {
-                        format!(
+                    match mode {
+                        Mode::Untraced => String::new(),
+                        Mode::Traced => format!(
                             "  agent {:.2} us/req, peak {:.1} MiB; collector {:.2} us/req; \
                              drops ringbuf {} tables {} export {}; {} requests, spans built {}, \
                              exported {}, collector got {}",
@@ -476,9 +528,19 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                             run.spans_built,
                             run.spans_exported,
                             run.collector_spans
-                        )
-                    } else {
-                        String::new()
+                        ),
+                        Mode::CollectorElsewhere => format!(
+                            "  agent {:.2} us/req, peak {:.1} MiB; drops ringbuf {} tables {} \
+                             export {}; {} requests, spans built {}, exported to the sink {}",
+                            run.agent_cpu_us_per_req,
+                            run.agent_peak_mib,
+                            run.ringbuf_drops,
+                            run.table_drops,
+                            run.export_drops,
+                            w.requests,
+                            run.spans_built,
+                            run.spans_exported,
+                        ),
                     }
                 );
                 results.push(run);
@@ -492,32 +554,34 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let syscall = kernel_cost(bin, work)?;
     let ingest = collector_ingest(bin, work, args.seconds)?;
 
-    let pick = |level: Level, traced: bool, f: &dyn Fn(&Run) -> f64| -> f64 {
+    let pick = |level: Level, mode: Mode, f: &dyn Fn(&Run) -> f64| -> f64 {
         median(
             results
                 .iter()
-                .filter(|r| r.level == level && r.traced == traced)
+                .filter(|r| r.level == level && r.mode == mode)
                 .map(f)
                 .collect(),
         )
     };
-    let rps = |level, traced| pick(level, traced, &|r| r.wrk.rps);
-    let p50 = |level, traced| pick(level, traced, &|r| r.wrk.p50_us);
-    let p99 = |level, traced| pick(level, traced, &|r| r.wrk.p99_us);
+    let rps = |level, mode| pick(level, mode, &|r| r.wrk.rps);
+    let p50 = |level, mode| pick(level, mode, &|r| r.wrk.p50_us);
+    let p99 = |level, mode| pick(level, mode, &|r| r.wrk.p99_us);
+    let (untraced, traced, elsewhere) = (Mode::Untraced, Mode::Traced, Mode::CollectorElsewhere);
 
     println!(
         "\n== tracer overhead: median of {} round(s), {} s per run; traced = agent on, exporting to \
-         a collector on the same machine ==",
+         the collector on the same 2 cores, or to a sink standing in for a collector elsewhere ==",
         args.rounds, args.seconds
     );
     println!(
-        "{:<10} {:>6} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>13} {:>13}",
+        "{:<10} {:>6} {:>5} | {:>8} {:>8} {:>8} | {:<11} {:>8} {:>8} {:>8} | {:>13} {:>13}",
         "load",
         "target",
         "conns",
         "untraced",
         "p50 us",
         "p99 us",
+        "collector",
         "traced",
         "p50 us",
         "p99 us",
@@ -525,64 +589,112 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         "collector CPU"
     );
     for &level in &levels {
+        for &mode in &Mode::for_level(level)[1..] {
+            println!(
+                "{:<10} {:>6} {:>5} | {:>8.0} {:>8.1} {:>8.1} | {:<11} {:>8.0} {:>8.1} {:>8.1} | {:>10.2} us {:>13}",
+                level.name(),
+                match level {
+                    Level::Paced(t) => t.to_string(),
+                    Level::Saturated | Level::OneConnection => "-".to_owned(),
+                },
+                level.connections(),
+                rps(level, untraced),
+                p50(level, untraced),
+                p99(level, untraced),
+                if mode == traced { "same cores" } else { "elsewhere" },
+                rps(level, mode),
+                p50(level, mode),
+                p99(level, mode),
+                pick(level, mode, &|r| r.agent_cpu_us_per_req),
+                if mode == traced {
+                    format!("{:.2} us", pick(level, mode, &|r| r.collector_cpu_us_per_req))
+                } else {
+                    "-".to_owned()
+                },
+            );
+        }
+    }
+    println!(
+        "(req/s achieved; CPU = CPU time per request, utime + stime, of the agent and of the \
+         collector; \"elsewhere\": the agent exports to a sink that reads and discards, as if the \
+         collector ran on another machine)"
+    );
+    for mode in [traced, elsewhere] {
+        let sat = Level::Saturated;
         println!(
-            "{:<10} {:>6} {:>5} | {:>8.0} {:>8.1} {:>8.1} | {:>8.0} {:>8.1} {:>8.1} | {:>10.2} us {:>10.2} us",
-            level.name(),
-            match level {
-                Level::Paced(t) => t.to_string(),
-                Level::Saturated | Level::OneConnection => "-".to_owned(),
-            },
-            level.connections(),
-            rps(level, false),
-            p50(level, false),
-            p99(level, false),
-            rps(level, true),
-            p50(level, true),
-            p99(level, true),
-            pick(level, true, &|r| r.agent_cpu_us_per_req),
-            pick(level, true, &|r| r.collector_cpu_us_per_req),
+            "{}{:.3}  ({:.0} vs {:.0} req/s)",
+            label(&format!(
+                "throughput at saturation, traced / untraced{}",
+                if mode == traced {
+                    ""
+                } else {
+                    ", collector elsewhere"
+                }
+            )),
+            rps(sat, mode) / rps(sat, untraced),
+            rps(sat, mode),
+            rps(sat, untraced)
         );
     }
-    println!("(req/s achieved; CPU = CPU time per request, utime + stime, of the agent and of the collector)");
-    println!(
-        "{}{:.3}  ({:.0} vs {:.0} req/s)",
-        label("throughput at saturation, traced / untraced"),
-        rps(Level::Saturated, true) / rps(Level::Saturated, false),
-        rps(Level::Saturated, true),
-        rps(Level::Saturated, false)
-    );
     for &level in &levels {
         let Level::Paced(target) = level else {
             continue;
         };
-        println!(
-            "{}p50 {:+.1} us, p99 {:+.1} us",
-            label(&format!("latency added at {target} req/s")),
-            p50(level, true) - p50(level, false),
-            p99(level, true) - p99(level, false),
-        );
-        for traced in [false, true] {
-            let got = rps(level, traced);
+        for &mode in &Mode::for_level(level)[1..] {
+            println!(
+                "{}p50 {:+.1} us, p99 {:+.1} us",
+                label(&format!(
+                    "latency added at {target} req/s{}",
+                    if mode == traced {
+                        ""
+                    } else {
+                        ", collector elsewhere"
+                    }
+                )),
+                p50(level, mode) - p50(level, untraced),
+                p99(level, mode) - p99(level, untraced),
+            );
+        }
+        for &mode in Mode::for_level(level) {
+            let got = rps(level, mode);
             if (got / f64::from(target) - 1.0).abs() > 0.1 {
                 println!(
                     "  note: {} {} reached {got:.0} req/s, not {target}: this machine is \
                      saturated there, so the latencies above include queueing",
                     level.name(),
-                    if traced { "traced" } else { "untraced" },
+                    mode.name(),
                 );
             }
         }
     }
     let one = Level::OneConnection;
+    for mode in [traced, elsewhere] {
+        println!(
+            "{}p50 {:+.1} us, p99 {:+.1} us  ({:.0} -> {:.0} req/s)",
+            label(&format!(
+                "latency added, one connection{}",
+                if mode == traced {
+                    ", closed loop"
+                } else {
+                    ", collector elsewhere"
+                }
+            )),
+            p50(one, mode) - p50(one, untraced),
+            p99(one, mode) - p99(one, untraced),
+            rps(one, untraced),
+            rps(one, mode),
+        );
+    }
+    let sink_requests = sink.requests.load(Relaxed);
     println!(
-        "{}p50 {:+.1} us, p99 {:+.1} us  ({:.0} -> {:.0} req/s)",
-        label("latency added, one connection, closed loop"),
-        p50(one, true) - p50(one, false),
-        p99(one, true) - p99(one, false),
-        rps(one, false),
-        rps(one, true),
+        "  (the sink read {sink_requests} requests, {:.1} MiB{})",
+        sink.bytes.load(Relaxed) as f64 / (1024.0 * 1024.0),
+        match sink.bad.load(Relaxed) {
+            0 => String::new(),
+            bad => format!("; {bad} it could not read"),
+        }
     );
-    let live = pick(Level::Paced(10_000), true, &|r| r.agent_cpu_us_per_req);
+    let live = pick(Level::Paced(10_000), traced, &|r| r.agent_cpu_us_per_req);
     let replayed = replay.ns_per_span * 2.0 / 1000.0;
     println!(
         "{}{:.2} us a request ({:.0} ns a record, {:.0} a span); live at 10k req/s {:.2} us, \
@@ -632,35 +744,42 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
          server side)"
     );
     for &level in &levels {
-        let rs: Vec<&Run> = results
-            .iter()
-            .filter(|r| r.level == level && r.traced)
-            .collect();
-        let sum = |f: &dyn Fn(&Run) -> u64| rs.iter().map(|r| f(r)).sum::<u64>();
-        // Every span built is either at the collector or counted as an export drop.
-        let unaccounted = sum(&|r| r.spans_built) as i64
-            - sum(&|r| r.collector_spans) as i64
-            - sum(&|r| r.export_drops) as i64;
-        println!(
-            "  {:<10} requests {}, spans built {}, at the collector {} (unaccounted {unaccounted}); \
-             drops: ring buffer {}, connection table {}, export {}",
-            level.name(),
-            sum(&|r| r.wrk.requests),
-            sum(&|r| r.spans_built),
-            sum(&|r| r.collector_spans),
-            sum(&|r| r.ringbuf_drops),
-            sum(&|r| r.table_drops),
-            sum(&|r| r.export_drops),
-        );
+        for &mode in &Mode::for_level(level)[1..] {
+            let rs: Vec<&Run> = results
+                .iter()
+                .filter(|r| r.level == level && r.mode == mode)
+                .collect();
+            let sum = |f: &dyn Fn(&Run) -> u64| rs.iter().map(|r| f(r)).sum::<u64>();
+            // Every span built is either delivered or counted as an export drop. The collector
+            // counts what it accepted; the sink does not decode, so there the agent's count of
+            // acknowledged spans stands for it.
+            let (delivered, at) = match mode {
+                Mode::CollectorElsewhere => (sum(&|r| r.spans_exported), "at the sink"),
+                _ => (sum(&|r| r.collector_spans), "at the collector"),
+            };
+            let unaccounted =
+                sum(&|r| r.spans_built) as i64 - delivered as i64 - sum(&|r| r.export_drops) as i64;
+            println!(
+                "  {:<10} {:<11} requests {}, spans built {}, {at} {delivered} (unaccounted \
+                 {unaccounted}); drops: ring buffer {}, connection table {}, export {}",
+                level.name(),
+                if mode == traced { "" } else { "(elsewhere)" },
+                sum(&|r| r.wrk.requests),
+                sum(&|r| r.spans_built),
+                sum(&|r| r.ringbuf_drops),
+                sum(&|r| r.table_drops),
+                sum(&|r| r.export_drops),
+            );
+        }
     }
     if let Some(&Level::Paced(target)) = levels.last() {
         let top = Level::Paced(target);
         let drops: u64 = results
             .iter()
-            .filter(|r| r.level == top && r.traced)
+            .filter(|r| r.level == top && r.mode == traced)
             .map(|r| r.ringbuf_drops + r.table_drops + r.export_drops)
             .sum();
-        let got = rps(top, true);
+        let got = rps(top, traced);
         let verdict = if drops > 0 {
             format!("NOT met: {drops} dropped at {got:.0} req/s traced")
         } else if got < 0.9 * f64::from(target) {
@@ -898,7 +1017,7 @@ fn one_thread_exchange(cpu: usize) -> anyhow::Result<f64> {
 }
 
 fn label(s: &str) -> String {
-    format!("{s:<48}")
+    format!("{s:<58} ")
 }
 
 fn print_kernel_cost(syscall: &KernelCost) {

@@ -7,6 +7,7 @@ use std::{
 };
 
 mod bench;
+mod otlp_sink;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
