@@ -21,6 +21,7 @@ use crate::{
     hashing::FxHasher,
     metrics,
     pairing::{Chunk, ConnId, ConnMap, Exchange, Pairer, Role},
+    priority,
     probes::{self, Connections, Counters, LoadOptions, Probes},
     records::{self, Record},
     replay,
@@ -42,6 +43,8 @@ pub struct AgentStats {
     pub spans: AtomicU64,
     pub connections_muted: AtomicU64,
     pub parse_failures: AtomicU64,
+    /// Switches of the agent from idle-only to normal priority (see priority.rs).
+    pub priority_boosts: AtomicU64,
     /// Gauges: connections the pairer follows, processes whose facts are cached.
     pub connections: AtomicU64,
     pub processes: AtomicU64,
@@ -644,6 +647,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let export_config = args.export_config()?;
     let metrics_addr = args.metrics_addr()?;
+    let adaptive_priority = args.adaptive_priority()?;
 
     // The agent's memory is many small short-lived allocations: transparent huge pages would
     // make each touched 2 MiB of heap resident (measured: +32 MiB of RSS, no speed-up).
@@ -695,6 +699,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     );
     eprintln!("tracer: ready");
+
+    let _priority = if adaptive_priority {
+        let stats = stats.clone();
+        let on_boost = move || {
+            stats.agent.priority_boosts.fetch_add(1, Relaxed);
+        };
+        match priority::watch(ring.fill(), on_boost) {
+            Ok(watchdog) => Some(watchdog),
+            Err(why) => {
+                log::info!("the agent runs at normal priority throughout: {why}");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }

@@ -12,6 +12,7 @@ mod hashing;
 mod http;
 mod metrics;
 mod pairing;
+mod priority;
 mod probes;
 mod records;
 mod replay;

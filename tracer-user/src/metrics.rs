@@ -13,7 +13,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 16] = [
+    let rows: [(&str, &str, u64); 17] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -89,6 +89,11 @@ pub fn render(stats: &Stats) -> String {
             "tracer_parse_failures_total",
             "Messages that could not be parsed",
             a.parse_failures.load(Relaxed),
+        ),
+        (
+            "tracer_agent_priority_boosts_total",
+            "Switches from idle-only to normal priority to keep up (--priority adaptive)",
+            a.priority_boosts.load(Relaxed),
         ),
     ];
     let gauges: [(&str, &str, u64); 2] = [

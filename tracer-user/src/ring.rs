@@ -15,7 +15,10 @@
 use std::{
     os::fd::{AsFd as _, AsRawFd, RawFd},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use anyhow::Context as _;
@@ -28,8 +31,8 @@ const HEADER_BYTES: u64 = 8;
 pub struct Ring {
     /// Keeps the map (and its fd) open as long as the mappings.
     map: MapData,
-    consumer: Mapping,
-    producer: Mapping,
+    consumer: Arc<Mapping>,
+    producer: Arc<Mapping>,
     /// Where the data pages start in `producer`.
     data_offset: usize,
     /// Ring size in bytes (a power of two): positions are taken modulo it.
@@ -68,6 +71,12 @@ impl Mapping {
     }
 }
 
+// SAFETY: the mapping is plain shared memory; every access to it goes through atomics or
+// through the one `Ring` that reads the records.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: exactly the region mmap returned.
@@ -89,8 +98,18 @@ impl Ring {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let fd = map.fd().as_fd().as_raw_fd();
-        let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
-        let producer = Mapping::new(fd, page + 2 * size as usize, libc::PROT_READ, page)?;
+        let consumer = Arc::new(Mapping::new(
+            fd,
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            0,
+        )?);
+        let producer = Arc::new(Mapping::new(
+            fd,
+            page + 2 * size as usize,
+            libc::PROT_READ,
+            page,
+        )?);
         let mut ring = Ring {
             map,
             consumer,
@@ -104,13 +123,20 @@ impl Ring {
     }
 
     fn consumer_pos(&self) -> &AtomicU64 {
-        // SAFETY: the first word of the consumer page, aligned, alive as long as `self`.
-        unsafe { self.consumer.ptr.cast::<AtomicU64>().as_ref() }
+        self.consumer.first_word()
     }
 
     fn producer_pos(&self) -> &AtomicU64 {
-        // SAFETY: the first word of the producer page, aligned, alive as long as `self`.
-        unsafe { self.producer.ptr.cast::<AtomicU64>().as_ref() }
+        self.producer.first_word()
+    }
+
+    /// A view of how full the ring is, for another thread.
+    pub fn fill(&self) -> RingFill {
+        RingFill {
+            consumer: self.consumer.clone(),
+            producer: self.producer.clone(),
+            size: self.size,
+        }
     }
 
     /// Hands every committed record to `f`, in order, and returns how many there were. Stops at
@@ -192,6 +218,36 @@ fn prefetch(data: *const u8, from: usize, len: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (data, from, len);
+}
+
+impl Mapping {
+    /// The position word at the start of the consumer or producer page.
+    fn first_word(&self) -> &AtomicU64 {
+        // SAFETY: the first word of a mapped page, aligned, alive as long as `self`.
+        unsafe { self.ptr.cast::<AtomicU64>().as_ref() }
+    }
+}
+
+/// How many bytes the probes have written that the agent has not yet released: read from the
+/// ring's position pages, which outlive the `Ring` as long as this is held.
+pub struct RingFill {
+    consumer: Arc<Mapping>,
+    producer: Arc<Mapping>,
+    size: u64,
+}
+
+impl RingFill {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes written and not released (the drain releases them every quarter ring and at its
+    /// end, so this can run ahead of what is really left by up to a quarter).
+    pub fn unread(&self) -> u64 {
+        let consumer = self.consumer.first_word().load(Ordering::Acquire);
+        let producer = self.producer.first_word().load(Ordering::Acquire);
+        producer.saturating_sub(consumer)
+    }
 }
 
 impl AsRawFd for Ring {

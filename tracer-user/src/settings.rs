@@ -96,6 +96,15 @@ pub struct AgentArgs {
     #[arg(long)]
     pub batch_timeout_ms: Option<u64>,
 
+    /// `normal`: the agent always runs at the priority it was started with. `adaptive`: it
+    /// runs only on otherwise idle CPU time (SCHED_IDLE) while its ring buffer has room, and at
+    /// normal priority once an eighth of it is waiting, so its bursts of work do not delay the
+    /// traced processes. Measured on 2 cores (collector elsewhere): one connection in a closed
+    /// loop, p99 1.7 ms -> 0.27 ms; at 10k requests/s on 40 connections, the median +20 µs and
+    /// the agent's CPU +8%. Needs CAP_SYS_NICE. [default: normal]
+    #[arg(long, value_parser = ["normal", "adaptive"])]
+    pub priority: Option<String>,
+
     /// Also append every ring-buffer record to this file, for `tracer replay` (the benchmark
     /// of the agent's own work on recorded traffic). Records hold payload prefixes, so the file
     /// is as sensitive as the traffic; it is created readable by root only.
@@ -148,6 +157,7 @@ impl AgentArgs {
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
             batch_size: self.batch_size.or(file.batch_size),
             batch_timeout_ms: self.batch_timeout_ms.or(file.batch_timeout_ms),
+            priority: self.priority.or(file.priority),
             record: self.record,
         })
     }
@@ -193,6 +203,14 @@ impl AgentArgs {
             a => Ok(Some(a.parse().with_context(|| {
                 format!("--metrics-addr {a:?} is not host:port")
             })?)),
+        }
+    }
+
+    pub fn adaptive_priority(&self) -> anyhow::Result<bool> {
+        match self.priority.as_deref().unwrap_or("normal") {
+            "normal" => Ok(false),
+            "adaptive" => Ok(true),
+            other => bail!("unknown priority {other:?}: use normal or adaptive"),
         }
     }
 

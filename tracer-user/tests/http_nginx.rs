@@ -342,3 +342,68 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
         2
     );
 }
+
+/// A thread's scheduling policy, from field 41 of /proc/PID/task/TID/stat (after the
+/// parenthesized command name, which may hold spaces).
+fn policy(pid: u32, tid: &str) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(38).unwrap().parse().unwrap()
+}
+
+/// `--priority adaptive`: with little traffic the agent's threads (all but its watchdog) run
+/// idle-only (SCHED_IDLE, policy 5), and the spans still arrive, all of them.
+#[test]
+fn an_adaptive_priority_agent_idles_and_still_delivers() {
+    require_root();
+    let (nginx_port, upstream_port, otlp_port) = (free_port(), free_port(), free_port());
+    let _nginx = start_nginx(nginx_port, upstream_port);
+    let receiver = OtlpReceiver::start(otlp_port);
+    let nginx_s = nginx_port.to_string();
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--port",
+        &nginx_s,
+        "--priority",
+        "adaptive",
+        "--batch-timeout-ms",
+        "100",
+        "--metrics-addr",
+        "off",
+    ]);
+    let pid = agent.proc.0.id();
+    let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
+    for _ in 0..20 {
+        assert_eq!(
+            request(&mut conn, &raw_request(&KEEPALIVE[0], nginx_port)).status,
+            200
+        );
+    }
+    drop(conn);
+    // 20 requests, each seen by nginx (server) and by this test (client).
+    wait_for("40 spans at the receiver", Duration::from_secs(20), || {
+        receiver.spans().len() >= 40
+    });
+    let threads: Vec<(String, String, u32)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| {
+            let tid = e.unwrap().file_name().to_string_lossy().to_string();
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+            let p = policy(pid, &tid);
+            (tid, name.trim().to_string(), p)
+        })
+        .collect();
+    eprintln!("agent threads (tid, name, policy): {threads:?}");
+    let log = agent.stop();
+    assert_eq!(receiver.spans().len(), 40, "every span, no more");
+    for (tid, name, p) in &threads {
+        let want = if name == "priority" { 0 } else { 5 };
+        assert_eq!(*p, want, "thread {tid} ({name}) policy");
+    }
+    assert!(
+        threads.iter().any(|(tid, _, _)| *tid == pid.to_string()),
+        "the main thread was checked"
+    );
+    assert!(!log.contains("normal priority throughout"), "{log}");
+}
