@@ -31,8 +31,10 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Measure what tracing costs: nginx under wrk with the agent off and on, side by side, at
-    /// saturation and at 10k and 20k req/s; the kernel cost per traced syscall; the collector's
-    /// ingest rate into its store. Needs root. Prints the figures the README quotes.
+    /// saturation, at 10k and 20k req/s and on one connection, exporting to a collector on the
+    /// same cores and (except at 20k) to a sink standing in for a collector elsewhere; the kernel
+    /// cost per traced syscall; the collector's ingest rate into its store. Needs root. Prints
+    /// the figures the README quotes.
     Bench {
         /// Alternating off/on rounds.
         #[arg(long, default_value_t = 3)]
