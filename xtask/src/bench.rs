@@ -512,26 +512,20 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     w.rps,
                     w.p50_us,
                     w.p99_us,
-                    match mode {
-                        Mode::Untraced => String::new(),
-                        Mode::Traced => format!(
-                            "  agent {:.2} us/req, peak {:.1} MiB; collector {:.2} us/req; \
-                             drops ringbuf {} tables {} export {}; {} requests, spans built {}, \
-                             exported {}, collector got {}",
-                            run.agent_cpu_us_per_req,
-                            run.agent_peak_mib,
-                            run.collector_cpu_us_per_req,
-                            run.ringbuf_drops,
-                            run.table_drops,
-                            run.export_drops,
-                            w.requests,
-                            run.spans_built,
-                            run.spans_exported,
-                            run.collector_spans
-                        ),
-                        Mode::CollectorElsewhere => format!(
-                            "  agent {:.2} us/req, peak {:.1} MiB; drops ringbuf {} tables {} \
-                             export {}; {} requests, spans built {}, exported to the sink {}",
+                    if mode == Mode::Untraced {
+                        String::new()
+                    } else {
+                        let (collector_cpu, delivered) = match mode {
+                            Mode::Traced => (
+                                format!("collector {:.2} us/req; ", run.collector_cpu_us_per_req),
+                                format!(", collector got {}", run.collector_spans),
+                            ),
+                            _ => (String::new(), " to the sink".to_owned()),
+                        };
+                        format!(
+                            "  agent {:.2} us/req, peak {:.1} MiB; {collector_cpu}drops ringbuf \
+                             {} tables {} export {}; {} requests, spans built {}, exported \
+                             {}{delivered}",
                             run.agent_cpu_us_per_req,
                             run.agent_peak_mib,
                             run.ringbuf_drops,
@@ -540,7 +534,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                             w.requests,
                             run.spans_built,
                             run.spans_exported,
-                        ),
+                        )
                     }
                 );
                 results.push(run);
