@@ -700,7 +700,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     eprintln!("tracer: ready");
 
-    let _priority = if adaptive_priority {
+    let priority_watchdog = if adaptive_priority {
         let stats = stats.clone();
         let on_boost = move || {
             stats.agent.priority_boosts.fetch_add(1, Relaxed);
@@ -756,6 +756,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     log::info!("stopping: detaching probes and flushing spans");
+    // Back to normal priority first: the last drain and the flush must not wait for idle CPU.
+    drop(priority_watchdog);
     drain(ring.get_mut(), &mut pipeline);
     pipeline.release_pending(u64::MAX);
     pipeline.flush_outbox();
