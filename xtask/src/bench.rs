@@ -77,6 +77,8 @@ pub struct BenchArgs {
     pub seconds: u64,
     /// Run only the kernel-cost micro-benchmark (a minute instead of ten).
     pub kernel_only: bool,
+    /// Extra arguments for the traced runs' agents (`--agent-arg`).
+    pub agent_args: Vec<String>,
 }
 
 struct Killed(Child);
@@ -453,6 +455,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     ])
                     .args(["--port", &nginx_port.to_string()])
                     .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+                    .args(&args.agent_args)
                     .env("RUST_LOG", "warn");
                     Some(start_ready(cmd, "tracer: ready")?)
                 } else {
@@ -567,6 +570,12 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
          the collector on the same 2 cores, or to a sink standing in for a collector elsewhere ==",
         args.rounds, args.seconds
     );
+    if !args.agent_args.is_empty() {
+        println!(
+            "(the traced agents ran with: {})",
+            args.agent_args.join(" ")
+        );
+    }
     println!(
         "{:<10} {:>6} {:>5} | {:>8} {:>8} {:>8} | {:<11} {:>8} {:>8} {:>8} | {:>13} {:>13}",
         "load",

@@ -45,6 +45,10 @@ enum Cmd {
         /// Only the kernel-cost micro-benchmark (per traced and untraced syscall).
         #[arg(long)]
         kernel_only: bool,
+        /// An extra argument for every traced agent (repeatable), e.g.
+        /// `--agent-arg=--priority --agent-arg=adaptive`.
+        #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Set up, build, and start the collector (store, API, UI on http://127.0.0.1:16686) and the
     /// agent tracing this host, exporting to it. Ctrl-C stops both.
@@ -127,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             kernel_only,
+            agent_args,
         } => {
             setup()?;
             build_release()?;
@@ -136,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     seconds,
                     kernel_only,
+                    agent_args,
                 },
             )
         }
