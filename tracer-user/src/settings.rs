@@ -96,12 +96,11 @@ pub struct AgentArgs {
     #[arg(long)]
     pub batch_timeout_ms: Option<u64>,
 
-    /// `normal`: the agent always runs at the priority it was started with. `adaptive`: it
-    /// runs only on otherwise idle CPU time (SCHED_IDLE) while its ring buffer has room, and at
-    /// normal priority once an eighth of it is waiting, so its bursts of work do not delay the
-    /// traced processes. Measured on 2 cores (collector elsewhere): one connection in a closed
-    /// loop, p99 1.7 ms -> 0.27 ms; at 10k requests/s on 40 connections, the median +20 µs and
-    /// the agent's CPU +8%. Needs CAP_SYS_NICE. [default: normal]
+    /// `adaptive`: the agent runs only on otherwise idle CPU time (SCHED_IDLE) while its ring
+    /// buffer has room, and at normal priority once an eighth of it is waiting, so its bursts
+    /// of work do not delay the traced processes (one connection's p99 1.7 -> 0.3 ms on the
+    /// bench's 2 cores). Needs CAP_SYS_NICE; without it the agent says so and runs normal.
+    /// `normal`: always at the priority it was started with. [default: adaptive]
     #[arg(long, value_parser = ["normal", "adaptive"])]
     pub priority: Option<String>,
 
@@ -207,7 +206,7 @@ impl AgentArgs {
     }
 
     pub fn adaptive_priority(&self) -> anyhow::Result<bool> {
-        match self.priority.as_deref().unwrap_or("normal") {
+        match self.priority.as_deref().unwrap_or("adaptive") {
             "normal" => Ok(false),
             "adaptive" => Ok(true),
             other => bail!("unknown priority {other:?}: use normal or adaptive"),

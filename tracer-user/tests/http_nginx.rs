@@ -351,10 +351,10 @@ fn policy(pid: u32, tid: &str) -> u32 {
     after_name.split(' ').nth(38).unwrap().parse().unwrap()
 }
 
-/// `--priority adaptive`: with little traffic the agent's threads (all but its watchdog) run
-/// idle-only (SCHED_IDLE, policy 5), and the spans still arrive, all of them.
+/// The default `--priority adaptive`: with little traffic the agent's threads (all but its
+/// watchdog) run idle-only (SCHED_IDLE, policy 5), and the spans still arrive, all of them.
 #[test]
-fn an_adaptive_priority_agent_idles_and_still_delivers() {
+fn by_default_the_agent_idles_while_it_has_room_and_still_delivers() {
     require_root();
     let (nginx_port, upstream_port, otlp_port) = (free_port(), free_port(), free_port());
     let _nginx = start_nginx(nginx_port, upstream_port);
@@ -365,8 +365,6 @@ fn an_adaptive_priority_agent_idles_and_still_delivers() {
         &receiver.endpoint(),
         "--port",
         &nginx_s,
-        "--priority",
-        "adaptive",
         "--batch-timeout-ms",
         "100",
         "--metrics-addr",
