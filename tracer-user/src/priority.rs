@@ -33,7 +33,17 @@ use crate::ring::RingFill;
 /// CPU ~8% against normal priority (5 alternated rounds); every 20 ms both were lower than at
 /// normal priority (p50 341 -> 307 µs, 4.11 -> 3.91 µs, 5 rounds). In 20 ms at saturation the
 /// probes fill ~1 MiB, an eighth of the default ring: the boost comes with most of it to spare.
+/// A smaller ring (`--ring-buffer-mib`) is checked proportionally more often.
 const CHECK_EVERY: Duration = Duration::from_millis(20);
+/// The ring size `CHECK_EVERY` is meant for.
+const DEFAULT_RING_BYTES: u64 = 8 << 20;
+
+/// How often to look at a ring of `size` bytes: as often, relative to its size, as the default
+/// ring is every `CHECK_EVERY`, but no more than every 2 ms.
+fn check_period(size: u64) -> Duration {
+    let scaled = CHECK_EVERY.as_micros() as u64 * size / DEFAULT_RING_BYTES;
+    Duration::from_micros(scaled.clamp(2_000, CHECK_EVERY.as_micros() as u64))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Policy {
@@ -148,6 +158,7 @@ fn set_process_policy(policy: Policy) -> std::io::Result<()> {
 
 fn watchdog(size: u64, unread: &dyn Fn() -> u64, on_boost: &dyn Fn(), stop: &AtomicBool) {
     let (boost_at, relax_at) = (size / 8, size / 64);
+    let period = check_period(size);
     let mut policy = Policy::Normal;
     while !stop.load(Relaxed) {
         let unread = unread();
@@ -173,7 +184,7 @@ fn watchdog(size: u64, unread: &dyn Fn() -> u64, on_boost: &dyn Fn(), stop: &Ato
                 }
             }
         }
-        std::thread::sleep(CHECK_EVERY);
+        std::thread::sleep(period);
     }
     let _ = set_process_policy(Policy::Normal);
 }
@@ -190,6 +201,14 @@ mod tests {
     fn policy_of(tid: libc::pid_t) -> libc::c_int {
         // SAFETY: sched_getscheduler has no preconditions.
         unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    #[test]
+    fn smaller_rings_are_checked_more_often() {
+        assert_eq!(check_period(8 << 20), Duration::from_millis(20));
+        assert_eq!(check_period(64 << 20), Duration::from_millis(20));
+        assert_eq!(check_period(2 << 20), Duration::from_millis(5));
+        assert_eq!(check_period(64_000), Duration::from_millis(2));
     }
 
     /// Waits up to a second for `cond`.
