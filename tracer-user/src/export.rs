@@ -50,6 +50,10 @@ pub struct ExportConfig {
     pub batch_timeout: Duration,
     /// Spans waiting for export at most; past that new spans are dropped and counted.
     pub queue_capacity: usize,
+    /// Memory the spans waiting for export may take (their buffers, as allocated); past that
+    /// new spans are dropped and counted. Keeps the agent's size bounded whatever the spans'
+    /// size, while `queue_capacity` bounds their number.
+    pub queue_bytes: usize,
     /// Extra CA certificate (PEM) to trust for an https endpoint.
     pub ca_cert: Option<std::path::PathBuf>,
     /// How long shutdown waits to deliver what is buffered.
@@ -120,6 +124,25 @@ impl SpanBatch {
         self.spans.len()
     }
 
+    /// What the batch holds on to: its buffers as allocated, not as filled.
+    fn memory(&self) -> usize {
+        self.bytes.capacity() + self.spans.capacity() * std::mem::size_of::<BatchEntry>()
+    }
+
+    /// The same spans in buffers of their size, when this batch's buffers are mostly empty: a
+    /// drain of a few spans fills a few hundred bytes of the `BATCH_BYTES` it was given, and
+    /// with the collector down, thousands of them would wait, each holding its full size.
+    fn compacted(&mut self) -> Option<SpanBatch> {
+        if self.bytes.len() * 4 >= self.bytes.capacity() {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(self.bytes.len());
+        bytes.extend_from_slice(&self.bytes);
+        let mut spans = Vec::with_capacity(self.spans.len());
+        spans.append(&mut self.spans);
+        Some(SpanBatch { bytes, spans })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }
@@ -168,6 +191,10 @@ impl Recycler {
         for mut batch in batches {
             if pool.len() >= KEEP_BATCHES {
                 break;
+            }
+            if batch.bytes.capacity() < BATCH_BYTES {
+                // A compacted batch: a drain would have to grow it.
+                continue;
             }
             batch.clear();
             pool.push(batch);
@@ -281,6 +308,18 @@ pub struct SpanSender {
 struct QueueBound {
     queued: AtomicUsize,
     capacity: usize,
+    /// `SpanBatch::memory` of those spans' batches, and its bound.
+    queued_bytes: AtomicUsize,
+    capacity_bytes: usize,
+}
+
+impl QueueBound {
+    /// `parts` left the queue for a request.
+    fn taken(&self, parts: &[SpanBatch]) {
+        self.queued.fetch_sub(span_count(parts), Relaxed);
+        let memory = parts.iter().map(SpanBatch::memory).sum();
+        self.queued_bytes.fetch_sub(memory, Relaxed);
+    }
 }
 
 impl SpanSender {
@@ -289,8 +328,28 @@ impl SpanSender {
         if items.is_empty() {
             return;
         }
+        if let Some(small) = items.compacted() {
+            self.recycler
+                .return_batches(std::iter::once(std::mem::replace(&mut items, small)));
+        }
         let queued = self.queue.queued.load(Relaxed);
-        let room = self.queue.capacity.saturating_sub(queued);
+        let mut room = self.queue.capacity.saturating_sub(queued);
+        let queued_bytes = self.queue.queued_bytes.load(Relaxed);
+        if queued_bytes + items.memory() > self.queue.capacity_bytes {
+            // Keep the spans whose bytes fit: the batch's buffers are as large as before, so
+            // this slightly overshoots the bound, by at most one batch.
+            let bytes_room = self.queue.capacity_bytes.saturating_sub(queued_bytes);
+            let mut fit = 0;
+            let mut used = 0;
+            for entry in &items.spans {
+                used += entry.len as usize + std::mem::size_of::<BatchEntry>();
+                if used > bytes_room {
+                    break;
+                }
+                fit += 1;
+            }
+            room = room.min(fit);
+        }
         if items.len() > room {
             let dropped = (items.len() - room) as u64;
             items.truncate(room);
@@ -303,10 +362,13 @@ impl SpanSender {
             return;
         }
         let count = items.len();
+        let memory = items.memory();
         self.queue.queued.fetch_add(count, Relaxed);
+        self.queue.queued_bytes.fetch_add(memory, Relaxed);
         if self.tx.send(items).is_err() {
             // The exporter is gone (shutdown): nothing will deliver these.
             self.queue.queued.fetch_sub(count, Relaxed);
+            self.queue.queued_bytes.fetch_sub(memory, Relaxed);
             self.stats.dropped_shutdown.fetch_add(count as u64, Relaxed);
         }
     }
@@ -615,6 +677,8 @@ pub fn spawn(
     let queue = Arc::new(QueueBound {
         queued: AtomicUsize::new(0),
         capacity: config.queue_capacity.max(1),
+        queued_bytes: AtomicUsize::new(0),
+        capacity_bytes: config.queue_bytes.max(BATCH_BYTES),
     });
     let limiter = Arc::new(LogLimiter::new(Duration::from_secs(10)));
     let shutdown_timeout = config.shutdown_timeout;
@@ -662,7 +726,7 @@ pub fn spawn(
                 }
             }
             let deadline = closed.then(|| Instant::now() + shutdown_timeout);
-            bound.queued.fetch_sub(spans, Relaxed);
+            bound.taken(&waiting);
             exporter.launch(&waiting, deadline).await;
             exporter.recycler.return_batches(waiting.drain(..));
         }
@@ -679,7 +743,7 @@ pub fn spawn(
                 spans += rest[n].len();
                 n += 1;
             }
-            bound.queued.fetch_sub(spans, Relaxed);
+            bound.taken(&rest[..n]);
             exporter.launch(&rest[..n], Some(deadline)).await;
             rest = &rest[n..];
         }
@@ -788,6 +852,86 @@ mod tests {
         let b = recycler.batch();
         assert!(b.is_empty() && b.bytes_len() == 0);
         assert!(b.bytes.capacity() >= BATCH_BYTES);
+    }
+
+    fn sender(queue_bytes: usize) -> (SpanSender, mpsc::UnboundedReceiver<SpanBatch>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(QueueBound {
+            queued: AtomicUsize::new(0),
+            capacity: usize::MAX,
+            queued_bytes: AtomicUsize::new(0),
+            capacity_bytes: queue_bytes,
+        });
+        let sender = SpanSender {
+            tx,
+            recycler: Recycler::default(),
+            queue,
+            stats: Arc::default(),
+            limiter: Arc::new(LogLimiter::new(Duration::from_secs(10))),
+        };
+        (sender, rx)
+    }
+
+    /// With the collector down, drains of a span or two each must not hold a drain batch's
+    /// full buffers each: 1,000 of them would take 60 MiB.
+    #[test]
+    fn small_drains_wait_in_buffers_of_their_size() {
+        let (sender, mut rx) = sender(1024 * 1024);
+        let resource = resource("a");
+        for i in 0..1000 {
+            let mut b = sender.recycler.batch();
+            b.push(
+                resource.clone(),
+                &span(&format!("/{i}")),
+                &mut String::new(),
+            );
+            sender.send(b);
+        }
+        assert_eq!(sender.stats.dropped_queue_full.load(Relaxed), 0);
+        let queued = sender.queue.queued_bytes.load(Relaxed);
+        assert!(queued < 1024 * 1024, "{queued} bytes queued");
+        // The drain's buffers came back each time, to be reused by the next drain.
+        let pool = lock(&sender.recycler.batches);
+        assert_eq!(pool.len(), 1);
+        assert!(pool[0].bytes.capacity() >= BATCH_BYTES && pool[0].is_empty());
+        drop(pool);
+        let mut got = 0;
+        while let Ok(b) = rx.try_recv() {
+            assert_eq!(
+                b.memory(),
+                b.bytes_len() + b.len() * 16,
+                "buffers of their size"
+            );
+            got += b.len();
+        }
+        assert_eq!(got, 1000);
+    }
+
+    /// Past the memory bound, spans are dropped and counted; what is queued stays within it
+    /// (give or take the last batch's unused room).
+    #[test]
+    fn the_queue_is_bounded_in_memory() {
+        let bound = 4 * BATCH_BYTES;
+        let (sender, mut rx) = sender(bound);
+        let resource = resource("a");
+        let mut sent = 0;
+        for _ in 0..10 {
+            let mut b = sender.recycler.batch();
+            while b.bytes_len() < OUTBOX_BYTES {
+                b.push(resource.clone(), &span("/full"), &mut String::new());
+            }
+            sent += b.len();
+            sender.send(b);
+        }
+        let queued = sender.queue.queued_bytes.load(Relaxed);
+        assert!(queued <= bound + BATCH_BYTES, "{queued} bytes queued");
+        let mut got = 0;
+        while let Ok(b) = rx.try_recv() {
+            got += b.len();
+        }
+        let dropped = sender.stats.dropped_queue_full.load(Relaxed) as usize;
+        assert!(dropped > 0 && got > 0);
+        assert_eq!(got + dropped, sent);
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub struct AgentArgs {
     #[arg(long)]
     pub queue_capacity: Option<usize>,
 
+    /// Memory the spans held for export may take, in MiB; beyond, new spans are dropped and
+    /// counted. Bounds the agent's size while the collector is down or slow (nginx's spans take
+    /// ~400 bytes: 16 MiB holds ~40,000). [default: 16]
+    #[arg(long)]
+    pub queue_mib: Option<u32>,
+
     /// Spans per export request (requests take whole drain batches of up to 48 KiB, so one may
     /// hold ~100 spans more). [default: 2048]
     #[arg(long)]
@@ -116,6 +122,11 @@ pub struct AgentArgs {
 /// default) this cut the collector's CPU per span by a fifth at 10k requests/s (a commit and a
 /// request's handling per batch), and the agent's did not change.
 const DEFAULT_BATCH_SIZE: usize = 2048;
+
+/// Memory for spans waiting for export by default. Bounded by count alone (65,536), a full
+/// queue of nginx's spans took the agent from 46 to 70 MiB at peak (collector slower than the
+/// traffic, `cargo xtask bench`), past the 64 MiB budget.
+const DEFAULT_QUEUE_MIB: u32 = 16;
 
 fn vec_or<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
     if a.is_empty() {
@@ -154,6 +165,7 @@ impl AgentArgs {
             stats: self.stats || file.stats,
             ring_buffer_mib: self.ring_buffer_mib.or(file.ring_buffer_mib),
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
+            queue_mib: self.queue_mib.or(file.queue_mib),
             batch_size: self.batch_size.or(file.batch_size),
             batch_timeout_ms: self.batch_timeout_ms.or(file.batch_timeout_ms),
             priority: self.priority.or(file.priority),
@@ -191,6 +203,7 @@ impl AgentArgs {
             batch_size: self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
             batch_timeout: Duration::from_millis(self.batch_timeout_ms.unwrap_or(500)),
             queue_capacity: self.queue_capacity.unwrap_or(65536),
+            queue_bytes: self.queue_mib.unwrap_or(DEFAULT_QUEUE_MIB) as usize * 1024 * 1024,
             ca_cert: self.ca_cert.clone(),
             shutdown_timeout: Duration::from_secs(5),
         })
