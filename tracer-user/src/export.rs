@@ -136,11 +136,12 @@ impl SpanBatch {
         if self.bytes.len() * 4 >= self.bytes.capacity() {
             return None;
         }
-        let mut bytes = Vec::with_capacity(self.bytes.len());
-        bytes.extend_from_slice(&self.bytes);
-        let mut spans = Vec::with_capacity(self.spans.len());
-        spans.append(&mut self.spans);
-        Some(SpanBatch { bytes, spans })
+        // `to_vec` and `collect` from `drain` allocate exactly the length; the drained batch
+        // keeps its buffers for the pool.
+        Some(SpanBatch {
+            bytes: self.bytes.to_vec(),
+            spans: self.spans.drain(..).collect(),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
