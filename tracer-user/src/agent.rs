@@ -94,8 +94,79 @@ struct ConnMeta {
 pub(crate) enum Sink {
     Otlp(SpanSender),
     Stdout,
-    /// `tracer replay`: each drain's spans are encoded into a request, then dropped.
-    Discard(export::Encoder, Vec<u8>),
+    /// `tracer replay`: each drain's spans are laid out into a request as the exporter would
+    /// (heads around the batches), then dropped.
+    Discard(export::Encoder, Vec<u8>, export::Recycler),
+}
+
+impl Sink {
+    /// For `tracer replay`.
+    pub(crate) fn discard() -> Self {
+        Sink::Discard(
+            export::Encoder::default(),
+            Vec::new(),
+            export::Recycler::default(),
+        )
+    }
+}
+
+/// Spans on their way out: encoded into a batch per resource, and handed to the sink once per
+/// drain, or as soon as a batch holds `OUTBOX_BYTES`.
+struct Outbox {
+    sink: Sink,
+    batches: Vec<SpanBatch>,
+    /// Scratch space for span names.
+    name: String,
+}
+
+impl Outbox {
+    /// Encodes a final span for the exporter (by reference: moving a span is a `memcpy` call,
+    /// which was 4% of the agent's time).
+    fn send(&mut self, resource: &Arc<ExportResource>, span: &HttpSpan) {
+        let recycler = match &self.sink {
+            Sink::Otlp(tx) => &tx.recycler,
+            Sink::Discard(_, _, recycler) => recycler,
+            Sink::Stdout => {
+                println!("{}", stdout_line(&resource.proto, &span.to_proto()));
+                return;
+            }
+        };
+        // A drain sees a few processes: a scan beats a hash.
+        let i = match self.batches.iter().position(|b| b.is_for(resource)) {
+            Some(i) => i,
+            None => {
+                self.batches.push(recycler.batch(resource));
+                self.batches.len() - 1
+            }
+        };
+        let batch = &mut self.batches[i];
+        batch.push(span, &mut self.name);
+        if batch.bytes_len() >= OUTBOX_BYTES {
+            let full = self.batches.swap_remove(i);
+            self.hand_over(full);
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut batches = std::mem::take(&mut self.batches);
+        for batch in batches.drain(..) {
+            self.hand_over(batch);
+        }
+        self.batches = batches;
+    }
+
+    fn hand_over(&mut self, batch: SpanBatch) {
+        match &mut self.sink {
+            Sink::Otlp(tx) => tx.send(batch),
+            Sink::Discard(encoder, heads, recycler) => {
+                heads.clear();
+                let pieces = encoder.layout(std::slice::from_ref(&batch), heads);
+                std::hint::black_box(&pieces);
+                recycler.return_batches(std::iter::once(batch));
+            }
+            Sink::Stdout => {}
+        }
+    }
 }
 
 pub(crate) struct Filters {
@@ -156,7 +227,7 @@ pub struct Pipeline {
     host_ips: Vec<std::net::IpAddr>,
     rules: Vec<ServiceRule>,
     filters: Filters,
-    sink: Sink,
+    out: Outbox,
     /// The probes' connection table, to mute connections; none when replaying a recording.
     kernel_conns: Option<Connections>,
     /// `--record`: every record is appended here too.
@@ -164,16 +235,7 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     clock_offset: i128,
     exchanges: Vec<Exchange>,
-    /// Spans for the exporter, handed over once per drain.
-    outbox: SpanBatch,
-    /// Scratch space for span names.
-    name: String,
-    /// Server spans waiting for their client's span on this host, by (server local, server remote).
-    pending_servers: HashMap<
-        (SocketAddr, SocketAddr),
-        std::collections::VecDeque<PendingServer>,
-        BuildHasherDefault<FxHasher>,
-    >,
+    pending_servers: PendingServers,
 }
 
 /// One span with the resource (process) it belongs to.
@@ -188,6 +250,31 @@ struct PendingServer {
     start_ns: u64,
     end_ns: u64,
     deadline: u64,
+}
+
+/// Server spans waiting for their client's span on this host, by (server local, server remote).
+type PendingServers = HashMap<
+    (SocketAddr, SocketAddr),
+    std::collections::VecDeque<PendingServer>,
+    BuildHasherDefault<FxHasher>,
+>;
+
+/// The held server span on the other end of this client's connection (`server`: the server's
+/// local and remote ends) whose request falls within the client's (the server reads after the
+/// client writes, answers before it reads).
+fn take_server_of(
+    pending: &mut PendingServers,
+    server: (SocketAddr, SocketAddr),
+    client_start: u64,
+    client_end: u64,
+) -> Option<SpanItem> {
+    let queue = pending.get_mut(&server)?;
+    let pos = queue
+        .iter()
+        .position(|p| p.start_ns >= client_start && p.end_ns <= client_end)?;
+    // An emptied queue stays (housekeeping drops it): the connection's next request would
+    // allocate it again.
+    queue.remove(pos).map(|p| p.item)
 }
 
 /// How long a server span waits for its client's span from the same host.
@@ -231,14 +318,16 @@ impl Pipeline {
             host_ips,
             rules,
             filters,
-            sink,
+            out: Outbox {
+                sink,
+                batches: Vec::new(),
+                name: String::new(),
+            },
             kernel_conns: None,
             recording: None,
             stats,
             clock_offset: spans::monotonic_to_unix_offset(),
             exchanges: Vec::new(),
-            outbox: SpanBatch::default(),
-            name: String::new(),
             pending_servers: HashMap::default(),
         }
     }
@@ -379,35 +468,43 @@ impl Pipeline {
 
     fn emit(&mut self, ex: Exchange) {
         count(&self.stats.agent.exchanges);
-        let Some(meta) = self.conns.get(&ex.conn) else {
+        let role = ex.role;
+        let meta = match self.conns.get(&ex.conn) {
+            Some(meta) if matches!(&meta.resource, Some((r, _)) if *r == role) => meta,
+            // First span of the connection (one map lookup more, once per connection).
+            Some(meta) => {
+                let (tgid, comm, port) = (meta.tgid, meta.comm, meta.ends.local.port());
+                let resource = self.resource_of(tgid, &comm, role, port);
+                if let Some(meta) = self.conns.get_mut(&ex.conn) {
+                    meta.resource = Some((role, resource));
+                }
+                match self.conns.get(&ex.conn) {
+                    Some(meta) => meta,
+                    None => return,
+                }
+            }
+            None => return,
+        };
+        // Borrowed, not cloned: an `Arc` clone and drop a span, atomic operations right after
+        // the span's stores, were a measurable share of the agent's time.
+        let Some((_, resource)) = &meta.resource else {
             return;
         };
-        let role = ex.role;
         let ends = meta.ends.clone();
-        let resource = match &meta.resource {
-            Some((r, resource)) if *r == role => resource.clone(),
-            // First span of the connection (one map lookup more, once per connection).
-            _ => {
-                let (tgid, comm) = (meta.tgid, meta.comm);
-                let resource = self.resource_of(tgid, &comm, role, ends.local.port());
-                if let Some(meta) = self.conns.get_mut(&ex.conn) {
-                    meta.resource = Some((role, resource.clone()));
-                }
-                resource
-            }
-        };
         let (local, remote) = (ends.local, ends.remote);
         let offset = self.clock_offset;
         let (start_ns, end_ns) = (ex.start_ns, ex.end_ns);
         let span = HttpSpan::new(ex, ends, |mono| (i128::from(mono) + offset).max(0) as u64);
         count(&self.stats.agent.spans);
-        let item = SpanItem { resource, span };
         match role {
             // The client of this request may run on this host: hold the span briefly so the
             // client's span, which completes after it, can become its parent.
             Role::Server if self.is_this_host(remote.ip()) => {
                 let pending = PendingServer {
-                    item,
+                    item: SpanItem {
+                        resource: resource.clone(),
+                        span,
+                    },
                     start_ns,
                     end_ns,
                     deadline: end_ns + LINK_WAIT.as_nanos() as u64,
@@ -419,16 +516,18 @@ impl Pipeline {
                 return;
             }
             Role::Client => {
-                if let Some(mut server) = self.take_server_of(remote, local, start_ns, end_ns) {
-                    server.span.trace_id = item.span.trace_id;
-                    server.span.parent_span_id = Some(item.span.span_id);
+                let server =
+                    take_server_of(&mut self.pending_servers, (remote, local), start_ns, end_ns);
+                if let Some(mut server) = server {
+                    server.span.trace_id = span.trace_id;
+                    server.span.parent_span_id = Some(span.span_id);
                     server.span.linked = true;
-                    self.send(&server);
+                    self.out.send(&server.resource, &server.span);
                 }
             }
             Role::Server => {}
         }
-        self.send(&item);
+        self.out.send(resource, &span);
     }
 
     /// The resource of a process's spans in `role`: looked up once per connection.
@@ -453,66 +552,13 @@ impl Pipeline {
         r
     }
 
-    /// Encodes a final span for the exporter (by reference: moving a span is a `memcpy` call,
-    /// which was 4% of the agent's time).
-    fn send(&mut self, item: &SpanItem) {
-        match &self.sink {
-            Sink::Otlp(_) | Sink::Discard(..) => {
-                self.outbox
-                    .push(item.resource.clone(), &item.span, &mut self.name);
-                if self.outbox.bytes_len() >= OUTBOX_BYTES {
-                    self.flush_outbox();
-                }
-            }
-            Sink::Stdout => println!(
-                "{}",
-                stdout_line(&item.resource.proto, &item.span.to_proto())
-            ),
-        }
-    }
-
     /// Hands the spans of this drain (or `OUTBOX_BYTES` of them) to the exporter in one go.
     pub(crate) fn flush_outbox(&mut self) {
-        if self.outbox.is_empty() {
-            return;
-        }
-        match &mut self.sink {
-            Sink::Otlp(tx) => {
-                let next = tx.recycler.batch();
-                tx.send(std::mem::replace(&mut self.outbox, next));
-            }
-            Sink::Discard(encoder, body) => {
-                encoder.protobuf_into(std::slice::from_ref(&self.outbox), body);
-                std::hint::black_box(&body);
-                body.clear();
-                self.outbox.clear();
-            }
-            Sink::Stdout => {}
-        }
+        self.out.flush();
     }
 
     fn is_this_host(&self, ip: std::net::IpAddr) -> bool {
         ip.is_loopback() || self.host_ips.contains(&ip)
-    }
-
-    /// The held server span on the other end of this client's connection whose request falls
-    /// within the client's (the server reads after the client writes, answers before it reads).
-    fn take_server_of(
-        &mut self,
-        server_local: SocketAddr,
-        server_remote: SocketAddr,
-        client_start: u64,
-        client_end: u64,
-    ) -> Option<SpanItem> {
-        let queue = self
-            .pending_servers
-            .get_mut(&(server_local, server_remote))?;
-        let pos = queue
-            .iter()
-            .position(|p| p.start_ns >= client_start && p.end_ns <= client_end)?;
-        // An emptied queue stays (housekeeping drops it): the connection's next request would
-        // allocate it again.
-        queue.remove(pos).map(|p| p.item)
     }
 
     /// Sends held server spans whose client never showed up (it is not traced, or not local).
@@ -525,7 +571,7 @@ impl Pipeline {
             }
         }
         for item in due {
-            self.send(&item);
+            self.out.send(&item.resource, &item.span);
         }
     }
 
@@ -765,7 +811,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Detach before flushing: nothing new comes in while we wait on the collector.
     drop(ring);
     drop(probes);
-    let sink = std::mem::replace(&mut pipeline.sink, Sink::Stdout);
+    let sink = std::mem::replace(&mut pipeline.out.sink, Sink::Stdout);
     drop(pipeline);
     drop(sink);
     if let Some(handle) = exporter {
@@ -856,7 +902,7 @@ mod tests {
     #[test]
     fn connections_are_announced_once_and_unannounced_data_is_counted() {
         let stats = Arc::new(Stats::default());
-        let sink = Sink::Discard(export::Encoder::default(), Vec::new());
+        let sink = Sink::discard();
         let mut pipeline =
             Pipeline::new(Vec::new(), Filters::only_ports(vec![]), sink, stats.clone());
         let request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";

@@ -8,7 +8,6 @@ use anyhow::Context as _;
 
 use crate::{
     agent::{summary, Filters, Pipeline, Sink, Stats},
-    export,
     records::{self, Record},
 };
 
@@ -111,7 +110,7 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
     }
     let stats = Arc::new(Stats::default());
     let filters = Filters::only_ports(ports);
-    let sink = Sink::Discard(export::Encoder::default(), Vec::new());
+    let sink = Sink::discard();
     let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());
     let cpu = || {
         // SAFETY: getrusage fills the struct it is given.
