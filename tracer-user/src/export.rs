@@ -851,7 +851,8 @@ pub fn spawn(
         queued_bytes: AtomicUsize::new(0),
         capacity_bytes: config.queue_bytes.max(BATCH_BYTES),
     });
-    let limiter = Arc::new(LogLimiter::new(Duration::from_secs(10)));
+    // One limiter a message: with one for both, a retry warning silenced the first drops'.
+    let log_every = Duration::from_secs(10);
     let shutdown_timeout = config.shutdown_timeout;
     let batch_size = config.batch_size.max(1);
     let batch_timeout = config.batch_timeout;
@@ -860,7 +861,7 @@ pub fn spawn(
             config,
             client,
             stats: stats.clone(),
-            limiter: limiter.clone(),
+            limiter: Arc::new(LogLimiter::new(log_every)),
         }),
         encoder: Encoder::default(),
         in_flight: tokio::task::JoinSet::new(),
@@ -927,7 +928,7 @@ pub fn spawn(
             recycler,
             queue,
             stats,
-            limiter,
+            limiter: Arc::new(LogLimiter::new(log_every)),
         },
         handle,
     ))
