@@ -90,6 +90,32 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the scratch directories earlier test runs left in the temp dir (`tracer-test-*`,
+/// `tracer-store-*`: stores, nginx prefixes; ~100 MB a run). The last run's stay until the
+/// next one, to look at after a failure.
+fn remove_scratch_dirs() {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if (name.starts_with("tracer-test-") || name.starts_with("tracer-store-"))
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        eprintln!(
+            "xtask: removed {removed} scratch directories of earlier test runs from {}",
+            tmp.display()
+        );
+    }
+}
+
 fn setup() -> anyhow::Result<()> {
     run(Command::new("bash").arg("scripts/setup.sh"))
 }
@@ -114,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             run(Command::new("cargo")
                 .args(["+nightly", "clippy", "--release", "--", "-D", "warnings"])
                 .current_dir(root().join("tracer-ebpf")))?;
+            remove_scratch_dirs();
             // One test binary at a time: each integration test loads its own probes and starts
             // real servers; running them in parallel on 2 cores makes timings noisy.
             run(Command::new("cargo")
