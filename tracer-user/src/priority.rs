@@ -17,14 +17,22 @@
 //! records at 20k requests/s. The default since it measured better or equal at every load
 //! (README): one connection p99 1.3–1.8 ms -> 0.22–0.31 ms, saturation +6–13% requests, 10k
 //! median and agent CPU slightly lower; 0 drops.
+//!
+//! While records trickle in (under ~5k requests/s) the watchdog does not poll: it waits for
+//! the probes' own wake-up of the ring buffer (sent when 256 KiB are waiting), or 100 ms. A
+//! wake-up costs ~30–60 µs of CPU on a VM whose idle CPUs halt, and 50 checks a second were
+//! most of an idle agent's CPU.
 use std::{
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering::Relaxed},
         Arc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use tracer_common::WAKEUP_THRESHOLD_BYTES;
 
 use crate::ring::RingFill;
 
@@ -37,6 +45,59 @@ use crate::ring::RingFill;
 const CHECK_EVERY: Duration = Duration::from_millis(20);
 /// The ring size `CHECK_EVERY` is meant for.
 const DEFAULT_RING_BYTES: u64 = 8 << 20;
+/// The longest wait for the probes' wake-up while records trickle in. The wake-up is the signal;
+/// this bounds what a wake-up lost to a race between CPUs (see the probes' `wake_flags`) costs.
+const QUIET_WAIT: Duration = Duration::from_millis(100);
+
+/// Waits for the ring buffer's wake-ups: one event per wake-up the probes send (edge
+/// triggered, so records waiting do not keep it ready).
+pub struct RingWakeups {
+    epoll: OwnedFd,
+}
+
+impl RingWakeups {
+    pub fn new(ring: BorrowedFd<'_>) -> std::io::Result<Self> {
+        // SAFETY: epoll_create1 has no preconditions; the fd it returns is ours.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: both fds are open; epoll_ctl reads `event`.
+        let added = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                ring.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if added != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RingWakeups { epoll })
+    }
+
+    /// Returns at the next wake-up (or at once, for one sent since the last call), or after
+    /// `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one event's room for epoll_wait to write.
+        unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                &mut event,
+                1,
+                timeout.as_millis() as libc::c_int,
+            )
+        };
+    }
+}
 
 /// How often to look at a ring of `size` bytes: as often, relative to its size, as the default
 /// ring is every `CHECK_EVERY`, but no more than every 2 ms.
@@ -112,15 +173,37 @@ impl Drop for Watchdog {
 /// Puts the process's threads (all but the watchdog's own) under the watchdog: idle-only
 /// while `fill` shows room. `on_boost` is called at each switch to normal priority. Returns
 /// why not when this process may not switch back and forth.
-pub fn watch(fill: RingFill, on_boost: impl Fn() + Send + 'static) -> Result<Watchdog, String> {
+pub fn watch(
+    fill: RingFill,
+    wakeups: RingWakeups,
+    on_boost: impl Fn() + Send + 'static,
+) -> Result<Watchdog, String> {
     let size = fill.size();
-    watch_level(size, move || fill.unread(), on_boost)
+    let ring = Ring {
+        unread: Box::new({
+            let fill = fill.clone();
+            move || fill.unread()
+        }),
+        produced: Box::new(move || fill.produced()),
+        wait: Box::new(move |timeout| wakeups.wait(timeout)),
+    };
+    watch_level(size, ring, on_boost)
 }
 
-/// [`watch`] on any measure of the backlog: `unread()` of `size`.
+/// What the watchdog needs of the ring (a trait object so that the tests can stand in for it).
+struct Ring {
+    /// Bytes waiting for the drain.
+    unread: Box<dyn Fn() -> u64 + Send>,
+    /// Bytes written in all.
+    produced: Box<dyn Fn() -> u64 + Send>,
+    /// Returns at the probes' next wake-up, or after the timeout.
+    wait: Box<dyn Fn(Duration) + Send>,
+}
+
+/// [`watch`] on any `ring` of `size` bytes.
 fn watch_level(
     size: u64,
-    unread: impl Fn() -> u64 + Send + 'static,
+    ring: Ring,
     on_boost: impl Fn() + Send + 'static,
 ) -> Result<Watchdog, String> {
     can_leave_idle()?;
@@ -129,7 +212,7 @@ fn watch_level(
         .name("priority".into())
         .spawn({
             let stop = stop.clone();
-            move || watchdog(size, &unread, &on_boost, &stop)
+            move || watchdog(size, &ring, &on_boost, &stop)
         })
         .map_err(|e| format!("cannot start the priority watchdog: {e}"))?;
     Ok(Watchdog {
@@ -156,12 +239,13 @@ fn set_process_policy(policy: Policy) -> std::io::Result<()> {
     Ok(())
 }
 
-fn watchdog(size: u64, unread: &dyn Fn() -> u64, on_boost: &dyn Fn(), stop: &AtomicBool) {
+fn watchdog(size: u64, ring: &Ring, on_boost: &dyn Fn(), stop: &AtomicBool) {
     let (boost_at, relax_at) = (size / 8, size / 64);
     let period = check_period(size);
     let mut policy = Policy::Normal;
+    let (mut last_produced, mut last_check) = ((ring.produced)(), Instant::now());
     while !stop.load(Relaxed) {
-        let unread = unread();
+        let unread = (ring.unread)();
         let want = match policy {
             Policy::Idle if unread >= boost_at => Policy::Normal,
             Policy::Normal if unread <= relax_at => Policy::Idle,
@@ -184,7 +268,20 @@ fn watchdog(size: u64, unread: &dyn Fn() -> u64, on_boost: &dyn Fn(), stop: &Ato
                 }
             }
         }
-        std::thread::sleep(period);
+        // Records trickle in when less than a quarter of the wake-up threshold arrives per
+        // period. Then, with the backlog under the threshold, the probes will wake the ring
+        // before it reaches it: wait for that instead of polling. Above the threshold the
+        // wake-up has been sent already (the drain may be starved): poll.
+        let produced = (ring.produced)();
+        let elapsed = last_check.elapsed().as_nanos().max(1);
+        let per_period = u128::from(produced - last_produced) * period.as_nanos() / elapsed;
+        (last_produced, last_check) = (produced, Instant::now());
+        let trickle = per_period < u128::from(WAKEUP_THRESHOLD_BYTES / 4);
+        if policy == Policy::Idle && trickle && unread < WAKEUP_THRESHOLD_BYTES {
+            (ring.wait)(QUIET_WAIT);
+        } else {
+            std::thread::sleep(period);
+        }
     }
     let _ = set_process_policy(Policy::Normal);
 }
@@ -211,6 +308,12 @@ mod tests {
         assert_eq!(check_period(64_000), Duration::from_millis(2));
     }
 
+    /// A watchdog sets the policy of every thread of the process: one test at a time.
+    fn lock_policies() -> std::sync::MutexGuard<'static, ()> {
+        static POLICIES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        POLICIES.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits up to a second for `cond`.
     fn eventually(cond: impl Fn() -> bool) -> bool {
         let start = Instant::now();
@@ -228,22 +331,24 @@ mod tests {
     /// normal for good when the watchdog stops.
     #[test]
     fn threads_go_idle_with_room_and_normal_when_records_pile_up() {
+        let _one_at_a_time = lock_policies();
         let level = Arc::new(AtomicU64::new(0));
         let boosts = Arc::new(AtomicU64::new(0));
         let me = current_tid();
-        let watchdog = watch_level(
-            64_000,
-            {
+        let ring = Ring {
+            unread: Box::new({
                 let level = level.clone();
                 move || level.load(Relaxed)
-            },
-            {
-                let boosts = boosts.clone();
-                move || {
-                    boosts.fetch_add(1, Relaxed);
-                }
-            },
-        )
+            }),
+            produced: Box::new(|| 0),
+            wait: Box::new(std::thread::sleep),
+        };
+        let watchdog = watch_level(64_000, ring, {
+            let boosts = boosts.clone();
+            move || {
+                boosts.fetch_add(1, Relaxed);
+            }
+        })
         .expect("root may switch policies");
         assert!(eventually(|| policy_of(me) == libc::SCHED_IDLE));
         // Between the thresholds nothing changes.
@@ -260,5 +365,52 @@ mod tests {
         assert!(eventually(|| policy_of(me) == libc::SCHED_IDLE));
         drop(watchdog);
         assert_eq!(policy_of(me), libc::SCHED_OTHER);
+    }
+
+    /// While records trickle in, the watchdog waits for the probes' wake-ups instead of polling;
+    /// while they pour in, it polls (a wake-up has no bound on how late it may come then).
+    #[test]
+    fn the_watchdog_waits_for_wake_ups_only_while_records_trickle_in() {
+        let _one_at_a_time = lock_policies();
+        let produced = Arc::new(AtomicU64::new(0));
+        let waits = Arc::new(AtomicU64::new(0));
+        let ring = Ring {
+            unread: Box::new(|| 0),
+            produced: Box::new({
+                let produced = produced.clone();
+                move || produced.load(Relaxed)
+            }),
+            wait: Box::new({
+                let waits = waits.clone();
+                move |timeout| {
+                    waits.fetch_add(1, Relaxed);
+                    std::thread::sleep(timeout.min(Duration::from_millis(5)));
+                }
+            }),
+        };
+        let watchdog = watch_level(8 << 20, ring, || {}).expect("root may switch policies");
+        assert!(eventually(|| waits.load(Relaxed) >= 3), "quiet: it waits");
+        // 1 MiB a millisecond: far above a quarter of the wake-up threshold per 20 ms period.
+        let pouring = Arc::new(AtomicBool::new(true));
+        let feeder = std::thread::spawn({
+            let (produced, pouring) = (produced.clone(), pouring.clone());
+            move || {
+                while pouring.load(Relaxed) {
+                    produced.fetch_add(1 << 20, Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let before = waits.load(Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(waits.load(Relaxed), before, "pouring: it polls");
+        pouring.store(false, Relaxed);
+        feeder.join().unwrap();
+        assert!(
+            eventually(|| waits.load(Relaxed) > before),
+            "quiet again: it waits"
+        );
+        drop(watchdog);
     }
 }

@@ -13,7 +13,7 @@
 //! wraps around the end reads as one slice. Each record starts with an 8-byte header: its
 //! length with a busy bit (not committed yet) and a discard bit, then the page offset.
 use std::{
-    os::fd::{AsFd as _, AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     ptr::NonNull,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -130,6 +130,11 @@ impl Ring {
         self.producer.first_word()
     }
 
+    /// Bytes the probes have written since the ring was created.
+    pub fn produced(&self) -> u64 {
+        self.producer_pos().load(Ordering::Acquire)
+    }
+
     /// A view of how full the ring is, for another thread.
     pub fn fill(&self) -> RingFill {
         RingFill {
@@ -230,6 +235,7 @@ impl Mapping {
 
 /// How many bytes the probes have written that the agent has not yet released: read from the
 /// ring's position pages, which outlive the `Ring` as long as this is held.
+#[derive(Clone)]
 pub struct RingFill {
     consumer: Arc<Mapping>,
     producer: Arc<Mapping>,
@@ -248,10 +254,21 @@ impl RingFill {
         let producer = self.producer.first_word().load(Ordering::Acquire);
         producer.saturating_sub(consumer)
     }
+
+    /// Bytes the probes have written since the ring was created.
+    pub fn produced(&self) -> u64 {
+        self.producer.first_word().load(Ordering::Acquire)
+    }
 }
 
 impl AsRawFd for Ring {
     fn as_raw_fd(&self) -> RawFd {
         self.map.fd().as_fd().as_raw_fd()
+    }
+}
+
+impl AsFd for Ring {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.map.fd().as_fd()
     }
 }
