@@ -21,7 +21,9 @@
 //!    exported or counted as dropped every span it built, so the counts add up.
 //!    Then **the agent's pipeline alone**: 3 s at 10k req/s recorded with `tracer agent
 //!    --record`, replayed 3 times by `tracer replay` (pairing, spans, OTLP encoding; no probes,
-//!    ring buffer or export, warm caches), next to the live agent's CPU at 10k req/s.
+//!    ring buffer or export, warm caches), next to the live agent's CPU at 10k req/s. Then the
+//!    agent with nothing to trace for `--seconds`: its CPU a second (timers, the priority
+//!    watchdog), what each quiet host of a fleet pays.
 //! 2. **Kernel micro-benchmark**: a loopback ping-pong inside the bench process, both threads
 //!    pinned to one CPU, with the probes detached, then attached (the agent on CPU 0 tracing
 //!    this process, spans to /dev/null). HTTP-shaped messages give the cost per traced syscall;
@@ -545,6 +547,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     let replay = replay_cost(bin, work, nginx_port, http, args.seconds)?;
+    let idle_ms_per_s = idle_cost(bin, nginx_port, http, args)?;
     drop(nginx);
     drop(collector);
 
@@ -716,6 +719,14 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         replay.records, REPLAY_SECONDS
     );
     println!(
+        "{}{:.2} ms of CPU a second ({:.3}% of a CPU; {} s, the agent as in the traced runs, \
+         no requests)",
+        label("agent CPU with no traffic"),
+        idle_ms_per_s,
+        idle_ms_per_s / 10.0,
+        args.seconds
+    );
+    println!(
         "{}{:.1} MiB",
         label("agent peak memory (VmHWM)"),
         results.iter().map(|r| r.agent_peak_mib).fold(0.0, f64::max)
@@ -813,6 +824,39 @@ const REPLAY_SECONDS: u64 = 3;
 
 /// Records `REPLAY_SECONDS` of nginx at 10k req/s with `tracer agent --record`, then runs
 /// `tracer replay` on them.
+/// The agent's CPU with nothing to trace, in ms a second: its timers and the priority
+/// watchdog, what a quiet host of a fleet pays.
+fn idle_cost(bin: &Path, nginx_port: u16, http: u16, args: &BenchArgs) -> anyhow::Result<f64> {
+    let mut cmd = Command::new(bin.join("tracer"));
+    cmd.args(["agent", "--endpoint", &format!("http://127.0.0.1:{http}")])
+        .args(["--port", &nginx_port.to_string()])
+        .args(["--metrics-addr", "off"])
+        .args(&args.agent_args)
+        .env("RUST_LOG", "warn");
+    let agent = start_ready(cmd, "tracer: ready")?;
+    // Past the start-up work and the drain timer's back-off.
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu0 = threads_cpu_seconds(agent.0.id());
+    std::thread::sleep(Duration::from_secs(args.seconds));
+    let cpu = threads_cpu_seconds(agent.0.id()) - cpu0;
+    Ok(cpu * 1e3 / args.seconds as f64)
+}
+
+/// The time a process's live threads have run, from the scheduler's nanosecond counts
+/// (`/proc/<pid>/task/*/schedstat`): `cpu_seconds`'s clock ticks are 10 ms, as much as an idle
+/// agent uses in seconds.
+fn threads_cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
 fn replay_cost(
     bin: &Path,
     work: &Path,
