@@ -16,8 +16,9 @@ pub const MAX_CAPTURE: usize = 512;
 /// arrive in several reads without copying whole bodies.
 pub const MESSAGE_CAPTURE_BUDGET: u32 = 2048;
 
-/// The ring buffer wakes the agent only once this many bytes are waiting; otherwise the agent
-/// drains on a timer. Waking per record costs ~1 µs per syscall (see docs/ARCHITECTURE.md).
+/// The ring buffer wakes the agent only once this many bytes are waiting, and again at each
+/// multiple while the backlog grows; otherwise the agent drains on a timer. Waking per record
+/// costs ~1 µs per syscall (see docs/ARCHITECTURE.md). A power of two.
 pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
 /// The version of the records' layout, bumped whenever a record type or kind changes.

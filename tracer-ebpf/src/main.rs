@@ -388,19 +388,24 @@ fn header(k: u32, tgid: u32, fd: u32, conn_id: u64, ts_enter: u64, ts_exit: u64)
 }
 
 /// Submit flags for a reserved record of `size` bytes: wake the agent only for the record that
-/// takes the unread data past the threshold.
+/// takes the unread data past the threshold, or past a multiple of it.
 ///
 /// Waking is an inter-processor interrupt, which in a VM is a trap to the hypervisor: measured
 /// here, ~5 µs a record. Waking on every record while more than the threshold waits (while the
 /// agent is already draining) made half of all records pay that at 20k requests/s. A crossing
-/// missed under a race between CPUs costs at most the agent's drain interval (50 ms).
+/// can be missed under a race between CPUs (another CPU reserves between this one's reserve
+/// and its query); the next multiple wakes the agent then. That matters when the agent is
+/// starved: its priority watchdog waits for these wake-ups while traffic is light.
 #[inline(always)]
 fn wake_flags(size: u64) -> u64 {
     // What the record takes in the ring: 8-byte aligned, after an 8-byte header.
     let in_ring = size.div_ceil(8) * 8 + 8;
     // BPF_RB_AVAIL_DATA = 0; it counts reserved records too, this one included.
     let avail = EVENTS.query(0);
-    if avail >= WAKEUP_THRESHOLD_BYTES && avail < WAKEUP_THRESHOLD_BYTES + in_ring {
+    let shift = WAKEUP_THRESHOLD_BYTES.trailing_zeros();
+    if avail >= WAKEUP_THRESHOLD_BYTES
+        && (avail >> shift) != (avail.saturating_sub(in_ring) >> shift)
+    {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
