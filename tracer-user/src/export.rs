@@ -303,12 +303,11 @@ impl AsRef<[u8]> for PooledBatch {
 
 impl Drop for PooledBatch {
     fn drop(&mut self) {
-        let batch = std::mem::take(&mut self.batch.bytes);
-        let lens = std::mem::take(&mut self.batch.lens);
+        // The buffers go back; `take` leaves empty ones that allocate nothing.
         let batch = SpanBatch {
-            resource: None,
-            bytes: batch,
-            lens,
+            resource: self.batch.resource.take(),
+            bytes: std::mem::take(&mut self.batch.bytes),
+            lens: std::mem::take(&mut self.batch.lens),
         };
         self.recycler.return_batches(std::iter::once(batch));
     }
