@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     hash::BuildHasherDefault,
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::io::{unix::AsyncFd, Interest};
-use tracer_common::{ConnTuple, WAKEUP_THRESHOLD_BYTES};
+use tracer_common::ConnTuple;
 
 use crate::{
     btf,
@@ -26,7 +27,7 @@ use crate::{
     records::{self, Record},
     replay,
     resource::{self, HostFacts, ProcessCache, ProcessFacts},
-    ring::Ring,
+    ring::{self, Ring},
     settings::{parse_service_rule, AgentArgs, RuleMatch, ServiceRule},
     spans::{self, Endpoints, HttpSpan},
 };
@@ -93,9 +94,7 @@ fn next_drain_wait(last: Duration, bytes: u64, elapsed: Duration) -> Duration {
     if bytes == 0 {
         return (last * 2).clamp(DRAIN_INTERVAL, IDLE_DRAIN_INTERVAL);
     }
-    let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-3);
-    let wait = (WAKEUP_THRESHOLD_BYTES / 4) as f64 / rate;
-    Duration::from_secs_f64(wait.min(1.0)).clamp(DRAIN_INTERVAL, TRICKLE_DRAIN_INTERVAL)
+    ring::quarter_wakeup_time(bytes, elapsed).clamp(DRAIN_INTERVAL, TRICKLE_DRAIN_INTERVAL)
 }
 
 struct ConnMeta {
@@ -771,7 +770,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let on_boost = move || {
             stats.agent.priority_boosts.fetch_add(1, Relaxed);
         };
-        let watched = priority::RingWakeups::new(std::os::fd::AsFd::as_fd(&ring))
+        let watched = priority::RingWakeups::new(ring.as_fd())
             .map_err(|e| format!("cannot wait on the ring buffer: {e}"))
             .and_then(|wakeups| priority::watch(ring.fill(), wakeups, on_boost));
         match watched {
@@ -794,33 +793,38 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut drain_every = DRAIN_INTERVAL;
     let drain_timer = tokio::time::sleep(drain_every);
     tokio::pin!(drain_timer);
-    let (mut produced, mut last_drain) = (ring.get_ref().produced(), Instant::now());
+    let fill = ring.get_ref().fill();
+    let (mut produced, mut last_drain) = (fill.produced(), Instant::now());
     let mut last_tick = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_housekeeping = Instant::now();
     let mut last_counters = Instant::now();
     let mut last_stats = Instant::now();
     loop {
-        tokio::select! {
+        let woken = tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut pipeline);
                 guard.clear_ready();
-                (produced, last_drain) = (guard.get_inner().produced(), Instant::now());
-                drain_every = DRAIN_INTERVAL;
-                drain_timer.as_mut().reset(tokio::time::Instant::now() + drain_every);
+                true
             }
             _ = &mut drain_timer => {
                 drain(ring.get_mut(), &mut pipeline);
-                let now_produced = ring.get_ref().produced();
-                let bytes = now_produced - produced;
-                drain_every = next_drain_wait(drain_every, bytes, last_drain.elapsed());
-                (produced, last_drain) = (now_produced, Instant::now());
-                drain_timer.as_mut().reset(tokio::time::Instant::now() + drain_every);
+                false
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
-        }
+        };
+        let now_produced = fill.produced();
+        drain_every = if woken {
+            DRAIN_INTERVAL
+        } else {
+            next_drain_wait(drain_every, now_produced - produced, last_drain.elapsed())
+        };
+        (produced, last_drain) = (now_produced, Instant::now());
+        drain_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + drain_every);
         // The periodic work (timeouts, held spans, counters) at the drain interval, whichever
         // kind of drain comes first.
         if last_tick.elapsed() >= DRAIN_INTERVAL {
@@ -909,7 +913,9 @@ async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::{direction, kind, ConnRecord, DataRecord, RecordHeader};
+    use tracer_common::{
+        direction, kind, ConnRecord, DataRecord, RecordHeader, WAKEUP_THRESHOLD_BYTES,
+    };
 
     use super::*;
     use crate::records::AlignedRecord;

@@ -546,6 +546,26 @@ impl Encoder {
         pieces
     }
 
+    /// The `layout` of `parts` as a body of chunks: the heads, and the batches' own bytes, which
+    /// go back to `recycler` once every holder of the body (a delivery, its retries) is done.
+    fn protobuf_chunks(&mut self, parts: Vec<SpanBatch>, recycler: &Recycler) -> Payload {
+        let mut heads = Vec::with_capacity(parts.len() * 512);
+        let pieces = self.layout(&parts, &mut heads);
+        let heads = Bytes::from(heads);
+        let mut spans: Vec<Option<Bytes>> = parts
+            .into_iter()
+            .map(|batch| Some(recycler.share_batch(batch)))
+            .collect();
+        let chunks = pieces
+            .into_iter()
+            .filter_map(|piece| match piece {
+                Piece::Head(range) => Some(heads.slice(range)),
+                Piece::Batch(i) => spans[i].take(),
+            })
+            .collect();
+        Payload::new(chunks)
+    }
+
     /// The `layout` of `parts` copied into one buffer, appended to `out` (for gzip, and for
     /// the tests).
     pub fn protobuf_into(&mut self, parts: &[SpanBatch], out: &mut Vec<u8>) {
@@ -795,21 +815,7 @@ impl Exporter {
     fn body(&mut self, parts: Vec<SpanBatch>) -> anyhow::Result<Payload> {
         let config = &self.poster.config;
         if config.protocol == Protocol::HttpProtobuf && !config.gzip {
-            let mut heads = Vec::with_capacity(parts.len() * 512);
-            let pieces = self.encoder.layout(&parts, &mut heads);
-            let heads = Bytes::from(heads);
-            let mut spans: Vec<Option<Bytes>> = parts
-                .into_iter()
-                .map(|batch| Some(self.recycler.share_batch(batch)))
-                .collect();
-            let chunks = pieces
-                .into_iter()
-                .filter_map(|piece| match piece {
-                    Piece::Head(range) => Some(heads.slice(range)),
-                    Piece::Batch(i) => spans[i].take(),
-                })
-                .collect();
-            return Ok(Payload::new(chunks));
+            return Ok(self.encoder.protobuf_chunks(parts, &self.recycler));
         }
         let mut raw = self.recycler.body();
         let encoded = self.encoder.encode_into(&parts, config.protocol, &mut raw);
@@ -1239,22 +1245,9 @@ mod tests {
         parts.append(&mut batches(&[(&a, &spans[2]), (&b, &spans[3])]));
         let want = Encoder::default().protobuf(&parts);
         let recycler = Recycler::default();
-        let mut heads = Vec::new();
-        let pieces = Encoder::default().layout(&parts, &mut heads);
-        let heads = Bytes::from(heads);
-        let mut shared: Vec<Option<Bytes>> = parts
-            .into_iter()
-            .map(|p| Some(recycler.share_batch(p)))
-            .collect();
-        let chunks: Vec<Bytes> = pieces
-            .into_iter()
-            .filter_map(|piece| match piece {
-                Piece::Head(range) => Some(heads.slice(range)),
-                Piece::Batch(i) => shared[i].take(),
-            })
-            .collect();
+        let payload = Encoder::default().protobuf_chunks(parts, &recycler);
+        let chunks = &payload.chunks;
         assert_eq!(chunks.len(), 2 + 4, "a head a resource, and each batch");
-        let payload = Payload::new(chunks);
         let retry = payload.clone();
         drop(payload);
         assert!(

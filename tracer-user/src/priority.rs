@@ -34,7 +34,7 @@ use std::{
 
 use tracer_common::WAKEUP_THRESHOLD_BYTES;
 
-use crate::ring::RingFill;
+use crate::ring::{quarter_wakeup_time, RingFill};
 
 /// How often the watchdog looks at the ring. Every 5 ms, its own wake-ups (200 a second) cost
 /// more than the idle priority saved: at 10k requests/s the median rose ~20 µs and the agent's
@@ -179,7 +179,7 @@ pub fn watch(
     on_boost: impl Fn() + Send + 'static,
 ) -> Result<Watchdog, String> {
     let size = fill.size();
-    let ring = Ring {
+    let ring = RingSignals {
         unread: Box::new({
             let fill = fill.clone();
             move || fill.unread()
@@ -191,7 +191,7 @@ pub fn watch(
 }
 
 /// What the watchdog needs of the ring (a trait object so that the tests can stand in for it).
-struct Ring {
+struct RingSignals {
     /// Bytes waiting for the drain.
     unread: Box<dyn Fn() -> u64 + Send>,
     /// Bytes written in all.
@@ -203,7 +203,7 @@ struct Ring {
 /// [`watch`] on any `ring` of `size` bytes.
 fn watch_level(
     size: u64,
-    ring: Ring,
+    ring: RingSignals,
     on_boost: impl Fn() + Send + 'static,
 ) -> Result<Watchdog, String> {
     can_leave_idle()?;
@@ -239,7 +239,7 @@ fn set_process_policy(policy: Policy) -> std::io::Result<()> {
     Ok(())
 }
 
-fn watchdog(size: u64, ring: &Ring, on_boost: &dyn Fn(), stop: &AtomicBool) {
+fn watchdog(size: u64, ring: &RingSignals, on_boost: &dyn Fn(), stop: &AtomicBool) {
     let (boost_at, relax_at) = (size / 8, size / 64);
     let period = check_period(size);
     let mut policy = Policy::Normal;
@@ -273,10 +273,8 @@ fn watchdog(size: u64, ring: &Ring, on_boost: &dyn Fn(), stop: &AtomicBool) {
         // before it reaches it: wait for that instead of polling. Above the threshold the
         // wake-up has been sent already (the drain may be starved): poll.
         let produced = (ring.produced)();
-        let elapsed = last_check.elapsed().as_nanos().max(1);
-        let per_period = u128::from(produced - last_produced) * period.as_nanos() / elapsed;
+        let trickle = quarter_wakeup_time(produced - last_produced, last_check.elapsed()) > period;
         (last_produced, last_check) = (produced, Instant::now());
-        let trickle = per_period < u128::from(WAKEUP_THRESHOLD_BYTES / 4);
         if policy == Policy::Idle && trickle && unread < WAKEUP_THRESHOLD_BYTES {
             (ring.wait)(QUIET_WAIT);
         } else {
@@ -335,7 +333,7 @@ mod tests {
         let level = Arc::new(AtomicU64::new(0));
         let boosts = Arc::new(AtomicU64::new(0));
         let me = current_tid();
-        let ring = Ring {
+        let ring = RingSignals {
             unread: Box::new({
                 let level = level.clone();
                 move || level.load(Relaxed)
@@ -374,7 +372,7 @@ mod tests {
         let _one_at_a_time = lock_policies();
         let produced = Arc::new(AtomicU64::new(0));
         let waits = Arc::new(AtomicU64::new(0));
-        let ring = Ring {
+        let ring = RingSignals {
             unread: Box::new(|| 0),
             produced: Box::new({
                 let produced = produced.clone();

@@ -19,10 +19,25 @@ use std::{
         atomic::{AtomicU32, AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use aya::maps::MapData;
+use tracer_common::WAKEUP_THRESHOLD_BYTES;
+
+/// How long, at the rate of `bytes` written in `elapsed`, the probes take to write a quarter of
+/// what makes them wake the agent (`WAKEUP_THRESHOLD_BYTES`); `Duration::MAX` when nothing was
+/// written. Past a period of the agent's own timer, records "trickle in": the drain timer
+/// waits that long (`agent::next_drain_wait`), and the priority watchdog waits for the
+/// probes' wake-ups instead of polling.
+pub fn quarter_wakeup_time(bytes: u64, elapsed: Duration) -> Duration {
+    if bytes == 0 {
+        return Duration::MAX;
+    }
+    let secs = (WAKEUP_THRESHOLD_BYTES / 4) as f64 * elapsed.as_secs_f64() / bytes as f64;
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+}
 
 const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
@@ -128,11 +143,6 @@ impl Ring {
 
     fn producer_pos(&self) -> &AtomicU64 {
         self.producer.first_word()
-    }
-
-    /// Bytes the probes have written since the ring was created.
-    pub fn produced(&self) -> u64 {
-        self.producer_pos().load(Ordering::Acquire)
     }
 
     /// A view of how full the ring is, for another thread.
@@ -263,7 +273,7 @@ impl RingFill {
 
 impl AsRawFd for Ring {
     fn as_raw_fd(&self) -> RawFd {
-        self.map.fd().as_fd().as_raw_fd()
+        self.as_fd().as_raw_fd()
     }
 }
 

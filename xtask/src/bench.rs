@@ -454,16 +454,9 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     _ => http,
                 };
                 let agent = if mode != Mode::Untraced {
-                    let mut cmd = Command::new(bin.join("tracer"));
-                    cmd.args([
-                        "agent",
-                        "--endpoint",
-                        &format!("http://127.0.0.1:{export_port}"),
-                    ])
-                    .args(["--port", &nginx_port.to_string()])
-                    .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-                    .args(&args.agent_args)
-                    .env("RUST_LOG", "warn");
+                    let mut cmd = agent_command(bin, export_port, nginx_port);
+                    cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+                        .args(&args.agent_args);
                     Some(start_ready(cmd, "tracer: ready")?)
                 } else {
                     None
@@ -837,17 +830,25 @@ struct Replay {
 
 const REPLAY_SECONDS: u64 = 3;
 
-/// Records `REPLAY_SECONDS` of nginx at 10k req/s with `tracer agent --record`, then runs
-/// `tracer replay` on them.
+/// `tracer agent` tracing nginx on `nginx_port` and exporting to `export_port` on this host,
+/// logging warnings only.
+fn agent_command(bin: &Path, export_port: u16, nginx_port: u16) -> Command {
+    let mut cmd = Command::new(bin.join("tracer"));
+    cmd.args([
+        "agent",
+        "--endpoint",
+        &format!("http://127.0.0.1:{export_port}"),
+    ])
+    .args(["--port", &nginx_port.to_string()])
+    .env("RUST_LOG", "warn");
+    cmd
+}
+
 /// The agent's CPU with nothing to trace, in ms a second: its timers and the priority
 /// watchdog, what a quiet host of a fleet pays.
 fn idle_cost(bin: &Path, nginx_port: u16, http: u16, args: &BenchArgs) -> anyhow::Result<f64> {
-    let mut cmd = Command::new(bin.join("tracer"));
-    cmd.args(["agent", "--endpoint", &format!("http://127.0.0.1:{http}")])
-        .args(["--port", &nginx_port.to_string()])
-        .args(["--metrics-addr", "off"])
-        .args(&args.agent_args)
-        .env("RUST_LOG", "warn");
+    let mut cmd = agent_command(bin, http, nginx_port);
+    cmd.args(["--metrics-addr", "off"]).args(&args.agent_args);
     let agent = start_ready(cmd, "tracer: ready")?;
     // Past the start-up work and the drain timer's back-off.
     std::thread::sleep(Duration::from_secs(3));
@@ -873,6 +874,8 @@ fn threads_cpu_seconds(pid: u32) -> f64 {
         / 1e9
 }
 
+/// Records `REPLAY_SECONDS` of nginx at 10k req/s with `tracer agent --record`, then runs
+/// `tracer replay` on them.
 fn replay_cost(
     bin: &Path,
     work: &Path,
@@ -881,16 +884,8 @@ fn replay_cost(
     seconds: u64,
 ) -> anyhow::Result<Replay> {
     let file = work.join("records.bin");
-    let mut cmd = Command::new(bin.join("tracer"));
-    cmd.args([
-        "agent",
-        "--endpoint",
-        &format!("http://127.0.0.1:{collector_http}"),
-    ])
-    .args(["--port", &nginx_port.to_string()])
-    .arg("--record")
-    .arg(&file)
-    .env("RUST_LOG", "warn");
+    let mut cmd = agent_command(bin, collector_http, nginx_port);
+    cmd.arg("--record").arg(&file);
     let agent = start_ready(cmd, "tracer: ready")?;
     wrk(
         nginx_port,
