@@ -15,11 +15,13 @@ fi
 # --- apt packages -------------------------------------------------------------
 # llvm-22-dev + libpolly: bpf-linker links against the same LLVM major as nightly rustc.
 # nginx, curl, wrk: real peers for the integration tests and the benchmark.
+# iproute2: network namespaces, veth and a bridge make the hosts of the topology test.
 # python3-venv: the OpenTelemetry SDK tests run in a venv.
 # chromium: the UI test drives Debian's browser headless (no browser downloads work here).
 # bpftool: the benchmark reads the probes' run-time statistics with it.
 APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
-          nginx-light curl wrk python3-venv sqlite3 chromium openssl bpftool)
+          nginx-light curl wrk python3-venv sqlite3 chromium openssl bpftool
+          iproute2)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -68,6 +70,13 @@ if ! "$VENV/bin/python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otl
   "$VENV/bin/pip" install --quiet --disable-pip-version-check opentelemetry-sdk opentelemetry-exporter-otlp
 else
   say "OpenTelemetry Python SDK: present"
+fi
+# aiohttp: the asyncio service of the topology test and `cargo xtask traces`.
+if ! "$VENV/bin/python" -c 'import aiohttp' 2>/dev/null; then
+  say "installing aiohttp into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check aiohttp
+else
+  say "aiohttp: present"
 fi
 
 # --- playwright-core for the UI test (drives /usr/bin/chromium) ------------------
