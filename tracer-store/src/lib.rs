@@ -357,14 +357,54 @@ pub struct TraceQuery {
     pub limit: usize,
 }
 
+/// The attribute an agent puts on a CLIENT or SERVER span whose request's place in its TCP
+/// stream is known: `"<client ip>:<port>><server ip>:<port>#<seq>"`. Both ends of one request
+/// carry the same string, so it joins spans that different hosts' agents sent.
+pub const EDGE_ATTR: &str = "tracer.tcp.edge";
+/// The same sequence number alone (an int), for when NAT or a load balancer changes the
+/// addresses each end sees.
+pub const SEQ_ATTR: &str = "tracer.tcp.seq";
+
+/// What one end of a TCP request is indexed under (see [`SpanStore::edge_spans`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EdgeKey<'a> {
+    /// The whole [`EDGE_ATTR`] string.
+    Exact(&'a str),
+    /// The [`SEQ_ATTR`] value only.
+    Seq(u32),
+}
+
+/// The edge keys of a span: only CLIENT and SERVER spans are ends of a request. A sequence
+/// number that is not an int in `u32`'s range is ignored (it cannot be a TCP sequence number).
+pub fn edge_keys<'a>(span_kind: i32, attrs: &[KeyValueRef<'a>]) -> (Option<&'a str>, Option<u32>) {
+    if span_kind != kind::CLIENT && span_kind != kind::SERVER {
+        return (None, None);
+    }
+    let (mut edge, mut seq) = (None, None);
+    for kv in attrs {
+        match (kv.key, kv.value) {
+            (EDGE_ATTR, AttrValueRef::Str(s)) if !s.is_empty() => edge = Some(s),
+            (SEQ_ATTR, AttrValueRef::Int(i)) => seq = u32::try_from(i).ok(),
+            _ => {}
+        }
+    }
+    (edge, seq)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Operation {
     pub name: String,
     pub kind: i32,
 }
 
+/// How far apart in start time the two ends of one request are looked for (clocks of two
+/// hosts may disagree by up to this much and still be stitched).
+pub const EDGE_WINDOW_NANO: u64 = 8_000_000_000;
+
 /// A service-map edge: spans of `child` whose parent span belongs to `parent` (a different
-/// service), within the window asked for.
+/// service), within the window asked for. A SERVER span whose CLIENT span on another host is
+/// known by its [`EDGE_ATTR`] (one of each, as stitched traces link them) counts with that
+/// CLIENT span as its parent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DependencyLink {
     pub parent: String,
@@ -437,6 +477,18 @@ pub trait SpanStore: Send + Sync + 'static {
     /// Every span of one trace, by start time; empty if unknown.
     fn trace(&self, trace_id: &TraceId) -> Result<Vec<SpanRecord>, StoreError>;
     fn find_traces(&self, query: &TraceQuery) -> Result<Vec<Vec<SpanRecord>>, StoreError>;
+    /// The ids of the traces [`SpanStore::find_traces`] would return, in the same order,
+    /// without loading them.
+    fn find_trace_ids(&self, query: &TraceQuery) -> Result<Vec<TraceId>, StoreError>;
+    /// The spans indexed under `key` (by [`edge_keys`]) that started within
+    /// [`EDGE_WINDOW_NANO`] of `near_unix_nano` (at least; a little more may come back), in
+    /// whichever traces they are. The other end of a request is on another host, whose clock
+    /// may differ: the window is that tolerance.
+    fn edge_spans(
+        &self,
+        key: EdgeKey<'_>,
+        near_unix_nano: u64,
+    ) -> Result<Vec<SpanRecord>, StoreError>;
     /// Service-map edges for spans that started in `[end - lookback, end]` (Unix ns).
     fn dependencies(
         &self,
@@ -549,6 +601,12 @@ mod tests {
                 unimplemented!()
             }
             fn find_traces(&self, _: &TraceQuery) -> Result<Vec<Vec<SpanRecord>>, StoreError> {
+                unimplemented!()
+            }
+            fn find_trace_ids(&self, _: &TraceQuery) -> Result<Vec<TraceId>, StoreError> {
+                unimplemented!()
+            }
+            fn edge_spans(&self, _: EdgeKey<'_>, _: u64) -> Result<Vec<SpanRecord>, StoreError> {
                 unimplemented!()
             }
             fn dependencies(&self, _: u64, _: u64) -> Result<Vec<DependencyLink>, StoreError> {

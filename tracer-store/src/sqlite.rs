@@ -1,6 +1,6 @@
 //! The embedded store: one SQLite database (`spans.db`, WAL mode) in the data directory.
 //!
-//! # Schema (version 2; `schema.rs` has the migrations)
+//! # Schema (version 3; `schema.rs` has the migrations)
 //!
 //! - `spans(id, trace_id BLOB(16), span_id BLOB(8), parent_id, service_id, operation_id, start,
 //!   duration, status, resource_id, body BLOB)`: one row per span. The columns are what
@@ -14,7 +14,8 @@
 //! - Indexes: `spans_by_service(service_id, start, operation_id, duration)`, which answers
 //!   service, operation and duration filters without reading rows; `spans_by_start(start)` for
 //!   time-only searches, the service map and retention; `tag_index(hash, start, span)` for
-//!   selected tags; `trace_index(run, trace_id, span)` + `trace_runs` for traces by id.
+//!   selected tags; `trace_index(run, trace_id, span)` + `trace_runs` for traces by id;
+//!   `edge_index(bucket, key, span, kind)` for the two ends of a TCP request (see below).
 //! - `meta`: the span count (kept exact by every write and delete, so `stats` is O(1)) and
 //!   how far the trace index runs go.
 //!
@@ -41,6 +42,13 @@
 //! ...). `url.path` (every distinct value another insertion point) and ubiquitous keys like
 //! `http.request.method` are left to the fallback: decoding the bodies of the candidates
 //! that the service/time index yields, newest first, up to `SCAN_LIMIT` of them.
+//!
+//! The edge index finds the other end of a request (`tracer.tcp.edge`, `tracer.tcp.seq`) when
+//! a trace is read and stitched. Its keys are random too, so they come after a coarse time
+//! bucket (start >> 32, ~4.3 s): a commit inserts into the few pages of the current bucket
+//! (hot in the cache, written once per commit) instead of anywhere in an index that grows for
+//! the whole retention period; a lookup seeks the five buckets around the span's start, which
+//! covers hosts whose clocks disagree by up to 8 s. Entries go in the spans' own transaction.
 //!
 //! # Durability
 //!
@@ -165,6 +173,45 @@ pub(crate) fn index_tags(attrs: &[KeyValueRef<'_>], status_code: i32, out: &mut 
     }
     if status_code == status::ERROR {
         out.push(codec::tag_hash("error", "true"));
+    }
+}
+
+/// The edge index bucket of a span starting at `start` (Unix ns; see the module documentation).
+fn edge_bucket(start: u64) -> i64 {
+    (start >> 32) as i64
+}
+
+/// The buckets a lookup near `start` seeks: enough to cover [`crate::EDGE_WINDOW_NANO`] on
+/// either side.
+fn edge_buckets(start: u64) -> [i64; 5] {
+    let b = edge_bucket(start);
+    [b - 2, b - 1, b, b + 1, b + 2]
+}
+
+/// The stored key of an edge: exact edges hash to non-negative keys, sequence numbers are
+/// stored as themselves below zero, so the two never meet. The hash is fixed forever (it is
+/// stored); a collision only costs a candidate that the stitcher checks and drops.
+fn edge_index_key(key: crate::EdgeKey<'_>) -> i64 {
+    match key {
+        crate::EdgeKey::Exact(s) => (codec::tag_hash(crate::EDGE_ATTR, s) as u64 >> 1) as i64,
+        crate::EdgeKey::Seq(n) => -1 - i64::from(n),
+    }
+}
+
+/// Appends the edge index entries `(bucket, key, kind)` of a span.
+pub(crate) fn index_edges(
+    kind: i32,
+    attrs: &[KeyValueRef<'_>],
+    start: u64,
+    out: &mut Vec<(i64, i64, i32)>,
+) {
+    let (edge, seq) = crate::edge_keys(kind, attrs);
+    let bucket = edge_bucket(start);
+    if let Some(e) = edge {
+        out.push((bucket, edge_index_key(crate::EdgeKey::Exact(e)), kind));
+    }
+    if let Some(n) = seq {
+        out.push((bucket, edge_index_key(crate::EdgeKey::Seq(n)), kind));
     }
 }
 
@@ -310,6 +357,8 @@ struct EncodedBatch {
     bodies: Vec<u8>,
     /// Tag index keys of all rows, back to back.
     tags: Vec<i64>,
+    /// Edge index entries `(bucket, key, kind)` of all rows, back to back.
+    edges: Vec<(i64, i64, i32)>,
 }
 
 struct Row {
@@ -324,6 +373,7 @@ struct Row {
     resource_id: i64,
     body_end: usize,
     tags_end: usize,
+    edges_end: usize,
 }
 
 #[derive(Default)]
@@ -755,17 +805,24 @@ impl Inner {
                     "INSERT OR IGNORE INTO tag_index(hash, start, span) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(ctx("storing spans"))?;
+            let mut edge = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO edge_index(bucket, key, span, kind) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(ctx("storing spans"))?;
             // (row, body, row id) of the spans to insert.
             let mut new: Vec<(&Row, &[u8], i64)> = Vec::new();
             for b in batches {
-                let (mut body_start, mut tags_start) = (0, 0);
+                let (mut body_start, mut tags_start, mut edges_start) = (0, 0, 0);
                 for r in &b.rows {
-                    let (body, tags) = (
+                    let (body, tags, edges) = (
                         &b.bodies[body_start..r.body_end],
                         &b.tags[tags_start..r.tags_end],
+                        &b.edges[edges_start..r.edges_end],
                     );
                     body_start = r.body_end;
                     tags_start = r.tags_end;
+                    edges_start = r.edges_end;
                     // A batch sent again (its acknowledgement was lost) is not stored twice,
                     // as long as the first copy is recent.
                     if recent.contains(&r.trace_id, &r.span_id)
@@ -779,6 +836,10 @@ impl Inner {
                     for h in tags {
                         tag.execute(params![h, r.start, id])
                             .map_err(ctx("storing tags"))?;
+                    }
+                    for (bucket, key, kind) in edges {
+                        edge.execute(params![bucket, key, id, kind])
+                            .map_err(ctx("storing edges"))?;
                     }
                     new.push((r, body, id));
                     stored.push((r.trace_id, r.span_id, id));
@@ -858,14 +919,25 @@ impl Inner {
                     "DELETE FROM tag_index WHERE hash = ?1 AND start = ?2 AND span = ?3",
                 )
                 .map_err(ctx("deleting tags"))?;
+            let mut del_edge = tx
+                .prepare_cached(
+                    "DELETE FROM edge_index WHERE bucket = ?1 AND key = ?2 AND span = ?3",
+                )
+                .map_err(ctx("deleting edges"))?;
             let mut del = tx
                 .prepare_cached("DELETE FROM spans WHERE id = ?1")
                 .map_err(ctx("deleting spans"))?;
-            for (id, start, tags) in &victims {
-                for h in tags {
+            for v in &victims {
+                let (id, start) = (v.id, v.start);
+                for h in &v.tags {
                     del_tag
                         .execute(params![h, start, id])
                         .map_err(ctx("deleting tags"))?;
+                }
+                for (bucket, key, _) in &v.edges {
+                    del_edge
+                        .execute(params![bucket, key, id])
+                        .map_err(ctx("deleting edges"))?;
                 }
                 del.execute([id]).map_err(ctx("deleting spans"))?;
             }
@@ -985,6 +1057,7 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRef<'_>], missing: &mut Missing) -> 
         rows: Vec::with_capacity(spans.len()),
         bodies: Vec::with_capacity(spans.len() * 192),
         tags: Vec::new(),
+        edges: Vec::new(),
     };
     let Missing {
         strings,
@@ -1071,6 +1144,7 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRef<'_>], missing: &mut Missing) -> 
             unique.dedup();
             out.tags.extend(unique);
         }
+        index_edges(s.kind, s.attributes, s.start_unix_nano, &mut out.edges);
         out.rows.push(Row {
             trace_id: s.trace_id,
             span_id: s.span_id,
@@ -1085,6 +1159,7 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRef<'_>], missing: &mut Missing) -> 
             resource_id,
             body_end: out.bodies.len(),
             tags_end: out.tags.len(),
+            edges_end: out.edges.len(),
         });
     }
     out
@@ -1145,6 +1220,20 @@ impl SpanStore for SqliteStore {
     fn find_traces(&self, q: &TraceQuery) -> Result<Vec<Vec<SpanRecord>>, StoreError> {
         self.inner
             .with_reader(|c| query::find_traces(&self.inner, c, q))
+    }
+
+    fn find_trace_ids(&self, q: &TraceQuery) -> Result<Vec<TraceId>, StoreError> {
+        self.inner
+            .with_reader(|c| query::find_trace_ids(&self.inner, c, q))
+    }
+
+    fn edge_spans(
+        &self,
+        key: crate::EdgeKey<'_>,
+        near_unix_nano: u64,
+    ) -> Result<Vec<SpanRecord>, StoreError> {
+        self.inner
+            .with_reader(|c| query::edge_spans(&self.inner, c, key, near_unix_nano))
     }
 
     fn dependencies(

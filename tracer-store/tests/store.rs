@@ -719,7 +719,7 @@ fn a_version_1_store_is_upgraded() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let trace = store.trace(&[4; 16]).unwrap();
     assert_eq!(trace.len(), 2);
     let root = &trace[0];
@@ -778,7 +778,7 @@ fn a_store_from_a_newer_version_is_refused() {
     match SqliteStore::open(&path) {
         Err(StoreError::NewerSchema {
             found: 99,
-            known: 2,
+            known: 3,
         }) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a newer schema must be refused"),

@@ -6,7 +6,10 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension, Params, Row};
 
-use super::{codec, ctx, index_tags, lock, searchable_tag, Inner};
+use super::{
+    codec, ctx, edge_bucket, edge_buckets, edge_index_key, index_edges, index_tags, lock,
+    searchable_tag, Inner,
+};
 use crate::{
     kind, status, DependencyLink, KeyValue, SpanId, SpanRecord, StoreError, TraceId, TraceQuery,
 };
@@ -94,6 +97,27 @@ pub(super) fn load_trace(
     trace_id: &TraceId,
 ) -> Result<Vec<SpanRecord>, StoreError> {
     let rows = trace_rows(inner, c, trace_id)?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut order = Vec::with_capacity(rows.len());
+    for id in rows {
+        let Some(span) = span_at(inner, c, id)? else {
+            continue; // deleted by retention since it was indexed
+        };
+        if span.trace_id != *trace_id {
+            continue; // a stale index entry
+        }
+        order.push((span.start_unix_nano, id));
+        out.push(span);
+    }
+    // By start, ties in arrival order.
+    let mut idx: Vec<usize> = (0..out.len()).collect();
+    idx.sort_by_key(|i| order[*i]);
+    let mut slots: Vec<Option<SpanRecord>> = out.into_iter().map(Some).collect();
+    Ok(idx.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
+/// The span in row `id`, if it still exists.
+fn span_at(inner: &Inner, c: &Connection, id: i64) -> Result<Option<SpanRecord>, StoreError> {
     let mut st = c
         .prepare_cached(
             "SELECT s.span_id, s.parent_id, sv.name, o.name, s.start, s.duration, s.status,
@@ -103,60 +127,78 @@ pub(super) fn load_trace(
              CROSS JOIN operations o ON o.id = s.operation_id
              WHERE s.id = ?1",
         )
-        .map_err(ctx("reading a trace"))?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut order = Vec::with_capacity(rows.len());
-    for id in rows {
-        let mut found = st.query([id]).map_err(ctx("reading a trace"))?;
-        let Some(r) = found.next().map_err(ctx("reading a trace"))? else {
-            continue; // deleted by retention since it was indexed
-        };
-        let get = |e: rusqlite::Error| StoreError::Database(format!("reading a trace: {e}"));
-        if blob(r, 9).map_err(get)? != &trace_id[..] {
-            continue; // a stale index entry
-        }
-        let span_id = blob(r, 0).map_err(get)?;
-        let parent = blob_or_null(r, 1).map_err(get)?;
-        let start = r.get::<_, i64>(4).map_err(get)? as u64;
-        let resource = resource(inner, c, r.get(7).map_err(get)?)?;
-        let body = {
-            let blob = blob(r, 8).map_err(get)?;
-            let cat = inner.catalog.read().unwrap_or_else(|e| e.into_inner());
-            codec::decode_body(blob, start, &*cat).map_err(corrupt)?
-        };
-        order.push((start, id));
-        out.push(SpanRecord {
-            trace_id: *trace_id,
-            span_id: span_id
-                .try_into()
-                .map_err(|_| StoreError::Database("a stored span id is not 8 bytes".into()))?,
-            parent_span_id: parent
-                .map(|p| {
-                    p.try_into().map_err(|_| {
-                        StoreError::Database("a stored parent span id is not 8 bytes".into())
-                    })
+        .map_err(ctx("reading a span"))?;
+    let mut found = st.query([id]).map_err(ctx("reading a span"))?;
+    let Some(r) = found.next().map_err(ctx("reading a span"))? else {
+        return Ok(None);
+    };
+    let get = |e: rusqlite::Error| StoreError::Database(format!("reading a span: {e}"));
+    let trace_id = trace_id_of(blob(r, 9).map_err(get)?)?;
+    let span_id = blob(r, 0).map_err(get)?;
+    let parent = blob_or_null(r, 1).map_err(get)?;
+    let start = r.get::<_, i64>(4).map_err(get)? as u64;
+    let resource = resource(inner, c, r.get(7).map_err(get)?)?;
+    let body = {
+        let blob = blob(r, 8).map_err(get)?;
+        let cat = inner.catalog.read().unwrap_or_else(|e| e.into_inner());
+        codec::decode_body(blob, start, &*cat).map_err(corrupt)?
+    };
+    Ok(Some(SpanRecord {
+        trace_id,
+        span_id: span_id
+            .try_into()
+            .map_err(|_| StoreError::Database("a stored span id is not 8 bytes".into()))?,
+        parent_span_id: parent
+            .map(|p| {
+                p.try_into().map_err(|_| {
+                    StoreError::Database("a stored parent span id is not 8 bytes".into())
                 })
-                .transpose()?,
-            service: r.get(2).map_err(get)?,
-            operation: r.get(3).map_err(get)?,
-            kind: body.kind,
-            start_unix_nano: start,
-            duration_nano: r.get::<_, i64>(5).map_err(get)? as u64,
-            status_code: r.get(6).map_err(get)?,
-            status_message: body.status_message,
-            attributes: body.attributes,
-            resource: resource.attrs.clone(),
-            events: body.events,
-            links: body.links,
-            scope_name: body.scope_name,
-            scope_version: body.scope_version,
-        });
+            })
+            .transpose()?,
+        service: r.get(2).map_err(get)?,
+        operation: r.get(3).map_err(get)?,
+        kind: body.kind,
+        start_unix_nano: start,
+        duration_nano: r.get::<_, i64>(5).map_err(get)? as u64,
+        status_code: r.get(6).map_err(get)?,
+        status_message: body.status_message,
+        attributes: body.attributes,
+        resource: resource.attrs.clone(),
+        events: body.events,
+        links: body.links,
+        scope_name: body.scope_name,
+        scope_version: body.scope_version,
+    }))
+}
+
+/// The spans indexed under `key` around `near` (see [`crate::SpanStore::edge_spans`]).
+pub(super) fn edge_spans(
+    inner: &Inner,
+    c: &Connection,
+    key: crate::EdgeKey<'_>,
+    near: u64,
+) -> Result<Vec<SpanRecord>, StoreError> {
+    let what = "looking up an edge";
+    let b = edge_buckets(near);
+    let ids: Vec<i64> = c
+        .prepare_cached(
+            "SELECT span FROM edge_index WHERE bucket IN (?1, ?2, ?3, ?4, ?5) AND key = ?6",
+        )
+        .and_then(|mut st| {
+            st.query_map(
+                rusqlite::params![b[0], b[1], b[2], b[3], b[4], edge_index_key(key)],
+                |r| r.get(0),
+            )?
+            .collect()
+        })
+        .map_err(ctx(what))?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(span) = span_at(inner, c, id)? {
+            out.push(span);
+        }
     }
-    // By start, ties in arrival order.
-    let mut idx: Vec<usize> = (0..out.len()).collect();
-    idx.sort_by_key(|i| order[*i]);
-    let mut slots: Vec<Option<SpanRecord>> = out.into_iter().map(Some).collect();
-    Ok(idx.into_iter().filter_map(|i| slots[i].take()).collect())
+    Ok(out)
 }
 
 /// A tag condition of a search.
@@ -262,6 +304,23 @@ pub(super) fn find_traces(
     c: &Connection,
     q: &TraceQuery,
 ) -> Result<Vec<Vec<SpanRecord>>, StoreError> {
+    let found = find_trace_ids(inner, c, q)?;
+    let mut out = Vec::with_capacity(found.len());
+    for t in &found {
+        let spans = load_trace(inner, c, t)?;
+        // Empty only in the instant between a commit and its spans entering the trace index.
+        if !spans.is_empty() {
+            out.push(spans);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn find_trace_ids(
+    inner: &Inner,
+    c: &Connection,
+    q: &TraceQuery,
+) -> Result<Vec<TraceId>, StoreError> {
     let service_id: Option<i64> = match &q.service {
         Some(name) => match c
             .prepare_cached("SELECT id FROM services WHERE name = ?1")
@@ -418,15 +477,7 @@ pub(super) fn find_traces(
             }
         }
     }
-    let mut out = Vec::with_capacity(found.len());
-    for t in &found {
-        let spans = load_trace(inner, c, t)?;
-        // Empty only in the instant between a commit and its spans entering the trace index.
-        if !spans.is_empty() {
-            out.push(spans);
-        }
-    }
-    Ok(out)
+    Ok(found)
 }
 
 /// How far before a child span its parent is looked for while scanning by start time; parents
@@ -450,7 +501,9 @@ struct Child {
 /// finds its parent there (parents start shortly before their children), with memory bounded
 /// by the spans of `PARENT_SLACK + SKEW` rather than of the whole window. The few others
 /// (very long parents, skewed clocks) are looked up by trace id. Either way a parent counts
-/// wherever it is in time and in whichever order parent and child were written.
+/// wherever it is in time and in whichever order parent and child were written. A SERVER span
+/// that [`stitched_parents`] pairs with its CLIENT span counts with that span's service as its
+/// parent, whatever parent it was stored with.
 pub(super) fn dependencies(
     inner: &Inner,
     c: &Connection,
@@ -460,9 +513,10 @@ pub(super) fn dependencies(
     let what = "computing the service map";
     let from = clamp(end_unix_nano.saturating_sub(lookback_nano));
     let end = clamp(end_unix_nano);
+    let stitched = stitched_parents(c, from, end)?;
     let mut st = c
         .prepare_cached(
-            "SELECT start, trace_id, span_id, parent_id, service_id, duration, status
+            "SELECT start, trace_id, span_id, parent_id, service_id, duration, status, id
              FROM spans INDEXED BY spans_by_start
              WHERE start >= ?1 AND start <= ?2 ORDER BY start",
         )
@@ -523,7 +577,19 @@ pub(super) fn dependencies(
         services.insert((trace_id, span_id), service);
         by_start.push_back((now, trace_id, span_id));
         if now >= from && now <= end {
-            if let Some(p) = blob_or_null(r, 3).map_err(ctx(what))? {
+            if let Some(client) = stitched.get(&r.get::<_, i64>(7).map_err(ctx(what))?) {
+                add_edge(
+                    *client,
+                    &Child {
+                        start: now,
+                        trace_id,
+                        parent_id: [0; 8],
+                        service,
+                        duration: r.get(5).map_err(ctx(what))?,
+                        status: r.get(6).map_err(ctx(what))?,
+                    },
+                );
+            } else if let Some(p) = blob_or_null(r, 3).map_err(ctx(what))? {
                 waiting.push_back(Child {
                     start: now,
                     trace_id,
@@ -597,14 +663,73 @@ pub(super) fn dependencies(
     Ok(out)
 }
 
+/// SERVER spans (row ids) that started in `[from, end]` and whose exact edge key has exactly
+/// one CLIENT and one SERVER span around them, with the CLIENT span's service: the pairs the
+/// stitcher links (its NAT fallback is not counted here). Keys carried by more than one span of
+/// a kind are left out, as the stitcher leaves them unlinked.
+fn stitched_parents(c: &Connection, from: i64, end: i64) -> Result<HashMap<i64, i64>, StoreError> {
+    let what = "pairing the ends of requests for the service map";
+    let window = crate::EDGE_WINDOW_NANO as i64;
+    let mut st = c
+        .prepare_cached(
+            "SELECT e.key, e.kind, e.span, s.service_id, s.start
+             FROM edge_index e CROSS JOIN spans s ON s.id = e.span
+             WHERE e.bucket BETWEEN ?1 AND ?2 AND e.key >= 0",
+        )
+        .map_err(ctx(what))?;
+    let mut rows = st
+        .query(rusqlite::params![
+            edge_bucket(from.saturating_sub(window).max(0) as u64),
+            edge_bucket(end.saturating_add(window) as u64),
+        ])
+        .map_err(ctx(what))?;
+    /// Per key: CLIENT spans seen, their service; SERVER spans seen, the row and its start.
+    #[derive(Default)]
+    struct Ends {
+        clients: u32,
+        client_service: i64,
+        servers: u32,
+        server: (i64, i64),
+    }
+    let mut by_key: HashMap<i64, Ends> = HashMap::new();
+    while let Some(r) = rows.next().map_err(ctx(what))? {
+        let get = |i: usize| r.get::<_, i64>(i).map_err(ctx(what));
+        let e = by_key.entry(get(0)?).or_default();
+        match get(1)? as i32 {
+            kind::CLIENT => {
+                e.clients += 1;
+                e.client_service = get(3)?;
+            }
+            kind::SERVER => {
+                e.servers += 1;
+                e.server = (get(2)?, get(4)?);
+            }
+            _ => {}
+        }
+    }
+    Ok(by_key
+        .into_values()
+        .filter(|e| e.clients == 1 && e.servers == 1 && (from..=end).contains(&e.server.1))
+        .map(|e| (e.server.0, e.client_service))
+        .collect())
+}
+
+/// A span about to be deleted, with the index entries that point at it.
+pub(super) struct Victim {
+    pub id: i64,
+    pub start: i64,
+    pub tags: Vec<i64>,
+    pub edges: Vec<(i64, i64, i32)>,
+}
+
 /// Runs `sql` (selecting id, start, status, resource_id, body) and returns each span's id,
-/// start and tag index keys, recomputed from its body exactly as they were at insert.
+/// start, tag and edge index entries, recomputed from its body exactly as they were at insert.
 pub(super) fn tagged_spans(
     inner: &Inner,
     c: &Connection,
     sql: &str,
     params: impl Params,
-) -> Result<Vec<(i64, i64, Vec<i64>)>, StoreError> {
+) -> Result<Vec<Victim>, StoreError> {
     let what = "reading spans to delete";
     let mut st = c.prepare_cached(sql).map_err(ctx(what))?;
     let mut rows = st.query(params).map_err(ctx(what))?;
@@ -615,20 +740,25 @@ pub(super) fn tagged_spans(
         let status_code: i32 = r.get(2).map_err(ctx(what))?;
         let res = resource(inner, c, r.get(3).map_err(ctx(what))?)?;
         let body = blob(r, 4).map_err(ctx(what))?;
-        let attrs = {
+        let decoded = {
             let cat = inner.catalog.read().unwrap_or_else(|e| e.into_inner());
-            codec::decode_body(body, start as u64, &*cat)
-                .map_err(corrupt)?
-                .attributes
+            codec::decode_body(body, start as u64, &*cat).map_err(corrupt)?
         };
         let mut tags = Vec::new();
-        let refs: Vec<_> = attrs.iter().map(KeyValue::as_ref).collect();
+        let refs: Vec<_> = decoded.attributes.iter().map(KeyValue::as_ref).collect();
         index_tags(&refs, status_code, &mut tags);
+        let mut edges = Vec::new();
+        index_edges(decoded.kind, &refs, start as u64, &mut edges);
         let refs: Vec<_> = res.attrs.iter().map(KeyValue::as_ref).collect();
         index_tags(&refs, status::UNSET, &mut tags);
         tags.sort_unstable();
         tags.dedup();
-        out.push((id, start, tags));
+        out.push(Victim {
+            id,
+            start,
+            tags,
+            edges,
+        });
     }
     Ok(out)
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{
     catalog::DbInterner,
     codec::{self, BodyRef},
-    ctx, index_tags,
+    ctx, index_edges, index_tags,
 };
 use crate::{KeyValue, SpanEvent, SpanEventRef, SpanLink, SpanLinkRef, StoreError};
 
@@ -80,6 +80,15 @@ const MIGRATIONS: &[&[Step]] = &[
              INSERT INTO meta(key, value) VALUES ('span_count', (SELECT count(*) FROM spans));
              INSERT INTO meta(key, value) VALUES ('trace_indexed_upto', (SELECT coalesce(max(id), 0) FROM spans));",
         ),
+    ],
+    // 3: the edge index (both ends of a TCP request, for stitching traces across hosts),
+    // filled from the spans already stored.
+    &[
+        Step::Sql(
+            "CREATE TABLE edge_index(bucket INTEGER NOT NULL, key INTEGER NOT NULL, span INTEGER NOT NULL,
+                                     kind INTEGER NOT NULL, PRIMARY KEY(bucket, key, span)) WITHOUT ROWID;",
+        ),
+        Step::Code(index_v2_edges),
     ],
 ];
 
@@ -287,6 +296,40 @@ fn convert_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
     }
     if let Some(e) = dict.error.take() {
         return Err(StoreError::Database(format!("growing the dictionary: {e}")));
+    }
+    Ok(())
+}
+
+/// Indexes the edges of the spans stored before the edge index existed.
+fn index_v2_edges(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let dict = DbInterner::new(tx).map_err(ctx("reading the dictionary"))?;
+    let what = "indexing the edges of stored spans";
+    let mut st = tx
+        .prepare("SELECT id, start, body FROM spans ORDER BY id")
+        .map_err(ctx(what))?;
+    let mut rows = st.query([]).map_err(ctx(what))?;
+    let mut ins = tx
+        .prepare(
+            "INSERT OR IGNORE INTO edge_index(bucket, key, span, kind) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(ctx(what))?;
+    let mut edges = Vec::new();
+    while let Some(r) = rows.next().map_err(ctx(what))? {
+        let id: i64 = r.get(0).map_err(ctx(what))?;
+        let start = r.get::<_, i64>(1).map_err(ctx(what))? as u64;
+        let body = r
+            .get_ref(2)
+            .and_then(|v| Ok(v.as_blob()?))
+            .map_err(ctx(what))?;
+        let b = codec::decode_body(body, start, &dict)
+            .map_err(|e| StoreError::Database(format!("{what}: span {id}: {e}")))?;
+        let attrs: Vec<_> = b.attributes.iter().map(KeyValue::as_ref).collect();
+        edges.clear();
+        index_edges(b.kind, &attrs, start, &mut edges);
+        for (bucket, key, kind) in &edges {
+            ins.execute(params![bucket, key, id, kind])
+                .map_err(ctx(what))?;
+        }
     }
     Ok(())
 }
