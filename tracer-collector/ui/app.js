@@ -51,6 +51,11 @@ function icon(name) {
   return sv('svg', { class: `ico ico-${name}`, viewBox: '0 0 16 16', 'aria-hidden': 'true' }, sv('path', { d: paths[name] }));
 }
 
+function clockIcon() {
+  return sv('svg', { class: 'ico ico-clock', viewBox: '0 0 16 16', 'aria-hidden': 'true' },
+    sv('circle', { cx: 8, cy: 8, r: 6 }), sv('path', { d: 'M8 4.5V8l2.5 1.5' }));
+}
+
 // ───────────────────────────── formatting ─────────────────────────────
 function trimNum(x, digits) {
   const s = x.toFixed(digits);
@@ -203,16 +208,69 @@ function spanIsError(span) {
   return false;
 }
 
-function buildTrace(raw) {
+// How a span's parent link was made (tracer.link.* tags: set by the agent on the span, or by the
+// collector when it stitched the span to its parent). Older agents only wrote tracer.link=tcp-connection.
+const CONF_RANK = { low: 1, medium: 2, high: 3 };
+const LINK_SOURCES = {
+  'tcp-seq': ['TCP sequence', 'parent found by TCP sequence: both ends of the connection saw the same bytes at the same position in the stream'],
+  'tcp-seq-nat': ['TCP sequence behind NAT', 'parent found by TCP sequence number alone: the addresses differ on each side (NAT or an L4 load balancer) but the position in the byte stream matched'],
+  'tcp-connection': ['same connection', 'same TCP connection: both ends of the connection were seen by the agent of one host'],
+  thread: ['same thread', 'same thread: the call was made by the thread serving the parent request, the only request it had in flight'],
+  'forwarded-request': ['forwarded request line', 'forwarded request line: the outgoing request line equals that of exactly one incoming request in flight in this process'],
+  'sole-request': ['only request in flight', 'only request in flight: the parent was the only request the process was serving when the call was made (timing only)'],
+  traceparent: ['traceparent header', 'traceparent header: the incoming W3C trace context names the parent span'],
+  b3: ['B3 header', 'B3 header: the incoming B3 trace context names the parent span'],
+  'forwarded-header': ['forwarded traceparent', 'forwarded header: the outgoing request forwards the traceparent of exactly one incoming request in flight'],
+};
+const CONF_WORDS = {
+  high: 'high confidence: an exact match, wrong only if the data itself is wrong',
+  medium: 'medium confidence: right unless the process hands work between threads or requests in an unusual way',
+  low: 'low confidence: a guess from timing; treat the parent as a hint',
+};
+function linkOf(tags) {
+  let source = tagVal(tags, 'tracer.link.source');
+  let confidence = tagVal(tags, 'tracer.link.confidence');
+  if (source == null && tagVal(tags, 'tracer.link') === 'tcp-connection') { source = 'tcp-connection'; confidence = confidence || 'high'; }
+  if (source == null) return null;
+  source = String(source);
+  confidence = confidence != null ? String(confidence).toLowerCase() : '';
+  const by = String(tagVal(tags, 'tracer.link.by') || 'agent');
+  const known = LINK_SOURCES[source];
+  return {
+    source, confidence, by, rank: CONF_RANK[confidence] || 0,
+    label: known ? known[0] : source,
+    text: known ? known[1] : `parent link made by "${source}"`,
+    replaced: tagVal(tags, 'tracer.link.replaced'),
+  };
+}
+const optNum = (v) => { if (v == null || v === '') return null; const n = Number(v); return Number.isFinite(n) ? n : null; };
+function clockOf(tags, warnings) {
+  const shift = optNum(tagVal(tags, 'tracer.clock.shift_us'));
+  if (shift == null) return null;
+  return { shift, rawStart: optNum(tagVal(tags, 'tracer.clock.raw_start_us')),
+    warnings: (warnings || []).filter((w) => /clock/i.test(String(w))) };
+}
+const fmtShift = (us) => (us >= 0 ? '+' : '−') + fmtDur(Math.abs(us));
+const CONF_THRESHOLDS = [['all', 'All links'], ['medium', 'Medium+ confidence'], ['high', 'High confidence only']];
+
+// minConf: links whose confidence ranks below it are not followed; those spans become detached roots.
+function buildTrace(raw, { minConf = 'all' } = {}) {
   const procs = raw.processes || {};
+  const minRank = CONF_RANK[minConf] || 0;
   const spans = (raw.spans || []).map((s) => {
     const proc = procs[s.processID] || s.process || { serviceName: 'unknown', tags: [] };
+    const tags = s.tags || [];
+    const warnings = Array.isArray(s.warnings) ? s.warnings.filter(Boolean).map(String) : [];
+    const host = tagVal(proc.tags, 'host.name');
     return {
       raw: s, id: s.spanID, op: s.operationName || '(unnamed)', start: Number(s.startTime) || 0,
-      dur: Math.max(0, Number(s.duration) || 0), tags: s.tags || [], logs: s.logs || [],
+      dur: Math.max(0, Number(s.duration) || 0), tags, logs: s.logs || [],
       refs: s.references || [], proc, service: proc.serviceName || 'unknown',
+      host: host != null && host !== '' ? String(host) : null,
+      link: linkOf(tags), clock: clockOf(tags, warnings), warnings,
+      originalTrace: tagVal(tags, 'tracer.trace_id.original'),
       error: spanIsError(s), kind: tagVal(s.tags, 'span.kind'), children: [],
-      parent: null, parentId: null, orphan: false, depth: 0,
+      parent: null, parentId: null, orphan: false, detached: false, depth: 0,
     };
   });
   const byId = new Map();
@@ -222,7 +280,8 @@ function buildTrace(raw) {
     if (ref && ref.spanID && ref.spanID !== s.id) {
       s.parentId = ref.spanID;
       const p = byId.get(ref.spanID);
-      if (p && p !== s) { s.parent = p; p.children.push(s); } else s.orphan = true;
+      if (s.link && s.link.rank && s.link.rank < minRank) s.detached = true;
+      else if (p && p !== s) { s.parent = p; p.children.push(s); } else s.orphan = true;
     }
   }
   const byStart = (a, b) => a.start - b.start || a.dur - b.dur;
@@ -251,12 +310,19 @@ function buildTrace(raw) {
   for (const s of spans) services.set(s.service, (services.get(s.service) || 0) + 1);
   registerServices(services.keys());
   const root = roots.find((r) => !r.parentId) || roots[0] || null;
+  const hosts = new Map();
+  for (const s of spans) if (s.host) hosts.set(s.host, (hosts.get(s.host) || 0) + 1);
+  const shifted = spans.filter((s) => s.clock);
+  const reasons = Array.isArray(raw.incompleteReasons) ? raw.incompleteReasons.filter(Boolean).map(String) : [];
   return {
     id: raw.traceID || (spans[0] && spans[0].raw.traceID) || '', raw, spans, order, roots, byId, root,
-    start: t0, end: t1, dur: t1 - t0, services,
+    start: t0, end: t1, dur: t1 - t0, services, hosts,
     errors: spans.filter((s) => s.error).length,
     maxDepth: spans.reduce((m, s) => Math.max(m, s.depth), 0),
-    warnings: raw.warnings || [],
+    warnings: Array.isArray(raw.warnings) ? raw.warnings.filter(Boolean).map(String) : [],
+    incomplete: raw.incomplete === true || reasons.length > 0, incompleteReasons: reasons,
+    shifted, shiftedHosts: [...new Set(shifted.map((s) => s.host || s.service))].sort(),
+    detached: spans.filter((s) => s.detached), minConf,
   };
 }
 
@@ -653,7 +719,7 @@ function SearchPage(root, params) {
     return {
       id: t.id, trace: t, service: root ? root.service : 'unknown', op: root ? root.op : '(no root span)',
       spans: t.spans.length, errors: t.errors, start: t.start, dur: t.dur, services: t.services,
-      orphan: !root || !!root.parentId,
+      orphan: !root || !!root.parentId, incomplete: t.incomplete, reasons: t.incompleteReasons,
     };
   }
 
@@ -675,9 +741,11 @@ function SearchPage(root, params) {
     const sortSel = el('select', { class: 'compact', 'aria-label': 'Sort results', onchange: (e) => { resultSort = e.target.value; renderList(); } },
       Object.entries(SORTS).map(([k, [l]]) => el('option', { value: k, selected: k === resultSort }, l)));
     const errCount = current.filter((s) => s.errors).length;
+    const incCount = current.filter((s) => s.incomplete).length;
     resultsHead.replaceChildren(
       el('div', { class: 'rh-count' }, el('strong', null, plural(current.length, 'trace')),
         errCount ? el('span', { class: 'badge err' }, `${errCount} with errors`) : null,
+        incCount ? el('span', { class: 'badge warn', title: 'Traces that may miss spans' }, `${incCount} incomplete`) : null,
         current.length >= Number(state.limit) ? el('span', { class: 'muted' }, `(limit ${state.limit} reached)`) : null),
       el('div', { class: 'rh-right' },
         el('span', { class: 'muted small', title: new Date(res.fetchedAt).toLocaleString() }, `fetched ${fmtClock(res.fetchedAt * 1000, false)} · ${Math.round(res.tookMs)} ms`),
@@ -706,7 +774,9 @@ function SearchPage(root, params) {
       el('div', { class: 'ti-main' },
         el('div', { class: 'ti-title' },
           el('span', { class: 'ti-svc' }, s.service), el('span', { class: 'ti-op' }, s.op),
-          s.orphan ? el('span', { class: 'badge warn', title: 'The root span of this trace was not received' }, 'partial') : null),
+          s.orphan ? el('span', { class: 'badge warn', title: 'The root span of this trace was not received' }, 'partial') : null,
+          s.incomplete ? el('span', { class: 'badge warn incomplete-mark',
+            title: `Spans may be missing:\n${s.reasons.join('\n') || 'the collector marked this trace incomplete'}` }, 'incomplete') : null),
         el('div', { class: 'ti-meta' },
           el('span', { class: 'badge' }, plural(s.spans, 'span')),
           s.errors ? el('span', { class: 'badge err' }, icon('error'), plural(s.errors, 'error')) : null,
@@ -814,6 +884,8 @@ function SearchPage(root, params) {
 }
 
 // ───────────────────────────── trace page ─────────────────────────────
+let linkThreshold = 'all';        // "hide low-confidence links": kept while the page is open
+
 function TracePage(root, traceId, params) {
   const ctrl = new AbortController();
   let model = null;
@@ -829,7 +901,7 @@ function TracePage(root, traceId, params) {
       if (ctrl.signal.aborted) return;
       const raw = Array.isArray(data) ? data[0] : data;
       if (!raw || !Array.isArray(raw.spans) || !raw.spans.length) throw new ApiError('http', 404, 'trace not found');
-      model = buildTrace(raw);
+      model = buildTrace(raw, { minConf: linkThreshold });
       const want = params.get('span');
       if (want && model.byId.has(want)) { selected = want; open.add(want); }
       render();
@@ -858,7 +930,8 @@ function TracePage(root, traceId, params) {
       el('div', { class: 'th-top' },
         el('a', { class: 'btn ghost small', href: lastSearchHash, title: 'Back to search results (u)' }, icon('back'), 'Results'),
         el('h1', { class: 'th-title' }, title),
-        t.root && t.root.parentId ? el('span', { class: 'badge warn' }, 'root span not received') : null),
+        t.root && t.root.parentId ? el('span', { class: 'badge warn' }, 'root span not received') : null,
+        t.incomplete ? el('span', { class: 'badge warn' }, 'incomplete') : null),
       el('div', { class: 'th-id' },
         el('span', { class: 'muted' }, 'Trace ID'), el('code', { class: 'mono', id: 'trace-id' }, t.id),
         copyBtn(t.id, 'trace ID'),
@@ -873,7 +946,11 @@ function TracePage(root, traceId, params) {
         stat('Errors', t.errors ? el('span', { class: 'mono err-text' }, icon('error'), t.errors) : el('span', { class: 'mono' }, '0'), t.errors ? 'stat-err' : ''),
         stat(`Services (${t.services.size})`, el('span', { class: 'svc-chips' },
           [...t.services.entries()].sort((a, b) => b[1] - a[1]).map(([s, n]) =>
-            el('span', { class: 'chip' }, svcDot(s), s, el('span', { class: 'chip-n' }, n)))), 'stat-wide')));
+            el('span', { class: 'chip' }, svcDot(s), s, el('span', { class: 'chip-n' }, n)))), 'stat-wide'),
+        t.hosts.size ? stat(`Hosts (${t.hosts.size})`, el('span', { class: 'svc-chips', id: 'trace-hosts' },
+          [...t.hosts.entries()].sort((a, b) => a[0].localeCompare(b[0])).map(([h, n]) =>
+            el('span', { class: 'chip host-chip', dataset: { host: h } }, h, el('span', { class: 'chip-n' }, n)))), 'stat-wide') : null),
+      traceNotes(t));
 
     const findInput = el('input', { id: 'trace-find', type: 'search', placeholder: 'Find in trace…  (f)', spellcheck: 'false',
       'aria-label': 'Find spans in this trace', value: filter, oninput: (e) => { filter = e.target.value; applyFilter(); } });
@@ -887,7 +964,12 @@ function TracePage(root, traceId, params) {
         } }, 'Collapse to level 2'),
         el('button', { class: 'btn small', type: 'button', disabled: !open.size, id: 'close-details',
           onclick: () => { open.clear(); renderRows(); } }, 'Close details')),
-      el('div', { class: 'wf-tools-right' }, matchInfo, findInput));
+      el('div', { class: 'wf-tools-right' },
+        el('label', { class: 'muted small', for: 'link-threshold', title: 'Links below the chosen confidence are not followed: their spans are shown as detached roots' }, 'Links'),
+        el('select', { id: 'link-threshold', class: 'compact', 'aria-label': 'Hide low-confidence links',
+          onchange: (e) => setThreshold(e.target.value) },
+        CONF_THRESHOLDS.map(([v, l]) => el('option', { value: v, selected: v === t.minConf }, l))),
+        matchInfo, findInput));
 
     const ticks = axisTicks(t.dur);
     const axis = el('div', { class: 'wf-header' },
@@ -904,6 +986,49 @@ function TracePage(root, traceId, params) {
     page.title = `${root_ ? root_.op : 'Trace'} · ${shortId(t.id)} · tracer`;
     document.title = page.title;
     renderRows();
+  }
+
+  // Rebuilds the tree with links below the threshold cut; open, collapsed and selected spans stay.
+  function setThreshold(v) {
+    linkThreshold = CONF_THRESHOLDS.some(([k]) => k === v) ? v : 'all';
+    model = buildTrace(model.raw, { minConf: linkThreshold });
+    render();
+    if (selected) { const r = rowEl(selected); if (r) r.scrollIntoView({ block: 'nearest' }); }
+  }
+
+  // The notes under the trace header: incomplete (spans may be missing), clock corrections,
+  // links hidden by the confidence control, and any other warning the collector attached.
+  function traceNotes(t) {
+    const notes = [];
+    if (t.incomplete) {
+      notes.push(el('div', { class: 'trace-banner incomplete-banner', role: 'alert' },
+        el('div', { class: 'tb-title' }, icon('error'), 'Incomplete trace: spans may be missing'),
+        t.incompleteReasons.length ? el('ul', { class: 'tb-reasons' }, t.incompleteReasons.map((r) => el('li', null, r)))
+          : el('div', { class: 'muted' }, 'The collector marked this trace incomplete.'),
+        el('div', { class: 'tb-hint muted small' }, 'Late spans are joined when they arrive: reload in a few seconds. ',
+          'If the reason stays, the other side was not traced or its spans were dropped (check the agents\' drop counters).')));
+    }
+    if (t.shifted.length) {
+      const shifts = t.shifted.map((s) => s.clock.shift);
+      const lo = Math.min(...shifts), hi = Math.max(...shifts);
+      notes.push(el('div', { class: 'trace-note clock-note' },
+        clockIcon(),
+        el('span', null, `Clock correction applied to ${plural(t.shifted.length, 'span')} (${t.shiftedHosts.length === 1 ? 'host' : 'hosts'} ${t.shiftedHosts.join(', ')}), `,
+          lo === hi ? `shifted by ${fmtShift(lo)}` : `shifted by ${fmtShift(lo)} to ${fmtShift(hi)}`,
+          '. Their hosts\' clocks disagree with their callers\'; times shown are corrected so each server span lies inside its client span. Raw times are in each span\'s details.')));
+    }
+    if (t.detached.length) {
+      notes.push(el('div', { class: 'trace-note links-note' },
+        el('span', null, `${plural(t.detached.length, 'link')} below ${t.minConf === 'high' ? 'high' : 'medium'} confidence hidden: `,
+          `${t.detached.length === 1 ? 'its span is shown as a detached root' : 'their spans are shown as detached roots'}. `),
+        el('button', { class: 'btn small', type: 'button', onclick: () => setThreshold('all') }, 'Show all links')));
+    }
+    const shown = new Set([...t.incompleteReasons, ...t.shifted.flatMap((s) => s.warnings)]);
+    const other = t.warnings.filter((w) => !shown.has(w));
+    if (other.length) {
+      notes.push(el('div', { class: 'trace-note warn-note' }, el('ul', null, other.map((w) => el('li', null, w)))));
+    }
+    return notes.length ? el('div', { class: 'th-notes' }, notes) : null;
   }
 
   const cleanup = [];
@@ -938,7 +1063,7 @@ function TracePage(root, traceId, params) {
 
   function matches(s, q) {
     if (!q) return false;
-    const hay = [s.service, s.op, s.id, ...s.tags.map((x) => `${x.key}=${x.value}`)].join('\n').toLowerCase();
+    const hay = [s.service, s.op, s.id, s.host || '', ...s.tags.map((x) => `${x.key}=${x.value}`)].join('\n').toLowerCase();
     return hay.includes(q);
   }
 
@@ -989,7 +1114,7 @@ function TracePage(root, traceId, params) {
     const hasKids = s.children.length > 0;
     const isCollapsed = collapsed.has(s.id);
     const cls = ['span-row', s.error && 'is-error', selected === s.id && 'selected', open.has(s.id) && 'open',
-      q && (isMatch ? 'match' : 'dim'), s.orphan && 'orphan'].filter(Boolean).join(' ');
+      q && (isMatch ? 'match' : 'dim'), s.orphan && 'orphan', s.detached && 'detached'].filter(Boolean).join(' ');
     const logTicks = s.logs.map((l) => {
       const p = t.dur > 0 ? ((Number(l.timestamp) - t.start) / t.dur) * 100 : 0;
       return el('span', { class: 'log-tick', style: { left: `${Math.min(100, Math.max(0, p))}%` }, title: (l.fields || []).map((f) => `${f.key}=${f.value}`).join(' ') });
@@ -1003,14 +1128,72 @@ function TracePage(root, traceId, params) {
         title: isCollapsed ? `Expand (${countDesc(s)} hidden)` : 'Collapse', 'aria-label': isCollapsed ? 'Expand' : 'Collapse' }, icon('chevron'))
         : el('span', { class: 'sr-toggle-spacer' }),
       el('span', { class: 'sr-svc' }, s.service),
+      s.host && t.hosts.size > 1 ? el('span', { class: 'sr-host mono', title: `host.name ${s.host}` }, s.host) : null,
       el('span', { class: 'sr-op', title: s.op }, s.op),
       isCollapsed ? el('span', { class: 'badge tiny' }, `+${countDesc(s)}`) : null,
       s.error ? el('span', { class: 'sr-err', title: 'Error' }, icon('error')) : null,
+      s.link && s.parentId ? linkBadge(s) : null,
+      s.clock ? el('span', { class: 'clock-badge', dataset: { shiftUs: s.clock.shift },
+        title: `Clock corrected: shifted by ${fmtShift(s.clock.shift)}${s.host ? ` (host ${s.host})` : ''} so it lies inside its parent` },
+      clockIcon(), fmtShift(s.clock.shift)) : null,
       s.orphan ? el('span', { class: 'badge warn tiny', title: `Parent span ${s.parentId} was not received` }, 'parent not received') : null),
     el('div', { class: 'sr-timeline' }, el('div', { class: 'track' },
       el('div', { class: 'span-bar', style: { left: `${left}%`, width: `${width}%` } }),
       logTicks,
       el('span', { class: 'sr-dur mono', style: { left: `calc(${left + width}% + 6px)` } }, fmtDur(s.dur)))));
+  }
+
+  function linkBadge(s) {
+    const l = s.link;
+    const byCollector = l.by === 'collector';
+    const title = `Parent link: ${l.text}.\n${l.confidence ? CONF_WORDS[l.confidence] || `confidence ${l.confidence}` : 'confidence not given'}.\n` +
+      `Made by the ${byCollector ? 'collector when it stitched the trace' : `agent${s.host ? ` on ${s.host}` : ''}`}.` +
+      (s.detached ? '\nHidden by the link confidence filter: shown as a detached root.' : '');
+    return el('span', { class: ['link-badge', `conf-${l.confidence || 'unknown'}`, byCollector ? 'by-collector' : 'by-agent', s.detached && 'detached'].filter(Boolean).join(' '),
+      title, dataset: { source: l.source, confidence: l.confidence, by: l.by } },
+    el('span', { class: 'lb-src' }, l.source),
+    l.confidence ? el('span', { class: 'lb-conf' }, l.confidence) : null,
+    byCollector ? el('span', { class: 'lb-by' }, 'collector') : null,
+    s.detached ? el('span', { class: 'lb-hidden' }, 'hidden') : null);
+  }
+
+  // The span's parent link and clock correction in words.
+  function provenance(s) {
+    const t = model;
+    const items = [];
+    const row = (k, v) => el('div', { class: 'sd-item' }, el('dt', null, k), el('dd', null, v));
+    if (s.parentId) {
+      if (s.link) {
+        const l = s.link;
+        items.push(el('p', { class: 'link-text' }, l.text.charAt(0).toUpperCase() + l.text.slice(1), '.'),
+          el('dl', { class: 'sd-prov-kv' },
+            row('Source', el('code', { class: 'mono' }, l.source)),
+            row('Confidence', el('span', { class: `conf-text conf-${l.confidence || 'unknown'}` }, l.confidence || 'not given')),
+            row('Made by', el('span', null, l.by === 'collector' ? 'the collector (stitched across agents)' : `the agent${s.host ? ` on ${s.host}` : ''}`)),
+            l.replaced ? row('Replaced parent', el('code', { class: 'mono' }, String(l.replaced))) : null,
+            s.originalTrace ? row('Stored in trace', el('code', { class: 'mono' }, String(s.originalTrace))) : null));
+        if (l.confidence && CONF_WORDS[l.confidence]) items.push(el('p', { class: 'muted small' }, CONF_WORDS[l.confidence].replace(/^\w+ confidence: /, (m) => m.charAt(0).toUpperCase() + m.slice(1))));
+        if (l.replaced) items.push(el('p', { class: 'muted small' }, `The collector found a better parent and replaced ${l.replaced}.`));
+        if (s.detached) items.push(el('p', { class: 'warn-text small' }, 'This link is hidden by the link confidence filter: the span is shown as a detached root.'));
+      } else {
+        items.push(el('p', { class: 'link-text' }, 'Parent set by the sender of the span (an instrumented application\'s own trace context); no provenance recorded.'));
+      }
+    }
+    if (s.clock) {
+      const c = s.clock;
+      items.push(el('div', { class: 'sd-clock' },
+        el('p', { class: 'clock-text' }, clockIcon(), `Clock corrected: shifted by ${fmtShift(c.shift)}${s.host ? ` (host ${s.host})` : ''} so it lies inside its parent.`),
+        el('dl', { class: 'sd-prov-kv' },
+          row('Shift', el('span', { class: 'mono' }, `${c.shift >= 0 ? '+' : ''}${c.shift} µs`)),
+          c.rawStart != null ? row('Raw start', el('span', { class: 'mono raw-start', title: `${c.rawStart} µs since the epoch` },
+            fmtDateTime(c.rawStart), el('span', { class: 'muted' }, `  (${fmtShift(c.rawStart - t.start)} from the trace's corrected start)`))) : null,
+          row('Shown start', el('span', { class: 'mono' }, fmtDateTime(s.start))))));
+    }
+    const otherWarnings = s.warnings.filter((w) => !(s.clock && s.clock.warnings.includes(w)));
+    if (s.clock && s.clock.warnings.length) items.push(el('ul', { class: 'sd-warnings muted small' }, s.clock.warnings.map((w) => el('li', null, w))));
+    if (otherWarnings.length) items.push(el('ul', { class: 'sd-warnings warn-text small' }, otherWarnings.map((w) => el('li', null, w))));
+    if (!items.length) return null;
+    return el('section', { class: 'sd-prov' }, el('h4', null, s.clock && !s.parentId ? 'Clock' : 'Parent link'), items);
   }
 
   function kvTable(tags, cls, emptyMsg) {
@@ -1056,15 +1239,20 @@ function TracePage(root, traceId, params) {
         onclick: (e) => { e.stopPropagation(); toggleDetail(s.id); } }, '×')),
     el('dl', { class: 'sd-summary' },
       kv('Span ID', el('span', { class: 'idcell' }, el('code', { class: 'mono' }, s.id), copyBtn(s.id, 'span ID'))),
-      kv('Parent ID', s.parentId ? (s.parent ? jump(s.parentId) : el('span', null, el('code', { class: 'mono' }, s.parentId),
-        el('span', { class: 'badge warn tiny' }, 'not received'))) : el('span', { class: 'muted' }, 'none (root)')),
+      kv('Parent ID', s.parentId ? (s.parent ? jump(s.parentId)
+        : s.detached && t.byId.has(s.parentId) ? el('span', null, jump(s.parentId), el('span', { class: 'badge warn tiny' }, 'link hidden'))
+          : el('span', null, el('code', { class: 'mono' }, s.parentId), el('span', { class: 'badge warn tiny' }, 'not received')))
+        : el('span', { class: 'muted' }, 'none (root)')),
       kv('Kind', el('span', { class: 'mono' }, s.kind || '—')),
+      s.host ? kv('Host', el('span', { class: 'mono sd-host' }, s.host)) : null,
       kv('Status', el('span', { class: `mono ${s.error ? 'err-text' : ''}` },
         status || (s.error ? 'ERROR' : 'UNSET'), statusDesc ? ` — ${statusDesc}` : '')),
-      kv('Start', el('span', { class: 'mono', title: fmtDateTime(s.start) }, `+${fmtDur(s.start - t.start)}`)),
+      kv('Start', el('span', { class: 'mono', title: fmtDateTime(s.start) }, `+${fmtDur(s.start - t.start)}`,
+        s.clock ? el('span', { class: 'clock-badge', title: 'Clock corrected: see below' }, clockIcon(), fmtShift(s.clock.shift)) : null)),
       kv('Duration', el('span', { class: 'mono' }, fmtDur(s.dur), t.dur ? el('span', { class: 'muted' }, `  ${fmtPct(s.dur / t.dur)} of trace`) : null)),
       s.children.length ? kv('Children', el('span', { class: 'mono' }, `${s.children.length} direct, ${countDesc(s)} total`)) : null),
     el('div', { class: 'sd-sections' },
+      provenance(s),
       el('section', { class: 'sd-tags' }, el('h4', null, 'Span attributes ', el('span', { class: 'count' }, s.tags.length)),
         kvTable(s.tags, 'kv-span', 'No attributes.')),
       el('section', { class: 'sd-process' }, el('h4', null, 'Process / resource ', el('span', { class: 'count' }, (s.proc.tags || []).length)),

@@ -6,6 +6,9 @@
 //
 // Optional: --chromium PATH (default $CHROMIUM or /usr/bin/chromium), --timeout MS (per wait, default 15000),
 //           --width PX --height PX (viewport, default 1440x900), --headed.
+// Link provenance, hosts, clock corrections, incomplete traces (all optional, checked against the API's JSON):
+//   --provenance-trace ID --expect-links N --expect-low N --expect-medium N --expect-shifted N --expect-hosts N
+//   --expect-incomplete yes|no|auto   (auto: whatever the API says, and says which it was)
 // Depth is 0-based: a root span has data-depth="0", so a root -> child -> grandchild trace has depth 2.
 // Exit code 0 when every check passes, 1 (with a "FAIL: ..." line) otherwise.
 
@@ -14,7 +17,8 @@ import path from 'node:path';
 import process from 'node:process';
 
 const USAGE = 'usage: node ui.test.mjs --url http://127.0.0.1:PORT --service S --operation O ' +
-  '--expect-spans N --expect-depth D --screenshot-dir DIR [--chromium PATH] [--timeout MS] [--width PX] [--height PX] [--headed]';
+  '--expect-spans N --expect-depth D --screenshot-dir DIR [--chromium PATH] [--timeout MS] [--width PX] [--height PX] [--headed] ' +
+  '[--provenance-trace ID --expect-links N --expect-low N --expect-medium N --expect-shifted N --expect-hosts N --expect-incomplete yes|no|auto]';
 
 class TestFailure extends Error {}
 const fail = (msg) => { throw new TestFailure(msg); };
@@ -38,7 +42,18 @@ function parseArgs(argv) {
     if (opts[k] === undefined || opts[k] === '') fail(`missing --${k.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase())}\n${USAGE}`);
   }
   const int = (k) => { const n = Number(opts[k]); if (!Number.isInteger(n) || n < 0) fail(`--${k} must be a non-negative integer, got "${opts[k]}"`); return n; };
+  let provenance = null;
+  if (opts.provenanceTrace !== undefined) {
+    for (const k of ['expectLinks', 'expectLow', 'expectMedium', 'expectShifted', 'expectHosts']) {
+      if (opts[k] === undefined) fail(`--provenance-trace needs --${k.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase())}`);
+    }
+    const inc = opts.expectIncomplete || 'auto';
+    if (!['yes', 'no', 'auto'].includes(inc)) fail(`--expect-incomplete must be yes, no or auto, got "${inc}"`);
+    provenance = { trace: opts.provenanceTrace, links: int('expectLinks'), low: int('expectLow'), medium: int('expectMedium'),
+      shifted: int('expectShifted'), hosts: int('expectHosts'), incomplete: inc };
+  }
   return {
+    provenance,
     url: opts.url.replace(/\/+$/, ''),
     service: opts.service,
     operation: opts.operation,
@@ -264,9 +279,182 @@ async function main() {
       if (v !== opts.service) fail(`service field is "${v}" after clicking the map node`);
       noPageErrors();
     });
+    if (opts.provenance) await provenanceChecks(page, opts, shot, noPageErrors);
   } finally {
     await browser.close().catch(() => {});
   }
+}
+
+// What the UI must say about each span's parent link, in words (a fragment of the detail panel's text).
+const LINK_WORDS = {
+  'tcp-seq': 'parent found by TCP sequence', 'tcp-seq-nat': 'TCP sequence number alone', thread: 'same thread',
+  'forwarded-request': 'forwarded request line', 'sole-request': 'only request in flight', traceparent: 'traceparent header',
+  b3: 'B3 header', 'forwarded-header': 'forwarded header',
+};
+const RANK = { low: 1, medium: 2, high: 3 };
+const firstTag = (tags, key) => { const t = (tags || []).find((x) => x.key === key); return t ? t.value : undefined; };
+
+// The rows of the waterfall as the test reads them.
+const readRows = (page) => page.$$eval('.waterfall .span-row', (els) => els.map((e) => {
+  const b = e.querySelector('.link-badge');
+  const c = e.querySelector('.clock-badge');
+  const h = e.querySelector('.sr-host');
+  return { id: e.dataset.spanId, depth: Number(e.dataset.depth), parent: e.dataset.parentId || '', detached: e.classList.contains('detached'),
+    badge: b ? { source: b.dataset.source, confidence: b.dataset.confidence, by: b.dataset.by, text: b.innerText } : null,
+    shift: c ? Number(c.dataset.shiftUs) : null, host: h ? h.innerText.trim() : null };
+}));
+
+async function provenanceChecks(page, opts, shot, noPageErrors) {
+  const P = opts.provenance, T = opts.timeout;
+  let api = null;
+  await step(`provenance trace ${P.trace}: API has the posted links, shifts and hosts`, async () => {
+    api = await page.evaluate(async (id) => { const r = await fetch(`api/traces/${id}`); return r.ok ? (await r.json()).data[0] : null; }, P.trace);
+    if (!api) fail(`GET api/traces/${P.trace} failed`);
+    const links = api.spans.filter((s) => firstTag(s.tags, 'tracer.link.source') != null);
+    const conf = (c) => links.filter((s) => firstTag(s.tags, 'tracer.link.confidence') === c).length;
+    const shifted = api.spans.filter((s) => firstTag(s.tags, 'tracer.clock.shift_us') != null);
+    const hosts = new Set(Object.values(api.processes).map((p) => firstTag(p.tags, 'host.name')).filter(Boolean));
+    const got = { links: links.length, low: conf('low'), medium: conf('medium'), shifted: shifted.length, hosts: hosts.size };
+    for (const k of Object.keys(got)) if (got[k] !== P[k]) fail(`expected ${P[k]} ${k}, the API's JSON has ${got[k]}`);
+    if (P.incomplete === 'yes' && api.incomplete !== true) fail(`expected the API to mark the trace incomplete, it has incomplete=${api.incomplete}`);
+    if (P.incomplete === 'no' && api.incomplete === true) fail('the API marks the trace incomplete, expected it complete');
+    return `${got.links} links (${got.low} low, ${got.medium} medium), ${got.shifted} shifted, ${got.hosts} hosts, incomplete=${api.incomplete}`;
+  });
+  const bySpan = new Map(api.spans.map((s) => [s.spanID, s]));
+  const hostOf = (s) => firstTag((api.processes[s.processID] || {}).tags, 'host.name');
+  const ids = new Set(api.spans.map((s) => s.spanID));
+  const parentOf = (s) => { const r = (s.references || []).find((x) => x.refType === 'CHILD_OF'); return r && ids.has(r.spanID) ? r.spanID : ''; };
+  const rankOf = (s) => RANK[firstTag(s.tags, 'tracer.link.confidence')] || 0;
+
+  await step('trace page: a provenance badge on every linked span, the host on every row', async () => {
+    await page.goto(`${opts.url}/#/trace/${P.trace}`, { waitUntil: 'domcontentloaded' });
+    await waitForOrState(page, '.waterfall .span-row', 'the provenance trace', T);
+    const rows = await readRows(page);
+    if (rows.length !== api.spans.length) fail(`${rows.length} rows for ${api.spans.length} spans`);
+    let badges = 0;
+    for (const r of rows) {
+      const s = bySpan.get(r.id);
+      const source = firstTag(s.tags, 'tracer.link.source');
+      if (source == null) { if (r.badge) fail(`span ${r.id} has no provenance but shows a badge "${r.badge.text}"`); } else {
+        if (!r.badge) fail(`span ${r.id} (${s.operationName}) has tracer.link.source=${source} but no .link-badge`);
+        const want = { source, confidence: firstTag(s.tags, 'tracer.link.confidence'), by: firstTag(s.tags, 'tracer.link.by') || 'agent' };
+        for (const k of ['source', 'confidence', 'by']) if (r.badge[k] !== want[k]) fail(`span ${r.id}'s badge has ${k}="${r.badge[k]}", expected "${want[k]}"`);
+        if (!r.badge.text.includes(source) || !r.badge.text.includes(want.confidence)) fail(`span ${r.id}'s badge reads "${r.badge.text}"`);
+        if ((want.by === 'collector') !== r.badge.text.includes('collector')) fail(`span ${r.id}'s badge "${r.badge.text}" does not say whether the collector made it (by=${want.by})`);
+        badges++;
+      }
+      if (P.hosts > 1 && r.host !== hostOf(s)) fail(`row ${r.id} shows host "${r.host}", its resource has host.name "${hostOf(s)}"`);
+      if (r.parent !== parentOf(s)) fail(`row ${r.id} has data-parent-id "${r.parent}" with all links shown, expected "${parentOf(s)}"`);
+    }
+    if (badges !== P.links) fail(`${badges} badges, expected ${P.links}`);
+    const hostChips = await page.locator('#trace-hosts .host-chip').count();
+    if (hostChips !== P.hosts) fail(`header lists ${hostChips} hosts, expected ${P.hosts}`);
+    noPageErrors();
+    return `${badges} badges, e.g. "${rows.find((r) => r.badge).badge.text.replace(/\s+/g, ' ')}"`;
+  });
+
+  await step('detail panel says in words how each parent link was made', async () => {
+    const linked = api.spans.filter((s) => firstTag(s.tags, 'tracer.link.source') != null);
+    for (const s of linked) {
+      await page.click(`.span-row[data-span-id="${s.spanID}"] .sr-op`);
+      const panel = page.locator(`.span-detail[data-detail-for="${s.spanID}"]`);
+      await panel.waitFor({ state: 'visible', timeout: T }).catch(() => fail(`no detail panel for span ${s.spanID}`));
+      const text = (await panel.locator('.sd-prov').innerText().catch(() => '')).replace(/\s+/g, ' ');
+      const source = firstTag(s.tags, 'tracer.link.source');
+      const words = LINK_WORDS[source];
+      if (words && !text.toLowerCase().includes(words.toLowerCase())) fail(`span ${s.spanID} (${source}): detail panel does not say "${words}": "${text.slice(0, 200)}"`);
+      const conf = firstTag(s.tags, 'tracer.link.confidence');
+      if (!text.includes(conf)) fail(`span ${s.spanID}: detail panel does not give the confidence "${conf}"`);
+      const replaced = firstTag(s.tags, 'tracer.link.replaced');
+      if (replaced && !text.includes(replaced)) fail(`span ${s.spanID}: the replaced parent "${replaced}" is not shown`);
+      const shift = firstTag(s.tags, 'tracer.clock.shift_us');
+      if (shift != null) {
+        if (!text.includes(`${Number(shift) >= 0 ? '+' : ''}${shift} µs`)) fail(`span ${s.spanID}: the shift ${shift} µs is not in the details: "${text.slice(0, 300)}"`);
+        const raw = await panel.locator('.raw-start').getAttribute('title').catch(() => null);
+        if (!raw || !raw.startsWith(String(firstTag(s.tags, 'tracer.clock.raw_start_us')))) fail(`span ${s.spanID}: raw start missing or wrong (${raw})`);
+      }
+      await page.click(`.span-row[data-span-id="${s.spanID}"] .sr-op`);
+      await panel.waitFor({ state: 'detached', timeout: T });
+    }
+    noPageErrors();
+    return `${linked.length} panels`;
+  });
+  const withShift = api.spans.find((s) => firstTag(s.tags, 'tracer.clock.shift_us') != null && firstTag(s.tags, 'tracer.link.source') != null);
+  if (withShift) {
+    await page.click(`.span-row[data-span-id="${withShift.spanID}"] .sr-op`);
+    await page.locator(`.span-detail[data-detail-for="${withShift.spanID}"]`).waitFor({ state: 'visible', timeout: T });
+    console.log(`  ..  screenshot ${await shot('provenance-detail.png')}`);
+    await page.click(`.span-row[data-span-id="${withShift.spanID}"] .sr-op`);
+  }
+
+  await step('clock correction: a marker on each shifted span and a note on the trace', async () => {
+    const rows = await readRows(page);
+    const shifted = api.spans.filter((s) => firstTag(s.tags, 'tracer.clock.shift_us') != null);
+    for (const s of shifted) {
+      const r = rows.find((x) => x.id === s.spanID);
+      if (r.shift !== Number(firstTag(s.tags, 'tracer.clock.shift_us'))) fail(`span ${s.spanID}: clock marker shows shift ${r.shift}, expected ${firstTag(s.tags, 'tracer.clock.shift_us')}`);
+    }
+    const marked = rows.filter((r) => r.shift != null).length;
+    if (marked !== shifted.length) fail(`${marked} rows have a clock marker, ${shifted.length} spans were shifted`);
+    const note = P.shifted ? (await page.locator('.clock-note').innerText().catch(() => '')) : '';
+    if (P.shifted) {
+      if (!note.includes(`applied to ${P.shifted} span`)) fail(`trace note does not say "applied to ${P.shifted} spans": "${note}"`);
+      for (const s of shifted) if (!note.includes(hostOf(s))) fail(`trace note does not name host ${hostOf(s)}: "${note}"`);
+    } else if (await page.locator('.clock-note').count()) fail('a clock note is shown on a trace without shifted spans');
+    return note.split('.')[0];
+  });
+  console.log(`  ..  screenshot ${await shot('provenance.png')}`);
+
+  for (const [level, label, hidden] of [['medium', 'medium+', P.low], ['high', 'high only', P.low + P.medium], ['all', 'all', 0]]) {
+    await step(`link filter "${label}": links below it become detached roots (${hidden} hidden)`, async () => {
+      await page.selectOption('#link-threshold', level);
+      await page.waitForFunction(([n]) => document.querySelectorAll('.waterfall .span-row.detached').length === n, [hidden], { timeout: T })
+        .catch(() => null);
+      const rows = await readRows(page);
+      if (rows.length !== api.spans.length) fail(`${rows.length} rows for ${api.spans.length} spans`);
+      const min = RANK[level] || 0;
+      const depth = new Map(rows.map((r) => [r.id, r.depth]));
+      let detached = 0;
+      for (const r of rows) {
+        const s = bySpan.get(r.id);
+        const cut = rankOf(s) > 0 && rankOf(s) < min && parentOf(s);
+        if (cut) {
+          detached++;
+          if (r.depth !== 0 || r.parent !== '' || !r.detached) fail(`span ${r.id} (${firstTag(s.tags, 'tracer.link.confidence')}) should be a detached root, has depth ${r.depth}, parent "${r.parent}"`);
+          if (!r.badge || !/hidden/.test(r.badge.text)) fail(`detached span ${r.id} does not say its link is hidden`);
+        } else {
+          if (r.detached) fail(`span ${r.id} is detached at threshold ${level}`);
+          if (r.parent !== parentOf(s)) fail(`span ${r.id} has parent "${r.parent}", expected "${parentOf(s)}"`);
+          if (r.parent && r.depth !== depth.get(r.parent) + 1) fail(`span ${r.id} sits at depth ${r.depth} under a parent at ${depth.get(r.parent)}`);
+        }
+      }
+      if (detached !== hidden) fail(`${detached} spans detached, expected ${hidden}`);
+      const note = await page.locator('.links-note').count();
+      if ((hidden > 0) !== (note > 0)) fail(`the "links hidden" note is ${note ? 'shown' : 'missing'} with ${hidden} hidden`);
+      noPageErrors();
+      return `depths [${rows.map((r) => r.depth).join(',')}]`;
+    });
+    if (level === 'medium') console.log(`  ..  screenshot ${await shot('provenance-medium.png')}`);
+  }
+
+  await step(`incomplete: banner on the trace page and marker in the search results (API: incomplete=${api.incomplete})`, async () => {
+    const reasons = api.incompleteReasons || [];
+    const banner = page.locator('.incomplete-banner');
+    if (api.incomplete === true) {
+      await banner.waitFor({ state: 'visible', timeout: T }).catch(() => fail('the API marks the trace incomplete but no .incomplete-banner is shown'));
+      const items = await banner.locator('li').allInnerTexts();
+      for (const r of reasons) if (!items.includes(r)) fail(`reason "${r}" missing from the banner (has ${JSON.stringify(items)})`);
+      if (items.length !== reasons.length) fail(`banner lists ${items.length} reasons, the API ${reasons.length}`);
+    } else if (await banner.count()) fail('an incomplete banner on a trace the API does not mark incomplete');
+    const root = api.spans.find((s) => !parentOf(s));
+    const svc = api.processes[root.processID].serviceName;
+    await page.goto(`${opts.url}/#/search?service=${encodeURIComponent(svc)}&lookback=1h&limit=20`, { waitUntil: 'domcontentloaded' });
+    await waitForOrState(page, `.result-list .trace-item[data-trace-id="${P.trace}"]`, 'the provenance trace in the results', T);
+    const mark = await page.locator(`.trace-item[data-trace-id="${P.trace}"] .incomplete-mark`).count();
+    if ((api.incomplete === true) !== (mark === 1)) fail(`search result ${mark ? 'has' : 'lacks'} the incomplete marker with incomplete=${api.incomplete}`);
+    noPageErrors();
+    return api.incomplete === true ? `${reasons.length} reason(s) shown` : 'the collector does not mark this trace incomplete: checked that nothing claims it is';
+  });
 }
 
 const started = Date.now();
