@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests of the agent and of the collector. Test-only: a
 //! dev-dependency, never linked into a shipped binary.
+pub mod netns;
+pub mod topology;
+
 use std::{
     net::TcpListener,
     path::PathBuf,

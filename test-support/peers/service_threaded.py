@@ -1,0 +1,59 @@
+"""The service, thread per connection: a ThreadingHTTPServer answering GET /api/<rid> by calling
+the data service for /data/<rid> on a keep-alive connection of the handling thread.
+
+Answers 200 when the data service did, 502 otherwise. Usage: service_threaded.py ADDR PORT DATA_ADDR:PORT
+"""
+import http.client
+import http.server
+import sys
+import threading
+
+DATA = sys.argv[3]
+local = threading.local()
+
+
+def fetch(rid):
+    """GET /data/<rid> on this thread's keep-alive connection (reopened once if it was closed)."""
+    for attempt in (0, 1):
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(DATA, timeout=10)
+        try:
+            conn.request("GET", f"/data/{rid}")
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (ConnectionError, http.client.HTTPException):
+            conn.close()
+            local.conn = None
+            if attempt:
+                raise
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if not self.path.startswith("/api/"):
+            self.answer(404, b"no such path\n")
+            return
+        rid = self.path[len("/api/"):]
+        status, body = fetch(rid)
+        self.answer(200 if status == 200 else 502, body)
+
+    def answer(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+
+Server((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
