@@ -8,6 +8,7 @@ use std::{
 
 mod bench;
 mod otlp_sink;
+mod traces;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -49,6 +50,39 @@ enum Cmd {
         /// `--agent-arg=--priority --agent-arg=adaptive`.
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+    },
+    /// How whole the traces are: four hosts (network namespaces) with one agent each, a load
+    /// client → nginx → a service → a data service, for each service architecture and number of
+    /// concurrent clients; prints completeness, linkage, wrong links by provenance, orphans and
+    /// the largest child-before-parent gap against the client's ground truth. Needs root.
+    Traces {
+        /// Seconds of load a run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Requests a second asked of the load client in total (0: as fast as it can).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Numbers of concurrent clients (keep-alive connections).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        concurrency: Vec<usize>,
+        /// Service architectures: threaded, pool, async (aiohttp), node.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "threaded,pool,async,node"
+        )]
+        arch: Vec<String>,
+        /// Shift the service host's agent's clock by this many ms (shows the collector's
+        /// correction).
+        #[arg(long, allow_hyphen_values = true)]
+        clock_shift_ms: Option<i64>,
+        /// Each client's requests cycle through this: r normal, e a 500 from the data service,
+        /// s a 50 ms slow data hop.
+        #[arg(long, default_value_t = format!("{}se", "r".repeat(98)))]
+        pattern: String,
+        /// Show the collector's and the agents' logs.
+        #[arg(long)]
+        logs: bool,
     },
     /// Set up, build, and start the collector (store, API, UI on http://127.0.0.1:16686) and the
     /// agent tracing this host, exporting to it. Ctrl-C stops both.
@@ -169,6 +203,30 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     kernel_only,
                     agent_args,
+                },
+            )
+        }
+        Cmd::Traces {
+            seconds,
+            rate,
+            concurrency,
+            arch,
+            clock_shift_ms,
+            pattern,
+            logs,
+        } => {
+            setup()?;
+            build_release()?;
+            traces::traces(
+                &root(),
+                &traces::TracesArgs {
+                    seconds,
+                    rate,
+                    concurrency,
+                    archs: arch,
+                    clock_shift_ms,
+                    pattern,
+                    logs,
                 },
             )
         }

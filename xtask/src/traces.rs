@@ -1,0 +1,254 @@
+//! `cargo xtask traces`: how whole the traces are. Four hosts (network namespaces), one agent
+//! each, one collector; a load client → nginx → the service under test → a data service, for
+//! each service architecture and number of concurrent clients; the traces read back from the
+//! collector's Jaeger API are scored against the load client's ground truth (see
+//! `tracer_test_support::topology`).
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use anyhow::{bail, Context as _};
+use tracer_test_support::topology::{self, Arch, LoadSpec, Options, Score, Topology};
+
+pub struct TracesArgs {
+    pub seconds: f64,
+    pub rate: f64,
+    pub concurrency: Vec<usize>,
+    pub archs: Vec<String>,
+    pub clock_shift_ms: Option<i64>,
+    pub pattern: String,
+    pub logs: bool,
+}
+
+struct Row {
+    arch: Arch,
+    clients: usize,
+    rate: f64,
+    failed: usize,
+    score: Score,
+}
+
+fn pct(n: usize, of: usize) -> String {
+    if of == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}%", n as f64 * 100.0 / of as f64)
+    }
+}
+
+fn by_provenance(m: &std::collections::BTreeMap<(String, String, String), usize>) -> String {
+    m.iter()
+        .map(|((source, conf, by), n)| format!("{source}/{conf}/{by}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| service | clients | req/s | requests | complete | linked | wrong | wrong, high | orphans | spans missing | max child-before-parent µs |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in rows {
+        let s = &r.score;
+        let high: usize = s
+            .wrong_by
+            .iter()
+            .filter(|((_, conf, _), _)| conf == "high")
+            .map(|(_, n)| n)
+            .sum();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.arch.name(),
+            r.clients,
+            r.rate,
+            s.requests,
+            pct(s.complete, s.requests),
+            pct(s.linked, s.links_expected),
+            s.wrong,
+            high,
+            s.orphans,
+            s.missing,
+            s.max_early_us,
+        );
+    }
+    out
+}
+
+fn details(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        let s = &r.score;
+        let _ = writeln!(
+            out,
+            "{} x{}: one trace {}, failed requests {}, duplicates {}, other spans {}, missing by hop {:?}, largest end past parent {} µs",
+            r.arch.name(),
+            r.clients,
+            pct(s.one_trace, s.requests),
+            r.failed,
+            s.duplicates,
+            s.other,
+            s.missing_by_hop,
+            s.max_late_end_us,
+        );
+        if !s.right_by.is_empty() {
+            let _ = writeln!(
+                out,
+                "    right links (source/confidence/by): {}",
+                by_provenance(&s.right_by)
+            );
+        }
+        if !s.wrong_by.is_empty() {
+            let _ = writeln!(
+                out,
+                "    wrong links (source/confidence/by): {}",
+                by_provenance(&s.wrong_by)
+            );
+        }
+        if s.shifted > 0 {
+            let shifts: Vec<String> = s
+                .shift_by_host
+                .iter()
+                .map(|(h, (lo, hi))| format!("{h} {lo}..{hi} µs"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "    clock corrected on {} spans: {}",
+                s.shifted,
+                shifts.join(", ")
+            );
+        }
+    }
+    out
+}
+
+pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("xtask traces creates network namespaces and loads eBPF programs: run it as root");
+    }
+    let archs = args
+        .archs
+        .iter()
+        .map(|a| Arch::parse(a).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency takes numbers of clients above 0, e.g. 1,8,64");
+    }
+    if args.seconds <= 0.0 || args.rate < 0.0 {
+        bail!("--seconds must be above 0 and --rate 0 (as fast as possible) or more");
+    }
+    if args.pattern.is_empty() || !args.pattern.chars().all(|c| "res".contains(c)) {
+        bail!("--pattern is made of r (normal), e (error) and s (slow) only");
+    }
+    let scratch = std::env::temp_dir().join(format!("tracer-test-traces-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let bin = root.join("target/release");
+    let mut agent_args = Vec::new();
+    if let Some(ms) = args.clock_shift_ms {
+        agent_args.push((
+            "service".to_owned(),
+            vec!["--clock-shift-ms".to_owned(), ms.to_string()],
+        ));
+    }
+    let opts = Options {
+        tracer: bin.join("tracer"),
+        collector: bin.join("tracer-collector"),
+        scratch: scratch.clone(),
+        agent_args,
+        echo_logs: args.logs,
+    };
+    eprintln!(
+        "\x1b[1m[traces]\x1b[0m four hosts (client, proxy, service, data), one agent each{}, the collector; scratch in {}",
+        args.clock_shift_ms
+            .map(|ms| format!(" (the service host's clock shifted by {ms} ms)"))
+            .unwrap_or_default(),
+        scratch.display()
+    );
+    let mut topo = Topology::start(&opts);
+    let margin_us = args.clock_shift_ms.map_or(0, |ms| ms.unsigned_abs() * 1000);
+    let mut rows = Vec::new();
+    for arch in archs {
+        eprintln!("\x1b[1m[traces]\x1b[0m service architecture {}: starting nginx, the service and the data service", arch.name());
+        topo.start_peers(arch);
+        for &clients in &args.concurrency {
+            let spec = LoadSpec {
+                concurrency: clients,
+                rate: args.rate,
+                seconds: args.seconds,
+                count: 0,
+                pattern: args.pattern.clone(),
+                tag: format!("{}{clients}", arch.name()),
+            };
+            eprint!(
+                "\x1b[1m[traces]\x1b[0m {} x{clients}: {} s at {} req/s ... ",
+                arch.name(),
+                args.seconds,
+                args.rate
+            );
+            let load = topo.run_load(&spec);
+            let failed = load.requests.iter().filter(|r| r.status == 0).count();
+            eprintln!(
+                "{} requests ({:.0}/s), {failed} failed; waiting for spans",
+                load.requests.len(),
+                load.rate
+            );
+            let mut last_print = std::time::Instant::now();
+            let traces = topology::wait_for_traces(
+                topo.query_port,
+                &load,
+                margin_us,
+                Duration::from_secs(5),
+                Duration::from_secs(90),
+                &mut |have, want| {
+                    if last_print.elapsed() >= Duration::from_secs(2) {
+                        eprintln!("\x1b[1m[traces]\x1b[0m   spans {have}/{want}");
+                        last_print = std::time::Instant::now();
+                    }
+                },
+            );
+            let score = topology::score(&load, &traces);
+            eprintln!(
+                "\x1b[1m[traces]\x1b[0m   complete {}, linked {}, wrong {}, orphans {}, missing {}, max child-before-parent {} µs",
+                pct(score.complete, score.requests),
+                pct(score.linked, score.links_expected),
+                score.wrong,
+                score.orphans,
+                score.missing,
+                score.max_early_us
+            );
+            rows.push(Row {
+                arch,
+                clients,
+                rate: load.rate,
+                failed,
+                score,
+            });
+        }
+    }
+    drop(topo);
+    println!();
+    println!(
+        "Whole traces, {} s a run at {} req/s asked{} (`cargo xtask traces`):",
+        args.seconds,
+        args.rate,
+        args.clock_shift_ms
+            .map(|ms| format!(", the service host's agent clock shifted by {ms} ms"))
+            .unwrap_or_default()
+    );
+    println!();
+    print!("{}", table(&rows));
+    println!();
+    print!("{}", details(&rows));
+    println!(
+        "complete: the request's whole tree (client → proxy → service → data, 6 spans) is one trace with every parent right; \
+         linked: share of the 5 non-root spans a request whose parent is the expected span; wrong: spans with another parent \
+         (by the child's tracer.link.source/confidence/by above); orphans: no parent; max child-before-parent: the largest \
+         start of a span before its parent's, as the API returns them (after clock correction)."
+    );
+    Ok(())
+}
