@@ -23,7 +23,7 @@ pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
 /// The version of the records' layout, bumped whenever a record type or kind changes.
 /// Recordings (`tracer agent --record`) carry it, so a replay refuses another version's.
-pub const RECORD_LAYOUT: u32 = 3;
+pub const RECORD_LAYOUT: u32 = 4;
 
 /// Direction of the data, seen from the traced process.
 pub mod direction {
@@ -96,7 +96,9 @@ pub struct RecordHeader {
     pub kind: u32,
     pub tgid: u32,
     pub fd: u32,
-    pub _pad: u32,
+    /// The thread that made the syscall: which request a thread was serving when it made a
+    /// call elsewhere is how the agent links a server span to the client spans it causes.
+    pub tid: u32,
     /// Unique per connection while the agent runs: the monotonic time the probes first saw it.
     pub conn_id: u64,
     /// `CLOCK_MONOTONIC` nanoseconds at syscall entry and exit. Entry is stamped for writes
@@ -115,6 +117,16 @@ pub struct ConnRecord {
     /// The thread's command name: the agent's fallback for a process that exited before it
     /// could read /proc (curl, short scripts).
     pub comm: [u8; 16],
+    /// The socket's network namespace (its inode number, as `/proc/PID/ns/net` shows it).
+    pub netns: u32,
+    pub _pad: u32,
+}
+
+/// Flags of a [`DataRecord`].
+pub mod data_flags {
+    /// `tcp_seq` holds the TCP sequence number of the record's first byte. Set on the first
+    /// record of each message; the agent counts bytes from there for the rest of the message.
+    pub const TCP_SEQ: u32 = 1;
 }
 
 /// One data syscall on a tracked TCP connection. `captured` bytes of payload follow it in the
@@ -133,6 +145,13 @@ pub struct DataRecord {
     pub captured: u32,
     /// Counts direction changes on the connection: records of one message share it.
     pub message_seq: u32,
+    /// The TCP sequence number of the first byte this syscall moved (the sender's `write_seq`
+    /// before it, the receiver's `copied_seq`): both ends of a connection see the same number
+    /// for the same byte, which is how spans of one request are joined across hosts. Valid
+    /// when `flags` has `data_flags::TCP_SEQ`.
+    pub tcp_seq: u32,
+    /// `data_flags::*`.
+    pub flags: u32,
 }
 
 /// The traced process closed a tracked connection.
@@ -156,9 +175,13 @@ pub struct ConnState {
     pub message_captured: u32,
     /// Set by the agent for connections it cannot parse: the probes then stop sending their data.
     pub muted: u32,
+    /// The kernel's `struct sock *`, to read the TCP sequence numbers at each message start.
+    pub sk: u64,
     // The rest is for the agent, when a connection's `ConnRecord` was lost.
     pub tuple: ConnTuple,
     pub comm: [u8; 16],
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 /// Key of the `CONNS` map: one entry per (process, file descriptor).
@@ -194,6 +217,13 @@ pub struct KernelOffsets {
     pub sock_daddr: u32,
     pub sock_v6_rcv_saddr: u32,
     pub sock_v6_daddr: u32,
+    /// `sock_common.skc_net` (a `struct net *`) and, in `struct net`, `ns.inum`: the socket's
+    /// network namespace, to trace one namespace ("host") only.
+    pub sock_net: u32,
+    pub net_ns_inum: u32,
+    /// `tcp_sock.write_seq` and `.copied_seq` (a TCP `struct sock *` is a `tcp_sock *`).
+    pub tcp_write_seq: u32,
+    pub tcp_copied_seq: u32,
     /// Non-zero once the agent has filled the table; the probes do nothing before that.
     pub valid: u32,
     pub _pad: u32,
@@ -219,6 +249,10 @@ impl KernelOffsets {
         sock_daddr: 0,
         sock_v6_rcv_saddr: 0,
         sock_v6_daddr: 0,
+        sock_net: 0,
+        net_ns_inum: 0,
+        tcp_write_seq: 0,
+        tcp_copied_seq: 0,
         valid: 0,
         _pad: 0,
     };

@@ -36,8 +36,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tracer_common::{
-    conn_key, counter, direction, kind, syscall, CloseRecord, ConnRecord, ConnState, ConnTuple,
-    DataRecord, KernelOffsets, RecordHeader, MAX_CAPTURE, MESSAGE_CAPTURE_BUDGET,
+    conn_key, counter, data_flags, direction, kind, syscall, CloseRecord, ConnRecord, ConnState,
+    ConnTuple, DataRecord, KernelOffsets, RecordHeader, MAX_CAPTURE, MESSAGE_CAPTURE_BUDGET,
     WAKEUP_THRESHOLD_BYTES,
 };
 
@@ -48,6 +48,11 @@ static OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 /// The agent's own process: never traced, or its export traffic would trace itself.
 #[no_mangle]
 static AGENT_TGID: u32 = 0;
+
+/// Trace only sockets of this network namespace (its inode number); 0 traces all. One agent per
+/// namespace is how containers and the test's namespace "hosts" each get their own agent.
+#[no_mangle]
+static NETNS_FILTER: u32 = 0;
 
 /// Records for the agent. The size is set by the agent at load time.
 #[map]
@@ -166,6 +171,11 @@ fn agent_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&AGENT_TGID) }
 }
 
+#[inline(always)]
+fn netns_filter() -> u32 {
+    unsafe { core::ptr::read_volatile(&NETNS_FILTER) }
+}
+
 /// The calling thread's `task_struct`, as the BTF pointer `bpf_get_current_task_btf` returns:
 /// its fields are plain loads at offsets from BTF, which the verifier sees as constants (they
 /// are in the frozen read-only data) and checks against the kernel's type.
@@ -212,9 +222,17 @@ unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
+/// A TCP socket as the probes first see it.
+struct TcpSocket {
+    tuple: ConnTuple,
+    /// The kernel's `struct sock *`.
+    sk: u64,
+    netns: u32,
+}
+
 /// What an fd is, as far as the probes care.
 enum FdKind {
-    Tcp(ConnTuple),
+    Tcp(TcpSocket),
     /// Open, and certainly not a TCP socket.
     NotTcp,
 }
@@ -276,26 +294,46 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
         } else {
             return Some(FdKind::NotTcp);
         }
-        Some(FdKind::Tcp(t))
+        let net: u64 = read_at(sk, o.sock_net).unwrap_or(0);
+        let netns: u32 = if net == 0 {
+            0
+        } else {
+            read_at(net, o.net_ns_inum).unwrap_or(0)
+        };
+        Some(FdKind::Tcp(TcpSocket {
+            tuple: t,
+            sk,
+            netns,
+        }))
     }
 }
 
-/// Starts tracking `fd` of `tgid` if it is a TCP socket and tells the agent its endpoints.
-/// Returns its state if it is tracked now; remembers an fd that is not one.
+/// Starts tracking `fd` of the calling thread's process if it is a TCP socket (of the traced
+/// network namespace) and tells the agent its endpoints. Returns its state if it is tracked
+/// now; remembers an fd that is not one.
 #[inline(always)]
-fn track(tgid: u32, fd: u32) -> Option<*mut ConnState> {
+fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
+    let tgid = (pid_tgid >> 32) as u32;
     let key = conn_key(tgid, fd);
-    let tuple = match fd_kind(fd)? {
-        FdKind::Tcp(tuple) => tuple,
+    let socket = match fd_kind(fd)? {
+        FdKind::Tcp(socket) => socket,
         FdKind::NotTcp => {
             let _ = NOT_TCP.insert(key, 0, 0);
             return None;
         }
     };
+    let wanted_netns = netns_filter();
+    if wanted_netns != 0 && socket.netns != wanted_netns {
+        // Another namespace's socket is, for this agent, as good as a file.
+        let _ = NOT_TCP.insert(key, 0, 0);
+        return None;
+    }
     let state = ConnState {
         conn_id: unsafe { bpf_ktime_get_ns() },
-        tuple,
+        sk: socket.sk,
+        tuple: socket.tuple,
         comm: bpf_get_current_comm().unwrap_or_default(),
+        netns: socket.netns,
         ..ConnState::default()
     };
     if CONNS.insert(key, state, 0).is_err() {
@@ -307,9 +345,11 @@ fn track(tgid: u32, fd: u32) -> Option<*mut ConnState> {
         Some(mut entry) => {
             let ts = state.conn_id;
             let rec = ConnRecord {
-                header: header(kind::CONNECTION, tgid, fd, ts, ts, ts),
+                header: header(kind::CONNECTION, pid_tgid, fd, ts, ts, ts),
                 tuple: state.tuple,
                 comm: state.comm,
+                netns: state.netns,
+                _pad: 0,
             };
             // SAFETY: a reserved record of the right size.
             unsafe { *entry.as_mut_ptr() = rec };
@@ -375,12 +415,19 @@ fn entry_time(pid_tgid: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn header(k: u32, tgid: u32, fd: u32, conn_id: u64, ts_enter: u64, ts_exit: u64) -> RecordHeader {
+fn header(
+    k: u32,
+    pid_tgid: u64,
+    fd: u32,
+    conn_id: u64,
+    ts_enter: u64,
+    ts_exit: u64,
+) -> RecordHeader {
     RecordHeader {
         kind: k,
-        tgid,
+        tgid: (pid_tgid >> 32) as u32,
         fd,
-        _pad: 0,
+        tid: pid_tgid as u32,
         conn_id,
         ts_enter,
         ts_exit,
@@ -431,7 +478,7 @@ fn on_data(
             if NOT_TCP.get_ptr(key).is_some() {
                 return 0;
             }
-            match track(tgid, fd) {
+            match track(pid_tgid, fd) {
                 Some(state) => state,
                 None => return 0,
             }
@@ -453,10 +500,25 @@ fn on_data(
         }
     };
     bump(counter::DATA_SYSCALLS);
+    // Where the message starts in the TCP stream: read once a message, the agent counts bytes
+    // from there (one kernel read per message rather than per syscall).
+    let mut tcp_seq = 0u32;
+    let mut flags = 0u32;
     if state.direction != dir {
         state.direction = dir;
         state.message_seq = state.message_seq.wrapping_add(1);
         state.message_captured = 0;
+        let o = offsets();
+        let field = if dir == direction::EGRESS {
+            o.tcp_write_seq
+        } else {
+            o.tcp_copied_seq
+        };
+        // The syscall has moved `ret` bytes already: its first byte was `ret` before the end.
+        if let Some(after) = unsafe { read_at::<u32>(state.sk, field) } {
+            tcp_seq = after.wrapping_sub(ret as u32);
+            flags = data_flags::TCP_SEQ;
+        }
     }
 
     // The record is built in this CPU's scratch slot, always in cache, and copied into the
@@ -479,8 +541,10 @@ fn on_data(
         n = MAX_CAPTURE as u64;
     }
     unsafe {
-        let h = header(kind::DATA, tgid, fd, state.conn_id, ts_enter, ts_exit);
+        let h = header(kind::DATA, pid_tgid, fd, state.conn_id, ts_enter, ts_exit);
         (*rec).record.header = h;
+        (*rec).record.tcp_seq = tcp_seq;
+        (*rec).record.flags = flags;
         (*rec).record.direction = dir;
         (*rec).record.syscall = sc;
         (*rec).record.len = ret as u64;
@@ -540,9 +604,8 @@ fn on_close(pid_tgid: u64, fd: u32) -> u32 {
     match EVENTS.reserve::<CloseRecord>(0) {
         Some(mut entry) => {
             unsafe {
-                let tgid = (pid_tgid >> 32) as u32;
                 (*entry.as_mut_ptr()).header =
-                    header(kind::CLOSE, tgid, fd, state.conn_id, now, now);
+                    header(kind::CLOSE, pid_tgid, fd, state.conn_id, now, now);
             }
             let flags = wake_flags(core::mem::size_of::<CloseRecord>() as u64);
             entry.submit(flags);
@@ -681,7 +744,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     if let Some((task, pid_tgid)) = caller() {
         let fd = SyscallRegs::of(task).arg(0) as u32;
-        track((pid_tgid >> 32) as u32, fd);
+        track(pid_tgid, fd);
     }
     0
 }
@@ -693,7 +756,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if let Some((_, pid_tgid)) = caller() {
-        track((pid_tgid >> 32) as u32, ret as u32);
+        track(pid_tgid, ret as u32);
     }
     0
 }

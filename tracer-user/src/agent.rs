@@ -2,7 +2,6 @@
 //! resource facts, hand them to the exporter (or stdout), and keep the counters.
 use std::{
     collections::HashMap,
-    hash::BuildHasherDefault,
     net::SocketAddr,
     os::fd::AsFd as _,
     sync::{
@@ -14,14 +13,15 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::io::{unix::AsyncFd, Interest};
-use tracer_common::ConnTuple;
+use tracer_common::{data_flags, ConnTuple};
 
 use crate::{
     btf,
+    context::Trust,
     export::{self, ExportResource, ExportStats, SpanBatch, SpanSender, OUTBOX_BYTES},
-    hashing::FxHasher,
+    link::{ConnView, Linker},
     metrics,
-    pairing::{Chunk, ConnId, ConnMap, Exchange, Pairer, Role},
+    pairing::{Chunk, ConnId, ConnMap, Exchange, Observer, Pairer, RequestStart, Role, SpanKey},
     priority,
     probes::{self, Connections, Counters, LoadOptions, Probes},
     records::{self, Record},
@@ -242,8 +242,6 @@ pub struct Pipeline {
     processes: ProcessCache,
     resources: HashMap<(u32, u64, String), Arc<ExportResource>>,
     host: HostFacts,
-    /// `host.ips`, parsed: compared with the peer of every server span.
-    host_ips: Vec<std::net::IpAddr>,
     rules: Vec<ServiceRule>,
     filters: Filters,
     out: Outbox,
@@ -253,51 +251,36 @@ pub struct Pipeline {
     recording: Option<std::io::BufWriter<std::fs::File>>,
     stats: Arc<Stats>,
     clock_offset: i128,
+    /// `--clock-shift-ms`, in ns: added to every timestamp (tests of clock-skew correction).
+    clock_shift_ns: i128,
     exchanges: Vec<Exchange>,
-    pending_servers: PendingServers,
+    linker: Linker,
 }
 
-/// One span with the resource (process) it belongs to.
-struct SpanItem {
-    resource: Arc<ExportResource>,
-    span: HttpSpan,
+/// What the pairer tells the linker goes through here: the linker needs each request's
+/// process and connection ends, which the pipeline keeps per connection.
+struct LinkObserver<'a> {
+    conns: &'a ConnMap<ConnMeta>,
+    linker: &'a mut Linker,
 }
 
-/// A server span held until its local client's span completes (or `deadline`, monotonic ns).
-struct PendingServer {
-    item: SpanItem,
-    start_ns: u64,
-    end_ns: u64,
-    deadline: u64,
+impl Observer for LinkObserver<'_> {
+    fn request(&mut self, conn: ConnId, role: Role, req: &RequestStart<'_>) -> SpanKey {
+        let Some(meta) = self.conns.get(&conn) else {
+            return 0;
+        };
+        let view = ConnView {
+            tgid: meta.tgid,
+            local: meta.ends.local,
+            remote: meta.ends.remote,
+        };
+        self.linker.request(&view, role, req)
+    }
+
+    fn answered(&mut self, _conn: ConnId, _role: Role, span: SpanKey) {
+        self.linker.answered(span);
+    }
 }
-
-/// Server spans waiting for their client's span on this host, by (server local, server remote).
-type PendingServers = HashMap<
-    (SocketAddr, SocketAddr),
-    std::collections::VecDeque<PendingServer>,
-    BuildHasherDefault<FxHasher>,
->;
-
-/// The held server span on the other end of this client's connection (`server`: the server's
-/// local and remote ends) whose request falls within the client's (the server reads after the
-/// client writes, answers before it reads).
-fn take_server_of(
-    pending: &mut PendingServers,
-    server: (SocketAddr, SocketAddr),
-    client_start: u64,
-    client_end: u64,
-) -> Option<SpanItem> {
-    let queue = pending.get_mut(&server)?;
-    let pos = queue
-        .iter()
-        .position(|p| p.start_ns >= client_start && p.end_ns <= client_end)?;
-    // An emptied queue stays (housekeeping drops it): the connection's next request would
-    // allocate it again.
-    queue.remove(pos).map(|p| p.item)
-}
-
-/// How long a server span waits for its client's span from the same host.
-const LINK_WAIT: Duration = Duration::from_millis(300);
 
 /// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
 fn conn_id(tgid: u32, fd: u32, kernel_conn_id: u64) -> ConnId {
@@ -327,14 +310,12 @@ impl Pipeline {
         stats: Arc<Stats>,
     ) -> Self {
         let host = HostFacts::read();
-        let host_ips = host.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         Pipeline {
             pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64),
             conns: ConnMap::default(),
             processes: ProcessCache::default(),
             resources: HashMap::new(),
             host,
-            host_ips,
             rules,
             filters,
             out: Outbox {
@@ -346,8 +327,9 @@ impl Pipeline {
             recording: None,
             stats,
             clock_offset: spans::monotonic_to_unix_offset(),
+            clock_shift_ns: 0,
             exchanges: Vec::new(),
-            pending_servers: HashMap::default(),
+            linker: Linker::new(Trust::All),
         }
     }
 
@@ -410,8 +392,18 @@ impl Pipeline {
                     ts_exit: h.ts_exit,
                     len: record.len,
                     payload,
+                    tid: h.tid,
+                    tcp_seq: (record.flags & data_flags::TCP_SEQ != 0).then_some(record.tcp_seq),
                 };
-                self.pairer.on_chunk(id, &chunk, &mut self.exchanges);
+                let mut observer = LinkObserver {
+                    conns: &self.conns,
+                    linker: &mut self.linker,
+                };
+                self.pairer
+                    .on_chunk(id, &chunk, &mut self.exchanges, &mut observer);
+                let Some(meta) = self.conns.get_mut(&id) else {
+                    return;
+                };
                 if self.pairer.is_not_http(id) {
                     meta.ignored = true;
                     if let Some(k) = &mut self.kernel_conns {
@@ -510,42 +502,12 @@ impl Pipeline {
             return;
         };
         let ends = meta.ends.clone();
-        let (local, remote) = (ends.local, ends.remote);
-        let offset = self.clock_offset;
-        let (start_ns, end_ns) = (ex.start_ns, ex.end_ns);
-        let span = HttpSpan::new(ex, ends, |mono| (i128::from(mono) + offset).max(0) as u64);
+        let offset = self.clock_offset + self.clock_shift_ns;
+        let ids = self.linker.finish(ex.span, ex.end_ns);
+        let span = HttpSpan::new(ex, ends, ids, |mono| {
+            (i128::from(mono) + offset).max(0) as u64
+        });
         count(&self.stats.agent.spans);
-        match role {
-            // The client of this request may run on this host: hold the span briefly so the
-            // client's span, which completes after it, can become its parent.
-            Role::Server if self.is_this_host(remote.ip()) => {
-                let pending = PendingServer {
-                    item: SpanItem {
-                        resource: resource.clone(),
-                        span,
-                    },
-                    start_ns,
-                    end_ns,
-                    deadline: end_ns + LINK_WAIT.as_nanos() as u64,
-                };
-                self.pending_servers
-                    .entry((local, remote))
-                    .or_default()
-                    .push_back(pending);
-                return;
-            }
-            Role::Client => {
-                let server =
-                    take_server_of(&mut self.pending_servers, (remote, local), start_ns, end_ns);
-                if let Some(mut server) = server {
-                    server.span.trace_id = span.trace_id;
-                    server.span.parent_span_id = Some(span.span_id);
-                    server.span.linked = true;
-                    self.out.send(&server.resource, &server.span);
-                }
-            }
-            Role::Server => {}
-        }
         self.out.send(resource, &span);
     }
 
@@ -576,22 +538,20 @@ impl Pipeline {
         self.out.flush();
     }
 
-    fn is_this_host(&self, ip: std::net::IpAddr) -> bool {
-        ip.is_loopback() || self.host_ips.contains(&ip)
-    }
-
-    /// Sends held server spans whose client never showed up (it is not traced, or not local).
-    pub(crate) fn release_pending(&mut self, now: u64) {
-        let mut due = Vec::new();
-        // Emptied queues stay for the connection's next request; housekeeping drops them.
-        for queue in self.pending_servers.values_mut() {
-            while queue.front().is_some_and(|p| p.deadline <= now) {
-                due.extend(queue.pop_front().map(|p| p.item));
-            }
+    /// This agent's identity and link settings (`--host-name`, `--host-id`, `--trust-context`,
+    /// `--clock-shift-ms`).
+    fn configure(&mut self, args: &AgentArgs) -> anyhow::Result<()> {
+        if let Some(name) = &args.host_name {
+            self.host.name.clone_from(name);
         }
-        for item in due {
-            self.out.send(&item.resource, &item.span);
+        if let Some(id) = &args.host_id {
+            self.host.id.clone_from(id);
         }
+        if let Some(trust) = &args.trust_context {
+            self.linker = Linker::new(Trust::parse(trust)?);
+        }
+        self.clock_shift_ns = i128::from(args.clock_shift_ms.unwrap_or(0)) * 1_000_000;
+        Ok(())
     }
 
     /// Periodic work: time out responses without a length, forget dead connections/processes.
@@ -603,7 +563,7 @@ impl Pipeline {
     pub(crate) fn tick_at(&mut self, now: u64) {
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
-        self.release_pending(now);
+        self.linker.expire(now);
         self.flush_outbox();
         self.stats
             .agent
@@ -632,7 +592,6 @@ impl Pipeline {
             keep
         });
         self.processes.prune();
-        self.pending_servers.retain(|_, queue| !queue.is_empty());
         self.resources.retain(|(pid, start, _), _| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok() && *start > 0
         });
@@ -719,12 +678,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     probes::preflight()?;
+    let netns = match &args.netns {
+        Some(path) => netns_inode(path)?,
+        None => 0,
+    };
     let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
     let mut probes = Probes::load(
         &offsets,
         &LoadOptions {
             ring_buffer_bytes: args.ring_buffer_bytes()?,
             max_connections: 65536,
+            netns,
         },
     )?;
     let ring = probes.take_ring_buffer()?;
@@ -748,13 +712,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
+    pipeline.configure(&args)?;
+    if let Some(path) = &args.netns {
+        pipeline.host.ips = resource::host_ips_in(path)?;
+    }
     pipeline.kernel_conns = Some(kernel_conns);
     if let Some(path) = &args.record {
         pipeline.recording = Some(replay::create_recording(path)?);
     }
     log::info!(
-        "tracing TCP/HTTP on {} (kernel {}): {} probes attached; {}",
+        "tracing TCP/HTTP on {}{} (kernel {}): {} probes attached; {}",
         pipeline.host.name,
+        match &args.netns {
+            Some(path) => format!(" (network namespace {}, inode {netns})", path.display()),
+            None => String::new(),
+        },
         probes::kernel_release(),
         probes.attached,
         if args.stdout {
@@ -851,7 +823,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Back to normal priority first: the last drain and the flush must not wait for idle CPU.
     drop(priority_watchdog);
     drain(ring.get_mut(), &mut pipeline);
-    pipeline.release_pending(u64::MAX);
     pipeline.flush_outbox();
     *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = counters.read();
     // Detach before flushing: nothing new comes in while we wait on the collector.
@@ -892,6 +863,37 @@ pub fn summary(stats: &Stats) -> String {
         a.parse_failures.load(Relaxed),
         a.connections_muted.load(Relaxed),
     )
+}
+
+/// The inode number of a network namespace file: how the probes name the namespace.
+fn netns_inode(path: &std::path::Path) -> anyhow::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "--netns {}: no such namespace file (use /run/netns/NAME from `ip netns add NAME`, \
+             or /proc/PID/ns/net of a process inside it)",
+            path.display()
+        )
+    })?;
+    // A namespace file lives on nsfs (a bind mount of one under /run/netns, or the magic link
+    // in /proc, whose target names the namespace type).
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let on_nsfs = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .ok()
+        .is_some_and(|c| {
+            // SAFETY: a valid C string and an out-pointer to a zeroed statfs.
+            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+            unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == NSFS_MAGIC }
+        });
+    let other_type =
+        std::fs::read_link(path).is_ok_and(|t| !t.to_string_lossy().starts_with("net:["));
+    match u32::try_from(meta.ino()) {
+        Ok(ino) if on_nsfs && !other_type => Ok(ino),
+        _ => anyhow::bail!(
+            "--netns {}: not a network namespace file (expected /run/netns/NAME or /proc/PID/ns/net)",
+            path.display()
+        ),
+    }
 }
 
 async fn resolve_endpoint(url: &str) -> Vec<SocketAddr> {

@@ -247,6 +247,10 @@ pub fn kernel_offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sock_daddr: sk("skc_daddr")?,
         sock_v6_rcv_saddr: sk("skc_v6_rcv_saddr")?,
         sock_v6_daddr: sk("skc_v6_daddr")?,
+        sock_net: sk("skc_net")?,
+        net_ns_inum: off("net", "ns")? + off("ns_common", "inum")?,
+        tcp_write_seq: off("tcp_sock", "write_seq")?,
+        tcp_copied_seq: off("tcp_sock", "copied_seq")?,
         valid: 1,
         _pad: 0,
     })

@@ -146,13 +146,18 @@ pub async fn traces(c: &ClientArgs, a: &TracesArgs) -> anyhow::Result<()> {
     for t in &traces {
         let s = Summary::of(t);
         println!(
-            "{:<32}  {:<23}  {:>10}  {:>5}  {:>6}  {}",
+            "{:<32}  {:<23}  {:>10}  {:>5}  {:>6}  {}{}",
             t["traceID"].as_str().unwrap_or_default(),
             utc(s.start),
             human_micros(s.end - s.start),
             s.spans,
             s.errors,
-            s.root
+            s.root,
+            if is_incomplete(t) {
+                "  [incomplete]"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -172,6 +177,83 @@ fn is_error(span: &Value) -> bool {
         .into_iter()
         .flatten()
         .any(|t| t["key"] == "error" && t["value"] == true)
+}
+
+/// The first tag `key` of a span (or process), as Jaeger's JSON lists them.
+fn tag<'a>(tags: &'a Value, key: &str) -> Option<&'a Value> {
+    tags.as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .map(|t| &t["value"])
+}
+
+fn tag_str<'a>(tags: &'a Value, key: &str) -> Option<&'a str> {
+    tag(tags, key)?.as_str()
+}
+
+/// Integer tags arrive as JSON numbers; strings holding a number are read too (an attribute sent
+/// as a string by an SDK).
+fn tag_i64(tags: &Value, key: &str) -> Option<i64> {
+    let v = tag(tags, key)?;
+    v.as_i64().or_else(|| v.as_str()?.trim().parse().ok())
+}
+
+/// The collector marks a trace that may miss spans (`incomplete`, with `incompleteReasons`).
+fn is_incomplete(trace: &Value) -> bool {
+    trace["incomplete"] == true
+        || trace["incompleteReasons"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+fn host_of<'a>(trace: &'a Value, span: &Value) -> Option<&'a str> {
+    let pid = span["processID"].as_str().unwrap_or_default();
+    tag_str(&trace["processes"][pid]["tags"], "host.name").filter(|h| !h.is_empty())
+}
+
+/// `[tcp-seq/high by collector]`: how the span's parent link was made, from the provenance tags
+/// (`tracer.link.by` is absent on links an agent made before the collector labelled them).
+fn link_note(span: &Value) -> Option<String> {
+    let tags = &span["tags"];
+    let source = tag_str(tags, "tracer.link.source").or_else(|| {
+        (tag_str(tags, "tracer.link") == Some("tcp-connection")).then_some("tcp-connection")
+    })?;
+    let confidence =
+        tag_str(tags, "tracer.link.confidence").unwrap_or(if source == "tcp-connection" {
+            "high"
+        } else {
+            "?"
+        });
+    let by = tag_str(tags, "tracer.link.by").unwrap_or("agent");
+    let mut note = format!("[{source}/{confidence} by {by}");
+    if let Some(old) = tag_str(tags, "tracer.link.replaced") {
+        note.push_str(&format!(", replaced {old}"));
+    }
+    note.push(']');
+    Some(note)
+}
+
+/// `[clock +1.50ms, raw start 12:00:00.123456]` on a span whose host's clock was corrected.
+fn clock_note(span: &Value) -> Option<String> {
+    let tags = &span["tags"];
+    let shift = tag_i64(tags, "tracer.clock.shift_us")?;
+    let sign = if shift < 0 { "-" } else { "+" };
+    let mut note = format!("[clock {sign}{}", human_micros(shift.unsigned_abs()));
+    if let Some(raw) =
+        tag_i64(tags, "tracer.clock.raw_start_us").and_then(|r| u64::try_from(r).ok())
+    {
+        note.push_str(&format!(", raw start {}", utc_micros(raw)));
+    }
+    note.push(']');
+    Some(note)
 }
 
 fn service_of<'a>(trace: &'a Value, span: &Value) -> &'a str {
@@ -239,6 +321,49 @@ pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
         s.errors
     );
     let spans = t["spans"].as_array().cloned().unwrap_or_default();
+    let reasons = strings(&t["incompleteReasons"]);
+    if is_incomplete(t) {
+        println!("INCOMPLETE: spans may be missing");
+        if reasons.is_empty() {
+            println!("  - the collector marked this trace incomplete");
+        }
+        for r in &reasons {
+            println!("  - {r}");
+        }
+    }
+    let mut shifted_hosts: Vec<&str> = Vec::new();
+    let mut shifted = 0;
+    for sp in spans
+        .iter()
+        .filter(|sp| tag(&sp["tags"], "tracer.clock.shift_us").is_some())
+    {
+        shifted += 1;
+        let h = host_of(t, sp).unwrap_or_else(|| service_of(t, sp));
+        if !shifted_hosts.contains(&h) {
+            shifted_hosts.push(h);
+        }
+    }
+    if shifted > 0 {
+        shifted_hosts.sort_unstable();
+        println!(
+            "clock correction applied to {shifted} span{} (host{} {})",
+            if shifted == 1 { "" } else { "s" },
+            if shifted_hosts.len() == 1 { "" } else { "s" },
+            shifted_hosts.join(", ")
+        );
+    }
+    let span_warnings: Vec<&str> = spans
+        .iter()
+        .flat_map(|sp| strings(&sp["warnings"]))
+        .collect();
+    for w in strings(&t["warnings"]) {
+        if !reasons.contains(&w) && !span_warnings.contains(&w) {
+            println!("warning: {w}");
+        }
+    }
+    let hosts: std::collections::HashSet<&str> =
+        spans.iter().filter_map(|sp| host_of(t, sp)).collect();
+    let show_hosts = hosts.len() > 1;
     let ids: Vec<&str> = spans
         .iter()
         .filter_map(|sp| sp["spanID"].as_str())
@@ -260,44 +385,67 @@ pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
     for list in children.values_mut() {
         list.sort_by_key(|sp| sp["startTime"].as_u64().unwrap_or(0));
     }
-    fn walk(
-        t: &Value,
-        children: &HashMap<Option<String>, Vec<&Value>>,
-        key: Option<String>,
-        depth: usize,
-        t0: u64,
-    ) {
-        for sp in children.get(&key).into_iter().flatten() {
-            let kind = sp["tags"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|t| t["key"] == "span.kind")
-                .and_then(|t| t["value"].as_str())
-                .unwrap_or("internal");
-            println!(
+    let view = TreeView {
+        trace: t,
+        children: &children,
+        t0: s.start,
+        show_hosts,
+    };
+    view.walk(None, 0);
+    Ok(())
+}
+
+struct TreeView<'a> {
+    trace: &'a Value,
+    children: &'a HashMap<Option<String>, Vec<&'a Value>>,
+    t0: u64,
+    show_hosts: bool,
+}
+
+impl TreeView<'_> {
+    /// One line a span, children indented under their parent, in start order.
+    fn walk(&self, key: Option<String>, depth: usize) {
+        for sp in self.children.get(&key).into_iter().flatten() {
+            let kind = tag_str(&sp["tags"], "span.kind").unwrap_or("internal");
+            let mut line = format!(
                 "{:>10} {:>10}  {}{}{}: {} [{kind}]",
                 format!(
                     "+{}",
-                    human_micros(sp["startTime"].as_u64().unwrap_or(t0) - t0)
+                    human_micros(
+                        sp["startTime"]
+                            .as_u64()
+                            .unwrap_or(self.t0)
+                            .saturating_sub(self.t0)
+                    )
                 ),
                 human_micros(sp["duration"].as_u64().unwrap_or(0)),
                 "  ".repeat(depth),
                 if is_error(sp) { "! " } else { "" },
-                service_of(t, sp),
+                service_of(self.trace, sp),
                 sp["operationName"].as_str().unwrap_or_default(),
             );
-            walk(
-                t,
-                children,
-                sp["spanID"].as_str().map(str::to_owned),
-                depth + 1,
-                t0,
-            );
+            if self.show_hosts {
+                if let Some(h) = host_of(self.trace, sp) {
+                    line.push_str(&format!(" @{h}"));
+                }
+            }
+            if let Some(n) = link_note(sp) {
+                line.push(' ');
+                line.push_str(&n);
+            }
+            if let Some(n) = clock_note(sp) {
+                line.push(' ');
+                line.push_str(&n);
+            }
+            println!("{line}");
+            for w in strings(&sp["warnings"]) {
+                if !w.starts_with("clock skew") {
+                    println!("{:>23}{}  warning: {w}", "", "  ".repeat(depth));
+                }
+            }
+            self.walk(sp["spanID"].as_str().map(str::to_owned), depth + 1);
         }
     }
-    walk(t, &children, None, 0, s.start);
-    Ok(())
 }
 
 fn human_micros(us: u64) -> String {
@@ -306,6 +454,13 @@ fn human_micros(us: u64) -> String {
         1_000..1_000_000 => format!("{:.2}ms", us as f64 / 1e3),
         _ => format!("{:.3}s", us as f64 / 1e6),
     }
+}
+
+/// Unix microseconds as `YYYY-MM-DD HH:MM:SS.uuuuuu` UTC: a raw start differs from the shown one
+/// by a clock shift, often under a millisecond.
+fn utc_micros(us: u64) -> String {
+    let ms = utc(us);
+    format!("{ms}{:03}", us % 1000)
 }
 
 /// Unix microseconds as `YYYY-MM-DD HH:MM:SS.mmm` UTC (civil-from-days, no time zone database).
@@ -340,5 +495,38 @@ mod tests {
         assert_eq!(utc(1_795_645_494_046_399), "2026-11-25 22:24:54.046");
         assert_eq!(human_micros(999), "999µs");
         assert_eq!(human_micros(151_955), "151.96ms");
+        assert_eq!(
+            utc_micros(1_795_645_494_046_399),
+            "2026-11-25 22:24:54.046399"
+        );
+    }
+
+    #[test]
+    fn provenance_and_clock_notes() {
+        let span = serde_json::json!({"tags": [
+            {"key": "tracer.link.source", "type": "string", "value": "tcp-seq"},
+            {"key": "tracer.link.confidence", "type": "string", "value": "high"},
+            {"key": "tracer.link.by", "type": "string", "value": "collector"},
+            {"key": "tracer.link.replaced", "type": "string", "value": "traceparent:0909090909090909"},
+            {"key": "tracer.clock.shift_us", "type": "int64", "value": -1500},
+            {"key": "tracer.clock.raw_start_us", "type": "int64", "value": 1_795_645_494_046_399_u64},
+        ]});
+        assert_eq!(
+            link_note(&span).unwrap(),
+            "[tcp-seq/high by collector, replaced traceparent:0909090909090909]"
+        );
+        assert_eq!(
+            clock_note(&span).unwrap(),
+            "[clock -1.50ms, raw start 2026-11-25 22:24:54.046399]"
+        );
+        let agent = serde_json::json!({"tags": [
+            {"key": "tracer.link.source", "type": "string", "value": "thread"},
+            {"key": "tracer.link.confidence", "type": "string", "value": "medium"},
+        ]});
+        assert_eq!(link_note(&agent).unwrap(), "[thread/medium by agent]");
+        assert_eq!(clock_note(&agent), None);
+        let old = serde_json::json!({"tags": [{"key": "tracer.link", "value": "tcp-connection"}]});
+        assert_eq!(link_note(&old).unwrap(), "[tcp-connection/high by agent]");
+        assert_eq!(link_note(&serde_json::json!({"tags": []})), None);
     }
 }

@@ -1125,12 +1125,14 @@ mod tests {
             end_ns: 2,
             request_bytes: 3,
             response_bytes: 4,
+            span: 0,
+            tcp_seq: None,
         };
         let ends = Arc::new(crate::spans::Endpoints::new(
             "127.0.0.1:80".parse().unwrap(),
             "127.0.0.1:5000".parse().unwrap(),
         ));
-        HttpSpan::new(exchange, ends, |t| t)
+        HttpSpan::new(exchange, ends, None, |t| t)
     }
 
     fn resource(service: &str) -> Arc<ExportResource> {

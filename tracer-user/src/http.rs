@@ -9,6 +9,8 @@
 //! Only the headers the tracer reports or needs for framing are looked at. The others, credentials
 //! included, are validated and skipped without being copied anywhere.
 
+use crate::context::{self, RemoteContext};
+
 /// More header lines than this is not a real client or server: `Invalid`.
 pub const MAX_HEADERS: usize = 100;
 
@@ -41,6 +43,8 @@ pub struct RequestHead {
     pub chunked: bool,
     /// Bytes from the start of the buffer to just after the empty line ending the head.
     pub head_len: usize,
+    /// The caller's trace context (`traceparent`, else B3), if it sent one.
+    pub context: Option<RemoteContext>,
 }
 
 /// What a span reports of its request: method, path, host and user agent, kept in one
@@ -242,6 +246,7 @@ fn request(buf: &[u8]) -> Step<RequestHead> {
         content_length: fields.body_length(),
         chunked: fields.chunked,
         head_len,
+        context: fields.context(),
     })
 }
 
@@ -376,6 +381,10 @@ struct Fields<'a> {
     chunked: bool,
     close: bool,
     keep_alive: bool,
+    traceparent: Option<&'a [u8]>,
+    b3: Option<&'a [u8]>,
+    b3_trace_id: Option<&'a [u8]>,
+    b3_span_id: Option<&'a [u8]>,
 }
 
 impl<'a> Fields<'a> {
@@ -401,6 +410,14 @@ impl<'a> Fields<'a> {
             {
                 self.chunked = last.eq_ignore_ascii_case(b"chunked");
             }
+        } else if name.eq_ignore_ascii_case(b"traceparent") {
+            self.traceparent.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"b3") {
+            self.b3.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"x-b3-traceid") {
+            self.b3_trace_id.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"x-b3-spanid") {
+            self.b3_span_id.get_or_insert(value);
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in value.split(|&b| b == b',').map(trim) {
                 self.close |= token.eq_ignore_ascii_case(b"close");
@@ -408,6 +425,17 @@ impl<'a> Fields<'a> {
             }
         }
         Ok(())
+    }
+
+    /// W3C `traceparent` wins over B3 when both came (the OpenTelemetry SDKs' default order).
+    fn context(&self) -> Option<RemoteContext> {
+        self.traceparent
+            .and_then(context::parse_traceparent)
+            .or_else(|| self.b3.and_then(context::parse_b3))
+            .or_else(|| match (self.b3_trace_id, self.b3_span_id) {
+                (Some(t), Some(s)) => context::parse_b3_ids(t, s),
+                _ => None,
+            })
     }
 
     /// RFC 9112 6.3: `Transfer-Encoding` makes `Content-Length` meaningless.

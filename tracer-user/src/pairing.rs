@@ -19,9 +19,42 @@ use std::{
 use tracer_common::direction::{EGRESS, INGRESS};
 
 use crate::{
+    context::RemoteContext,
     hashing::IdentityHasher,
     http::{self, Parse, RequestHead, RequestText, ResponseHead, Sniff},
 };
+
+/// The linker's key for a request's span (its span id); 0 when there is no linker.
+pub type SpanKey = u64;
+
+/// A request whose head was just parsed, as the linker needs it.
+pub struct RequestStart<'a> {
+    /// The thread that read (server) or wrote (client) its first byte.
+    pub tid: u32,
+    /// The TCP sequence number of its first byte, when the probes read it.
+    pub tcp_seq: Option<u32>,
+    pub start_ns: u64,
+    pub text: &'a RequestText,
+    pub context: Option<RemoteContext>,
+}
+
+/// Told about requests as their heads are parsed and as their responses begin, in record
+/// order: which requests a process is serving at the moment it makes a call elsewhere is what
+/// links a server span to the client spans it causes.
+pub trait Observer {
+    /// A request head was parsed; returns the key of its span.
+    fn request(&mut self, conn: ConnId, role: Role, req: &RequestStart<'_>) -> SpanKey;
+    /// The response to the request of `span` began.
+    fn answered(&mut self, conn: ConnId, role: Role, span: SpanKey);
+}
+
+/// No linking (unit tests of the pairing alone).
+impl Observer for () {
+    fn request(&mut self, _: ConnId, _: Role, _: &RequestStart<'_>) -> SpanKey {
+        0
+    }
+    fn answered(&mut self, _: ConnId, _: Role, _: SpanKey) {}
+}
 
 /// Caller-assigned unique id of a connection, already well mixed (see `agent::conn_id`).
 pub type ConnId = u64;
@@ -72,6 +105,10 @@ pub struct Chunk<'a> {
     pub len: u64,
     /// Captured prefix of those bytes.
     pub payload: &'a [u8],
+    /// The thread that made the syscall.
+    pub tid: u32,
+    /// TCP sequence number of the first byte, when the probes read it (at message starts).
+    pub tcp_seq: Option<u32>,
 }
 
 impl Chunk<'_> {
@@ -115,6 +152,10 @@ pub struct Exchange {
     pub request_bytes: u64,
     /// Head and body of the response, interim (1xx) heads included.
     pub response_bytes: u64,
+    /// The linker's key for this exchange's span.
+    pub span: SpanKey,
+    /// TCP sequence number of the request's first byte.
+    pub tcp_seq: Option<u32>,
 }
 
 /// Turns the records of many connections into exchanges.
@@ -136,8 +177,15 @@ impl Pairer {
         }
     }
 
-    /// Feeds one record; completed exchanges are pushed to `out`.
-    pub fn on_chunk(&mut self, conn: ConnId, chunk: &Chunk, out: &mut Vec<Exchange>) {
+    /// Feeds one record; completed exchanges are pushed to `out`, requests and responses as
+    /// they begin are told to `observer`.
+    pub fn on_chunk(
+        &mut self,
+        conn: ConnId,
+        chunk: &Chunk,
+        out: &mut Vec<Exchange>,
+        observer: &mut dyn Observer,
+    ) {
         if chunk.len == 0 || (chunk.direction != INGRESS && chunk.direction != EGRESS) {
             return;
         }
@@ -146,6 +194,7 @@ impl Pairer {
             id: conn,
             failures: &mut self.parse_failures,
             out,
+            observer,
         };
         state.on_chunk(chunk, &mut cx);
     }
@@ -210,6 +259,7 @@ struct Cx<'a> {
     id: ConnId,
     failures: &'a mut u64,
     out: &'a mut Vec<Exchange>,
+    observer: &'a mut dyn Observer,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -262,6 +312,8 @@ struct Pending {
     /// `None` for a request whose head was lost: it keeps its place in the queue so that the
     /// responses after it still pair with the right requests, but is never reported.
     info: Option<RequestText>,
+    span: SpanKey,
+    tcp_seq: Option<u32>,
 }
 
 impl Pending {
@@ -287,6 +339,8 @@ impl Pending {
             end_ns: end_ns.max(self.start_ns),
             request_bytes: self.bytes,
             response_bytes,
+            span: self.span,
+            tcp_seq: self.tcp_seq,
         })
     }
 }
@@ -312,8 +366,14 @@ struct Conn {
     /// Captured bytes of a head that spans records. Only one head can be in progress at a time,
     /// since an unfinished head is given up when the direction changes.
     head_buf: Vec<u8>,
-    /// Start of the request whose head is in progress.
+    /// Start of the request whose head is in progress: time, TCP sequence number, thread.
     head_start_ns: u64,
+    head_start_seq: Option<u32>,
+    head_start_tid: u32,
+    /// TCP sequence number of the next byte in each direction (`INGRESS`, `EGRESS`), counted
+    /// from the last record that carried one; and that of the current record's first byte.
+    stream_seq: [Option<u32>; 2],
+    record_seq: Option<u32>,
     req: ReqState,
     resp: RespState,
     pending: VecDeque<Pending>,
@@ -418,6 +478,10 @@ impl Conn {
             last_ns: 0,
             head_buf: Vec::new(),
             head_start_ns: 0,
+            head_start_seq: None,
+            head_start_tid: 0,
+            stream_seq: [None; 2],
+            record_seq: None,
             req: ReqState::Head,
             resp: RespState::Head,
             pending: VecDeque::new(),
@@ -432,6 +496,9 @@ impl Conn {
         if matches!(self.phase, Phase::NotHttp) {
             return;
         }
+        let cursor = &mut self.stream_seq[usize::from(chunk.direction == EGRESS)];
+        self.record_seq = chunk.tcp_seq.or(*cursor);
+        *cursor = self.record_seq.map(|s| s.wrapping_add(chunk.len as u32));
         if chunk.direction != self.last_dir {
             self.direction_changed(cx);
             self.last_dir = chunk.direction;
@@ -495,7 +562,7 @@ impl Conn {
             }
             Sniff::Undecided if !chunk.has_hole() => {
                 if self.head_buf.is_empty() {
-                    self.head_start_ns = chunk.request_start();
+                    self.head_start(chunk, 0);
                 }
                 self.head_buf.extend_from_slice(payload);
             }
@@ -539,7 +606,7 @@ impl Conn {
                 }
                 ReqState::Head => {
                     if self.head_buf.is_empty() {
-                        self.head_start_ns = chunk.request_start();
+                        self.head_start(chunk, pos);
                         // A new request means the previous response is over.
                         if matches!(self.resp, RespState::Open) {
                             self.resp = RespState::Head;
@@ -635,6 +702,13 @@ impl Conn {
         }
     }
 
+    /// A request head begins `pos` bytes into this record.
+    fn head_start(&mut self, chunk: &Chunk, pos: u64) {
+        self.head_start_ns = chunk.request_start();
+        self.head_start_seq = self.record_seq.map(|s| s.wrapping_add(pos as u32));
+        self.head_start_tid = chunk.tid;
+    }
+
     fn push_request(&mut self, role: Role, head: RequestHead, cx: &mut Cx) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -650,13 +724,24 @@ impl Conn {
                 _ => ReqState::Head,
             }
         };
-        self.enqueue(role, seq, head.head_len as u64, Some(head.text), cx);
+        let span = cx.observer.request(
+            cx.id,
+            role,
+            &RequestStart {
+                tid: self.head_start_tid,
+                tcp_seq: self.head_start_seq,
+                start_ns: self.head_start_ns,
+                text: &head.text,
+                context: head.context,
+            },
+        );
+        self.enqueue(role, seq, head.head_len as u64, Some(head.text), span, cx);
     }
 
     fn push_lost_request(&mut self, role: Role, cx: &mut Cx) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.enqueue(role, seq, 0, None, cx);
+        self.enqueue(role, seq, 0, None, 0, cx);
     }
 
     fn enqueue(
@@ -665,6 +750,7 @@ impl Conn {
         seq: u64,
         bytes: u64,
         info: Option<RequestText>,
+        span: SpanKey,
         cx: &mut Cx,
     ) {
         if self.pending.len() >= MAX_PENDING {
@@ -679,6 +765,8 @@ impl Conn {
             start_ns: self.head_start_ns,
             bytes,
             info,
+            span,
+            tcp_seq: self.head_start_seq,
         });
     }
 
@@ -698,6 +786,9 @@ impl Conn {
             return true;
         }
         let req = self.pending.pop_front();
+        if let Some(r) = req.as_ref().filter(|r| r.span != 0) {
+            cx.observer.answered(cx.id, role, r.span);
+        }
         let no_body =
             req.as_ref().is_some_and(|r| r.method_is("HEAD")) || matches!(head.status, 204 | 304);
         let tunnel = head.status == 101
@@ -971,8 +1062,10 @@ mod tests {
                 ts_exit: exit,
                 len,
                 payload,
+                tid: 1,
+                tcp_seq: None,
             };
-            self.p.on_chunk(C, &chunk, &mut self.out);
+            self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
         }
 
         fn take(&mut self) -> Vec<Exchange> {
@@ -997,6 +1090,8 @@ mod tests {
             end_ns: span.1,
             request_bytes: bytes.0,
             response_bytes: bytes.1,
+            span: 0,
+            tcp_seq: None,
         }
     }
 
@@ -1570,8 +1665,10 @@ mod tests {
                 ts_exit: now + 1,
                 len,
                 payload,
+                tid: (next() % 3) as u32,
+                tcp_seq: (next() % 2 == 0).then(|| next() as u32),
             };
-            p.on_chunk(conn, &chunk, &mut out);
+            p.on_chunk(conn, &chunk, &mut out, &mut ());
             match next() % 64 {
                 0 => p.on_close(conn, now, &mut out),
                 1 => p.tick(now, &mut out),

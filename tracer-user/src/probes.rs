@@ -50,6 +50,8 @@ const CAP_SYS_ADMIN: u32 = 21;
 pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
     pub max_connections: u32,
+    /// Trace only sockets of this network namespace (inode number); 0 for all.
+    pub netns: u32,
 }
 
 /// The loaded, attached probes. Dropping it detaches every program.
@@ -171,6 +173,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
+            .override_global("NETNS_FILTER", &opts.netns, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)

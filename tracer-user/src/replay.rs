@@ -152,7 +152,6 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
             pipeline.flush_outbox();
         }
         if pass + 1 == repeat.max(1) {
-            pipeline.release_pending(u64::MAX);
             pipeline.flush_outbox();
         }
         cpu_ns += (cpu() - start) as f64 * 1000.0;

@@ -105,6 +105,25 @@ impl HostFacts {
     }
 }
 
+/// The non-loopback addresses of the interfaces of a network namespace (`--netns`): read on a
+/// short-lived thread that enters it, so the agent itself stays where it is.
+pub fn host_ips_in(netns: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    use std::os::fd::AsRawFd as _;
+    let file = fs::File::open(netns)
+        .with_context(|| format!("opening the network namespace {}", netns.display()))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns with an open namespace fd; it changes only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(host_ips())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("reading the namespace's addresses panicked"))?
+    .with_context(|| format!("entering the network namespace {}", netns.display()))
+}
+
 /// Non-loopback addresses of the host's interfaces.
 fn host_ips() -> Vec<String> {
     let mut out = Vec::new();

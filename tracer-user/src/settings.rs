@@ -110,6 +110,34 @@ pub struct AgentArgs {
     #[arg(long, value_parser = ["normal", "adaptive"])]
     pub priority: Option<String>,
 
+    /// Trace only sockets of this network namespace: a namespace file such as
+    /// /run/netns/NAME or /proc/PID/ns/net. One agent per namespace makes each namespace (a
+    /// container's, a test "host") report as its own host. [default: every namespace]
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
+
+    /// `host.name` of this agent's spans. [default: the machine's host name]
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
+
+    /// `host.id` of this agent's spans; the collector corrects clock skew per host id.
+    /// [default: /etc/machine-id]
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+
+    /// Whose incoming trace context (`traceparent`, B3 headers) is honoured: `all`, `none`, or
+    /// a comma-separated list of CIDRs of the callers to trust (e.g. `10.0.0.0/8,127.0.0.0/8`).
+    /// Context from outside the fleet can be forged to attach spans to someone else's trace.
+    /// [default: all]
+    #[arg(long, value_name = "WHO")]
+    pub trust_context: Option<String>,
+
+    /// Shifts every timestamp this agent reports by this many milliseconds. For testing the
+    /// collector's clock-skew correction; never useful in production.
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    #[serde(skip)]
+    pub clock_shift_ms: Option<i64>,
+
     /// Also append every ring-buffer record to this file, for `tracer replay` (the benchmark
     /// of the agent's own work on recorded traffic). Records hold payload prefixes, so the file
     /// is as sensitive as the traffic; it is created readable by root only.
@@ -169,6 +197,11 @@ impl AgentArgs {
             batch_size: self.batch_size.or(file.batch_size),
             batch_timeout_ms: self.batch_timeout_ms.or(file.batch_timeout_ms),
             priority: self.priority.or(file.priority),
+            netns: self.netns.or(file.netns),
+            host_name: self.host_name.or(file.host_name),
+            host_id: self.host_id.or(file.host_id),
+            trust_context: self.trust_context.or(file.trust_context),
+            clock_shift_ms: self.clock_shift_ms,
             record: self.record,
         })
     }

@@ -15,6 +15,8 @@ use opentelemetry_proto::tonic::{
 };
 
 use crate::{
+    context,
+    link::{Confidence, Source, SpanIds},
     pairing::{Exchange, Role},
     resource::{kv_int, kv_str},
     wire,
@@ -31,6 +33,10 @@ pub struct Endpoints {
     /// `client.address` from `client_address_at` on (server spans only).
     encoded: Vec<u8>,
     client_address_at: usize,
+    /// `tracer.tcp.edge` up to the sequence number, as a client (`local>remote#`) and as a
+    /// server (`remote>local#`) of this connection would write it.
+    edge_as_client: String,
+    edge_as_server: String,
 }
 
 impl Endpoints {
@@ -42,6 +48,8 @@ impl Endpoints {
             remote_ip: remote.ip().to_string(),
             encoded: Vec::new(),
             client_address_at: 0,
+            edge_as_client: edge_prefix(local, remote),
+            edge_as_server: edge_prefix(remote, local),
         };
         let mut encoded = Vec::with_capacity(160);
         connection_attributes(&ends, false, |k, v| encode_attribute(&mut encoded, k, v));
@@ -56,12 +64,59 @@ impl Endpoints {
         ends
     }
 
+    fn edge_prefix(&self, server_side: bool) -> &str {
+        if server_side {
+            &self.edge_as_server
+        } else {
+            &self.edge_as_client
+        }
+    }
+
     fn encoded(&self, server_side: bool) -> &[u8] {
         if server_side {
             &self.encoded
         } else {
             &self.encoded[..self.client_address_at]
         }
+    }
+}
+
+/// `client>server#` of `tracer.tcp.edge`, addresses unmapped (a dual-stack server sees
+/// `::ffff:10.0.0.1` where its IPv4 client sees `10.0.0.1`; both must write the same key).
+fn edge_prefix(client: SocketAddr, server: SocketAddr) -> String {
+    let end = |a: SocketAddr| SocketAddr::new(context::unmap(a.ip()), a.port());
+    format!("{}>{}#", end(client), end(server))
+}
+
+/// `tracer.tcp.edge` built on the stack: it changes with every request.
+struct EdgeText {
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl EdgeText {
+    fn new(prefix: &str, seq: u32) -> EdgeText {
+        let mut t = EdgeText {
+            buf: [0; 128],
+            len: 0,
+        };
+        // The longest prefix (two bracketed IPv6 ends) is 97 bytes, the number at most 10.
+        let _ = write!(t, "{prefix}{seq}");
+        t
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for EdgeText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let dest = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        dest.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -123,8 +178,8 @@ pub struct HttpSpan {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
-    /// The parent was found by seeing one TCP connection from both ends (`tracer.link`).
-    pub linked: bool,
+    /// How the parent was found (`tracer.link.source`, `tracer.link.confidence`).
+    pub link: Option<(Source, Confidence)>,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
     pub exchange: Exchange,
@@ -132,19 +187,27 @@ pub struct HttpSpan {
 }
 
 impl HttpSpan {
-    /// A span with fresh random ids; `mono_to_unix` converts the probes' CLOCK_MONOTONIC
-    /// nanoseconds to Unix nanoseconds.
+    /// A span with the linker's ids, or fresh random ones; `mono_to_unix` converts the probes'
+    /// CLOCK_MONOTONIC nanoseconds to Unix nanoseconds.
     pub fn new(
         exchange: Exchange,
         ends: Arc<Endpoints>,
+        ids: Option<SpanIds>,
         mono_to_unix: impl Fn(u64) -> u64,
     ) -> Self {
-        let (trace_id, span_id) = random_ids();
+        let ids = ids.unwrap_or_else(|| {
+            let (trace_id, span_id) = random_ids();
+            SpanIds {
+                trace_id,
+                span_id,
+                link: None,
+            }
+        });
         HttpSpan {
-            trace_id,
-            span_id,
-            parent_span_id: None,
-            linked: false,
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            parent_span_id: ids.link.map(|l| l.parent),
+            link: ids.link.map(|l| (l.source, l.confidence)),
             start_unix_nano: mono_to_unix(exchange.start_ns),
             end_unix_nano: mono_to_unix(exchange.end_ns.max(exchange.start_ns)),
             exchange,
@@ -227,9 +290,15 @@ impl HttpSpan {
             }
             None => f("error.type", Value::Str("no_response")),
         }
-        if self.linked {
-            // How the parent was found: the same TCP connection seen from both ends.
-            f("tracer.link", Value::Str("tcp-connection"));
+        if let Some(seq) = ex.tcp_seq {
+            // The collector joins this span with the other end's by this key, across hosts.
+            let edge = EdgeText::new(ends.edge_prefix(self.server_side()), seq);
+            f("tracer.tcp.edge", Value::Str(edge.as_str()));
+            f("tracer.tcp.seq", Value::Int(i64::from(seq)));
+        }
+        if let Some((source, confidence)) = self.link {
+            f("tracer.link.source", Value::Str(source.name()));
+            f("tracer.link.confidence", Value::Str(confidence.name()));
         }
     }
 
@@ -407,6 +476,27 @@ mod tests {
         assert_eq!(path_template("/static/app.js"), "/static/app.js");
     }
 
+    /// Both ends of a connection write the same edge key, whatever their address families.
+    #[test]
+    fn edge_keys_match_across_ends() {
+        let client = Endpoints::new(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let server = Endpoints::new(
+            "[::ffff:10.0.0.2]:80".parse().unwrap(),
+            "[::ffff:10.0.0.1]:40000".parse().unwrap(),
+        );
+        let c = EdgeText::new(client.edge_prefix(false), u32::MAX);
+        let s = EdgeText::new(server.edge_prefix(true), u32::MAX);
+        assert_eq!(c.as_str(), "10.0.0.1:40000>10.0.0.2:80#4294967295");
+        assert_eq!(c.as_str(), s.as_str());
+        let v6 = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535";
+        let longest = Endpoints::new(v6.parse().unwrap(), v6.parse().unwrap());
+        let t = EdgeText::new(longest.edge_prefix(false), u32::MAX);
+        assert_eq!(t.as_str(), format!("{v6}>{v6}#4294967295"));
+    }
+
     #[test]
     fn host_header_ports_are_split() {
         assert_eq!(split_host("example.com:8080"), ("example.com", Some(8080)));
@@ -429,6 +519,8 @@ mod tests {
             end_ns: 3_000,
             request_bytes: 10,
             response_bytes: u64::MAX,
+            span: 0,
+            tcp_seq: Some(4_000_000_000),
         }
     }
 
@@ -441,7 +533,8 @@ mod tests {
 
     #[test]
     fn server_span_follows_http_semantic_conventions() {
-        let s = HttpSpan::new(exchange(Role::Server, Some(503)), ends(), |t| t + 10).to_proto();
+        let s =
+            HttpSpan::new(exchange(Role::Server, Some(503)), ends(), None, |t| t + 10).to_proto();
         assert_eq!(s.name, "GET /x/{id}");
         assert_eq!(s.kind, SpanKind::Server as i32);
         assert_eq!(
@@ -449,9 +542,9 @@ mod tests {
             (1_010, 3_010)
         );
         assert_eq!(s.status.unwrap().code, StatusCode::Error as i32);
-        let s = HttpSpan::new(exchange(Role::Server, Some(404)), ends(), |t| t).to_proto();
+        let s = HttpSpan::new(exchange(Role::Server, Some(404)), ends(), None, |t| t).to_proto();
         assert_eq!(s.status.unwrap().code, StatusCode::Unset as i32);
-        let s = HttpSpan::new(exchange(Role::Client, Some(404)), ends(), |t| t).to_proto();
+        let s = HttpSpan::new(exchange(Role::Client, Some(404)), ends(), None, |t| t).to_proto();
         assert_eq!(s.status.unwrap().code, StatusCode::Error as i32);
     }
 
@@ -468,10 +561,10 @@ mod tests {
                         let path = format!("/{long}");
                         ex.request = crate::http::RequestText::new("GET", &path, None, Some(&long));
                     }
-                    let mut span = HttpSpan::new(ex, ends(), |t| t * 7);
+                    let mut span = HttpSpan::new(ex, ends(), None, |t| t * 7);
                     if linked {
                         span.parent_span_id = Some([9; 8]);
-                        span.linked = true;
+                        span.link = Some((Source::TcpSeq, Confidence::High));
                     }
                     let mut buf = Vec::new();
                     span.encode(&mut buf, &mut String::new());

@@ -1,0 +1,615 @@
+//! Which span is whose parent, decided on this host as requests begin.
+//!
+//! Two kinds of link are made here, each recorded with how it was made and how sure it is
+//! (`tracer.link.source`, `tracer.link.confidence`), because a wrong parent is worse than none:
+//!
+//! - **Inside a process**: a client request a process writes is a child of the server request
+//!   it is handling at that moment. Candidates are the server requests of the process that were
+//!   read and not yet answered; the rules, in order, are: it forwards the `traceparent` of
+//!   exactly one of them; the writing thread is serving exactly one (thread per request, a
+//!   blocking worker); its request line equals exactly one of them (a reverse proxy such as
+//!   nginx forwards it); the process has exactly one in flight. Otherwise the client span stays
+//!   a root: an event loop serving many requests at once, or a hand-off to another thread while
+//!   others are in flight, cannot be told apart from the syscalls alone.
+//! - **Across one TCP connection seen from both ends on this host**: the client and server
+//!   spans of one request carry the same TCP sequence number of the request's first byte (the
+//!   probes read it at each message start). Across hosts the collector joins the two halves by
+//!   the same key, `tracer.tcp.edge`.
+//!
+//! Every decision is made when a request's head is parsed, in record order, so that a span's
+//! trace id is fixed before any child uses it: a server span takes its trace id from its
+//! client's span if that is already known (same host), else from a trusted incoming
+//! `traceparent`/B3, else the id is drawn when first needed (its first child, or its export),
+//! which gives a client span seen a little late (records of different CPUs interleave) one more
+//! chance.
+use std::{collections::HashMap, hash::BuildHasherDefault, net::SocketAddr};
+
+use crate::{
+    context::{self, ContextHeader, RemoteContext, Trust},
+    hashing::FxHasher,
+    pairing::{RequestStart, Role, SpanKey},
+    spans::random_ids,
+};
+
+/// How a parent link was made (`tracer.link.source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Both ends of the connection seen by this agent, same TCP sequence number.
+    TcpSeq,
+    /// The writing thread was serving exactly one request.
+    Thread,
+    /// The outgoing request line equals exactly one incoming request in flight.
+    ForwardedRequest,
+    /// The process had exactly one request in flight.
+    SoleRequest,
+    /// The outgoing request carries the trace context of exactly one incoming request.
+    ForwardedHeader,
+    /// The caller's `traceparent` header.
+    Traceparent,
+    /// The caller's B3 headers.
+    B3,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::TcpSeq => "tcp-seq",
+            Source::Thread => "thread",
+            Source::ForwardedRequest => "forwarded-request",
+            Source::SoleRequest => "sole-request",
+            Source::ForwardedHeader => "forwarded-header",
+            Source::Traceparent => "traceparent",
+            Source::B3 => "b3",
+        }
+    }
+}
+
+/// How sure a link is (`tracer.link.confidence`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confidence {
+    /// Exact, or a rule that the workloads it was measured on never got wrong.
+    High,
+    /// Right when the assumption behind it holds (one request at a time; a header not forged
+    /// and not forwarded by an untraced proxy).
+    Medium,
+}
+
+impl Confidence {
+    pub fn name(self) -> &'static str {
+        match self {
+            Confidence::High => "high",
+            Confidence::Medium => "medium",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub parent: [u8; 8],
+    pub source: Source,
+    pub confidence: Confidence,
+}
+
+/// A span's final ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub link: Option<Link>,
+}
+
+/// One request on one TCP connection, as both ends can name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Edge {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub seq: u32,
+}
+
+impl Edge {
+    /// The edge of a request of this role on a connection with these ends. Addresses are
+    /// unmapped (a dual-stack server sees `::ffff:10.0.0.1` where its client sees `10.0.0.1`).
+    pub fn of(role: Role, local: SocketAddr, remote: SocketAddr, seq: u32) -> Edge {
+        let unmap = |a: SocketAddr| SocketAddr::new(context::unmap(a.ip()), a.port());
+        let (client, server) = match role {
+            Role::Client => (local, remote),
+            Role::Server => (remote, local),
+        };
+        Edge {
+            client: unmap(client),
+            server: unmap(server),
+            seq,
+        }
+    }
+}
+
+struct SpanState {
+    tgid: u32,
+    tid: u32,
+    role: Role,
+    /// `None` until fixed (a server span whose parent is not known yet).
+    trace_id: Option<[u8; 16]>,
+    link: Option<Link>,
+    edge: Option<Edge>,
+    /// Hash of the request's method and path, for the forwarded-request rule.
+    request_line: u64,
+    /// The context the request came with (servers) or carries (clients).
+    context: Option<RemoteContext>,
+    created_ns: u64,
+}
+
+/// A client request by its edge: what a server span on this host adopts. Kept a little after
+/// the client span is exported, for a server span whose records come later.
+struct ClientEdge {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    finished_ns: Option<u64>,
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// How long a finished client request can still be adopted by its server span.
+const CLIENT_EDGE_GRACE_NS: u64 = 2_000_000_000;
+/// A request never exported (its connection was muted or forgotten) is dropped after this.
+const SPAN_STATE_MAX_AGE_NS: u64 = 600_000_000_000;
+
+pub struct Linker {
+    spans: FxMap<SpanKey, SpanState>,
+    /// Server requests read and not yet answered, per process.
+    in_flight: FxMap<u32, Vec<SpanKey>>,
+    clients: FxMap<Edge, ClientEdge>,
+    trust: Trust,
+}
+
+/// The endpoints of the connection a request came on, and its process.
+pub struct ConnView {
+    pub tgid: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Linker {
+    pub fn new(trust: Trust) -> Self {
+        Linker {
+            spans: FxMap::default(),
+            in_flight: FxMap::default(),
+            clients: FxMap::default(),
+            trust,
+        }
+    }
+
+    /// A fresh key (the span id), never 0 and not in use.
+    fn new_key(&self) -> SpanKey {
+        loop {
+            let (_, span) = random_ids();
+            let key = u64::from_be_bytes(span);
+            if key != 0 && !self.spans.contains_key(&key) {
+                return key;
+            }
+        }
+    }
+
+    /// A request's head was parsed: its span's key, and its parent if one can be told now.
+    pub fn request(&mut self, conn: &ConnView, role: Role, req: &RequestStart<'_>) -> SpanKey {
+        let key = self.new_key();
+        let edge = req
+            .tcp_seq
+            .map(|seq| Edge::of(role, conn.local, conn.remote, seq));
+        let request_line = request_line_hash(req.text.method(), req.text.path());
+        let mut state = SpanState {
+            tgid: conn.tgid,
+            tid: req.tid,
+            role,
+            trace_id: None,
+            link: None,
+            edge,
+            request_line,
+            context: req.context,
+            created_ns: req.start_ns,
+        };
+        match role {
+            Role::Client => {
+                let parent = self.parent_in_process(&state);
+                let trace_id = match parent {
+                    Some((parent_key, source, confidence)) => {
+                        let trace_id = self.fix(parent_key);
+                        state.link = Some(Link {
+                            parent: parent_key.to_be_bytes(),
+                            source,
+                            confidence,
+                        });
+                        trace_id
+                    }
+                    None => random_ids().0,
+                };
+                state.trace_id = Some(trace_id);
+                if let Some(edge) = edge {
+                    self.clients.insert(
+                        edge,
+                        ClientEdge {
+                            trace_id,
+                            span_id: key.to_be_bytes(),
+                            finished_ns: None,
+                        },
+                    );
+                }
+            }
+            Role::Server => {
+                if !self.adopt_client(&mut state) {
+                    if let Some(ctx) = req.context.filter(|_| self.trust.trusts(conn.remote.ip())) {
+                        state.trace_id = Some(ctx.trace_id);
+                        state.link = Some(Link {
+                            parent: ctx.span_id,
+                            source: match ctx.header {
+                                ContextHeader::Traceparent => Source::Traceparent,
+                                ContextHeader::B3 => Source::B3,
+                            },
+                            confidence: Confidence::Medium,
+                        });
+                    }
+                }
+                self.in_flight.entry(conn.tgid).or_default().push(key);
+            }
+        }
+        self.spans.insert(key, state);
+        key
+    }
+
+    /// The response to a request began: a server request stops being a candidate parent.
+    pub fn answered(&mut self, key: SpanKey) {
+        let Some(state) = self.spans.get(&key) else {
+            return;
+        };
+        if state.role == Role::Server {
+            let tgid = state.tgid;
+            self.leave_flight(tgid, key);
+        }
+    }
+
+    /// The span is exported: its final ids. `None` for a key this linker does not know (0, or
+    /// expired), for which the caller draws fresh ids.
+    pub fn finish(&mut self, key: SpanKey, now_ns: u64) -> Option<SpanIds> {
+        let trace_id = self.fix(key);
+        let state = self.spans.remove(&key)?;
+        if state.role == Role::Server {
+            self.leave_flight(state.tgid, key);
+        } else if let Some(edge) = state.edge {
+            if let Some(c) = self.clients.get_mut(&edge) {
+                c.finished_ns = Some(now_ns);
+            }
+        }
+        Some(SpanIds {
+            trace_id,
+            span_id: key.to_be_bytes(),
+            link: state.link,
+        })
+    }
+
+    /// Forgets client edges past their grace time and requests never exported.
+    pub fn expire(&mut self, now_ns: u64) {
+        self.clients.retain(|_, c| {
+            c.finished_ns
+                .is_none_or(|t| now_ns.saturating_sub(t) < CLIENT_EDGE_GRACE_NS)
+        });
+        let old: Vec<SpanKey> = self
+            .spans
+            .iter()
+            .filter(|(_, s)| now_ns.saturating_sub(s.created_ns) > SPAN_STATE_MAX_AGE_NS)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in old {
+            if let Some(state) = self.spans.remove(&key) {
+                self.leave_flight(state.tgid, key);
+                if let Some(edge) = state.edge {
+                    self.clients.remove(&edge);
+                }
+            }
+        }
+        self.in_flight.retain(|_, v| !v.is_empty());
+    }
+
+    /// Requests being followed.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    fn leave_flight(&mut self, tgid: u32, key: SpanKey) {
+        if let Some(list) = self.in_flight.get_mut(&tgid) {
+            list.retain(|&k| k != key);
+        }
+    }
+
+    /// A server span's trace id, drawn now if nothing decided it yet (after one more look for
+    /// its client on this host).
+    fn fix(&mut self, key: SpanKey) -> [u8; 16] {
+        let Some(mut state) = self.spans.remove(&key) else {
+            return random_ids().0;
+        };
+        if state.trace_id.is_none() && !self.adopt_client(&mut state) {
+            state.trace_id = Some(random_ids().0);
+        }
+        let trace_id = state.trace_id.unwrap_or_default();
+        self.spans.insert(key, state);
+        trace_id
+    }
+
+    /// A server request takes its client's trace as the child of the client span, when this
+    /// host saw the client write the same bytes.
+    fn adopt_client(&self, state: &mut SpanState) -> bool {
+        let Some(client) = state.edge.and_then(|e| self.clients.get(&e)) else {
+            return false;
+        };
+        state.trace_id = Some(client.trace_id);
+        state.link = Some(Link {
+            parent: client.span_id,
+            source: Source::TcpSeq,
+            confidence: Confidence::High,
+        });
+        true
+    }
+
+    /// The server request of the same process this client request is made for, if the rules
+    /// in the module comment single one out.
+    fn parent_in_process(&self, client: &SpanState) -> Option<(SpanKey, Source, Confidence)> {
+        let candidates = self.in_flight.get(&client.tgid)?;
+        let spans = &self.spans;
+        let only = |keys: &mut dyn Iterator<Item = SpanKey>| {
+            let first = keys.next()?;
+            keys.next().is_none().then_some(first)
+        };
+        if let Some(ctx) = client.context {
+            let forwarded = candidates.iter().copied().filter(|k| {
+                spans
+                    .get(k)
+                    .and_then(|s| s.context)
+                    .is_some_and(|c| c.trace_id == ctx.trace_id && c.span_id == ctx.span_id)
+            });
+            if let Some(k) = only(&mut { forwarded }) {
+                return Some((k, Source::ForwardedHeader, Confidence::High));
+            }
+        }
+        let on_thread: Vec<SpanKey> = candidates
+            .iter()
+            .copied()
+            .filter(|k| spans.get(k).is_some_and(|s| s.tid == client.tid))
+            .collect();
+        if on_thread.len() == 1 {
+            return Some((on_thread[0], Source::Thread, Confidence::High));
+        }
+        let pool = if on_thread.is_empty() {
+            candidates.as_slice()
+        } else {
+            on_thread.as_slice()
+        };
+        let same_line = pool.iter().copied().filter(|k| {
+            spans
+                .get(k)
+                .is_some_and(|s| s.request_line == client.request_line)
+        });
+        if let Some(k) = only(&mut { same_line }) {
+            return Some((k, Source::ForwardedRequest, Confidence::High));
+        }
+        if candidates.len() == 1 {
+            return Some((candidates[0], Source::SoleRequest, Confidence::Medium));
+        }
+        None
+    }
+}
+
+fn request_line_hash(method: &str, path: &str) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut h = BuildHasherDefault::<FxHasher>::default().build_hasher();
+    method.hash(&mut h);
+    path.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::RequestText;
+
+    const NGINX: u32 = 100;
+
+    fn view(tgid: u32, local: &str, remote: &str) -> ConnView {
+        ConnView {
+            tgid,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    fn start<'a>(
+        tid: u32,
+        seq: Option<u32>,
+        text: &'a RequestText,
+        context: Option<RemoteContext>,
+    ) -> RequestStart<'a> {
+        RequestStart {
+            tid,
+            tcp_seq: seq,
+            start_ns: 1,
+            text,
+            context,
+        }
+    }
+
+    fn text(path: &str) -> RequestText {
+        RequestText::new("GET", path, None, None)
+    }
+
+    /// A thread serving one request: its outgoing call is that request's child.
+    #[test]
+    fn thread_per_request() {
+        let mut l = Linker::new(Trust::All);
+        let inbound = view(7, "10.0.0.2:80", "10.0.0.1:4000");
+        let outbound = view(7, "10.0.0.2:5000", "10.0.0.3:80");
+        let a = l.request(
+            &inbound,
+            Role::Server,
+            &start(71, Some(1), &text("/a"), None),
+        );
+        let b = l.request(
+            &inbound,
+            Role::Server,
+            &start(72, Some(9), &text("/b"), None),
+        );
+        let call_b = l.request(
+            &outbound,
+            Role::Client,
+            &start(72, Some(5), &text("/db"), None),
+        );
+        let call_a = l.request(
+            &outbound,
+            Role::Client,
+            &start(71, Some(6), &text("/db"), None),
+        );
+        let ids_b = l.finish(call_b, 0).unwrap();
+        let ids_a = l.finish(call_a, 0).unwrap();
+        let server_a = l.finish(a, 0).unwrap();
+        let server_b = l.finish(b, 0).unwrap();
+        let link = ids_a.link.unwrap();
+        assert_eq!(link.parent, server_a.span_id);
+        assert_eq!(
+            (link.source, link.confidence),
+            (Source::Thread, Confidence::High)
+        );
+        assert_eq!(ids_a.trace_id, server_a.trace_id);
+        assert_eq!(ids_b.link.unwrap().parent, server_b.span_id);
+        assert_eq!(ids_b.trace_id, server_b.trace_id);
+        assert_ne!(server_a.trace_id, server_b.trace_id);
+    }
+
+    /// One event-loop thread with several requests in flight: only a request line that matches
+    /// exactly one of them links; otherwise nothing (never a guess).
+    #[test]
+    fn event_loop_links_forwarded_request_lines_only() {
+        let mut l = Linker::new(Trust::All);
+        let down = view(NGINX, "10.0.0.2:80", "10.0.0.1:4000");
+        let up = view(NGINX, "10.0.0.2:5000", "10.0.0.3:80");
+        let x = l.request(&down, Role::Server, &start(1, None, &text("/x"), None));
+        let _y1 = l.request(&down, Role::Server, &start(1, None, &text("/y"), None));
+        let _y2 = l.request(&down, Role::Server, &start(1, None, &text("/y"), None));
+        let to_x = l.request(&up, Role::Client, &start(1, None, &text("/x"), None));
+        let to_y = l.request(&up, Role::Client, &start(1, None, &text("/y"), None));
+        let to_z = l.request(&up, Role::Client, &start(1, None, &text("/z"), None));
+        let x_ids = l.finish(x, 0).unwrap();
+        let link = l.finish(to_x, 0).unwrap().link.unwrap();
+        assert_eq!(link.parent, x_ids.span_id);
+        assert_eq!(link.source, Source::ForwardedRequest);
+        assert_eq!(l.finish(to_y, 0).unwrap().link, None, "two /y in flight");
+        assert_eq!(l.finish(to_z, 0).unwrap().link, None);
+    }
+
+    /// Answered requests are no longer candidates; a process with one request in flight links
+    /// a call made from another thread, at medium confidence.
+    #[test]
+    fn sole_request_and_answered() {
+        let mut l = Linker::new(Trust::All);
+        let inbound = view(9, "10.0.0.2:80", "10.0.0.1:4000");
+        let outbound = view(9, "10.0.0.2:5000", "10.0.0.3:80");
+        let a = l.request(&inbound, Role::Server, &start(1, None, &text("/a"), None));
+        let call = l.request(&outbound, Role::Client, &start(2, None, &text("/db"), None));
+        let link = l.finish(call, 0).unwrap().link.unwrap();
+        assert_eq!(
+            (link.source, link.confidence),
+            (Source::SoleRequest, Confidence::Medium)
+        );
+        l.answered(a);
+        let late = l.request(&outbound, Role::Client, &start(1, None, &text("/db"), None));
+        assert_eq!(l.finish(late, 0).unwrap().link, None);
+    }
+
+    /// Both ends on this host: the server span is the client span's child, whichever of the
+    /// two requests was parsed first.
+    #[test]
+    fn same_host_edge_by_sequence_number() {
+        let mut l = Linker::new(Trust::All);
+        let client = view(1, "127.0.0.1:4000", "127.0.0.1:80");
+        let server = view(2, "127.0.0.1:80", "127.0.0.1:4000");
+        let c = l.request(&client, Role::Client, &start(1, Some(77), &text("/"), None));
+        let s = l.request(&server, Role::Server, &start(2, Some(77), &text("/"), None));
+        let other = l.request(&server, Role::Server, &start(2, Some(78), &text("/"), None));
+        let s_ids = l.finish(s, 0).unwrap();
+        let c_ids = l.finish(c, 0).unwrap();
+        let link = s_ids.link.unwrap();
+        assert_eq!((link.parent, link.source), (c_ids.span_id, Source::TcpSeq));
+        assert_eq!(s_ids.trace_id, c_ids.trace_id);
+        assert_eq!(l.finish(other, 0).unwrap().link, None);
+
+        // The server's request parsed before the client's: adopted when its id is needed.
+        let s = l.request(
+            &server,
+            Role::Server,
+            &start(2, Some(500), &text("/"), None),
+        );
+        let c = l.request(
+            &client,
+            Role::Client,
+            &start(1, Some(500), &text("/"), None),
+        );
+        let s_ids = l.finish(s, 0).unwrap();
+        assert_eq!(s_ids.link.unwrap().parent, c.to_be_bytes());
+        // A mapped IPv6 address names the same edge.
+        assert_eq!(
+            Edge::of(
+                Role::Server,
+                "[::ffff:127.0.0.1]:80".parse().unwrap(),
+                "[::ffff:127.0.0.1]:4000".parse().unwrap(),
+                5
+            ),
+            Edge::of(
+                Role::Client,
+                "127.0.0.1:4000".parse().unwrap(),
+                "127.0.0.1:80".parse().unwrap(),
+                5
+            ),
+        );
+    }
+
+    /// An incoming traceparent is honoured from trusted peers only, and a proxy's outgoing
+    /// request that forwards it is the child of the request it came with.
+    #[test]
+    fn traceparent_trust_and_forwarding() {
+        let ctx =
+            context::parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let mut l = Linker::new(Trust::parse("10.0.0.0/8").unwrap());
+        let trusted = view(5, "10.0.0.2:80", "10.0.0.1:4000");
+        let outsider = view(5, "10.0.0.2:80", "192.0.2.1:4000");
+        let up = view(5, "10.0.0.2:5000", "10.0.0.3:80");
+        let s = l.request(&trusted, Role::Server, &start(1, None, &text("/a"), ctx));
+        let _other = l.request(&trusted, Role::Server, &start(1, None, &text("/a"), None));
+        let fwd = l.request(&up, Role::Client, &start(1, None, &text("/a"), ctx));
+        let s_ids = l.finish(s, 0).unwrap();
+        let link = s_ids.link.unwrap();
+        assert_eq!(s_ids.trace_id, ctx.unwrap().trace_id);
+        assert_eq!(
+            (link.parent, link.source),
+            (ctx.unwrap().span_id, Source::Traceparent)
+        );
+        let f = l.finish(fwd, 0).unwrap();
+        assert_eq!(f.link.unwrap().parent, s_ids.span_id);
+        assert_eq!(f.link.unwrap().source, Source::ForwardedHeader);
+        let forged = l.request(&outsider, Role::Server, &start(1, None, &text("/a"), ctx));
+        let forged = l.finish(forged, 0).unwrap();
+        assert_eq!(forged.link, None);
+        assert_ne!(forged.trace_id, ctx.unwrap().trace_id);
+    }
+
+    #[test]
+    fn expiry_forgets_old_state() {
+        let mut l = Linker::new(Trust::All);
+        let client = view(1, "127.0.0.1:4000", "127.0.0.1:80");
+        let c = l.request(&client, Role::Client, &start(1, Some(1), &text("/"), None));
+        l.finish(c, 10).unwrap();
+        let s = l.request(&client, Role::Server, &start(1, None, &text("/"), None));
+        l.expire(10 + CLIENT_EDGE_GRACE_NS);
+        assert!(l.clients.is_empty());
+        assert_eq!(l.len(), 1);
+        l.expire(SPAN_STATE_MAX_AGE_NS + 2);
+        assert_eq!(l.len(), 0);
+        assert!(l.finish(s, 0).is_none());
+        assert!(l.in_flight.is_empty());
+    }
+}
