@@ -1250,6 +1250,56 @@ mod tests {
         );
     }
 
+    /// Each request's TCP sequence number is its first byte's: the probes give it at message
+    /// starts, the pairer counts from there through pipelined requests, split heads and bodies.
+    #[test]
+    fn requests_carry_the_sequence_number_of_their_first_byte() {
+        let mut r = Run::new();
+        let feed = |r: &mut Run, dir, seq: Option<u32>, bytes: &[u8]| {
+            let chunk = Chunk {
+                direction: dir,
+                ts_enter: 1,
+                ts_exit: 2,
+                len: bytes.len() as u64,
+                payload: bytes,
+                tid: 1,
+                tcp_seq: seq,
+            };
+            r.p.on_chunk(C, &chunk, &mut r.out, &mut ());
+        };
+        let (a, b) = (get("/a"), get("/b"));
+        let post = b"POST /c HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        // Two pipelined requests in one record near the wrap-around, then a split head.
+        let start = u32::MAX - 10;
+        feed(&mut r, INGRESS, Some(start), &[a.clone(), b.clone()].concat());
+        feed(&mut r, INGRESS, None, &post[..20]);
+        feed(&mut r, INGRESS, None, &post[20..]);
+        feed(&mut r, EGRESS, Some(7), &[ok("1"), ok("2"), ok("3")].concat());
+        // The next message: a record with a number again.
+        feed(&mut r, INGRESS, Some(9000), &get("/d"));
+        feed(&mut r, EGRESS, None, &ok("4"));
+        let seqs: Vec<_> = r
+            .take()
+            .iter()
+            .map(|e| (e.request.path().to_owned(), e.tcp_seq))
+            .collect();
+        let after_ab = start.wrapping_add((a.len() + b.len()) as u32);
+        assert_eq!(
+            seqs,
+            [
+                ("/a".into(), Some(start)),
+                ("/b".into(), Some(start.wrapping_add(a.len() as u32))),
+                ("/c".into(), Some(after_ab)),
+                ("/d".into(), Some(9000)),
+            ]
+        );
+        // Without numbers from the probes there is none to report.
+        let mut r = Run::new();
+        r.rec(INGRESS, 1, 2, &a);
+        r.rec(EGRESS, 3, 4, &ok("1"));
+        assert_eq!(r.take()[0].tcp_seq, None);
+    }
+
     #[test]
     fn post_body_skipped_across_uncaptured_records() {
         let mut r = Run::new();

@@ -248,9 +248,22 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
             "{name}: server span is the client span's child"
         );
         assert_eq!(
-            srv.str_attr("tracer.link").as_deref(),
-            Some("tcp-connection")
+            srv.str_attr("tracer.link.source").as_deref(),
+            Some("tcp-seq")
         );
+        assert_eq!(
+            srv.str_attr("tracer.link.confidence").as_deref(),
+            Some("high")
+        );
+        // The key the collector joins the two ends by across hosts: the same on both.
+        let edge = cli.str_attr("tracer.tcp.edge");
+        assert!(
+            edge.as_deref().is_some_and(|e| e.starts_with(&format!(
+                "127.0.0.1:{client_port}>127.0.0.1:{nginx_port}#"
+            ))),
+            "{name}: edge {edge:?}"
+        );
+        assert_eq!(srv.str_attr("tracer.tcp.edge"), edge, "{name}: both ends' edge");
         assert!(
             cli.span.start_time_unix_nano <= srv.span.start_time_unix_nano,
             "{name}: client starts before server"
@@ -291,6 +304,19 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
     assert_eq!(
         up.span.parent_span_id, proxied.span.span_id,
         "the upstream's span is nginx's client span's child"
+    );
+    // Inside nginx: the call to the upstream is the child of the request it serves, so the
+    // test's client, nginx and the upstream make one trace.
+    assert_eq!(
+        proxied.span.parent_span_id, slow.span.span_id,
+        "nginx's upstream call is the child of its /slow/150 SERVER span"
+    );
+    assert_eq!(proxied.span.trace_id, slow.span.trace_id);
+    assert_eq!(up.span.trace_id, slow.span.trace_id);
+    let how = proxied.str_attr("tracer.link.source");
+    assert!(
+        matches!(how.as_deref(), Some("thread" | "forwarded-request")),
+        "in-process link made by {how:?}"
     );
     // Every server span found its client on this host.
     assert!(
