@@ -8,9 +8,11 @@
 //!   read and not yet answered; the rules, in order, are: it forwards the `traceparent` of
 //!   exactly one of them; the writing thread is serving exactly one (thread per request, a
 //!   blocking worker); its request line equals exactly one of them (a reverse proxy such as
-//!   nginx forwards it); the process has exactly one in flight. Otherwise the client span stays
-//!   a root: an event loop serving many requests at once, or a hand-off to another thread while
-//!   others are in flight, cannot be told apart from the syscalls alone.
+//!   nginx forwards it); the process has exactly one in flight; its path carries an id (a path
+//!   segment that span names template as `{id}`) found in exactly one of them (a service that
+//!   calls `/stock/42` while serving `/orders/42`). Otherwise the client span stays a root: an
+//!   event loop serving many requests at once, or a hand-off to another thread while others are
+//!   in flight, cannot be told apart from the syscalls alone.
 //! - **Across one TCP connection seen from both ends on this host**: the client and server
 //!   spans of one request carry the same TCP sequence number of the request's first byte (the
 //!   probes read it at each message start). Across hosts the collector joins the two halves by
@@ -42,6 +44,8 @@ pub enum Source {
     ForwardedRequest,
     /// The process had exactly one request in flight.
     SoleRequest,
+    /// The outgoing path carries an id found in exactly one incoming request in flight.
+    SharedId,
     /// The outgoing request carries the trace context of exactly one incoming request.
     ForwardedHeader,
     /// The caller's `traceparent` header.
@@ -57,6 +61,7 @@ impl Source {
             Source::Thread => "thread",
             Source::ForwardedRequest => "forwarded-request",
             Source::SoleRequest => "sole-request",
+            Source::SharedId => "shared-id",
             Source::ForwardedHeader => "forwarded-header",
             Source::Traceparent => "traceparent",
             Source::B3 => "b3",
@@ -133,6 +138,8 @@ struct SpanState {
     edge: Option<Edge>,
     /// Hash of the request's method and path, for the forwarded-request rule.
     request_line: u64,
+    /// Hashes of the first id-like segments of its path, for the shared-id rule.
+    path_ids: [u64; 2],
     /// The context the request came with (servers) or carries (clients).
     context: Option<RemoteContext>,
     created_ns: u64,
@@ -196,6 +203,7 @@ impl Linker {
             .tcp_seq
             .map(|seq| Edge::of(role, conn.local, conn.remote, seq));
         let request_line = request_line_hash(req.text.method(), req.text.path());
+        let path_ids = path_id_hashes(req.text.path());
         let mut state = SpanState {
             tgid: conn.tgid,
             tid: req.tid,
@@ -204,6 +212,7 @@ impl Linker {
             link: None,
             edge,
             request_line,
+            path_ids,
             context: req.context,
             created_ns: req.start_ns,
         };
@@ -393,8 +402,37 @@ impl Linker {
         if candidates.len() == 1 {
             return Some((candidates[0], Source::SoleRequest, Confidence::Medium));
         }
+        let ids = client.path_ids;
+        if ids[0] != 0 {
+            let sharing = pool.iter().copied().filter(|k| {
+                spans.get(k).is_some_and(|s| {
+                    s.path_ids
+                        .iter()
+                        .any(|&id| id != 0 && (id == ids[0] || id == ids[1]))
+                })
+            });
+            if let Some(k) = only(&mut { sharing }) {
+                return Some((k, Source::SharedId, Confidence::Medium));
+            }
+        }
         None
     }
+}
+
+/// Hashes (never 0) of the first two path segments that look like ids, as span names template
+/// them (`spans::is_id_segment`); zeros where there are fewer.
+fn path_id_hashes(path: &str) -> [u64; 2] {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut out = [0u64; 2];
+    let ids = path
+        .split('/')
+        .filter(|seg| crate::spans::is_id_segment(seg));
+    for (slot, seg) in out.iter_mut().zip(ids) {
+        let mut h = BuildHasherDefault::<FxHasher>::default().build_hasher();
+        seg.hash(&mut h);
+        *slot = h.finish() | 1;
+    }
+    out
 }
 
 fn request_line_hash(method: &str, path: &str) -> u64 {
@@ -595,6 +633,63 @@ mod tests {
         let forged = l.finish(forged, 0).unwrap();
         assert_eq!(forged.link, None);
         assert_ne!(forged.trace_id, ctx.unwrap().trace_id);
+    }
+
+    /// An event loop calling elsewhere with an id from the request it serves: linked when the
+    /// id is in exactly one request in flight, at medium confidence.
+    #[test]
+    fn shared_ids_in_paths() {
+        let mut l = Linker::new(Trust::All);
+        let down = view(3, "10.0.0.2:80", "10.0.0.1:4000");
+        let up = view(3, "10.0.0.2:5000", "10.0.0.3:80");
+        let a = l.request(
+            &down,
+            Role::Server,
+            &start(1, None, &text("/api/r-1234"), None),
+        );
+        let _b = l.request(
+            &down,
+            Role::Server,
+            &start(1, None, &text("/api/r-5678"), None),
+        );
+        let _c = l.request(
+            &down,
+            Role::Server,
+            &start(1, None, &text("/api/4242"), None),
+        );
+        let _d = l.request(
+            &down,
+            Role::Server,
+            &start(1, None, &text("/other/4242"), None),
+        );
+        let call = l.request(
+            &up,
+            Role::Client,
+            &start(1, None, &text("/data/r-1234"), None),
+        );
+        let twice = l.request(
+            &up,
+            Role::Client,
+            &start(1, None, &text("/data/4242"), None),
+        );
+        let none = l.request(
+            &up,
+            Role::Client,
+            &start(1, None, &text("/data/list"), None),
+        );
+        let a_ids = l.finish(a, 0).unwrap();
+        let link = l.finish(call, 0).unwrap().link.unwrap();
+        assert_eq!(link.parent, a_ids.span_id);
+        assert_eq!(
+            (link.source, link.confidence),
+            (Source::SharedId, Confidence::Medium)
+        );
+        assert_eq!(
+            l.finish(twice, 0).unwrap().link,
+            None,
+            "4242 is in two requests"
+        );
+        assert_eq!(l.finish(none, 0).unwrap().link, None);
     }
 
     #[test]

@@ -375,13 +375,18 @@ pub fn path_template_into(path: &str, out: &mut String) {
         if i > 0 {
             out.push('/');
         }
-        let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-        let looks_like_id = digits > 0
-            && (digits == seg.len()
-                || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
-                || (seg.len() >= 4 && digits * 2 >= seg.len()));
-        out.push_str(if looks_like_id { "{id}" } else { seg });
+        out.push_str(if is_id_segment(seg) { "{id}" } else { seg });
     }
+}
+
+/// A path segment that names one thing rather than a route: digits, long hex, UUIDs, or
+/// mostly digits.
+pub fn is_id_segment(seg: &str) -> bool {
+    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+    digits > 0
+        && (digits == seg.len()
+            || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+            || (seg.len() >= 4 && digits * 2 >= seg.len()))
 }
 
 #[cfg(test)]
