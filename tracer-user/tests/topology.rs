@@ -1,0 +1,376 @@
+//! Whole traces across hosts: four network-namespace hosts (client, proxy, service, data), one
+//! agent each (the service host's clock shifted by 50 ms on purpose), one collector. A load
+//! client with three keep-alive connections → nginx (upstream keep-alive) → a thread-per-request
+//! Python service → a Python data service, with errors and a slow hop; then the exact trace tree
+//! of every request is checked in the collector's Jaeger API: one trace per client request, the
+//! right parent of every span, links with their provenance, children inside their parents after
+//! the clock correction, statuses through every hop.
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Duration,
+};
+
+use tracer_test_support::{
+    require_root, temp_dir,
+    topology::{self, Arch, Found, JSpan, LoadSpec, Options, Topology, TREE},
+};
+
+/// Each client's requests: r normal, e a 500 from the data service, s a 50 ms data hop.
+const PATTERN: &str = "rsrerr";
+const CLIENTS: usize = 3;
+const SHIFT_MS: i64 = 50;
+
+fn rid_kind(rid: &str) -> char {
+    rid.chars().next().unwrap()
+}
+
+fn show(f: &Found) -> String {
+    let mut out = format!("request {} (status {}):\n", f.request.rid, f.request.status);
+    for (hop, s) in TREE.iter().zip(&f.spans) {
+        match s {
+            Some(s) => out.push_str(&format!(
+                "  {} {} {}: span {} trace {} parent {:?} start {} dur {} link {:?}/{:?}/{:?} edge {:?} shift {:?}\n",
+                hop.host,
+                hop.kind,
+                s.path,
+                s.span_id,
+                s.trace_id,
+                s.parent,
+                s.start_us,
+                s.duration_us,
+                s.str_tag("tracer.link.source"),
+                s.str_tag("tracer.link.confidence"),
+                s.str_tag("tracer.link.by"),
+                s.str_tag("tracer.tcp.edge"),
+                s.int_tag("tracer.clock.shift_us"),
+            )),
+            None => out.push_str(&format!("  {} {}: MISSING\n", hop.host, hop.kind)),
+        }
+    }
+    out
+}
+
+/// The connection part of an edge (`a:p>b:q`, without `#seq`).
+fn connection(s: &JSpan) -> Option<String> {
+    Some(s.str_tag("tracer.tcp.edge")?.split('#').next()?.to_owned())
+}
+
+#[test]
+fn every_request_is_one_exact_trace_across_four_hosts() {
+    require_root();
+    let tracer = Path::new(env!("CARGO_BIN_EXE_tracer"));
+    let collector = tracer.with_file_name("tracer-collector");
+    assert!(
+        collector.exists(),
+        "{} is missing: build it (cargo build -p tracer-collector; cargo xtask test builds the workspace)",
+        collector.display()
+    );
+    let opts = Options {
+        tracer: tracer.to_path_buf(),
+        collector,
+        scratch: temp_dir("topology"),
+        agent_args: vec![(
+            "service".to_owned(),
+            vec!["--clock-shift-ms".to_owned(), SHIFT_MS.to_string()],
+        )],
+        echo_logs: true,
+    };
+    let mut topo = Topology::start(&opts);
+    topo.start_peers(Arch::Threaded);
+    let load = topo.run_load(&LoadSpec {
+        concurrency: CLIENTS,
+        rate: 0.0,
+        seconds: 0.0,
+        count: PATTERN.len(),
+        pattern: PATTERN.to_owned(),
+        tag: "t".to_owned(),
+    });
+
+    // What the client saw: every request answered, the data service's 500 as nginx's 502, one
+    // keep-alive connection a client.
+    assert!(load.errors.is_empty(), "client errors: {:?}", load.errors);
+    assert_eq!(load.requests.len(), CLIENTS * PATTERN.len());
+    for r in &load.requests {
+        let want = if rid_kind(&r.rid) == 'e' { 502 } else { 200 };
+        assert_eq!(r.status, want, "{}", r.rid);
+    }
+    for c in 0..CLIENTS {
+        let ports: HashSet<u16> = load
+            .requests
+            .iter()
+            .filter(|r| r.thread == c)
+            .map(|r| r.local_port)
+            .collect();
+        assert_eq!(ports.len(), 1, "client {c} kept one connection: {ports:?}");
+    }
+
+    let traces = topology::wait_for_traces(
+        topo.query_port,
+        &load,
+        (SHIFT_MS as u64) * 2000,
+        Duration::from_secs(10),
+        Duration::from_secs(40),
+        &mut |have, want| eprintln!("spans {have}/{want}"),
+    );
+    let score = topology::score(&load, &traces);
+    let mut problems: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+
+    check(
+        score.other == 0,
+        format!(
+            "{} spans about no request of this test: {:?}",
+            score.other,
+            traces
+                .iter()
+                .flat_map(|t| &t.spans)
+                .filter(|s| topology::rid_of(&s.path).is_none())
+                .map(JSpan::describe)
+                .collect::<Vec<_>>()
+        ),
+    );
+    let mut trace_of_request: HashMap<String, String> = HashMap::new();
+    for f in &score.found {
+        let rid = &f.request.rid;
+        let kind = rid_kind(rid);
+        let all_there = f.spans.iter().all(Option::is_some);
+        check(all_there, format!("spans missing:\n{}", show(f)));
+        check(
+            f.duplicates.is_empty(),
+            format!(
+                "{rid}: duplicate spans {:?}",
+                f.duplicates.iter().map(JSpan::describe).collect::<Vec<_>>()
+            ),
+        );
+        if !all_there {
+            continue;
+        }
+        let s: Vec<&JSpan> = f.spans.iter().map(|s| s.as_ref().unwrap()).collect();
+        // One trace, the exact tree.
+        check(
+            s[0].parent.is_none(),
+            format!("{rid}: the client's span has a parent:\n{}", show(f)),
+        );
+        check(
+            s.iter().all(|x| x.trace_id == s[0].trace_id),
+            format!("{rid}: not one trace:\n{}", show(f)),
+        );
+        for i in 1..TREE.len() {
+            check(
+                f.parent_right(i),
+                format!(
+                    "{rid}: {} has the wrong parent:\n{}",
+                    s[i].describe(),
+                    show(f)
+                ),
+            );
+            // Children inside their parents, after the collector's clock correction.
+            check(
+                s[i].start_us >= s[i - 1].start_us && s[i].end_us() <= s[i - 1].end_us(),
+                format!(
+                    "{rid}: {} [{}, {}] not inside {} [{}, {}]",
+                    s[i].describe(),
+                    s[i].start_us,
+                    s[i].end_us(),
+                    s[i - 1].describe(),
+                    s[i - 1].start_us,
+                    s[i - 1].end_us()
+                ),
+            );
+        }
+        trace_of_request.insert(rid.clone(), s[0].trace_id.clone());
+
+        // Statuses through every hop: the data service's 500 becomes the service's 502.
+        let want: [i64; 6] = if kind == 'e' {
+            [502, 502, 502, 502, 500, 500]
+        } else {
+            [200; 6]
+        };
+        for (x, w) in s.iter().zip(want) {
+            check(
+                x.status() == Some(w),
+                format!("{rid}: {} status {:?}, want {w}", x.describe(), x.status()),
+            );
+        }
+        // The slow hop shows in the data span and in every span above it.
+        if kind == 's' {
+            for x in &s {
+                check(
+                    x.duration_us >= 50_000,
+                    format!(
+                        "{rid}: {} lasted {} µs, the data hop sleeps 50 ms",
+                        x.describe(),
+                        x.duration_us
+                    ),
+                );
+            }
+        }
+        // Each hop across hosts: both ends name the same request in the TCP stream, and the
+        // collector joined them by it.
+        for (c, sv) in [(0, 1), (2, 3), (4, 5)] {
+            let (ce, se) = (
+                s[c].str_tag("tracer.tcp.edge"),
+                s[sv].str_tag("tracer.tcp.edge"),
+            );
+            check(
+                ce.is_some() && ce == se,
+                format!(
+                    "{rid}: tracer.tcp.edge {ce:?} on {} vs {se:?} on {}",
+                    s[c].describe(),
+                    s[sv].describe()
+                ),
+            );
+            let link = (
+                s[sv].str_tag("tracer.link.source"),
+                s[sv].str_tag("tracer.link.confidence"),
+                s[sv].str_tag("tracer.link.by"),
+            );
+            check(
+                link == (Some("tcp-seq"), Some("high"), Some("collector")),
+                format!(
+                    "{rid}: {} linked by {link:?}, want tcp-seq/high/collector",
+                    s[sv].describe()
+                ),
+            );
+        }
+        // Inside nginx and inside the service the agent made the link, and says how.
+        for i in [2, 4] {
+            let source = s[i].str_tag("tracer.link.source");
+            check(
+                matches!(
+                    source,
+                    Some(
+                        "tcp-seq"
+                            | "thread"
+                            | "forwarded-request"
+                            | "sole-request"
+                            | "traceparent"
+                            | "b3"
+                            | "forwarded-header"
+                    )
+                ) && s[i].str_tag("tracer.link.confidence").is_some()
+                    && s[i].str_tag("tracer.link.by") == Some("agent"),
+                format!(
+                    "{rid}: {} link source {source:?}, confidence {:?}, by {:?}",
+                    s[i].describe(),
+                    s[i].str_tag("tracer.link.confidence"),
+                    s[i].str_tag("tracer.link.by")
+                ),
+            );
+        }
+        // The service host's clock runs 50 ms ahead; the collector shifts it back relative to
+        // its neighbours (whichever host it takes as the reference) and keeps the raw time.
+        let shift = |x: &JSpan| x.int_tag("tracer.clock.shift_us").unwrap_or(0);
+        let want_us = -SHIFT_MS * 1000;
+        for (a, b, want) in [(2, 3, want_us), (4, 5, -want_us), (0, 1, 0)] {
+            let rel = shift(s[b]) - shift(s[a]);
+            check(
+                (rel - want).abs() <= 5_000,
+                format!(
+                    "{rid}: {} is shifted {rel} µs relative to {}, want {want} ± 5000",
+                    s[b].describe(),
+                    s[a].describe()
+                ),
+            );
+        }
+        for x in &s {
+            if let Some(sh) = x.int_tag("tracer.clock.shift_us") {
+                let raw = x.int_tag("tracer.clock.raw_start_us");
+                check(
+                    raw.map(|r| r + sh) == Some(x.start_us),
+                    format!(
+                        "{rid}: {} start {} != raw {raw:?} + shift {sh}",
+                        x.describe(),
+                        x.start_us
+                    ),
+                );
+                check(
+                    x.warnings
+                        .iter()
+                        .any(|w| w.starts_with("clock skew: shifted by")),
+                    format!(
+                        "{rid}: {} shifted without a warning: {:?}",
+                        x.describe(),
+                        x.warnings
+                    ),
+                );
+            }
+        }
+    }
+    // One trace per client request, holding only that request's six spans.
+    let distinct: HashSet<&String> = trace_of_request.values().collect();
+    check(
+        distinct.len() == trace_of_request.len(),
+        format!("requests share traces: {trace_of_request:?}"),
+    );
+    for t in traces.iter().filter(|t| distinct.contains(&t.trace_id)) {
+        check(
+            t.spans.len() == TREE.len(),
+            format!(
+                "trace {} has {} spans: {:?}",
+                t.trace_id,
+                t.spans.len(),
+                t.spans.iter().map(JSpan::describe).collect::<Vec<_>>()
+            ),
+        );
+        check(
+            t.incomplete == Some(false),
+            format!(
+                "trace {}: incomplete {:?} ({:?})",
+                t.trace_id, t.incomplete, t.incomplete_reasons
+            ),
+        );
+    }
+    // Keep-alive upstream: nginx and the service each reused their connections.
+    for (hop, what) in [(2, "nginx → service"), (4, "service → data")] {
+        let conns: HashSet<String> = score
+            .found
+            .iter()
+            .filter_map(|f| f.spans[hop].as_ref().and_then(connection))
+            .collect();
+        check(
+            !conns.is_empty() && conns.len() < load.requests.len(),
+            format!(
+                "{what}: {} connections for {} requests",
+                conns.len(),
+                load.requests.len()
+            ),
+        );
+    }
+    check(
+        score.shifted > 0,
+        "no span carries tracer.clock.shift_us: the 50 ms skew was not corrected".to_owned(),
+    );
+
+    let logs: Vec<(String, String)> = topo.agents.drain(..).map(|(h, a)| (h, a.stop())).collect();
+    for (host, log) in &logs {
+        assert!(
+            log.contains("counters:"),
+            "agent {host} did not stop cleanly:\n{log}"
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems (complete {}/{}, linked {}/{}, wrong {}, orphans {}, missing {}):\n{}",
+        problems.len(),
+        score.complete,
+        score.requests,
+        score.linked,
+        score.links_expected,
+        score.wrong,
+        score.orphans,
+        score.missing,
+        problems
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(score.complete, score.requests);
+}
