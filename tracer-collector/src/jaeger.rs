@@ -10,7 +10,9 @@ use axum::{
     Json, Router,
 };
 use serde_json::{json, Value};
-use tracer_store::{kind, status, AttrValue, KeyValue, SpanRecord, SpanStore, TraceId, TraceQuery};
+use tracer_store::{kind, status, AttrValue, KeyValue, SpanStore, TraceId, TraceQuery};
+
+use crate::stitch::{self, Stitched};
 
 pub struct Api {
     pub store: Arc<dyn SpanStore>,
@@ -62,11 +64,22 @@ fn str_tag(key: &str, value: &str) -> Value {
     json!({"key": key, "type": "string", "value": value})
 }
 
-/// One trace in Jaeger's shape: spans plus a process table (one per service + resource).
-pub fn trace_json(spans: &[SpanRecord]) -> Value {
+/// Jaeger's `warnings`: a list, or null when there are none.
+fn warnings_json(w: &[String]) -> Value {
+    if w.is_empty() {
+        Value::Null
+    } else {
+        json!(w)
+    }
+}
+
+/// One stitched trace in Jaeger's shape: spans plus a process table (one per service +
+/// resource), and the trace's warnings and completeness.
+pub fn trace_json(trace: &Stitched) -> Value {
     let mut processes: Vec<(&str, &Vec<KeyValue>)> = Vec::new();
-    let mut out_spans = Vec::with_capacity(spans.len());
-    for s in spans {
+    let mut out_spans = Vec::with_capacity(trace.spans.len());
+    for stitched in &trace.spans {
+        let s = &stitched.span;
         let idx = processes
             .iter()
             .position(|(svc, res)| *svc == s.service && **res == *s.resource)
@@ -118,7 +131,7 @@ pub fn trace_json(spans: &[SpanRecord]) -> Value {
             "tags": tags,
             "logs": logs,
             "processID": format!("p{}", idx + 1),
-            "warnings": null,
+            "warnings": warnings_json(&stitched.warnings),
             "flags": 1,
         }));
     }
@@ -138,10 +151,12 @@ pub fn trace_json(spans: &[SpanRecord]) -> Value {
         })
         .collect();
     json!({
-        "traceID": spans.first().map(|s| hex::encode(s.trace_id)).unwrap_or_default(),
+        "traceID": hex::encode(trace.trace_id),
         "spans": out_spans,
         "processes": processes,
-        "warnings": null,
+        "warnings": warnings_json(&trace.warnings),
+        "incomplete": trace.incomplete(),
+        "incompleteReasons": trace.incomplete_reasons,
     })
 }
 
@@ -312,8 +327,8 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
 async fn find_traces(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> ApiResult {
     let q = trace_query(raw.as_deref().unwrap_or(""))?;
     let store = api.store.clone();
-    let traces = blocking(move || store.find_traces(&q)).await?;
-    let data: Vec<Value> = traces.iter().map(|t| trace_json(t)).collect();
+    let traces = blocking(move || stitch::search(&*store, &q, stitch::Limits::default())).await?;
+    let data: Vec<Value> = traces.iter().map(trace_json).collect();
     let n = data.len();
     Ok(envelope(json!(data), n))
 }
@@ -333,14 +348,10 @@ pub fn parse_trace_id(s: &str) -> Result<TraceId, ApiError> {
 async fn get_trace(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
     let trace_id = parse_trace_id(&id)?;
     let store = api.store.clone();
-    let spans = blocking(move || store.trace(&trace_id)).await?;
-    if spans.is_empty() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("trace {id} not found"),
-        ));
-    }
-    Ok(envelope(json!([trace_json(&spans)]), 1))
+    let trace = blocking(move || stitch::trace(&*store, &trace_id, stitch::Limits::default()))
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("trace {id} not found")))?;
+    Ok(envelope(json!([trace_json(&trace)]), 1))
 }
 
 async fn dependencies(

@@ -4,5 +4,6 @@ pub mod convert;
 pub mod decode;
 pub mod ingest;
 pub mod jaeger;
+pub mod stitch;
 pub mod tls;
 pub mod ui;
