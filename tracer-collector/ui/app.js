@@ -217,6 +217,7 @@ const LINK_SOURCES = {
   'tcp-connection': ['same connection', 'same TCP connection: both ends of the connection were seen by the agent of one host'],
   thread: ['same thread', 'same thread: the call was made by the thread serving the parent request, the only request it had in flight'],
   'forwarded-request': ['forwarded request line', 'forwarded request line: the outgoing request line equals that of exactly one incoming request in flight in this process'],
+  'shared-id': ['shared id', 'shared id: the outgoing request\'s path carries an id found in exactly one incoming request in flight in this process'],
   'sole-request': ['only request in flight', 'only request in flight: the parent was the only request the process was serving when the call was made (timing only)'],
   traceparent: ['traceparent header', 'traceparent header: the incoming W3C trace context names the parent span'],
   b3: ['B3 header', 'B3 header: the incoming B3 trace context names the parent span'],
@@ -224,7 +225,7 @@ const LINK_SOURCES = {
 };
 const CONF_WORDS = {
   high: 'high confidence: an exact match, wrong only if the data itself is wrong',
-  medium: 'medium confidence: right unless the process hands work between threads or requests in an unusual way',
+  medium: 'medium confidence: right when the assumption behind it holds (one request at a time, an id not reused, a header neither forged nor forwarded by an untraced proxy)',
   low: 'low confidence: a guess from timing; treat the parent as a hint',
 };
 function linkOf(tags) {
