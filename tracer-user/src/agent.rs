@@ -20,6 +20,7 @@ use crate::{
     context::Trust,
     export::{self, ExportResource, ExportStats, SpanBatch, SpanSender, OUTBOX_BYTES},
     link::{ConnView, Linker},
+    loss::LossWatch,
     metrics,
     pairing::{Chunk, ConnId, ConnMap, Exchange, Observer, Pairer, RequestStart, Role, SpanKey},
     priority,
@@ -164,6 +165,26 @@ impl Outbox {
             let full = self.batches.swap_remove(i);
             self.hand_over(full);
         }
+    }
+
+    /// Sends one of the agent's own spans, already encoded (rare: the `tracer.loss` spans).
+    fn send_encoded(
+        &mut self,
+        resource: &Arc<ExportResource>,
+        span: &opentelemetry_proto::tonic::trace::v1::Span,
+        encoded: &[u8],
+    ) {
+        let recycler = match &self.sink {
+            Sink::Otlp(tx) => &tx.recycler,
+            Sink::Discard(_, _, recycler) => recycler,
+            Sink::Stdout => {
+                println!("{}", stdout_line(&resource.proto, span));
+                return;
+            }
+        };
+        let mut batch = recycler.batch(resource);
+        batch.push_encoded(encoded);
+        self.hand_over(batch);
     }
 
     fn flush(&mut self) {
@@ -538,6 +559,21 @@ impl Pipeline {
         self.out.flush();
     }
 
+    /// Reports what was lost since the last call as a `tracer.loss` span of the agent's own.
+    fn report_losses(&mut self, loss: &mut LossWatch, kernel: &probes::KernelCounters) {
+        let now = (i128::from(monotonic_now()) + self.clock_offset + self.clock_shift_ns).max(0);
+        let Some((span, encoded)) = loss.check(kernel, &self.stats, now as u64) else {
+            return;
+        };
+        let process = self.processes.get(std::process::id(), b"tracer");
+        let resource = Arc::new(ExportResource::new(resource::resource(
+            &self.host,
+            &process,
+            "tracer-agent",
+        )));
+        self.out.send_encoded(&resource, &span, &encoded);
+    }
+
     /// This agent's identity and link settings (`--host-name`, `--host-id`, `--trust-context`,
     /// `--clock-shift-ms`).
     fn configure(&mut self, args: &AgentArgs) -> anyhow::Result<()> {
@@ -771,6 +807,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_housekeeping = Instant::now();
     let mut last_counters = Instant::now();
+    let mut losses = LossWatch::new(
+        (i128::from(monotonic_now()) + pipeline.clock_offset + pipeline.clock_shift_ns).max(0)
+            as u64,
+    );
     let mut last_stats = Instant::now();
     loop {
         let woken = tokio::select! {
@@ -805,7 +845,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             // A syscall per counter: once a second is plenty for metrics, and every drain
             // it was a measurable share of the agent's CPU at 10k requests/s.
             if last_counters.elapsed() >= COUNTERS_INTERVAL {
-                *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = counters.read();
+                let kernel = counters.read();
+                *stats.kernel.lock().unwrap_or_else(|e| e.into_inner()) = kernel;
+                pipeline.report_losses(&mut losses, &kernel);
                 last_counters = Instant::now();
             }
             if last_housekeeping.elapsed() > Duration::from_secs(30) {

@@ -152,6 +152,15 @@ impl SpanBatch {
         self.lens.push((self.bytes.len() - start) as u32);
     }
 
+    /// Adds a span already encoded as an OTLP `Span` message body (the agent's own spans).
+    pub fn push_encoded(&mut self, span: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.push(SPAN_FIELD_TAG);
+        crate::wire::varint(&mut self.bytes, span.len() as u64);
+        self.bytes.extend_from_slice(span);
+        self.lens.push((self.bytes.len() - start) as u32);
+    }
+
     pub fn len(&self) -> usize {
         self.lens.len()
     }

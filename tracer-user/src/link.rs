@@ -422,15 +422,14 @@ impl Linker {
 /// Hashes (never 0) of the first two path segments that look like ids, as span names template
 /// them (`spans::is_id_segment`); zeros where there are fewer.
 fn path_id_hashes(path: &str) -> [u64; 2] {
-    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    use std::hash::BuildHasher as _;
+    let hasher = BuildHasherDefault::<FxHasher>::default();
     let mut out = [0u64; 2];
     let ids = path
         .split('/')
         .filter(|seg| crate::spans::is_id_segment(seg));
     for (slot, seg) in out.iter_mut().zip(ids) {
-        let mut h = BuildHasherDefault::<FxHasher>::default().build_hasher();
-        seg.hash(&mut h);
-        *slot = h.finish() | 1;
+        *slot = hasher.hash_one(seg) | 1;
     }
     out
 }

@@ -12,6 +12,7 @@ mod export;
 mod hashing;
 mod http;
 mod link;
+mod loss;
 mod metrics;
 mod pairing;
 mod priority;
