@@ -114,6 +114,9 @@ fn every_request_is_one_exact_trace_across_four_hosts() {
         &mut |have, want| eprintln!("spans {have}/{want}"),
     );
     let score = topology::score(&load, &traces);
+    for f in score.found.iter().take(4) {
+        eprint!("{}", show(f));
+    }
     let mut problems: Vec<String> = Vec::new();
     let mut check = |ok: bool, what: String| {
         if !ok {
