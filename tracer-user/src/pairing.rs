@@ -1271,10 +1271,20 @@ mod tests {
         let post = b"POST /c HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
         // Two pipelined requests in one record near the wrap-around, then a split head.
         let start = u32::MAX - 10;
-        feed(&mut r, INGRESS, Some(start), &[a.clone(), b.clone()].concat());
+        feed(
+            &mut r,
+            INGRESS,
+            Some(start),
+            &[a.clone(), b.clone()].concat(),
+        );
         feed(&mut r, INGRESS, None, &post[..20]);
         feed(&mut r, INGRESS, None, &post[20..]);
-        feed(&mut r, EGRESS, Some(7), &[ok("1"), ok("2"), ok("3")].concat());
+        feed(
+            &mut r,
+            EGRESS,
+            Some(7),
+            &[ok("1"), ok("2"), ok("3")].concat(),
+        );
         // The next message: a record with a number again.
         feed(&mut r, INGRESS, Some(9000), &get("/d"));
         feed(&mut r, EGRESS, None, &ok("4"));

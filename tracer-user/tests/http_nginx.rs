@@ -258,12 +258,16 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
         // The key the collector joins the two ends by across hosts: the same on both.
         let edge = cli.str_attr("tracer.tcp.edge");
         assert!(
-            edge.as_deref().is_some_and(|e| e.starts_with(&format!(
-                "127.0.0.1:{client_port}>127.0.0.1:{nginx_port}#"
-            ))),
+            edge.as_deref().is_some_and(
+                |e| e.starts_with(&format!("127.0.0.1:{client_port}>127.0.0.1:{nginx_port}#"))
+            ),
             "{name}: edge {edge:?}"
         );
-        assert_eq!(srv.str_attr("tracer.tcp.edge"), edge, "{name}: both ends' edge");
+        assert_eq!(
+            srv.str_attr("tracer.tcp.edge"),
+            edge,
+            "{name}: both ends' edge"
+        );
         assert!(
             cli.span.start_time_unix_nano <= srv.span.start_time_unix_nano,
             "{name}: client starts before server"
