@@ -981,7 +981,8 @@ function TracePage(root, traceId, params) {
     const grid = el('div', { class: 'wf-grid', 'aria-hidden': 'true' }, el('div', { class: 'track' },
       ticks.map((v) => el('div', { class: 'grid-line', style: { left: `${pctOf(v)}%` } }))));
     const rows = el('div', { class: 'wf-rows', role: 'tree', 'aria-label': 'Spans' });
-    const wf = el('div', { class: 'waterfall card', id: 'waterfall' }, axis, el('div', { class: 'wf-body' }, grid, rows));
+    const wide = t.hosts.size > 1 || t.spans.some((s) => s.link || s.clock);
+    const wf = el('div', { class: `waterfall card${wide ? ' wf-wide' : ''}`, id: 'waterfall' }, axis, el('div', { class: 'wf-body' }, grid, rows));
     wf.addEventListener('click', onRowsClick);
     wrap.replaceChildren(header, minimap(), toolbar, wf);
     page.title = `${root_ ? root_.op : 'Trace'} · ${shortId(t.id)} · tracer`;

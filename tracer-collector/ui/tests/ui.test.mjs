@@ -461,6 +461,13 @@ async function provenanceChecks(page, opts, shot, noPageErrors) {
     noPageErrors();
     return api.incomplete === true ? `${reasons.length} reason(s) shown` : 'the collector does not mark this trace incomplete: checked that nothing claims it is';
   });
+
+  // The same page in the light theme, for a look at the badges' contrast.
+  await page.goto(`${opts.url}/#/trace/${P.trace}`, { waitUntil: 'domcontentloaded' });
+  await waitForOrState(page, '.waterfall .span-row', 'the provenance trace', T);
+  await page.evaluate(() => { document.documentElement.dataset.theme = 'light'; });
+  console.log(`  ..  screenshot ${await shot('provenance-light.png')}`);
+  await page.evaluate(() => { delete document.documentElement.dataset.theme; });
 }
 
 const started = Date.now();
