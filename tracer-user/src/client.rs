@@ -219,8 +219,9 @@ fn host_of<'a>(trace: &'a Value, span: &Value) -> Option<&'a str> {
     tag_str(&trace["processes"][pid]["tags"], "host.name").filter(|h| !h.is_empty())
 }
 
-/// `[tcp-seq/high by collector]`: how the span's parent link was made, from the provenance tags
-/// (`tracer.link.by` is absent on links an agent made before the collector labelled them).
+/// `[tcp-seq/high by collector]`: how the span's parent link was made, from the provenance tags.
+/// Spans stored by earlier agents carry only `tracer.link = tcp-connection` (a same-host link by
+/// connection) and no `tracer.link.by`, which only the collector adds.
 fn link_note(span: &Value) -> Option<String> {
     let tags = &span["tags"];
     let source = tag_str(tags, "tracer.link.source").or_else(|| {
