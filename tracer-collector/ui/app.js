@@ -212,21 +212,21 @@ function spanIsError(span) {
 // collector when it stitched the span to its parent). Older agents only wrote tracer.link=tcp-connection.
 const CONF_RANK = { low: 1, medium: 2, high: 3 };
 const LINK_SOURCES = {
-  'tcp-seq': ['TCP sequence', 'parent found by TCP sequence: both ends of the connection saw the same bytes at the same position in the stream'],
-  'tcp-seq-nat': ['TCP sequence behind NAT', 'parent found by TCP sequence number alone: the addresses differ on each side (NAT or an L4 load balancer) but the position in the byte stream matched'],
-  'tcp-connection': ['same connection', 'same TCP connection: both ends of the connection were seen by the agent of one host'],
-  thread: ['same thread', 'same thread: the call was made by the thread serving the parent request, the only request it had in flight'],
-  'forwarded-request': ['forwarded request line', 'forwarded request line: the outgoing request line equals that of exactly one incoming request in flight in this process'],
-  'shared-id': ['shared id', 'shared id: the outgoing request\'s path carries an id found in exactly one incoming request in flight in this process'],
-  'sole-request': ['only request in flight', 'only request in flight: the parent was the only request the process was serving when the call was made (timing only)'],
-  traceparent: ['traceparent header', 'traceparent header: the incoming W3C trace context names the parent span'],
-  b3: ['B3 header', 'B3 header: the incoming B3 trace context names the parent span'],
-  'forwarded-header': ['forwarded traceparent', 'forwarded header: the outgoing request forwards the traceparent of exactly one incoming request in flight'],
+  'tcp-seq': 'parent found by TCP sequence: both ends of the connection saw the same bytes at the same position in the stream',
+  'tcp-seq-nat': 'parent found by TCP sequence number, method and path: the addresses differ on each side (NAT or an L4 load balancer), and exactly one client and one server matched',
+  'tcp-connection': 'same TCP connection: both ends of the connection were seen by the agent of one host',
+  thread: 'same thread: the call was made by the thread serving the parent request, the only request it had in flight',
+  'forwarded-request': 'forwarded request line: the outgoing request line equals that of exactly one incoming request in flight in this process',
+  'shared-id': 'shared id: the outgoing request\'s path carries an id found in exactly one incoming request in flight in this process',
+  'sole-request': 'only request in flight: the parent was the only request the process was serving when the call was made (timing only)',
+  traceparent: 'traceparent header: the incoming W3C trace context names the parent span',
+  b3: 'B3 header: the incoming B3 trace context names the parent span',
+  'forwarded-header': 'forwarded header: the outgoing request forwards the traceparent of exactly one incoming request in flight',
 };
 const CONF_WORDS = {
-  high: 'high confidence: an exact match, wrong only if the data itself is wrong',
+  high: 'high confidence: an exact match, or a rule that was never wrong on the workloads it was measured on',
   medium: 'medium confidence: right when the assumption behind it holds (one request at a time, an id not reused, a header neither forged nor forwarded by an untraced proxy)',
-  low: 'low confidence: a guess from timing; treat the parent as a hint',
+  low: 'low confidence: a match on partial evidence; treat the parent as a hint',
 };
 function linkOf(tags) {
   let source = tagVal(tags, 'tracer.link.source');
@@ -239,8 +239,7 @@ function linkOf(tags) {
   const known = LINK_SOURCES[source];
   return {
     source, confidence, by, rank: CONF_RANK[confidence] || 0,
-    label: known ? known[0] : source,
-    text: known ? known[1] : `parent link made by "${source}"`,
+    text: known || `parent link made by "${source}"`,
     replaced: tagVal(tags, 'tracer.link.replaced'),
   };
 }

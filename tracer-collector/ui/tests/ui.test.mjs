@@ -287,7 +287,7 @@ async function main() {
 
 // What the UI must say about each span's parent link, in words (a fragment of the detail panel's text).
 const LINK_WORDS = {
-  'tcp-seq': 'parent found by TCP sequence', 'tcp-seq-nat': 'TCP sequence number alone', thread: 'same thread',
+  'tcp-seq': 'parent found by TCP sequence', 'tcp-seq-nat': 'TCP sequence number, method and path', thread: 'same thread',
   'forwarded-request': 'forwarded request line', 'sole-request': 'only request in flight', 'shared-id': 'shared id', traceparent: 'traceparent header',
   b3: 'B3 header', 'forwarded-header': 'forwarded header',
 };
