@@ -524,7 +524,7 @@ impl Pipeline {
         };
         let ends = meta.ends.clone();
         let offset = self.clock_offset + self.clock_shift_ns;
-        let ids = self.linker.finish(ex.span, ex.end_ns);
+        let ids = self.linker.finish(ex.span);
         let span = HttpSpan::new(ex, ends, ids, |mono| {
             (i128::from(mono) + offset).max(0) as u64
         });

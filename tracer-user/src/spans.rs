@@ -95,28 +95,32 @@ struct EdgeText {
 }
 
 impl EdgeText {
+    /// The prefix (at most 97 bytes: two bracketed IPv6 ends) and the number, in decimal.
     fn new(prefix: &str, seq: u32) -> EdgeText {
         let mut t = EdgeText {
             buf: [0; 128],
             len: 0,
         };
-        // The longest prefix (two bracketed IPv6 ends) is 97 bytes, the number at most 10.
-        let _ = write!(t, "{prefix}{seq}");
+        let prefix = &prefix.as_bytes()[..prefix.len().min(t.buf.len() - 10)];
+        t.buf[..prefix.len()].copy_from_slice(prefix);
+        let mut digits = [0u8; 10];
+        let (mut n, mut i) = (seq, digits.len());
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let number = &digits[i..];
+        t.buf[prefix.len()..prefix.len() + number.len()].copy_from_slice(number);
+        t.len = prefix.len() + number.len();
         t
     }
 
     fn as_str(&self) -> &str {
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
-    }
-}
-
-impl std::fmt::Write for EdgeText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let dest = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        dest.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
     }
 }
 
@@ -437,6 +441,21 @@ pub fn random_ids() -> ([u8; 16], [u8; 8]) {
     })
 }
 
+/// A fresh span id as a number (never 0), from the same generator as [`random_ids`].
+pub fn random_span_id() -> u64 {
+    use rand::{rngs::SmallRng, RngCore as _, SeedableRng as _};
+    use std::cell::RefCell;
+    thread_local! {
+        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+    }
+    RNG.with_borrow_mut(|rng| loop {
+        let v = rng.next_u64();
+        if v != 0 {
+            return v;
+        }
+    })
+}
+
 /// Lower-case hex, as trace and span ids are shown.
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -500,6 +519,11 @@ mod tests {
         let longest = Endpoints::new(v6.parse().unwrap(), v6.parse().unwrap());
         let t = EdgeText::new(longest.edge_prefix(false), u32::MAX);
         assert_eq!(t.as_str(), format!("{v6}>{v6}#4294967295"));
+        assert_eq!(EdgeText::new("a>b#", 0).as_str(), "a>b#0");
+        assert_eq!(
+            EdgeText::new("a>b#", 1_000_000_000).as_str(),
+            "a>b#1000000000"
+        );
     }
 
     #[test]
