@@ -18,6 +18,9 @@
 //! `tracer-collector` binary in a process of its own, sent the same bodies over one keep-alive
 //! HTTP/1.1 connection the way the agent sends them (one request at a time), its CPU read from
 //! `/proc/<pid>/stat`; see [`http`] for its settings.
+//!
+//! `cargo bench -p tracer-collector -- stitch` measures reading a trace stitched across hosts
+//! against reading one stored trace; see [`stitching`].
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
@@ -33,8 +36,8 @@ use opentelemetry_proto::tonic::{
     trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
 };
 use prost::Message as _;
-use tracer_collector::{convert, decode};
-use tracer_store::{SpanRecord, SpanStore, SqliteStore};
+use tracer_collector::{convert, decode, stitch};
+use tracer_store::{SpanRecord, SpanStore, SqliteStore, TraceQuery};
 use tracer_test_support::Rng;
 
 /// The collector's allocator, so allocation costs are the ones it pays.
@@ -666,6 +669,7 @@ fn main() {
         Some("profile-prost") => return profile(rounds * 10, requests, via_prost),
         Some("profile-store") => return profile_store(env_usize("BENCH_STORE_SPANS", 102_400)),
         Some("http") => return http(),
+        Some("stitch") => return stitching(env_usize("BENCH_STITCH_REQUESTS", 20_000)),
         _ => {}
     }
     if only.as_deref().is_none_or(|o| "decode".contains(o)) {
@@ -675,4 +679,173 @@ fn main() {
     if store_spans > 0 && only.as_deref().is_none_or(|o| "store".contains(o)) {
         storing(env_usize("BENCH_STORE_ROUNDS", 3), store_spans);
     }
+}
+
+/// One request's spans as three hosts' agents store them, each host's in its own trace: the
+/// client (host a), a proxy's SERVER and CLIENT spans (host b), the service (host c).
+fn chain(n: u64) -> Vec<SpanRecord> {
+    let t = |h: u8| {
+        let mut id = [h; 16];
+        id[..8].copy_from_slice(&n.to_le_bytes());
+        id
+    };
+    let id = |k: u8| {
+        let mut id = [k; 8];
+        id[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        id
+    };
+    let kv = |k: &str, v: tracer_store::AttrValue| tracer_store::KeyValue {
+        key: k.into(),
+        value: v,
+    };
+    let text = |k: &str, v: &str| kv(k, tracer_store::AttrValue::Str(v.into()));
+    let res = |svc: &str, host: &str| {
+        std::sync::Arc::new(vec![
+            text("service.name", svc),
+            text("host.name", host),
+            text("host.id", host),
+        ])
+    };
+    let start = T0 + n * 100_000;
+    let e1 = format!("10.0.0.1:{}>10.0.0.2:80#{}", 30_000 + n % 30_000, n * 7919);
+    let e2 = format!(
+        "10.0.0.2:{}>10.0.0.3:80#{}",
+        30_000 + n % 30_000,
+        n * 104_729
+    );
+    let span = |trace: [u8; 16],
+                sid: [u8; 8],
+                parent: Option<[u8; 8]>,
+                kind: i32,
+                svc: &str,
+                host: &str,
+                at: u64,
+                dur: u64,
+                edge: &str| SpanRecord {
+        trace_id: trace,
+        span_id: sid,
+        parent_span_id: parent,
+        service: svc.into(),
+        operation: "GET /api".into(),
+        kind,
+        start_unix_nano: start + at,
+        duration_nano: dur,
+        status_code: 0,
+        status_message: String::new(),
+        attributes: vec![
+            text("http.request.method", "GET"),
+            text("url.path", "/api"),
+            text("tracer.tcp.edge", edge),
+            kv(
+                "tracer.tcp.seq",
+                tracer_store::AttrValue::Int(edge.rsplit('#').next().unwrap().parse().unwrap()),
+            ),
+        ],
+        resource: res(svc, host),
+        events: vec![],
+        links: vec![],
+        scope_name: "tracer".into(),
+        scope_version: String::new(),
+    };
+    use tracer_store::kind::{CLIENT, SERVER};
+    vec![
+        span(t(1), id(1), None, CLIENT, "client", "a", 0, 90_000, &e1),
+        span(t(2), id(2), None, SERVER, "proxy", "b", 10_000, 70_000, &e1),
+        span(
+            t(2),
+            id(3),
+            Some(id(2)),
+            CLIENT,
+            "proxy",
+            "b",
+            20_000,
+            50_000,
+            &e2,
+        ),
+        span(
+            t(3),
+            id(4),
+            None,
+            SERVER,
+            "service",
+            "c",
+            30_000,
+            30_000,
+            &e2,
+        ),
+    ]
+}
+
+/// Read latency of a trace, stored (`SpanStore::trace`) against stitched
+/// (`stitch::trace`: three stored traces of four spans, two edge lookups and the assembly), on
+/// a store of `requests` such requests, and of a 20-trace search both ways.
+fn stitching(requests: usize) {
+    let d = fresh_dir("stitch");
+    let store = SqliteStore::open(&d).expect("open");
+    for first in (0..requests as u64).step_by(128) {
+        let spans: Vec<SpanRecord> = (first..(first + 128).min(requests as u64))
+            .flat_map(chain)
+            .collect();
+        store.write(&spans).expect("write");
+    }
+    let mut rng = Rng(7);
+    let ids: Vec<[u8; 16]> = (0..2_000)
+        .map(|_| {
+            let n = rng.below(requests as u64);
+            let mut id = [1u8; 16];
+            id[..8].copy_from_slice(&n.to_le_bytes());
+            id
+        })
+        .collect();
+    let time = |f: &mut dyn FnMut(&[u8; 16])| {
+        let mut v: Vec<f64> = ids
+            .iter()
+            .map(|id| {
+                let t = Instant::now();
+                f(id);
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let plain = time(&mut |id| assert_eq!(store.trace(id).expect("trace").len(), 1));
+    let stitched = time(&mut |id| {
+        let t = stitch::trace(&store, id, stitch::Limits::default())
+            .expect("stitch")
+            .expect("found");
+        assert_eq!(t.spans.len(), 4);
+    });
+    println!("stitch: {requests} requests of 4 spans in 3 stored traces (3 hosts)");
+    println!(
+        "  trace by id, stored:   p50 {:>7.1} us   p99 {:>7.1} us",
+        plain.0, plain.1
+    );
+    println!(
+        "  trace by id, stitched: p50 {:>7.1} us   p99 {:>7.1} us",
+        stitched.0, stitched.1
+    );
+    let q = TraceQuery {
+        service: Some("service".into()),
+        limit: 20,
+        ..Default::default()
+    };
+    let search = |f: &mut dyn FnMut() -> usize| {
+        let mut v: Vec<f64> = (0..50)
+            .map(|_| {
+                let t = Instant::now();
+                assert_eq!(f(), 20);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let plain = search(&mut || store.find_traces(&q).expect("search").len());
+    let stitched = search(&mut || {
+        stitch::search(&store, &q, stitch::Limits::default())
+            .expect("search")
+            .len()
+    });
+    println!("  search (20 traces), stored: p50 {plain:.2} ms, stitched: p50 {stitched:.2} ms");
 }

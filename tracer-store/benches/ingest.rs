@@ -7,7 +7,9 @@
 //! store does more (encodes, interns, maintains five indexes and the trace index), so a ratio
 //! above 1 means its layout more than pays for its indexes.
 //!
-//! Environment: `BENCH_SPANS` (query store size), `BENCH_INGEST_SPANS` (default 200,000).
+//! Environment: `BENCH_SPANS` (query store size), `BENCH_INGEST_SPANS` (default 200,000),
+//! `BENCH_EDGES=0` to leave out the `tracer.tcp.edge` / `tracer.tcp.seq` attributes agents put on
+//! every span (indexed by the store for stitching traces across hosts).
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -73,12 +75,19 @@ fn resources() -> Vec<Arc<Vec<KeyValue>>> {
         .collect()
 }
 
-/// HTTP server spans as the agent makes them, 17 attributes each; traces of 1 to 4 spans, the
+/// Whether spans carry the agent's edge attributes (`BENCH_EDGES`, default yes).
+fn with_edges() -> bool {
+    std::env::var("BENCH_EDGES").map_or(true, |v| v != "0")
+}
+
+/// HTTP server spans as the agent makes them, 17 attributes each (19 with the edge ones, see
+/// [`with_edges`]); traces of 1 to 4 spans, the
 /// children in other services (so the service map has edges). Span `k` of the whole sequence
 /// starts at `T0 + k * SPAN_GAP_NS`.
 fn spans(first: u64, n: usize, rng: &mut Rng, resources: &[Arc<Vec<KeyValue>>]) -> Vec<SpanRecord> {
     let mut out = Vec::with_capacity(n);
     let mut k = first;
+    let edges = with_edges();
     while out.len() < n {
         let mut trace_id = [0u8; 16];
         trace_id[..8].copy_from_slice(&rng.next().to_le_bytes());
@@ -113,6 +122,38 @@ fn spans(first: u64, n: usize, rng: &mut Rng, resources: &[Arc<Vec<KeyValue>>]) 
             let spread = rng.below(16);
             let start = T0 + k * SPAN_GAP_NS;
             k += 1;
+            let peer = format!("10.0.{}.{}", rng.below(8), rng.below(250));
+            let peer_port = 32768 + rng.below(28000) as i64;
+            let mut attributes = vec![
+                s("http.request.method", method),
+                s("url.path", &path),
+                s("url.scheme", "http"),
+                s("network.protocol.name", "http"),
+                s("network.protocol.version", "1.1"),
+                s("network.transport", "tcp"),
+                s("server.address", "shop.example.com"),
+                i("server.port", 8080),
+                s("network.peer.address", &peer),
+                i("network.peer.port", peer_port),
+                s("network.local.address", "10.0.1.5"),
+                i("network.local.port", 8080),
+                i("http.request.body.size", rng.below(2000) as i64),
+                i("http.response.body.size", 200 + rng.below(20_000) as i64),
+                s("client.address", "203.0.113.7"),
+                s(
+                    "user_agent.original",
+                    "Mozilla/5.0 (X11; Linux x86_64) curl/7.88.1",
+                ),
+                i("http.response.status_code", if error { 503 } else { 200 }),
+            ];
+            if edges {
+                let seq = rng.below(1 << 32);
+                attributes.push(s(
+                    "tracer.tcp.edge",
+                    &format!("{peer}:{peer_port}>10.0.1.5:8080#{seq}"),
+                ));
+                attributes.push(i("tracer.tcp.seq", seq as i64));
+            }
             out.push(SpanRecord {
                 trace_id,
                 span_id: if j == 0 {
@@ -129,31 +170,7 @@ fn spans(first: u64, n: usize, rng: &mut Rng, resources: &[Arc<Vec<KeyValue>>]) 
                 duration_nano: 20_000 + rng.below(1 << spread) * 1_500,
                 status_code: if error { status::ERROR } else { status::UNSET },
                 status_message: String::new(),
-                attributes: vec![
-                    s("http.request.method", method),
-                    s("url.path", &path),
-                    s("url.scheme", "http"),
-                    s("network.protocol.name", "http"),
-                    s("network.protocol.version", "1.1"),
-                    s("network.transport", "tcp"),
-                    s("server.address", "shop.example.com"),
-                    i("server.port", 8080),
-                    s(
-                        "network.peer.address",
-                        &format!("10.0.{}.{}", rng.below(8), rng.below(250)),
-                    ),
-                    i("network.peer.port", 32768 + rng.below(28000) as i64),
-                    s("network.local.address", "10.0.1.5"),
-                    i("network.local.port", 8080),
-                    i("http.request.body.size", rng.below(2000) as i64),
-                    i("http.response.body.size", 200 + rng.below(20_000) as i64),
-                    s("client.address", "203.0.113.7"),
-                    s(
-                        "user_agent.original",
-                        "Mozilla/5.0 (X11; Linux x86_64) curl/7.88.1",
-                    ),
-                    i("http.response.status_code", if error { 503 } else { 200 }),
-                ],
+                attributes,
                 resource: resources[process as usize].clone(),
                 events: vec![],
                 links: vec![],
@@ -248,8 +265,13 @@ fn ingest() {
     let res = resources();
     let data = Arc::new(spans(0, n, &mut Rng(42), &res));
     println!(
-        "ingest: {n} HTTP server spans (17 attributes, 14 resource attributes from {PROCESSES} \
+        "ingest: {n} HTTP server spans ({} attributes, 14 resource attributes from {PROCESSES} \
          processes, {} service/operation pairs), batches of 512",
+        if with_edges() {
+            "19 with tracer.tcp.edge/seq"
+        } else {
+            "17"
+        },
         SERVICES * OPS.len() as u64
     );
 

@@ -7,8 +7,8 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, Params, Row};
 
 use super::{
-    codec, ctx, edge_bucket, edge_buckets, edge_index_key, index_edges, index_tags, lock,
-    searchable_tag, Inner,
+    codec, ctx, edge_bucket, edge_buckets, edge_hash, edge_seq, index_edges, index_tags, lock,
+    searchable_tag, EdgeEntry, Inner,
 };
 use crate::{
     kind, status, DependencyLink, KeyValue, SpanId, SpanRecord, StoreError, TraceId, TraceQuery,
@@ -171,7 +171,8 @@ fn span_at(inner: &Inner, c: &Connection, id: i64) -> Result<Option<SpanRecord>,
     }))
 }
 
-/// The spans indexed under `key` around `near` (see [`crate::SpanStore::edge_spans`]).
+/// The spans indexed under `key` around `near` (see [`crate::SpanStore::edge_spans`]): one
+/// seek per bucket of the window.
 pub(super) fn edge_spans(
     inner: &Inner,
     c: &Connection,
@@ -179,14 +180,24 @@ pub(super) fn edge_spans(
     near: u64,
 ) -> Result<Vec<SpanRecord>, StoreError> {
     let what = "looking up an edge";
-    let b = edge_buckets(near);
+    let (seq, edge) = match key {
+        crate::EdgeKey::Exact(e) => match edge_seq(e) {
+            Some(seq) => (seq, Some(edge_hash(e))),
+            None => return Ok(Vec::new()),
+        },
+        crate::EdgeKey::Seq(seq) => (seq, None),
+    };
+    // One statement: the buckets as a series, each joined to the index by a seek.
+    let buckets = edge_buckets(near);
     let ids: Vec<i64> = c
         .prepare_cached(
-            "SELECT span FROM edge_index WHERE bucket IN (?1, ?2, ?3, ?4, ?5) AND key = ?6",
+            "WITH RECURSIVE b(x) AS (SELECT ?1 UNION ALL SELECT x + 1 FROM b WHERE x < ?2)
+             SELECT e.span FROM b CROSS JOIN edge_index e
+             WHERE e.bucket = b.x AND e.seq = ?3 AND (?4 IS NULL OR e.edge = ?4)",
         )
         .and_then(|mut st| {
             st.query_map(
-                rusqlite::params![b[0], b[1], b[2], b[3], b[4], edge_index_key(key)],
+                rusqlite::params![buckets.start(), buckets.end(), seq, edge],
                 |r| r.get(0),
             )?
             .collect()
@@ -672,9 +683,9 @@ fn stitched_parents(c: &Connection, from: i64, end: i64) -> Result<HashMap<i64, 
     let window = crate::EDGE_WINDOW_NANO as i64;
     let mut st = c
         .prepare_cached(
-            "SELECT e.key, e.kind, e.span, s.service_id, s.start
+            "SELECT e.edge, e.kind, e.span, s.service_id, s.start
              FROM edge_index e CROSS JOIN spans s ON s.id = e.span
-             WHERE e.bucket BETWEEN ?1 AND ?2 AND e.key >= 0",
+             WHERE e.bucket BETWEEN ?1 AND ?2 AND e.edge IS NOT NULL",
         )
         .map_err(ctx(what))?;
     let mut rows = st
@@ -719,7 +730,7 @@ pub(super) struct Victim {
     pub id: i64,
     pub start: i64,
     pub tags: Vec<i64>,
-    pub edges: Vec<(i64, i64, i32)>,
+    pub edges: Vec<EdgeEntry>,
 }
 
 /// Runs `sql` (selecting id, start, status, resource_id, body) and returns each span's id,

@@ -85,8 +85,9 @@ const MIGRATIONS: &[&[Step]] = &[
     // filled from the spans already stored.
     &[
         Step::Sql(
-            "CREATE TABLE edge_index(bucket INTEGER NOT NULL, key INTEGER NOT NULL, span INTEGER NOT NULL,
-                                     kind INTEGER NOT NULL, PRIMARY KEY(bucket, key, span)) WITHOUT ROWID;",
+            "CREATE TABLE edge_index(bucket INTEGER NOT NULL, seq INTEGER NOT NULL, span INTEGER NOT NULL,
+                                     kind INTEGER NOT NULL, edge INTEGER,
+                                     PRIMARY KEY(bucket, seq, span)) WITHOUT ROWID;",
         ),
         Step::Code(index_v2_edges),
     ],
@@ -310,7 +311,7 @@ fn index_v2_edges(tx: &Transaction<'_>) -> Result<(), StoreError> {
     let mut rows = st.query([]).map_err(ctx(what))?;
     let mut ins = tx
         .prepare(
-            "INSERT OR IGNORE INTO edge_index(bucket, key, span, kind) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR IGNORE INTO edge_index(bucket, seq, span, kind, edge) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .map_err(ctx(what))?;
     let mut edges = Vec::new();
@@ -326,8 +327,8 @@ fn index_v2_edges(tx: &Transaction<'_>) -> Result<(), StoreError> {
         let attrs: Vec<_> = b.attributes.iter().map(KeyValue::as_ref).collect();
         edges.clear();
         index_edges(b.kind, &attrs, start, &mut edges);
-        for (bucket, key, kind) in &edges {
-            ins.execute(params![bucket, key, id, kind])
+        for e in &edges {
+            ins.execute(params![e.bucket, e.seq, id, e.kind, e.edge])
                 .map_err(ctx(what))?;
         }
     }
