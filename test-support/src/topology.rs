@@ -631,18 +631,6 @@ fn api_json(port: u16, path: &str) -> Value {
     serde_json::from_slice(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
 }
 
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -724,36 +712,38 @@ pub fn parse_trace(t: &Value) -> JTrace {
     }
 }
 
-/// Every trace with a span in `[start_us, end_us]` of any service, searched service by service
-/// in time windows small enough to stay under the API's limit of 1,500 traces a search.
-pub fn fetch_traces(query_port: u16, start_us: u64, end_us: u64) -> Vec<JTrace> {
+/// Every trace with a span in `[start_us, end_us]`, searched without a service (so each
+/// stitched trace comes back once, not once a service) in `windows` equal time windows, each
+/// split again while a search comes back full (the API returns at most 1,500 traces a search).
+pub fn fetch_traces(query_port: u16, start_us: u64, end_us: u64, windows: u64) -> Vec<JTrace> {
     const LIMIT: usize = 1500;
-    let services = strings(&api_json(query_port, "/api/services")["data"]);
+    let windows = windows.max(1);
+    let step = (end_us - start_us).div_ceil(windows).max(1);
+    let mut todo: Vec<(u64, u64)> = (0..windows)
+        .map(|i| (start_us + i * step, (start_us + (i + 1) * step).min(end_us)))
+        .filter(|(from, to)| from < to)
+        .collect();
     let mut traces: HashMap<String, JTrace> = HashMap::new();
-    for service in services {
-        let mut windows = vec![(start_us, end_us)];
-        while let Some((from, to)) = windows.pop() {
-            let path = format!(
-                "/api/traces?service={}&limit={LIMIT}&start={from}&end={to}",
-                url_encode(&service)
-            );
-            let data = api_json(query_port, &path);
-            let found = data["data"].as_array().cloned().unwrap_or_default();
-            if found.len() >= LIMIT && to - from > 1000 {
-                let mid = from + (to - from) / 2;
-                windows.push((from, mid));
-                windows.push((mid, to));
-                continue;
-            }
-            for t in &found {
-                let t = parse_trace(t);
-                // A trace seen twice keeps its larger view (spans may have arrived in between).
-                let keep = traces
-                    .get(&t.trace_id)
-                    .is_none_or(|old| old.spans.len() < t.spans.len());
-                if keep {
-                    traces.insert(t.trace_id.clone(), t);
-                }
+    while let Some((from, to)) = todo.pop() {
+        let data = api_json(
+            query_port,
+            &format!("/api/traces?limit={LIMIT}&start={from}&end={to}"),
+        );
+        let found = data["data"].as_array().cloned().unwrap_or_default();
+        if found.len() >= LIMIT && to - from > 1000 {
+            let mid = from + (to - from) / 2;
+            todo.push((from, mid));
+            todo.push((mid, to));
+            continue;
+        }
+        for t in &found {
+            let t = parse_trace(t);
+            // A trace seen twice keeps its larger view (spans may have arrived in between).
+            let keep = traces
+                .get(&t.trace_id)
+                .is_none_or(|old| old.spans.len() < t.spans.len());
+            if keep {
+                traces.insert(t.trace_id.clone(), t);
             }
         }
     }
@@ -768,16 +758,17 @@ pub fn rid_of(path: &str) -> Option<&str> {
         .or_else(|| path.strip_prefix("/data/"))
 }
 
-/// Waits until the spans of `load` stop arriving (all 6 a request, or no more for `quiet`), at
+/// Waits until every span of `load` is there (6 a request) or none has arrived for `quiet`, at
 /// most `timeout`; returns the traces of the run's time window (widened by `margin_us` for a
-/// shifted clock).
+/// shifted clock). `progress` gets the spans found, the spans expected and how long the
+/// fetch took.
 pub fn wait_for_traces(
     query_port: u16,
     load: &Load,
     margin_us: u64,
     quiet: Duration,
     timeout: Duration,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize, Duration),
 ) -> Vec<JTrace> {
     let (start, end) = load.window_us();
     let (from, to) = (
@@ -788,8 +779,15 @@ pub fn wait_for_traces(
     let want = rids.len() * TREE.len();
     let began = Instant::now();
     let (mut last, mut last_change) = (usize::MAX, Instant::now());
+    // Agents hand spans over after at most a drain period (≤ 1 s) and the batch timeout: a read
+    // before that is work thrown away.
+    std::thread::sleep(Duration::from_millis(1500));
     loop {
-        let traces = fetch_traces(query_port, from, to);
+        let fetch_began = Instant::now();
+        // About 500 requests a window: a search of 1,500 traces that comes back full is work
+        // thrown away.
+        let windows = (load.requests.len() as u64).div_ceil(500);
+        let traces = fetch_traces(query_port, from, to, windows);
         let have: HashSet<&str> = traces
             .iter()
             .flat_map(|t| &t.spans)
@@ -797,15 +795,14 @@ pub fn wait_for_traces(
             .map(|s| s.span_id.as_str())
             .collect();
         let n = have.len();
-        progress(n, want);
+        progress(n, want, fetch_began.elapsed());
         if n != last {
             last = n;
             last_change = Instant::now();
         }
-        if n >= want && last_change.elapsed() >= Duration::from_millis(500)
-            || last_change.elapsed() >= quiet
-            || began.elapsed() >= timeout
-        {
+        // The collector links spans when they are read, so once all are there the traces are
+        // as whole as they will be.
+        if n >= want || last_change.elapsed() >= quiet || began.elapsed() >= timeout {
             return traces;
         }
         std::thread::sleep(Duration::from_millis(500));

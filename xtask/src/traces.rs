@@ -197,18 +197,17 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
                 load.requests.len(),
                 load.rate
             );
-            let mut last_print = std::time::Instant::now();
             let traces = topology::wait_for_traces(
                 topo.query_port,
                 &load,
                 margin_us,
                 Duration::from_secs(5),
                 Duration::from_secs(90),
-                &mut |have, want| {
-                    if last_print.elapsed() >= Duration::from_secs(2) {
-                        eprintln!("\x1b[1m[traces]\x1b[0m   spans {have}/{want}");
-                        last_print = std::time::Instant::now();
-                    }
+                &mut |have, want, took| {
+                    eprintln!(
+                        "\x1b[1m[traces]\x1b[0m   spans {have}/{want} (read back in {:.1} s)",
+                        took.as_secs_f64()
+                    );
                 },
             );
             let score = topology::score(&load, &traces);
