@@ -111,7 +111,7 @@ fn every_request_is_one_exact_trace_across_four_hosts() {
         (SHIFT_MS as u64) * 2000,
         Duration::from_secs(10),
         Duration::from_secs(40),
-        &mut |have, want| eprintln!("spans {have}/{want}"),
+        &mut |have, want, took| eprintln!("spans {have}/{want} (read in {took:?})"),
     );
     let score = topology::score(&load, &traces);
     for f in score.found.iter().take(4) {
