@@ -810,3 +810,182 @@ async fn behind_nat_the_sequence_number_alone_links_with_low_confidence() {
     assert!(t.reasons()[0].contains(&hex::encode(sid(2))));
     t.assert_consistent();
 }
+
+/// The stitcher on a store directly, where a test needs limits other than the binary's.
+mod library {
+    use std::sync::Arc;
+
+    use tracer_collector::stitch::{self, Limits};
+    use tracer_store::{kind, AttrValue, KeyValue, SpanRecord, SpanStore, SqliteStore};
+
+    fn text(k: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key: k.into(),
+            value: AttrValue::Str(v.into()),
+        }
+    }
+
+    fn span(
+        trace: u8,
+        id: u8,
+        parent: Option<u8>,
+        kind: i32,
+        host: &str,
+        start: u64,
+        attrs: &[(&str, &str)],
+    ) -> SpanRecord {
+        SpanRecord {
+            trace_id: [trace; 16],
+            span_id: [id; 8],
+            parent_span_id: parent.map(|p| [p; 8]),
+            service: format!("svc-{host}"),
+            operation: "GET /".into(),
+            kind,
+            start_unix_nano: start,
+            duration_nano: 1_000_000,
+            status_code: 0,
+            status_message: String::new(),
+            attributes: attrs.iter().map(|(k, v)| text(k, v)).collect(),
+            resource: Arc::new(vec![
+                text("service.name", &format!("svc-{host}")),
+                text("host.id", host),
+            ]),
+            events: vec![],
+            links: vec![],
+            scope_name: String::new(),
+            scope_version: String::new(),
+        }
+    }
+
+    fn store(name: &str) -> SqliteStore {
+        let d = super::temp_dir(name);
+        SqliteStore::open(&d).unwrap()
+    }
+
+    #[test]
+    fn a_chain_longer_than_the_limit_is_truncated_and_says_so() {
+        let store = store("stitch-limit");
+        let t0 = super::now_nanos();
+        // Trace k: a SERVER span answering trace k-1's CLIENT span, and a CLIENT span of its
+        // own to trace k+1; five traces in a row.
+        let edge = |k: u8| format!("10.0.0.{k}:1000>10.0.0.{}:80#{k}", k + 1);
+        let mut spans = Vec::new();
+        for k in 1..=5u8 {
+            let at = t0 + u64::from(k) * 1000;
+            if k > 1 {
+                spans.push(span(
+                    k,
+                    10 + k,
+                    None,
+                    kind::SERVER,
+                    &format!("h{k}"),
+                    at,
+                    &[("tracer.tcp.edge", &edge(k - 1))],
+                ));
+            }
+            if k < 5 {
+                let parent = (k > 1).then_some(10 + k);
+                spans.push(span(
+                    k,
+                    20 + k,
+                    parent,
+                    kind::CLIENT,
+                    &format!("h{k}"),
+                    at + 10,
+                    &[("tracer.tcp.edge", &edge(k))],
+                ));
+            }
+        }
+        // Each span inside its parent: later spans shorter.
+        for s in &mut spans {
+            s.duration_nano = 1_000_000 - 2 * (s.start_unix_nano - t0);
+        }
+        store.write(&spans).unwrap();
+        let whole = stitch::trace(&store, &[3; 16], Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(whole.members.len(), 5);
+        assert_eq!(whole.spans.len(), 8);
+        assert_eq!(whole.trace_id, [1; 16]);
+        assert!(!whole.incomplete(), "{:?}", whole.incomplete_reasons);
+        assert!(whole.warnings.is_empty(), "{:?}", whole.warnings);
+        for s in &whole.spans {
+            let by = s
+                .span
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "tracer.link.by");
+            assert_eq!(
+                (s.span.parent_span_id.is_some(), s.warnings.len()),
+                (s.span.span_id != [21; 8], 0)
+            );
+            if s.span.kind == kind::SERVER {
+                assert_eq!(by.unwrap().value, AttrValue::Str("collector".into()));
+            }
+        }
+        let limits = Limits {
+            max_traces: 3,
+            max_spans: 20_000,
+        };
+        let cut = stitch::trace(&store, &[1; 16], limits).unwrap().unwrap();
+        assert_eq!(cut.members, vec![[1; 16], [2; 16], [3; 16]]);
+        assert!(
+            cut.warnings.iter().any(|w| w.starts_with("truncated")),
+            "{:?}",
+            cut.warnings
+        );
+        assert!(cut.incomplete());
+        let limits = Limits {
+            max_traces: 64,
+            max_spans: 4,
+        };
+        let cut = stitch::trace(&store, &[1; 16], limits).unwrap().unwrap();
+        assert!(cut.spans.len() <= 4, "{}", cut.spans.len());
+        assert!(cut.warnings.iter().any(|w| w.contains("more than 4 spans")));
+    }
+
+    #[test]
+    fn a_link_the_agent_made_on_one_host_stays_the_agents() {
+        let store = store("stitch-same-host");
+        let t0 = super::now_nanos();
+        let e = "127.0.0.1:5000>127.0.0.1:80#99";
+        store
+            .write(&[
+                span(1, 1, None, kind::CLIENT, "h", t0, &[("tracer.tcp.edge", e)]),
+                span(
+                    1,
+                    2,
+                    Some(1),
+                    kind::SERVER,
+                    "h",
+                    t0 + 10,
+                    &[
+                        ("tracer.tcp.edge", e),
+                        ("tracer.link.source", "tcp-seq"),
+                        ("tracer.link.confidence", "high"),
+                    ],
+                ),
+            ])
+            .unwrap();
+        let t = stitch::trace(&store, &[1; 16], Limits::default())
+            .unwrap()
+            .unwrap();
+        let server = &t
+            .spans
+            .iter()
+            .find(|s| s.span.span_id == [2; 8])
+            .unwrap()
+            .span;
+        assert_eq!(server.parent_span_id, Some([1; 8]));
+        let tag = |k: &str| {
+            server
+                .attributes
+                .iter()
+                .find(|kv| kv.key == k)
+                .map(|kv| kv.value.clone())
+        };
+        assert_eq!(tag("tracer.link.by"), Some(AttrValue::Str("agent".into())));
+        assert_eq!(tag("tracer.link.replaced"), None);
+        assert!(!t.incomplete(), "{:?}", t.incomplete_reasons);
+    }
+}
