@@ -52,9 +52,11 @@ pub fn trace(
     Ok(Some(assemble::assemble(gather(store, *id, first, limits)?)))
 }
 
-/// Stored traces a search looks at at most, whatever the limit: when many found traces stitch
-/// into few, the search stops here and returns fewer than asked for.
-const MAX_SEARCHED_TRACES: usize = 6_000;
+/// Stored traces a search looks at at most, per stitched trace asked for (and at least
+/// [`MIN_SEARCHED_TRACES`]): when more found traces than that stitch into one, the search stops
+/// there and returns fewer than asked for.
+const SEARCHED_PER_RESULT: usize = 8;
+const MIN_SEARCHED_TRACES: usize = 6_000;
 
 /// A search (`query.limit` results at most) whose results are stitched traces, each once,
 /// newest match first: a stitched trace appears where its first matching piece would have.
@@ -64,6 +66,7 @@ pub fn search(
     limits: Limits,
 ) -> Result<Vec<Stitched>, StoreError> {
     let want = query.limit.max(1);
+    let cap = (want * SEARCHED_PER_RESULT).max(MIN_SEARCHED_TRACES);
     let mut out: Vec<Stitched> = Vec::new();
     // Stored traces already part of a result (or looked at), and the results' own ids.
     let mut covered: HashSet<TraceId> = HashSet::new();
@@ -90,10 +93,10 @@ pub fn search(
             }
         }
         // Fewer ids than asked for: the search has nothing more.
-        if ids.len() < ask || ask >= MAX_SEARCHED_TRACES {
+        if ids.len() < ask || ask >= cap {
             return Ok(out);
         }
-        ask = (ask * 4).min(MAX_SEARCHED_TRACES);
+        ask = (ask * 4).min(cap);
     }
 }
 
