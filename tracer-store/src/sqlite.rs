@@ -72,12 +72,15 @@
 //! service index, else the start index), checks each candidate span against every condition,
 //! and loads whole traces for the first `limit` distinct trace ids. The service map scans spans
 //! by start time and joins each child to its parent through a sliding window of recent spans,
-//! falling back to a lookup by trace id for parents outside it.
+//! falling back to a lookup by trace id for parents outside it; before that, the edge index of
+//! the window pairs each request's CLIENT and SERVER spans, and a paired SERVER span counts
+//! under its CLIENT span's service instead of its stored parent's. (Stitching traces is the
+//! collector's, `tracer-collector/src/stitch`; the store only answers `edge_spans`.)
 //!
 //! # Retention
 //!
 //! Oldest spans first (by the start index), 5,000 per transaction so ingest is never blocked
-//! for long, deleting their tag index entries too (recomputed from the bodies); trace index
+//! for long, deleting their tag and edge index entries too (recomputed from the bodies); trace index
 //! runs go once all their spans are gone. Freed pages are returned to the file system with
 //! `incremental_vacuum` (the database is created with `auto_vacuum=INCREMENTAL`).
 use std::{
