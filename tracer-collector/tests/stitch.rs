@@ -945,6 +945,45 @@ mod library {
     }
 
     #[test]
+    fn a_link_that_would_make_a_cycle_is_refused() {
+        let store = store("stitch-cycle");
+        let t0 = super::now_nanos();
+        // Bad data: a CLIENT span that carries the edge of its own ancestor SERVER span.
+        let e = "10.0.0.1:5000>10.0.0.2:80#7";
+        store
+            .write(&[
+                span(1, 1, None, kind::SERVER, "h", t0, &[("tracer.tcp.edge", e)]),
+                span(
+                    1,
+                    2,
+                    Some(1),
+                    kind::CLIENT,
+                    "h",
+                    t0 + 10,
+                    &[("tracer.tcp.edge", e)],
+                ),
+            ])
+            .unwrap();
+        let t = stitch::trace(&store, &[1; 16], Limits::default())
+            .unwrap()
+            .unwrap();
+        let parent_of = |id: u8| {
+            t.spans
+                .iter()
+                .find(|s| s.span.span_id == [id; 8])
+                .unwrap()
+                .span
+                .parent_span_id
+        };
+        assert_eq!((parent_of(1), parent_of(2)), (None, Some([1; 8])));
+        assert!(
+            t.warnings.iter().any(|w| w.contains("would make a cycle")),
+            "{:?}",
+            t.warnings
+        );
+    }
+
+    #[test]
     fn a_link_the_agent_made_on_one_host_stays_the_agents() {
         let store = store("stitch-same-host");
         let t0 = super::now_nanos();

@@ -312,7 +312,11 @@ fn gather(
     }
     for (c, s) in nat {
         if let (Some(&ci), Some(&si)) = (g.index.get(&c), g.index.get(&s)) {
-            pairs.push((ci, si, Source::TcpSeqNat));
+            // A SERVER span with the exact key may have come in later (from beyond the lookup
+            // window, through another trace): the exact pair wins.
+            if !pairs.iter().any(|&(pc, _, _)| pc == ci) {
+                pairs.push((ci, si, Source::TcpSeqNat));
+            }
         }
     }
     Ok(Gathered {
