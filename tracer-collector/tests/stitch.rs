@@ -69,6 +69,7 @@ struct S {
     link: Option<(&'static str, &'static str)>,
     /// A parent in another (stored) trace: a forwarded `traceparent`.
     parent_in: Option<u8>,
+    ints: Vec<(&'static str, i64)>,
 }
 
 impl S {
@@ -84,7 +85,12 @@ impl S {
             edge: None,
             link: None,
             parent_in: None,
+            ints: Vec::new(),
         }
+    }
+    fn int(mut self, key: &'static str, v: i64) -> S {
+        self.ints.push((key, v));
+        self
     }
     fn parent(mut self, p: u8) -> S {
         self.parent = Some(p);
@@ -108,6 +114,9 @@ impl S {
             let seq: i64 = e.rsplit('#').next().unwrap().parse().unwrap();
             attributes.push(kv("tracer.tcp.edge", s(e)));
             attributes.push(kv("tracer.tcp.seq", Any::IntValue(seq)));
+        }
+        for (k, v) in &self.ints {
+            attributes.push(kv(k, Any::IntValue(*v)));
         }
         if let Some((src, conf)) = self.link {
             attributes.push(kv("tracer.link.source", s(src)));
@@ -736,6 +745,71 @@ async fn an_incomplete_trace_is_flagged_until_its_pieces_arrive() {
     assert!(t.reasons()[0].contains("its parent"));
     // The root is the span with no parent, not the orphan.
     assert_eq!(t.id(), hex::encode(tid(1)));
+}
+
+/// An agent reports a second in which it lost records as a `tracer.loss` span of its own: the
+/// traces with spans from that host in that second are marked incomplete, others are not.
+#[tokio::test]
+async fn a_loss_reported_by_a_host_marks_its_traces_of_that_time() {
+    let c = Collector::start("stitch-loss", &[]);
+    let t0 = base();
+    let e = edge("10.200.0.1:44100", "10.200.0.2:80", 77);
+    post(
+        &c,
+        A,
+        "web",
+        &[S::new(1, 1, CLIENT, "GET /api", t0, 5000).edge(&e)],
+    )
+    .await;
+    post(
+        &c,
+        B,
+        "api",
+        &[S::new(2, 2, SERVER, "GET /api", t0 + MS, 2000).edge(&e)],
+    )
+    .await;
+    // Host B's agent lost records in the second around the request; host A's, a minute later.
+    post(
+        &c,
+        B,
+        "tracer-agent",
+        &[
+            S::new(3, 3, INTERNAL, "tracer.loss", t0 - 500 * MS, 1_000_000)
+                .int("tracer.loss.records", 12)
+                .int("tracer.loss.spans", 0),
+        ],
+    )
+    .await;
+    post(
+        &c,
+        A,
+        "tracer-agent",
+        &[
+            S::new(4, 4, INTERNAL, "tracer.loss", t0 + 60_000 * MS, 1_000_000)
+                .int("tracer.loss.records", 5),
+        ],
+    )
+    .await;
+    let t = trace(&c, 1).await;
+    assert_eq!(t.parent_of(2), Some(1), "stitched");
+    let reasons = t.reasons();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("lost 12 records and 0 spans")
+            && reasons[0].contains(&hex::encode(sid(3))),
+        "{reasons:?}"
+    );
+    // A trace of host A alone, away from any loss: complete.
+    post(
+        &c,
+        A,
+        "web",
+        &[S::new(5, 5, SERVER, "GET /solo", t0 + 30_000 * MS, 1000)],
+    )
+    .await;
+    assert!(!trace(&c, 5).await.incomplete());
+    // The loss span's own trace is not marked by itself.
+    assert!(!trace(&c, 3).await.incomplete());
 }
 
 #[tokio::test]

@@ -49,7 +49,90 @@ pub fn trace(
     if first.is_empty() {
         return Ok(None);
     }
-    Ok(Some(assemble::assemble(gather(store, *id, first, limits)?)))
+    let mut stitched = assemble::assemble(gather(store, *id, first, limits)?);
+    mark_losses(store, &mut stitched)?;
+    Ok(Some(stitched))
+}
+
+/// The service and span name agents report their losses with: a span covering each second in
+/// which a host's agent dropped records or spans (tracer-user's `loss.rs`).
+const LOSS_SERVICE: &str = "tracer-agent";
+const LOSS_SPAN: &str = "tracer.loss";
+/// Loss spans cover about a second; one that starts this much before the trace can overlap it.
+const LOSS_LOOKBACK_NS: u64 = 5_000_000_000;
+
+/// A trace with spans from a host whose agent reported losses while the trace ran may miss
+/// spans: says so, with what was lost.
+fn mark_losses(store: &dyn SpanStore, stitched: &mut Stitched) -> Result<(), StoreError> {
+    let spans = || stitched.spans.iter().map(|s| &s.span);
+    if spans().all(|s| s.service == LOSS_SERVICE) {
+        return Ok(());
+    }
+    // Raw (stored) times: a loss span is in its own host's clock, as that host's spans were.
+    let raw_start = |s: &SpanRecord| {
+        s.attributes
+            .iter()
+            .find_map(|kv| match kv.value {
+                AttrValue::Int(us) if kv.key == "tracer.clock.raw_start_us" => {
+                    u64::try_from(us).ok().map(|us| us * 1000)
+                }
+                _ => None,
+            })
+            .unwrap_or(s.start_unix_nano)
+    };
+    let (Some(start), Some(end)) = (
+        spans().map(raw_start).min(),
+        spans()
+            .map(|s| raw_start(s).saturating_add(s.duration_nano))
+            .max(),
+    ) else {
+        return Ok(());
+    };
+    let hosts: HashSet<&str> = spans().filter_map(clock::host_of).collect();
+    let ids = store.find_trace_ids(&TraceQuery {
+        service: Some(LOSS_SERVICE.into()),
+        operation: Some(LOSS_SPAN.into()),
+        start_unix_nano: Some(start.saturating_sub(LOSS_LOOKBACK_NS)),
+        end_unix_nano: Some(end),
+        limit: 100,
+        ..TraceQuery::default()
+    })?;
+    let mut reasons = Vec::new();
+    for id in ids {
+        for loss in store.trace(&id)? {
+            let overlaps = loss.start_unix_nano <= end
+                && loss.start_unix_nano.saturating_add(loss.duration_nano) >= start;
+            if loss.operation != LOSS_SPAN
+                || !overlaps
+                || !clock::host_of(&loss).is_some_and(|h| hosts.contains(h))
+            {
+                continue;
+            }
+            let count = |key: &str| {
+                loss.attributes
+                    .iter()
+                    .find_map(|kv| match kv.value {
+                        AttrValue::Int(n) if kv.key == key => Some(n),
+                        _ => None,
+                    })
+                    .unwrap_or(0)
+            };
+            reasons.push(format!(
+                "host {}: its agent lost {} records and {} spans while this trace ran \
+                 (span {} of tracer-agent)",
+                clock::host_label(&loss).unwrap_or("?"),
+                count("tracer.loss.records"),
+                count("tracer.loss.spans"),
+                hex_id(&loss.span_id),
+            ));
+        }
+    }
+    stitched.incomplete_reasons.extend(reasons);
+    Ok(())
+}
+
+fn hex_id(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Stored traces a search looks at at most, per stitched trace asked for (and at least
