@@ -859,8 +859,9 @@ pub struct Score {
     pub wrong_by: BTreeMap<(String, String, String), usize>,
     /// Right links by the same key, to see what each mechanism did.
     pub right_by: BTreeMap<(String, String, String), usize>,
-    /// Expected non-root spans present with no parent at all.
+    /// Expected non-root spans present with no parent at all, and how many at each hop.
     pub orphans: usize,
+    pub orphans_by_hop: [usize; 6],
     /// Expected spans never found, and how many of them at each hop.
     pub missing: usize,
     pub missing_by_hop: [usize; 6],
@@ -870,6 +871,8 @@ pub struct Score {
     /// The largest amount a child starts before its (actual) parent, and ends after it, µs.
     pub max_early_us: i64,
     pub max_late_end_us: i64,
+    /// The child and the parent of the largest early start (`describe()` of each).
+    pub max_early_pair: Option<(String, String)>,
     /// Spans whose time the collector shifted (`tracer.clock.shift_us`), and the shifts by host.
     pub shifted: usize,
     pub shift_by_host: BTreeMap<String, (i64, i64)>,
@@ -957,7 +960,10 @@ pub fn score(load: &Load, traces: &[JTrace]) -> Score {
                 continue;
             };
             if let Some(p) = s.parent.as_deref().and_then(|p| by_id.get(p)) {
-                sc.max_early_us = sc.max_early_us.max(p.start_us - s.start_us);
+                if p.start_us - s.start_us > sc.max_early_us {
+                    sc.max_early_us = p.start_us - s.start_us;
+                    sc.max_early_pair = Some((s.describe(), p.describe()));
+                }
                 sc.max_late_end_us = sc.max_late_end_us.max(s.end_us() - p.end_us());
             }
             if i == 0 {
@@ -977,6 +983,7 @@ pub fn score(load: &Load, traces: &[JTrace]) -> Score {
                 *sc.wrong_by.entry(link_key(s)).or_default() += 1;
             } else {
                 sc.orphans += 1;
+                sc.orphans_by_hop[i] += 1;
             }
         }
     }

@@ -84,7 +84,7 @@ fn details(rows: &[Row]) -> String {
         let s = &r.score;
         let _ = writeln!(
             out,
-            "{} x{}: one trace {}, failed requests {}, duplicates {}, other spans {}, missing by hop {:?}, largest end past parent {} µs",
+            "{} x{}: one trace {}, failed requests {}, duplicates {}, other spans {}, missing by hop {:?}, orphans by hop {:?}, largest end past parent {} µs",
             r.arch.name(),
             r.clients,
             pct(s.one_trace, s.requests),
@@ -92,8 +92,16 @@ fn details(rows: &[Row]) -> String {
             s.duplicates,
             s.other,
             s.missing_by_hop,
+            s.orphans_by_hop,
             s.max_late_end_us,
         );
+        if let Some((child, parent)) = &s.max_early_pair {
+            let _ = writeln!(
+                out,
+                "    largest child-before-parent: {child} starts {} µs before {parent}",
+                s.max_early_us
+            );
+        }
         if !s.right_by.is_empty() {
             let _ = writeln!(
                 out,
@@ -244,7 +252,8 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
     println!();
     print!("{}", details(&rows));
     println!(
-        "complete: the request's whole tree (client → proxy → service → data, 6 spans) is one trace with every parent right; \
+        "hops: 0 client CLIENT, 1 proxy SERVER, 2 proxy CLIENT, 3 service SERVER, 4 service CLIENT, 5 data SERVER. \
+         complete: the request's whole tree (client → proxy → service → data, 6 spans) is one trace with every parent right; \
          linked: share of the 5 non-root spans a request whose parent is the expected span; wrong: spans with another parent \
          (by the child's tracer.link.source/confidence/by above); orphans: no parent; max child-before-parent: the largest \
          start of a span before its parent's, as the API returns them (after clock correction)."
