@@ -992,3 +992,162 @@ pub fn score(load: &Load, traces: &[JTrace]) -> Score {
     sc.found = found;
     sc
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(rid: &str) -> Request {
+        Request {
+            rid: rid.into(),
+            start_ns: 1_000_000_000,
+            end_ns: 2_000_000_000,
+            status: 200,
+            thread: 0,
+            local_port: 1,
+        }
+    }
+
+    /// The six spans of `rid` in trace `trace`, each the child of the one before, nested in
+    /// time; span ids are `<rid>-<hop>`.
+    fn tree(rid: &str, trace: &str) -> Vec<JSpan> {
+        TREE.iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let mut tags = HashMap::new();
+                tags.insert("tracer.link.source".into(), Value::from("tcp-seq"));
+                tags.insert("tracer.link.confidence".into(), Value::from("high"));
+                JSpan {
+                    trace_id: trace.into(),
+                    span_id: format!("{rid}-{i}"),
+                    parent: (i > 0).then(|| format!("{rid}-{}", i - 1)),
+                    start_us: 1000 + i as i64 * 10,
+                    duration_us: 1000 - i as i64 * 20,
+                    kind: h.kind.into(),
+                    path: format!("{}{rid}", h.prefix),
+                    host: h.host.into(),
+                    service: "svc".into(),
+                    tags,
+                    warnings: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    fn trace(id: &str, spans: Vec<JSpan>) -> JTrace {
+        JTrace {
+            trace_id: id.into(),
+            spans,
+            warnings: Vec::new(),
+            incomplete: Some(false),
+            incomplete_reasons: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn scoring_counts_complete_wrong_orphan_missing_and_early_children() {
+        let load = Load {
+            requests: vec![request("ra"), request("rb"), request("rc")],
+            seconds: 1.0,
+            rate: 3.0,
+            errors: Vec::new(),
+        };
+        // ra: exact. rb: hop 2 points at ra's span (wrong), hop 4 has no parent (orphan, and
+        // its subtree in a trace of its own), hop 5 starts 7 µs before its parent. rc: the
+        // data span never arrived, plus a span about no request.
+        let a = tree("ra", "t1");
+        let mut b = tree("rb", "t2");
+        b[2].parent = Some("ra-1".into());
+        b[2].tags
+            .insert("tracer.link.source".into(), Value::from("sole-request"));
+        b[2].tags
+            .insert("tracer.link.confidence".into(), Value::from("medium"));
+        b[4].parent = None;
+        b[4].trace_id = "t3".into();
+        b[5].trace_id = "t3".into();
+        b[5].start_us = b[4].start_us - 7;
+        let mut c = tree("rc", "t4");
+        c.pop();
+        let mut stray = tree("zz", "t5");
+        stray.truncate(1);
+        let traces = vec![
+            trace("t1", a),
+            trace("t2", b[..4].to_vec()),
+            trace("t3", b[4..].to_vec()),
+            trace("t4", c),
+            trace("t5", stray),
+        ];
+        let s = score(&load, &traces);
+        assert_eq!(s.requests, 3);
+        assert_eq!(s.complete, 1, "only ra");
+        assert_eq!(s.one_trace, 1);
+        assert_eq!(s.links_expected, 15);
+        // ra 5, rb hops 1, 3, 5, rc hops 1-4.
+        assert_eq!(s.linked, 5 + 3 + 4);
+        assert_eq!(s.wrong, 1);
+        assert_eq!(
+            s.wrong_by
+                .get(&("sole-request".into(), "medium".into(), "-".into())),
+            Some(&1)
+        );
+        assert_eq!(s.orphans, 1);
+        assert_eq!(s.orphans_by_hop, [0, 0, 0, 0, 1, 0]);
+        assert_eq!(s.missing, 1);
+        assert_eq!(s.missing_by_hop, [0, 0, 0, 0, 0, 1]);
+        assert_eq!(s.other, 1);
+        assert_eq!(s.max_early_us, 7);
+        assert_eq!(
+            s.max_early_pair.as_ref().map(|(c, _)| c.as_str()),
+            Some("data server /data/rb (rb-5)")
+        );
+        assert!(s.found[0].exact() && !s.found[1].exact() && !s.found[2].exact());
+    }
+
+    #[test]
+    fn jaeger_json_parses_into_spans_with_their_host() {
+        let t = serde_json::json!({
+            "traceID": "t1",
+            "spans": [{
+                "traceID": "t1", "spanID": "s2", "startTime": 10, "duration": 5,
+                "references": [{"refType": "CHILD_OF", "traceID": "t1", "spanID": "s1"}],
+                "processID": "p1", "warnings": ["clock skew: shifted by +3 µs (host proxy)"],
+                "tags": [
+                    {"key": "span.kind", "type": "string", "value": "server"},
+                    {"key": "url.path", "type": "string", "value": "/api/r1"},
+                    {"key": "http.response.status_code", "type": "int64", "value": 502},
+                ],
+            }],
+            "processes": {"p1": {"serviceName": "nginx", "tags": [
+                {"key": "host.name", "type": "string", "value": "proxy"}]}},
+            "incomplete": true,
+            "incompleteReasons": ["CLIENT span s9: its server side never arrived"],
+        });
+        let t = parse_trace(&t);
+        assert_eq!(t.incomplete, Some(true));
+        assert_eq!(t.incomplete_reasons.len(), 1);
+        let s = &t.spans[0];
+        assert_eq!(
+            (
+                s.host.as_str(),
+                s.kind.as_str(),
+                s.path.as_str(),
+                s.service.as_str()
+            ),
+            ("proxy", "server", "/api/r1", "nginx")
+        );
+        assert_eq!(s.parent.as_deref(), Some("s1"));
+        assert_eq!((s.start_us, s.end_us()), (10, 15));
+        assert_eq!(s.status(), Some(502));
+        assert_eq!(s.warnings.len(), 1);
+        assert_eq!(rid_of(&s.path), Some("r1"));
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+        assert!(dechunk(b"5\r\nab").is_err());
+    }
+}
