@@ -267,15 +267,17 @@ fn every_request_is_one_exact_trace_across_four_hosts() {
             );
         }
         // The service host's clock runs 50 ms ahead; the collector shifts it back relative to
-        // its neighbours (whichever host it takes as the reference) and keeps the raw time.
+        // its neighbours (whichever host it takes as the reference) and keeps the raw time. Any
+        // shift that puts the server inside its client is right, so it is exact only up to the
+        // hop's slack (the client's time around the server's: well under 10 ms here).
         let shift = |x: &JSpan| x.int_tag("tracer.clock.shift_us").unwrap_or(0);
         let want_us = -SHIFT_MS * 1000;
         for (a, b, want) in [(2, 3, want_us), (4, 5, -want_us), (0, 1, 0)] {
             let rel = shift(s[b]) - shift(s[a]);
             check(
-                (rel - want).abs() <= 5_000,
+                (rel - want).abs() <= 10_000,
                 format!(
-                    "{rid}: {} is shifted {rel} µs relative to {}, want {want} ± 5000",
+                    "{rid}: {} is shifted {rel} µs relative to {}, want {want} ± 10000",
                     s[b].describe(),
                     s[a].describe()
                 ),
