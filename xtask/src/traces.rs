@@ -152,6 +152,20 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
     if args.pattern.is_empty() || !args.pattern.chars().all(|c| "res".contains(c)) {
         bail!("--pattern is made of r (normal), e (error) and s (slow) only");
     }
+    // Ctrl-C reaches the whole process group: the load client, the agents and the collector
+    // stop, and this process, instead of dying with them, gets an error or a panic from the
+    // next step and unwinds, so the namespaces and the bridge are removed. A stop signal sent
+    // to this process alone ends the run between two loads.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            libc::signal(
+                sig,
+                crate::note_stop_signal as *const () as libc::sighandler_t,
+            )
+        };
+    }
+    let stop = || crate::STOP_SIGNAL.load(std::sync::atomic::Ordering::Relaxed) != 0;
     let scratch = std::env::temp_dir().join(format!("tracer-test-traces-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -182,8 +196,14 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for arch in archs {
         eprintln!("\x1b[1m[traces]\x1b[0m service architecture {}: starting nginx, the service and the data service", arch.name());
+        if stop() {
+            break;
+        }
         topo.start_peers(arch);
         for &clients in &args.concurrency {
+            if stop() {
+                break;
+            }
             let spec = LoadSpec {
                 concurrency: clients,
                 rate: args.rate,
@@ -258,5 +278,8 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
          (by the child's tracer.link.source/confidence/by above); orphans: no parent; max child-before-parent: the largest \
          start of a span before its parent's, as the API returns them (after clock correction)."
     );
+    if stop() {
+        bail!("stopped by a signal: the table holds the runs before it");
+    }
     Ok(())
 }
