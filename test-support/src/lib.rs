@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests of the agent and of the collector. Test-only: a
-//! dev-dependency, never linked into a shipped binary.
+//! Helpers shared by the integration tests of the agent and of the collector, and by
+//! `cargo xtask traces`. Test-only: a dev-dependency of the crates and a dependency of xtask,
+//! never linked into a shipped binary.
 pub mod netns;
 pub mod topology;
 
