@@ -258,6 +258,8 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
         }
     }
     drop(topo);
+    // The store of a run is ~100 MB, of no use once its collector has stopped.
+    let _ = std::fs::remove_dir_all(&scratch);
     println!();
     println!(
         "Whole traces, {} s a run at {} req/s asked{} (`cargo xtask traces`):",
