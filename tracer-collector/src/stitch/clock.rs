@@ -8,7 +8,7 @@
 //! intervals do not intersect (one host's clock stepped, say), the median of their midpoints.
 //! Corrections add up along a breadth-first walk from the root span's host, which never moves;
 //! a host with no matched pair, or not connected to the root's host by pairs, is never moved.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use tracer_store::{AttrValue, SpanRecord};
 
@@ -34,9 +34,28 @@ pub(crate) fn host_label(s: &SpanRecord) -> Option<&str> {
         .or_else(|| host_of(s))
 }
 
-/// The correction (ns) that puts `b`'s times in `a`'s clock, from intervals of allowed values.
-fn estimate(intervals: &[(i64, i64)]) -> i64 {
-    if intervals.iter().all(|&(lo, hi)| lo <= 0 && 0 <= hi) {
+/// How far a SERVER span may start before its CLIENT span on one clock: a client span starts
+/// at its write's entry, or at its exit when the thread changed CPU during the call (the
+/// entry's per-CPU stamp is lost), up to ~150 µs later in `cargo xtask traces` on one machine.
+const START_SLACK_NS: i64 = 500_000;
+
+/// How far a SERVER span may end after its CLIENT span on one clock: it ends when its write
+/// returns, and the client's read can return first (the server thread preempted after
+/// queueing the bytes); `cargo xtask traces` saw up to 2.5 ms of that between namespace hosts
+/// sharing one clock, which a test without slack corrected as skew.
+const END_SLACK_NS: i64 = 5_000_000;
+
+/// Whether a pair shows skew at all: its server span starts before its client span or ends
+/// after it, beyond what one clock can show (the slacks above).
+fn shows_skew(client: &SpanRecord, server: &SpanRecord) -> bool {
+    let (c_start, s_start) = (client.start_unix_nano as i64, server.start_unix_nano as i64);
+    s_start < c_start - START_SLACK_NS || end(server) > end(client) + END_SLACK_NS
+}
+
+/// The correction (ns) that puts `b`'s times in `a`'s clock, from intervals of allowed values
+/// (`skewed`: some pair shows skew; otherwise nothing moves).
+fn estimate(intervals: &[(i64, i64)], skewed: bool) -> i64 {
+    if !skewed || intervals.iter().all(|&(lo, hi)| lo <= 0 && 0 <= hi) {
         return 0;
     }
     let lo = intervals.iter().map(|i| i.0).max().unwrap_or(0);
@@ -63,6 +82,7 @@ fn end(s: &SpanRecord) -> i64 {
 pub(crate) fn shifts(spans: &[SpanRecord], pairs: &[(usize, usize)], root: usize) -> Vec<i64> {
     // Per host pair (ordered by name): intervals for shift(second) - shift(first).
     let mut between: HashMap<(&str, &str), Vec<(i64, i64)>> = HashMap::new();
+    let mut skewed: HashSet<(&str, &str)> = HashSet::new();
     for &(c, s) in pairs {
         let (client, server) = (&spans[c], &spans[s]);
         let (Some(a), Some(b)) = (host_of(client), host_of(server)) else {
@@ -73,6 +93,9 @@ pub(crate) fn shifts(spans: &[SpanRecord], pairs: &[(usize, usize)], root: usize
         }
         let lo = client.start_unix_nano as i64 - server.start_unix_nano as i64;
         let hi = end(client) - end(server);
+        if shows_skew(client, server) {
+            skewed.insert(if a < b { (a, b) } else { (b, a) });
+        }
         if a < b {
             between.entry((a, b)).or_default().push((lo, hi));
         } else {
@@ -99,7 +122,7 @@ pub(crate) fn shifts(spans: &[SpanRecord], pairs: &[(usize, usize)], root: usize
                 if shift_of.contains_key(next) {
                     continue;
                 }
-                let rel = sign * estimate(&between[&(a, b)]);
+                let rel = sign * estimate(&between[&(a, b)], skewed.contains(&(a, b)));
                 shift_of.insert(next, base + rel);
                 queue.push_back(next);
             }
@@ -124,19 +147,21 @@ mod tests {
 
     #[test]
     fn zero_inside_every_interval_moves_nothing() {
-        assert_eq!(estimate(&[(-5, 5), (-1, 100)]), 0);
+        assert_eq!(estimate(&[(-5, 5), (-1, 100)], true), 0);
+        // Without a pair that shows skew, an end that overhangs moves nothing either.
+        assert_eq!(estimate(&[(-5, -2)], false), 0);
     }
 
     #[test]
     fn the_midpoint_of_the_intersection_is_chosen() {
         // B 50 ms ahead: its server spans start 50 ms after the client's in stored times.
-        assert_eq!(estimate(&[(-52, -48)]), -50);
-        assert_eq!(estimate(&[(-60, -40), (-56, -45), (-58, -50)]), -53);
+        assert_eq!(estimate(&[(-52, -48)], true), -50);
+        assert_eq!(estimate(&[(-60, -40), (-56, -45), (-58, -50)], true), -53);
     }
 
     #[test]
     fn inconsistent_pairs_take_the_median_of_midpoints() {
-        assert_eq!(estimate(&[(-10, -8), (20, 22), (1, 3)]), 2);
-        assert_eq!(estimate(&[(-10, -8), (20, 22)]), 6);
+        assert_eq!(estimate(&[(-10, -8), (20, 22), (1, 3)], true), 2);
+        assert_eq!(estimate(&[(-10, -8), (20, 22)], true), 6);
     }
 }
