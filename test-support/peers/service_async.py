@@ -5,17 +5,28 @@ one thread, many requests in flight.
 Answers 200 when the data service did, 502 otherwise.
 Usage: service_async.py ADDR PORT DATA_ADDR:PORT (with aiohttp: the repository's .venv)
 """
+import os
 import sys
 
 import aiohttp
 from aiohttp import web
+
+
+def data_id(rid):
+    """The id the data call carries: the rid itself, or with TOPOLOGY_DOWNSTREAM=opaque a token
+    that shares no id with it (first letter kept for the data service, "o", the rest reversed),
+    as a service that looks its data up under another key would."""
+    if os.environ.get("TOPOLOGY_DOWNSTREAM") == "opaque":
+        return rid[0] + "o" + rid[1:][::-1]
+    return rid
+
 
 DATA = sys.argv[3]
 
 
 async def api(request):
     rid = request.match_info["rid"]
-    async with request.app["session"].get(f"http://{DATA}/data/{rid}") as resp:
+    async with request.app["session"].get(f"http://{DATA}/data/{data_id(rid)}") as resp:
         body = await resp.read()
         status = 200 if resp.status == 200 else 502
     return web.Response(status=status, body=body, content_type="text/plain")

@@ -2,7 +2,13 @@
 // service for /data/<rid> with the built-in fetch (undici, a keep-alive pool).
 // Answers 200 when the data service did, 502 otherwise.
 // Usage: node service_node.mjs ADDR PORT DATA_ADDR:PORT
+
 import http from "node:http";
+
+// The id the data call carries: the rid, or with TOPOLOGY_DOWNSTREAM=opaque a token sharing no
+// id with it (first letter kept for the data service, "o", the rest reversed).
+const dataId = (rid) =>
+  process.env.TOPOLOGY_DOWNSTREAM === "opaque" ? rid[0] + "o" + [...rid.slice(1)].reverse().join("") : rid;
 
 const [addr, port, data] = process.argv.slice(2);
 
@@ -13,7 +19,7 @@ const server = http.createServer(async (req, res) => {
   }
   const rid = req.url.slice("/api/".length);
   try {
-    const r = await fetch(`http://${data}/data/${rid}`);
+    const r = await fetch(`http://${data}/data/${dataId(rid)}`);
     const body = Buffer.from(await r.arrayBuffer());
     res
       .writeHead(r.status === 200 ? 200 : 502, {

@@ -5,8 +5,19 @@ Answers 200 when the data service did, 502 otherwise. Usage: service_threaded.py
 """
 import http.client
 import http.server
+import os
 import sys
 import threading
+
+
+def data_id(rid):
+    """The id the data call carries: the rid itself, or with TOPOLOGY_DOWNSTREAM=opaque a token
+    that shares no id with it (first letter kept for the data service, "o", the rest reversed),
+    as a service that looks its data up under another key would."""
+    if os.environ.get("TOPOLOGY_DOWNSTREAM") == "opaque":
+        return rid[0] + "o" + rid[1:][::-1]
+    return rid
+
 
 DATA = sys.argv[3]
 local = threading.local()
@@ -19,7 +30,7 @@ def fetch(rid):
         if conn is None:
             conn = local.conn = http.client.HTTPConnection(DATA, timeout=10)
         try:
-            conn.request("GET", f"/data/{rid}")
+            conn.request("GET", f"/data/{data_id(rid)}")
             resp = conn.getresponse()
             return resp.status, resp.read()
         except (ConnectionError, http.client.HTTPException):

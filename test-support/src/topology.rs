@@ -129,7 +129,7 @@ impl Arch {
             })
     }
 
-    fn command(self, host: &Host, data: SocketAddr) -> Command {
+    fn command(self, host: &Host, data: SocketAddr, downstream: Downstream) -> Command {
         let (program, script) = match self {
             Arch::Threaded => (python(), "service_threaded.py"),
             Arch::Pool => (python(), "service_pool.py"),
@@ -141,7 +141,31 @@ impl Arch {
             .arg(host.ip.to_string())
             .arg(PORT.to_string())
             .arg(data.to_string());
+        if downstream == Downstream::Opaque {
+            cmd.env("TOPOLOGY_DOWNSTREAM", "opaque");
+        }
         cmd
+    }
+}
+
+/// What the service's data call carries of the request it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Downstream {
+    /// `/api/<rid>` calls `/data/<rid>`: the path carries the request's id, as REST services
+    /// that fetch what they were asked about do.
+    #[default]
+    SameId,
+    /// `/api/<rid>` calls `/data/<token>`, a token sharing no id with the rid (the peers'
+    /// `data_id`): nothing in the call's bytes names the request it serves.
+    Opaque,
+}
+
+impl Downstream {
+    pub fn name(self) -> &'static str {
+        match self {
+            Downstream::SameId => "same id",
+            Downstream::Opaque => "opaque",
+        }
     }
 }
 
@@ -229,6 +253,8 @@ pub struct Peers {
 /// flush into the collector), collector, hosts.
 pub struct Topology {
     pub peers: Option<Peers>,
+    /// What the service's data calls carry (read by `start_peers`).
+    pub downstream: Downstream,
     pub agents: Vec<(String, Daemon)>,
     pub collector: Daemon,
     pub http_port: u16,
@@ -345,6 +371,7 @@ impl Topology {
         });
         Topology {
             peers: None,
+            downstream: Downstream::SameId,
             agents,
             collector,
             http_port,
@@ -372,7 +399,10 @@ impl Topology {
         data_host.wait_listening(data_addr, "the data service to listen");
 
         let service_host = self.hosts.host("service").clone();
-        let service = spawn(arch.command(&service_host, data_addr), "the service");
+        let service = spawn(
+            arch.command(&service_host, data_addr, self.downstream),
+            "the service",
+        );
         service_host.wait_listening(self.addr("service"), "the service to listen");
 
         let proxy_host = self.hosts.host("proxy").clone();
@@ -752,10 +782,23 @@ pub fn fetch_traces(query_port: u16, start_us: u64, end_us: u64, windows: u64) -
     out
 }
 
-/// The rid a span is about, from its `url.path` (`/api/<rid>` or `/data/<rid>`).
-pub fn rid_of(path: &str) -> Option<&str> {
-    path.strip_prefix("/api/")
-        .or_else(|| path.strip_prefix("/data/"))
+/// The rid a span is about, from its `url.path` (`/api/<rid>` or `/data/<rid>`, the latter
+/// possibly an opaque token: see [`Downstream::Opaque`]).
+pub fn rid_of(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(rid) = path.strip_prefix("/api/") {
+        return Some(rid.into());
+    }
+    let id = path.strip_prefix("/data/")?;
+    // The peers' data_id: first letter, "o", the rest of the rid reversed (rids never have an
+    // "o" second: their second character is the tag's).
+    let mut chars = id.chars();
+    match (chars.next(), chars.next()) {
+        (Some(first), Some('o')) => {
+            let rest: String = chars.rev().collect();
+            Some(format!("{first}{rest}").into())
+        }
+        _ => Some(id.into()),
+    }
 }
 
 /// Waits until every span of `load` is there (6 a request) or none has arrived for `quiet`, at
@@ -791,7 +834,7 @@ pub fn wait_for_traces(
         let have: HashSet<&str> = traces
             .iter()
             .flat_map(|t| &t.spans)
-            .filter(|s| rid_of(&s.path).is_some_and(|r| rids.contains(r)))
+            .filter(|s| rid_of(&s.path).is_some_and(|r| rids.contains(r.as_ref())))
             .map(|s| s.span_id.as_str())
             .collect();
         let n = have.len();
@@ -918,7 +961,7 @@ pub fn score(load: &Load, traces: &[JTrace]) -> Score {
         let hop = TREE
             .iter()
             .position(|h| h.host == s.host && h.kind == s.kind && s.path.starts_with(h.prefix));
-        let req = rid_of(&s.path).and_then(|r| index.get(r));
+        let req = rid_of(&s.path).and_then(|r| index.get(r.as_ref()));
         match (hop, req) {
             (Some(h), Some(&i)) => {
                 let slot = &mut found[i].spans[h];
@@ -1139,7 +1182,8 @@ mod tests {
         assert_eq!((s.start_us, s.end_us()), (10, 15));
         assert_eq!(s.status(), Some(502));
         assert_eq!(s.warnings.len(), 1);
-        assert_eq!(rid_of(&s.path), Some("r1"));
+        assert_eq!(rid_of(&s.path).as_deref(), Some("r1"));
+        assert_eq!(rid_of("/data/so21x3x7").as_deref(), Some("s7x3x12"));
     }
 
     #[test]

@@ -80,6 +80,11 @@ enum Cmd {
         /// s a 50 ms slow data hop.
         #[arg(long, default_value_t = format!("{}se", "r".repeat(98)))]
         pattern: String,
+        /// What the service's data call carries: `same` (its path has the request's id, as a
+        /// REST service fetching what it was asked about), `opaque` (a token sharing nothing
+        /// with the request: no id in the bytes names the request it serves). Both by default.
+        #[arg(long, value_delimiter = ',', default_value = "same,opaque")]
+        downstream: Vec<String>,
         /// Show the collector's and the agents' logs.
         #[arg(long)]
         logs: bool,
@@ -213,6 +218,7 @@ fn main() -> anyhow::Result<()> {
             arch,
             clock_shift_ms,
             pattern,
+            downstream,
             logs,
         } => {
             setup()?;
@@ -226,6 +232,7 @@ fn main() -> anyhow::Result<()> {
                     archs: arch,
                     clock_shift_ms,
                     pattern,
+                    downstream,
                     logs,
                 },
             )

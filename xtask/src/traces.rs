@@ -6,7 +6,7 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{bail, Context as _};
-use tracer_test_support::topology::{self, Arch, LoadSpec, Options, Score, Topology};
+use tracer_test_support::topology::{self, Arch, Downstream, LoadSpec, Options, Score, Topology};
 
 pub struct TracesArgs {
     pub seconds: f64,
@@ -15,11 +15,13 @@ pub struct TracesArgs {
     pub archs: Vec<String>,
     pub clock_shift_ms: Option<i64>,
     pub pattern: String,
+    pub downstream: Vec<String>,
     pub logs: bool,
 }
 
 struct Row {
     arch: Arch,
+    downstream: Downstream,
     clients: usize,
     rate: f64,
     failed: usize,
@@ -45,11 +47,11 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| service | clients | req/s | requests | complete | linked | wrong | wrong, high | orphans | spans missing | max child-before-parent µs |"
+        "| service | data call | clients | req/s | requests | complete | linked | wrong | wrong, high | orphans | spans missing | max child-before-parent µs |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let s = &r.score;
@@ -61,8 +63,9 @@ fn table(rows: &[Row]) -> String {
             .sum();
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.arch.name(),
+            r.downstream.name(),
             r.clients,
             r.rate,
             s.requests,
@@ -84,8 +87,9 @@ fn details(rows: &[Row]) -> String {
         let s = &r.score;
         let _ = writeln!(
             out,
-            "{} x{}: one trace {}, failed requests {}, duplicates {}, other spans {}, missing by hop {:?}, orphans by hop {:?}, largest end past parent {} µs",
+            "{} ({} data call) x{}: one trace {}, failed requests {}, duplicates {}, other spans {}, missing by hop {:?}, orphans by hop {:?}, largest end past parent {} µs",
             r.arch.name(),
+            r.downstream.name(),
             r.clients,
             pct(s.one_trace, s.requests),
             r.failed,
@@ -152,6 +156,15 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
     if args.pattern.is_empty() || !args.pattern.chars().all(|c| "res".contains(c)) {
         bail!("--pattern is made of r (normal), e (error) and s (slow) only");
     }
+    let downstreams = args
+        .downstream
+        .iter()
+        .map(|d| match d.as_str() {
+            "same" => Ok(Downstream::SameId),
+            "opaque" => Ok(Downstream::Opaque),
+            other => bail!("--downstream {other:?}: use same, opaque or both (same,opaque)"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // Ctrl-C reaches the whole process group: the load client, the agents and the collector
     // stop, and this process, instead of dying with them, gets an error or a panic from the
     // next step and unwinds, so the namespaces and the bridge are removed. A stop signal sent
@@ -194,11 +207,23 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
     let mut topo = Topology::start(&opts);
     let margin_us = args.clock_shift_ms.map_or(0, |ms| ms.unsigned_abs() * 1000);
     let mut rows = Vec::new();
-    for arch in archs {
-        eprintln!("\x1b[1m[traces]\x1b[0m service architecture {}: starting nginx, the service and the data service", arch.name());
+    // Numbered runs make the rids unique in the store, and look like the ids real paths carry
+    // (`r` + run + `x` + client + `x` + n: mostly digits), which the agent's shared-id rule
+    // needs; a made-up id such as `threaded8x3x57` is not one.
+    let mut run = 0;
+    for (arch, downstream) in archs
+        .iter()
+        .flat_map(|&a| downstreams.iter().map(move |&d| (a, d)))
+    {
+        eprintln!(
+            "\x1b[1m[traces]\x1b[0m service architecture {} ({} data call): starting nginx, the service and the data service",
+            arch.name(),
+            downstream.name()
+        );
         if stop() {
             break;
         }
+        topo.downstream = downstream;
         topo.start_peers(arch);
         for &clients in &args.concurrency {
             if stop() {
@@ -210,11 +235,15 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
                 seconds: args.seconds,
                 count: 0,
                 pattern: args.pattern.clone(),
-                tag: format!("{}{clients}", arch.name()),
+                tag: {
+                    run += 1;
+                    run.to_string()
+                },
             };
             eprint!(
-                "\x1b[1m[traces]\x1b[0m {} x{clients}: {} s at {} req/s ... ",
+                "\x1b[1m[traces]\x1b[0m {} ({}) x{clients}: {} s at {} req/s ... ",
                 arch.name(),
+                downstream.name(),
                 args.seconds,
                 args.rate
             );
@@ -250,6 +279,7 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
             );
             rows.push(Row {
                 arch,
+                downstream,
                 clients,
                 rate: load.rate,
                 failed,
