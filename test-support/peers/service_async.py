@@ -5,20 +5,12 @@ one thread, many requests in flight.
 Answers 200 when the data service did, 502 otherwise.
 Usage: service_async.py ADDR PORT DATA_ADDR:PORT (with aiohttp: the repository's .venv)
 """
-import os
 import sys
 
 import aiohttp
 from aiohttp import web
 
-
-def data_id(rid):
-    """The id the data call carries: the rid itself, or with TOPOLOGY_DOWNSTREAM=opaque a token
-    that shares no id with it (first letter kept for the data service, "o", the rest reversed),
-    as a service that looks its data up under another key would."""
-    if os.environ.get("TOPOLOGY_DOWNSTREAM") == "opaque":
-        return rid[0] + "o" + rid[1:][::-1]
-    return rid
+from datacall import data_id
 
 
 DATA = sys.argv[3]

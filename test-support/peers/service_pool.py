@@ -7,42 +7,18 @@ Answers 200 when the data service did, 502 otherwise.
 Usage: service_pool.py ADDR PORT DATA_ADDR:PORT [WORKERS]
 """
 import concurrent.futures
-import http.client
 import selectors
 import socket
-import os
 import sys
-import threading
 
-
-def data_id(rid):
-    """The id the data call carries: the rid itself, or with TOPOLOGY_DOWNSTREAM=opaque a token
-    that shares no id with it (first letter kept for the data service, "o", the rest reversed),
-    as a service that looks its data up under another key would."""
-    if os.environ.get("TOPOLOGY_DOWNSTREAM") == "opaque":
-        return rid[0] + "o" + rid[1:][::-1]
-    return rid
-
+import datacall
 
 DATA = sys.argv[3]
 WORKERS = int(sys.argv[4]) if len(sys.argv) > 4 else 8
-local = threading.local()
 
 
 def fetch(rid):
-    for attempt in (0, 1):
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection(DATA, timeout=10)
-        try:
-            conn.request("GET", f"/data/{data_id(rid)}")
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        except (ConnectionError, http.client.HTTPException):
-            conn.close()
-            local.conn = None
-            if attempt:
-                raise
+    return datacall.fetch(DATA, rid)
 
 
 REASONS = {200: "OK", 404: "Not Found", 502: "Bad Gateway"}
