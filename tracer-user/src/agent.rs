@@ -47,6 +47,10 @@ pub struct AgentStats {
     pub parse_failures: AtomicU64,
     /// Switches of the agent from idle-only to normal priority (see priority.rs).
     pub priority_boosts: AtomicU64,
+    /// Parent links the agent made, by `link::Source::index`.
+    pub links: [AtomicU64; 8],
+    /// Calls left without a parent while their process served requests (`Linker::unattributed`).
+    pub calls_unattributed: AtomicU64,
     /// Gauges: connections the pairer follows, processes whose facts are cached.
     pub connections: AtomicU64,
     pub processes: AtomicU64,
@@ -525,6 +529,9 @@ impl Pipeline {
         let ends = meta.ends.clone();
         let offset = self.clock_offset + self.clock_shift_ns;
         let ids = self.linker.finish(ex.span);
+        if let Some(link) = ids.and_then(|i| i.link) {
+            count(&self.stats.agent.links[link.source.index()]);
+        }
         let span = HttpSpan::new(ex, ends, ids, |mono| {
             (i128::from(mono) + offset).max(0) as u64
         });
@@ -613,6 +620,10 @@ impl Pipeline {
             .agent
             .processes
             .store(self.processes.len() as u64, Relaxed);
+        self.stats
+            .agent
+            .calls_unattributed
+            .store(self.linker.unattributed, Relaxed);
     }
 
     fn housekeeping(&mut self) {

@@ -55,6 +55,22 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source, in the order of their counters (`AgentStats::links`).
+    pub const ALL: [Source; 8] = [
+        Source::TcpSeq,
+        Source::Thread,
+        Source::ForwardedRequest,
+        Source::SoleRequest,
+        Source::SharedId,
+        Source::ForwardedHeader,
+        Source::Traceparent,
+        Source::B3,
+    ];
+
+    pub fn index(self) -> usize {
+        Source::ALL.iter().position(|&s| s == self).unwrap_or(0)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Source::TcpSeq => "tcp-seq",
@@ -175,6 +191,9 @@ pub struct Linker {
     generation_start_ns: u64,
     last_sweep_ns: u64,
     trust: Trust,
+    /// Calls made while the process served requests, none of which a rule singled out: left
+    /// without a parent (`tracer_calls_unattributed_total`).
+    pub unattributed: u64,
 }
 
 /// The endpoints of the connection a request came on, and its process.
@@ -195,6 +214,7 @@ impl Linker {
             generation_start_ns: 0,
             last_sweep_ns: 0,
             trust,
+            unattributed: 0,
         }
     }
 
@@ -237,7 +257,16 @@ impl Linker {
                         });
                         trace_id
                     }
-                    None => random_ids().0,
+                    None => {
+                        if self
+                            .in_flight
+                            .get(&conn.tgid)
+                            .is_some_and(|v| !v.is_empty())
+                        {
+                            self.unattributed += 1;
+                        }
+                        random_ids().0
+                    }
                 };
                 state.trace_id = Some(trace_id);
                 if let Some(edge) = edge {
@@ -561,6 +590,7 @@ mod tests {
         assert_eq!(link.source, Source::ForwardedRequest);
         assert_eq!(l.finish(to_y).unwrap().link, None, "two /y in flight");
         assert_eq!(l.finish(to_z).unwrap().link, None);
+        assert_eq!(l.unattributed, 2);
     }
 
     /// Answered requests are no longer candidates; a process with one request in flight links

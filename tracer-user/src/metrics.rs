@@ -13,7 +13,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 17] = [
+    let rows: [(&str, &str, u64); 18] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -95,6 +95,11 @@ pub fn render(stats: &Stats) -> String {
             "Switches from idle-only to normal priority to keep up (--priority adaptive)",
             a.priority_boosts.load(Relaxed),
         ),
+        (
+            "tracer_calls_unattributed_total",
+            "Calls a process made while serving several requests, none singled out as their parent (left without one)",
+            a.calls_unattributed.load(Relaxed),
+        ),
     ];
     let gauges: [(&str, &str, u64); 2] = [
         (
@@ -115,6 +120,17 @@ pub fn render(stats: &Stats) -> String {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             ));
         }
+    }
+    out.push_str(
+        "# HELP tracer_links_total Parent links the agent made, by how (tracer.link.source)\n\
+         # TYPE tracer_links_total counter\n",
+    );
+    for source in crate::link::Source::ALL {
+        out.push_str(&format!(
+            "tracer_links_total{{source=\"{}\"}} {}\n",
+            source.name(),
+            a.links[source.index()].load(Relaxed)
+        ));
     }
     out
 }
@@ -154,4 +170,39 @@ pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Links are counted by how they were made, one labelled series a source.
+    #[test]
+    fn links_are_rendered_by_source() {
+        let stats = Stats::default();
+        stats.agent.links[crate::link::Source::Thread.index()].store(3, Relaxed);
+        stats.agent.calls_unattributed.store(2, Relaxed);
+        let text = render(&stats);
+        assert!(
+            text.contains("tracer_links_total{source=\"thread\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_links_total{source=\"tcp-seq\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tracer_links_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tracer_calls_unattributed_total 2\n"),
+            "{text}"
+        );
+        let sources = text
+            .lines()
+            .filter(|l| l.starts_with("tracer_links_total{"))
+            .count();
+        assert_eq!(sources, crate::link::Source::ALL.len());
+    }
 }
