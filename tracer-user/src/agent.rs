@@ -583,18 +583,15 @@ impl Pipeline {
 
     /// This agent's identity and link settings (`--host-name`, `--host-id`, `--trust-context`,
     /// `--clock-shift-ms`).
-    fn configure(&mut self, args: &AgentArgs) -> anyhow::Result<()> {
+    fn configure(&mut self, args: &AgentArgs, trust: Trust) {
         if let Some(name) = &args.host_name {
             self.host.name.clone_from(name);
         }
         if let Some(id) = &args.host_id {
             self.host.id.clone_from(id);
         }
-        if let Some(trust) = &args.trust_context {
-            self.linker = Linker::new(Trust::parse(trust)?);
-        }
+        self.linker = Linker::new(trust);
         self.clock_shift_ns = i128::from(args.clock_shift_ms.unwrap_or(0)) * 1_000_000;
-        Ok(())
     }
 
     /// Periodic work: time out responses without a length, forget dead connections/processes.
@@ -719,6 +716,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let export_config = args.export_config()?;
     let metrics_addr = args.metrics_addr()?;
     let adaptive_priority = args.adaptive_priority()?;
+    let trust = match &args.trust_context {
+        Some(t) => Trust::parse(t)?,
+        None => Trust::All,
+    };
 
     // The agent's memory is many small short-lived allocations: transparent huge pages would
     // make each touched 2 MiB of heap resident (measured: +32 MiB of RSS, no speed-up).
@@ -759,7 +760,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
-    pipeline.configure(&args)?;
+    pipeline.configure(&args, trust);
     if let Some(path) = &args.netns {
         pipeline.host.ips = resource::host_ips_in(path)?;
     }

@@ -30,6 +30,38 @@ fn agent_refuses_clearly_without_privileges() {
     );
 }
 
+/// A namespace or trust setting that cannot work stops the agent with what to use instead.
+#[test]
+fn bad_namespace_and_trust_settings_are_explained() {
+    require_root();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+            .args(["agent", "--metrics-addr", "off", "--stdout"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} must be refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = run(&["--netns", "/run/netns/no-such-namespace-here"]);
+    assert!(
+        missing.contains("no such namespace file") && missing.contains("ip netns add"),
+        "{missing}"
+    );
+    let not_a_namespace = run(&["--netns", "/etc/hostname"]);
+    assert!(
+        not_a_namespace.contains("not a network namespace file"),
+        "{not_a_namespace}"
+    );
+    let mount_ns = run(&["--netns", "/proc/self/ns/mnt"]);
+    assert!(
+        mount_ns.contains("not a network namespace file"),
+        "{mount_ns}"
+    );
+    let trust = run(&["--trust-context", "10.0.0.0/99"]);
+    assert!(trust.contains("--trust-context"), "{trust}");
+}
+
 #[test]
 fn bad_settings_are_reported_before_loading_anything() {
     let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
