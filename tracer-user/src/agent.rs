@@ -569,7 +569,11 @@ impl Pipeline {
     /// Reports what was lost since the last call as a `tracer.loss` span of the agent's own.
     fn report_losses(&mut self, loss: &mut LossWatch, kernel: &probes::KernelCounters) {
         let now = (i128::from(monotonic_now()) + self.clock_offset + self.clock_shift_ns).max(0);
-        let Some((span, encoded)) = loss.check(kernel, &self.stats, now as u64) else {
+        let can_send = match &self.out.sink {
+            Sink::Otlp(tx) => tx.has_room(),
+            Sink::Stdout | Sink::Discard(..) => true,
+        };
+        let Some((span, encoded)) = loss.check(kernel, &self.stats, now as u64, can_send) else {
             return;
         };
         let process = self.processes.get(std::process::id(), b"tracer");

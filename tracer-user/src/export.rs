@@ -396,6 +396,13 @@ impl QueueBound {
 }
 
 impl SpanSender {
+    /// Whether a batch of a few spans would be queued now (the agent's own `tracer.loss` spans
+    /// wait for room rather than be dropped and reported as a loss in turn).
+    pub fn has_room(&self) -> bool {
+        self.queue.queued.load(Relaxed) < self.queue.capacity
+            && self.queue.queued_bytes.load(Relaxed) + BATCH_BYTES <= self.queue.capacity_bytes
+    }
+
     /// Queues `items`; what does not fit is dropped and counted.
     pub fn send(&self, mut items: SpanBatch) {
         if items.is_empty() {

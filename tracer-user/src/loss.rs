@@ -38,12 +38,15 @@ impl LossWatch {
     }
 
     /// The `tracer.loss` span for what was lost since the last call, encoded as an OTLP `Span`
-    /// message, if anything was.
+    /// message, if anything was. With `can_send` false (the export queue is full: the span
+    /// would be dropped, and that drop reported in turn, every second) nothing is made, and the
+    /// next span covers this window too.
     pub fn check(
         &mut self,
         kernel: &KernelCounters,
         stats: &Stats,
         now_unix_ns: u64,
+        can_send: bool,
     ) -> Option<(Span, Vec<u8>)> {
         use std::sync::atomic::Ordering::Relaxed;
         use tracer_common::counter as c;
@@ -56,6 +59,9 @@ impl LossWatch {
             records.saturating_sub(self.records),
             spans.saturating_sub(self.spans),
         );
+        if !can_send {
+            return None;
+        }
         let since = std::mem::replace(&mut self.since_unix_ns, now_unix_ns);
         self.records = records;
         self.spans = spans;
@@ -95,10 +101,12 @@ mod tests {
         let stats = Stats::default();
         let kernel = KernelCounters::default();
         let mut watch = LossWatch::new(100);
-        assert!(watch.check(&kernel, &stats, 200).is_none());
+        assert!(watch.check(&kernel, &stats, 200, true).is_none());
         stats.export.dropped_queue_full.store(3, Relaxed);
+        // No room to send it: the loss waits, and the next span covers both seconds.
+        assert!(watch.check(&kernel, &stats, 250, false).is_none());
         stats.agent.unknown_connection_records.store(2, Relaxed);
-        let (span, encoded) = watch.check(&kernel, &stats, 300).unwrap();
+        let (span, encoded) = watch.check(&kernel, &stats, 300, true).unwrap();
         assert_eq!(span.name, LOSS_SPAN_NAME);
         assert_eq!(
             (span.start_time_unix_nano, span.end_time_unix_nano),
@@ -118,6 +126,6 @@ mod tests {
         assert_eq!(int("tracer.loss.records"), Some(2));
         assert_eq!(int("tracer.loss.spans"), Some(3));
         // Counted once: nothing new, no span.
-        assert!(watch.check(&kernel, &stats, 400).is_none());
+        assert!(watch.check(&kernel, &stats, 400, true).is_none());
     }
 }

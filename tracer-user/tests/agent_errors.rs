@@ -252,15 +252,48 @@ fn spans_beyond_the_export_queue_are_counted_as_dropped() {
     std::thread::sleep(Duration::from_millis(600));
     let dropped = metric(metrics_port, "tracer_export_dropped_queue_full_total");
     let receiver = OtlpReceiver::start(otlp_port);
+    let nginx_spans = || {
+        receiver
+            .spans()
+            .iter()
+            .filter(|s| s.service() == "nginx")
+            .count()
+    };
     wait_for(
         "what was kept is delivered",
         Duration::from_secs(20),
-        || metric(metrics_port, "tracer_spans_exported_total") + dropped == 40,
+        || nginx_spans() as u64 + dropped == 40,
     );
+    // The agent reports the loss itself, as tracer.loss spans of its own: they waited for room
+    // in the queue instead of being dropped in turn.
+    let lost_in_loss_spans = || -> i64 {
+        receiver
+            .spans()
+            .iter()
+            .filter(|s| s.service() == "tracer-agent" && s.span.name == "tracer.loss")
+            .filter_map(|s| s.int_attr("tracer.loss.spans"))
+            .sum()
+    };
+    wait_for(
+        "the loss reported as spans",
+        Duration::from_secs(10),
+        || lost_in_loss_spans() as u64 == dropped,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        receiver.spans().len() as u64,
+        nginx_spans() as u64,
         40 - dropped,
         "delivered + dropped = produced"
+    );
+    assert_eq!(
+        lost_in_loss_spans() as u64,
+        dropped,
+        "each loss reported once"
+    );
+    assert_eq!(
+        metric(metrics_port, "tracer_export_dropped_queue_full_total"),
+        dropped,
+        "the loss spans themselves were never dropped"
     );
     let log = agent.stop();
     assert!(
