@@ -117,9 +117,6 @@ pub struct ConnRecord {
     /// The thread's command name: the agent's fallback for a process that exited before it
     /// could read /proc (curl, short scripts).
     pub comm: [u8; 16],
-    /// The socket's network namespace (its inode number, as `/proc/PID/ns/net` shows it).
-    pub netns: u32,
-    pub _pad: u32,
 }
 
 /// Flags of a [`DataRecord`].
@@ -180,8 +177,6 @@ pub struct ConnState {
     // The rest is for the agent, when a connection's `ConnRecord` was lost.
     pub tuple: ConnTuple,
     pub comm: [u8; 16],
-    pub netns: u32,
-    pub _pad: u32,
 }
 
 /// Key of the `CONNS` map: one entry per (process, file descriptor).

@@ -227,7 +227,6 @@ struct TcpSocket {
     tuple: ConnTuple,
     /// The kernel's `struct sock *`.
     sk: u64,
-    netns: u32,
 }
 
 /// What an fd is, as far as the probes care.
@@ -294,17 +293,21 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
         } else {
             return Some(FdKind::NotTcp);
         }
-        let net: u64 = read_at(sk, o.sock_net).unwrap_or(0);
-        let netns: u32 = if net == 0 {
-            0
-        } else {
-            read_at(net, o.net_ns_inum).unwrap_or(0)
-        };
-        Some(FdKind::Tcp(TcpSocket {
-            tuple: t,
-            sk,
-            netns,
-        }))
+        Some(FdKind::Tcp(TcpSocket { tuple: t, sk }))
+    }
+}
+
+/// The network namespace (inode number) of a socket: `sk->__sk_common.skc_net.net->ns.inum`.
+/// Read only when the agent filters by namespace (two kernel reads per new connection).
+#[inline(always)]
+fn netns_of(sk: u64) -> u32 {
+    let o = offsets();
+    // SAFETY: bounded kernel reads at offsets from BTF; a failed read gives 0 (no namespace).
+    unsafe {
+        match read_at::<u64>(sk, o.sock_net) {
+            Some(net) if net != 0 => read_at(net, o.net_ns_inum).unwrap_or(0),
+            _ => 0,
+        }
     }
 }
 
@@ -323,7 +326,7 @@ fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
         }
     };
     let wanted_netns = netns_filter();
-    if wanted_netns != 0 && socket.netns != wanted_netns {
+    if wanted_netns != 0 && netns_of(socket.sk) != wanted_netns {
         // Another namespace's socket is, for this agent, as good as a file.
         let _ = NOT_TCP.insert(key, 0, 0);
         return None;
@@ -333,7 +336,6 @@ fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
         sk: socket.sk,
         tuple: socket.tuple,
         comm: bpf_get_current_comm().unwrap_or_default(),
-        netns: socket.netns,
         ..ConnState::default()
     };
     if CONNS.insert(key, state, 0).is_err() {
@@ -348,8 +350,6 @@ fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
                 header: header(kind::CONNECTION, pid_tgid, fd, ts, ts, ts),
                 tuple: state.tuple,
                 comm: state.comm,
-                netns: state.netns,
-                _pad: 0,
             };
             // SAFETY: a reserved record of the right size.
             unsafe { *entry.as_mut_ptr() = rec };

@@ -282,22 +282,20 @@ pub struct Pipeline {
     linker: Linker,
 }
 
-/// What the pairer tells the linker goes through here: the linker needs each request's
-/// process and connection ends, which the pipeline keeps per connection.
+/// What the pairer tells the linker about one record's connection goes through here: the
+/// linker needs the request's process and connection ends, which the pipeline keeps per
+/// connection (and has already looked up for the record).
 struct LinkObserver<'a> {
-    conns: &'a ConnMap<ConnMeta>,
+    meta: &'a ConnMeta,
     linker: &'a mut Linker,
 }
 
 impl Observer for LinkObserver<'_> {
-    fn request(&mut self, conn: ConnId, role: Role, req: &RequestStart<'_>) -> SpanKey {
-        let Some(meta) = self.conns.get(&conn) else {
-            return 0;
-        };
+    fn request(&mut self, _conn: ConnId, role: Role, req: &RequestStart<'_>) -> SpanKey {
         let view = ConnView {
-            tgid: meta.tgid,
-            local: meta.ends.local,
-            remote: meta.ends.remote,
+            tgid: self.meta.tgid,
+            local: self.meta.ends.local,
+            remote: self.meta.ends.remote,
         };
         self.linker.request(&view, role, req)
     }
@@ -421,14 +419,11 @@ impl Pipeline {
                     tcp_seq: (record.flags & data_flags::TCP_SEQ != 0).then_some(record.tcp_seq),
                 };
                 let mut observer = LinkObserver {
-                    conns: &self.conns,
+                    meta,
                     linker: &mut self.linker,
                 };
                 self.pairer
                     .on_chunk(id, &chunk, &mut self.exchanges, &mut observer);
-                let Some(meta) = self.conns.get_mut(&id) else {
-                    return;
-                };
                 if self.pairer.is_not_http(id) {
                     meta.ignored = true;
                     if let Some(k) = &mut self.kernel_conns {
@@ -527,7 +522,7 @@ impl Pipeline {
             return;
         };
         let ends = meta.ends.clone();
-        let offset = self.clock_offset + self.clock_shift_ns;
+        let offset = self.unix_offset();
         let ids = self.linker.finish(ex.span);
         if let Some(link) = ids.and_then(|i| i.link) {
             count(&self.stats.agent.links[link.source.index()]);
@@ -566,14 +561,24 @@ impl Pipeline {
         self.out.flush();
     }
 
+    /// What to add to the probes' monotonic times for the Unix times spans report.
+    fn unix_offset(&self) -> i128 {
+        self.clock_offset + self.clock_shift_ns
+    }
+
+    /// Now, on the clock spans report (Unix ns).
+    fn unix_now(&self) -> u64 {
+        (i128::from(monotonic_now()) + self.unix_offset()).max(0) as u64
+    }
+
     /// Reports what was lost since the last call as a `tracer.loss` span of the agent's own.
     fn report_losses(&mut self, loss: &mut LossWatch, kernel: &probes::KernelCounters) {
-        let now = (i128::from(monotonic_now()) + self.clock_offset + self.clock_shift_ns).max(0);
+        let now = self.unix_now();
         let can_send = match &self.out.sink {
             Sink::Otlp(tx) => tx.has_room(),
             Sink::Stdout | Sink::Discard(..) => true,
         };
-        let Some((span, encoded)) = loss.check(kernel, &self.stats, now as u64, can_send) else {
+        let Some((span, encoded)) = loss.check(kernel, &self.stats, now, can_send) else {
             return;
         };
         let process = self.processes.get(std::process::id(), b"tracer");
@@ -823,10 +828,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_housekeeping = Instant::now();
     let mut last_counters = Instant::now();
-    let mut losses = LossWatch::new(
-        (i128::from(monotonic_now()) + pipeline.clock_offset + pipeline.clock_shift_ns).max(0)
-            as u64,
-    );
+    let mut losses = LossWatch::new(pipeline.unix_now());
     let mut last_stats = Instant::now();
     loop {
         let woken = tokio::select! {

@@ -184,11 +184,7 @@ pub struct Linker {
     spans: FxMap<SpanKey, SpanState>,
     /// Server requests read and not yet answered, per process.
     in_flight: FxMap<u32, Vec<SpanKey>>,
-    /// Client requests not yet exported, then finished ones of this and the last generation.
-    clients: FxMap<Edge, ClientEdge>,
-    finished: FxMap<Edge, ClientEdge>,
-    finished_before: FxMap<Edge, ClientEdge>,
-    generation_start_ns: u64,
+    clients: ClientEdges,
     last_sweep_ns: u64,
     trust: Trust,
     /// Calls made while the process served requests, none of which a rule singled out: left
@@ -208,10 +204,7 @@ impl Linker {
         Linker {
             spans: FxMap::default(),
             in_flight: FxMap::default(),
-            clients: FxMap::default(),
-            finished: FxMap::default(),
-            finished_before: FxMap::default(),
-            generation_start_ns: 0,
+            clients: ClientEdges::default(),
             last_sweep_ns: 0,
             trust,
             unattributed: 0,
@@ -270,7 +263,7 @@ impl Linker {
                 };
                 state.trace_id = Some(trace_id);
                 if let Some(edge) = edge {
-                    self.clients.insert(
+                    self.clients.open.insert(
                         edge,
                         ClientEdge {
                             trace_id,
@@ -280,7 +273,7 @@ impl Linker {
                 }
             }
             Role::Server => {
-                if !self.adopt_client(&mut state) {
+                if !adopt_client(&self.clients, &mut state) {
                     if let Some(ctx) = req.context.filter(|_| self.trust.trusts(conn.remote.ip())) {
                         state.trace_id = Some(ctx.trace_id);
                         state.link = Some(Link {
@@ -315,13 +308,11 @@ impl Linker {
     /// expired), for which the caller draws fresh ids.
     pub fn finish(&mut self, key: SpanKey) -> Option<SpanIds> {
         let mut state = self.spans.remove(&key)?;
-        let trace_id = self.fix_state(&mut state);
+        let trace_id = fix_trace_id(&self.clients, &mut state);
         if state.role == Role::Server {
             self.leave_flight(state.tgid, key);
         } else if let Some(edge) = state.edge {
-            if let Some(c) = self.clients.remove(&edge) {
-                self.finished.insert(edge, c);
-            }
+            self.clients.finish(edge);
         }
         Some(SpanIds {
             trace_id,
@@ -333,10 +324,7 @@ impl Linker {
     /// Ages out finished client edges (a generation a second) and, every 30 s, requests never
     /// exported.
     pub fn expire(&mut self, now_ns: u64) {
-        if now_ns.saturating_sub(self.generation_start_ns) >= CLIENT_EDGE_GENERATION_NS {
-            self.finished_before = std::mem::take(&mut self.finished);
-            self.generation_start_ns = now_ns;
-        }
+        self.clients.age(now_ns);
         if now_ns.saturating_sub(self.last_sweep_ns) < SWEEP_INTERVAL_NS {
             return;
         }
@@ -351,7 +339,7 @@ impl Linker {
             if let Some(state) = self.spans.remove(&key) {
                 self.leave_flight(state.tgid, key);
                 if let Some(edge) = state.edge {
-                    self.clients.remove(&edge);
+                    self.clients.open.remove(&edge);
                 }
             }
         }
@@ -372,44 +360,10 @@ impl Linker {
 
     /// A span's trace id (of a parent about to get a child), fixed now if it was not yet.
     fn fix(&mut self, key: SpanKey) -> [u8; 16] {
-        let Some(mut state) = self.spans.remove(&key) else {
-            return random_ids().0;
-        };
-        let trace_id = self.fix_state(&mut state);
-        self.spans.insert(key, state);
-        trace_id
-    }
-
-    /// A server span's trace id, drawn now if nothing decided it yet (after one more look for
-    /// its client on this host).
-    fn fix_state(&self, state: &mut SpanState) -> [u8; 16] {
-        if state.trace_id.is_none() && !self.adopt_client(state) {
-            state.trace_id = Some(random_ids().0);
+        match self.spans.get_mut(&key) {
+            Some(state) => fix_trace_id(&self.clients, state),
+            None => random_ids().0,
         }
-        state.trace_id.unwrap_or_default()
-    }
-
-    /// A server request takes its client's trace as the child of the client span, when this
-    /// host saw the client write the same bytes.
-    fn adopt_client(&self, state: &mut SpanState) -> bool {
-        let Some(edge) = state.edge else {
-            return false;
-        };
-        let client = self
-            .clients
-            .get(&edge)
-            .or_else(|| self.finished.get(&edge))
-            .or_else(|| self.finished_before.get(&edge));
-        let Some(client) = client else {
-            return false;
-        };
-        state.trace_id = Some(client.trace_id);
-        state.link = Some(Link {
-            parent: client.span_id,
-            source: Source::TcpSeq,
-            confidence: Confidence::High,
-        });
-        true
     }
 
     /// The server request of the same process this client request is made for, if the rules
@@ -485,6 +439,64 @@ fn path_id_hashes(path: &str) -> [u64; 2] {
         *slot = hasher.hash_one(seg) | 1;
     }
     out
+}
+
+/// Client requests by edge, for their server spans on this host to adopt: open ones, then
+/// finished ones of this and the last generation.
+#[derive(Default)]
+struct ClientEdges {
+    open: FxMap<Edge, ClientEdge>,
+    finished: FxMap<Edge, ClientEdge>,
+    finished_before: FxMap<Edge, ClientEdge>,
+    generation_start_ns: u64,
+}
+
+impl ClientEdges {
+    fn get(&self, edge: &Edge) -> Option<&ClientEdge> {
+        self.open
+            .get(edge)
+            .or_else(|| self.finished.get(edge))
+            .or_else(|| self.finished_before.get(edge))
+    }
+
+    /// The client span was exported: adoptable for one or two more generations.
+    fn finish(&mut self, edge: Edge) {
+        if let Some(c) = self.open.remove(&edge) {
+            self.finished.insert(edge, c);
+        }
+    }
+
+    /// Starts a new generation once a second, dropping the oldest whole.
+    fn age(&mut self, now_ns: u64) {
+        if now_ns.saturating_sub(self.generation_start_ns) >= CLIENT_EDGE_GENERATION_NS {
+            self.finished_before = std::mem::take(&mut self.finished);
+            self.generation_start_ns = now_ns;
+        }
+    }
+}
+
+/// A span's trace id, drawn now if nothing decided it yet (a server span: after one more look
+/// for its client on this host).
+fn fix_trace_id(clients: &ClientEdges, state: &mut SpanState) -> [u8; 16] {
+    if state.trace_id.is_none() && !adopt_client(clients, state) {
+        state.trace_id = Some(random_ids().0);
+    }
+    state.trace_id.unwrap_or_default()
+}
+
+/// A server request takes its client's trace as the child of the client span, when this host
+/// saw the client write the same bytes.
+fn adopt_client(clients: &ClientEdges, state: &mut SpanState) -> bool {
+    let Some(client) = state.edge.and_then(|e| clients.get(&e)) else {
+        return false;
+    };
+    state.trace_id = Some(client.trace_id);
+    state.link = Some(Link {
+        parent: client.span_id,
+        source: Source::TcpSeq,
+        confidence: Confidence::High,
+    });
+    true
 }
 
 fn request_line_hash(method: &str, path: &str) -> u64 {

@@ -414,26 +414,32 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// A fresh trace id and span id.
+/// Non-zero random 64-bit numbers, as ids are made of.
 ///
 /// Ids must be unique, not secret: like the OpenTelemetry SDKs, the agent draws them from a fast
 /// generator (xoshiro) seeded by the OS once per thread. `ThreadRng`'s ChaCha was 1.5% of the
 /// agent's time. All-zero ids are invalid in OTLP and W3C trace context; they are drawn again.
-pub fn random_ids() -> ([u8; 16], [u8; 8]) {
+fn with_ids<T>(f: impl FnOnce(&mut dyn FnMut() -> u64) -> T) -> T {
     use rand::{rngs::SmallRng, RngCore as _, SeedableRng as _};
     use std::cell::RefCell;
     thread_local! {
         static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
     }
     RNG.with_borrow_mut(|rng| {
-        let mut nonzero = || loop {
+        f(&mut || loop {
             let v = rng.next_u64();
             if v != 0 {
                 return v;
             }
-        };
-        // The trace id is non-zero if its low half is.
-        let (low, span, high) = (nonzero(), nonzero(), rng.next_u64());
+        })
+    })
+}
+
+/// A fresh trace id and span id.
+pub fn random_ids() -> ([u8; 16], [u8; 8]) {
+    with_ids(|nonzero| {
+        // Both halves non-zero: the trace id is.
+        let (low, span, high) = (nonzero(), nonzero(), nonzero());
         let mut trace = [0u8; 16];
         trace[..8].copy_from_slice(&high.to_be_bytes());
         trace[8..].copy_from_slice(&low.to_be_bytes());
@@ -441,19 +447,9 @@ pub fn random_ids() -> ([u8; 16], [u8; 8]) {
     })
 }
 
-/// A fresh span id as a number (never 0), from the same generator as [`random_ids`].
+/// A fresh span id as a number (never 0).
 pub fn random_span_id() -> u64 {
-    use rand::{rngs::SmallRng, RngCore as _, SeedableRng as _};
-    use std::cell::RefCell;
-    thread_local! {
-        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
-    }
-    RNG.with_borrow_mut(|rng| loop {
-        let v = rng.next_u64();
-        if v != 0 {
-            return v;
-        }
-    })
+    with_ids(|nonzero| nonzero())
 }
 
 /// Lower-case hex, as trace and span ids are shown.

@@ -123,16 +123,12 @@ fn mark_losses(store: &dyn SpanStore, stitched: &mut Stitched) -> Result<(), Sto
                 clock::host_label(&loss).unwrap_or("?"),
                 count("tracer.loss.records"),
                 count("tracer.loss.spans"),
-                hex_id(&loss.span_id),
+                hex::encode(loss.span_id),
             ));
         }
     }
     stitched.incomplete_reasons.extend(reasons);
     Ok(())
-}
-
-fn hex_id(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Stored traces a search looks at at most, per stitched trace asked for (and at least

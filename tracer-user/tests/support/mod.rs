@@ -296,53 +296,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
-            .arg("agent")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the agent");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        let log = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
-                if line.contains("tracer: ready") {
-                    let _ = ready_tx.send(());
-                }
-                log.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("[agent stdout] {line}");
-            }
-        });
-        let agent = Agent {
-            proc: Proc(child),
-            stderr: stderr.clone(),
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!(
-                "the agent did not become ready; its log:\n{}",
-                stderr.lock().unwrap()
-            );
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tracer"));
+        cmd.arg("agent").args(args).env("RUST_LOG", "info");
+        let daemon =
+            tracer_test_support::topology::Daemon::start(cmd, "agent", "tracer: ready", true);
+        Agent {
+            proc: daemon.proc,
+            stderr: daemon.log,
         }
-        agent
     }
 
     /// Stops the agent with SIGTERM and returns its full stderr.
     pub fn stop(self) -> String {
-        let log = self.stderr.clone();
-        drop(self.proc);
-        std::thread::sleep(Duration::from_millis(100));
-        let s = log.lock().unwrap().clone();
-        s
+        tracer_test_support::topology::Daemon {
+            proc: self.proc,
+            log: self.stderr,
+        }
+        .stop()
     }
 }
 
