@@ -44,6 +44,10 @@
 //!    the timed phase; each request only gets fresh ids and timestamps patched in place (the
 //!    store drops duplicate ids, so every span id is unique), so the generator costs little.
 //!
+//! 4. **Against the OpenTelemetry SDK** (`sdk_bench.rs`, alone with `--sdk-only`): a Python and a
+//!    Node.js service doing realistic work, untraced, traced by the agent and instrumented by the
+//!    SDK's zero-code instrumentation, alternated in each round.
+//!
 //! **How the paced load works.** wrk (not wrk2) has no rate option: it is closed-loop, each
 //! connection sends its next request when the previous response is in. Its lua `delay()` hook
 //! makes a connection wait before a request, but wrk truncates the value to whole milliseconds
@@ -74,7 +78,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::otlp_sink;
+use crate::{otlp_sink, sdk_bench};
 
 pub struct BenchArgs {
     pub rounds: usize,
@@ -83,9 +87,11 @@ pub struct BenchArgs {
     pub kernel_only: bool,
     /// Extra arguments for the traced runs' agents (`--agent-arg`).
     pub agent_args: Vec<String>,
+    /// Run only the comparison with the OpenTelemetry SDK (`sdk_bench.rs`).
+    pub sdk_only: bool,
 }
 
-struct Killed(Child);
+pub(crate) struct Killed(pub Child);
 impl Drop for Killed {
     fn drop(&mut self) {
         // SAFETY: signalling our own child.
@@ -94,7 +100,7 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -102,7 +108,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_port(port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_port(port: u16) -> anyhow::Result<()> {
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if start.elapsed() > Duration::from_secs(15) {
@@ -114,7 +120,7 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
 }
 
 /// Starts a child and waits for `ready` on its stderr.
-fn start_ready(mut cmd: Command, ready: &str) -> anyhow::Result<Killed> {
+pub(crate) fn start_ready(mut cmd: Command, ready: &str) -> anyhow::Result<Killed> {
     let mut child = cmd
         .stderr(Stdio::piped())
         .spawn()
@@ -230,7 +236,7 @@ impl Mode {
 
 /// Paced levels use one connection per this many req/s of target: 4 ms per request and
 /// connection, so latency up to ~3 ms does not lower the rate.
-const RATE_PER_CONNECTION: u32 = 250;
+pub(crate) const RATE_PER_CONNECTION: u32 = 250;
 
 /// wrk's lua: requests on a fixed schedule of `RATE` per second (see the module comment).
 const PACE_LUA: &str = r#"local ffi = require("ffi")
@@ -255,11 +261,11 @@ end
 "#;
 
 #[derive(Default, Clone, Copy)]
-struct Wrk {
-    rps: f64,
-    requests: u64,
-    p50_us: f64,
-    p99_us: f64,
+pub(crate) struct Wrk {
+    pub rps: f64,
+    pub requests: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
 }
 
 fn parse_latency(s: &str) -> f64 {
@@ -277,17 +283,34 @@ fn parse_latency(s: &str) -> f64 {
 }
 
 fn wrk(port: u16, seconds: u64, level: Level, dir: &Path) -> anyhow::Result<Wrk> {
+    let rate = match level {
+        Level::Paced(rate) => Some(rate),
+        _ => None,
+    };
+    wrk_load(port, "/ok", seconds, level.connections(), rate, dir)
+}
+
+/// wrk on `http://127.0.0.1:{port}{path}` with one thread and `connections` keep-alive
+/// connections, closed-loop or paced at `rate` requests a second (the lua schedule above).
+pub(crate) fn wrk_load(
+    port: u16,
+    path: &str,
+    seconds: u64,
+    connections: u32,
+    rate: Option<u32>,
+    dir: &Path,
+) -> anyhow::Result<Wrk> {
     let mut cmd = Command::new("wrk");
     // One wrk thread: one lua state, so one schedule for all connections.
     cmd.args(["-t1", "--latency", &format!("-d{seconds}s")])
-        .arg(format!("-c{}", level.connections()));
-    if let Level::Paced(rate) = level {
+        .arg(format!("-c{connections}"));
+    if let Some(rate) = rate {
         let script = dir.join(format!("pace-{rate}.lua"));
         std::fs::write(&script, PACE_LUA.replace("RATE", &rate.to_string()))?;
         cmd.arg("-s").arg(script);
     }
     let out = cmd
-        .arg(format!("http://127.0.0.1:{port}/ok"))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -318,7 +341,7 @@ fn wrk(port: u16, seconds: u64, level: Level, dir: &Path) -> anyhow::Result<Wrk>
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -338,7 +361,7 @@ fn own_cpu_seconds() -> f64 {
     secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -351,7 +374,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
 }
 
 /// GET a Prometheus endpoint and return one metric's value.
-fn metric(port: u16, name: &str) -> u64 {
+pub(crate) fn metric(port: u16, name: &str) -> u64 {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return 0;
     };
@@ -385,7 +408,7 @@ struct Run {
     collector_spans: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;
@@ -395,7 +418,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Waits (up to 15 s) until the agent has exported or counted as dropped every span it built,
 /// so the counters read afterwards cover the whole run.
-fn drain(metrics_port: u16) {
+pub(crate) fn drain(metrics_port: u16) {
     let start = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     while start.elapsed() < Duration::from_secs(15) {
@@ -417,13 +440,16 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = if args.kernel_only {
+    let result = if args.sdk_only {
+        sdk_bench::sdk_bench(root, &bin, &work, args.rounds, args.seconds)
+    } else if args.kernel_only {
         kernel_cost(&bin, &work).map(|k| {
             println!("\n== tracer kernel cost (medians of {KERNEL_ALTERNATIONS} alternations) ==");
             print_kernel_cost(&k);
         })
     } else {
         bench_in(&bin, &work, args)
+            .and_then(|()| sdk_bench::sdk_bench(root, &bin, &work, args.rounds, args.seconds))
     };
     let _ = std::fs::remove_dir_all(&work);
     result
@@ -862,7 +888,7 @@ fn idle_cost(bin: &Path, nginx_port: u16, http: u16, args: &BenchArgs) -> anyhow
 /// (`/proc/<pid>/task/*/schedstat`): `cpu_seconds`'s clock ticks are 10 ms, as much as an idle
 /// agent uses in seconds, or a run at 1k req/s in a few. The agent's threads live as long as
 /// it does (the drain and export thread, the priority watchdog).
-fn threads_cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn threads_cpu_seconds(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };

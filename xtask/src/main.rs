@@ -8,6 +8,7 @@ use std::{
 
 mod bench;
 mod otlp_sink;
+mod sdk_bench;
 mod traces;
 
 use anyhow::{bail, Context as _};
@@ -46,6 +47,10 @@ enum Cmd {
         /// Only the kernel-cost micro-benchmark (per traced and untraced syscall).
         #[arg(long)]
         kernel_only: bool,
+        /// Only the comparison with the OpenTelemetry SDK's zero-code instrumentation (Python
+        /// and Node.js services: untraced, traced by the agent, instrumented by the SDK).
+        #[arg(long, conflicts_with = "kernel_only")]
+        sdk_only: bool,
         /// An extra argument for every traced agent (repeatable), e.g.
         /// `--agent-arg=--priority --agent-arg=adaptive`.
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -197,6 +202,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             kernel_only,
+            sdk_only,
             agent_args,
         } => {
             setup()?;
@@ -208,6 +214,7 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     kernel_only,
                     agent_args,
+                    sdk_only,
                 },
             )
         }
