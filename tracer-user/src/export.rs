@@ -847,12 +847,8 @@ impl Exporter {
     }
 }
 
-/// Starts the exporter task. It runs until every `SpanSender` is dropped, then flushes what is
-/// queued within `shutdown_timeout`.
-pub fn spawn(
-    config: ExportConfig,
-    stats: Arc<ExportStats>,
-) -> anyhow::Result<(SpanSender, tokio::task::JoinHandle<()>)> {
+/// The HTTP client exports go through: timeouts, and the CA certificate if one is set.
+pub fn http_client(config: &ExportConfig) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(3));
@@ -863,7 +859,16 @@ pub fn spawn(
             .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
         builder = builder.add_root_certificate(cert);
     }
-    let client = builder.build().context("building the HTTP client")?;
+    builder.build().context("building the HTTP client")
+}
+
+/// Starts the exporter task. It runs until every `SpanSender` is dropped, then flushes what is
+/// queued within `shutdown_timeout`.
+pub fn spawn(
+    config: ExportConfig,
+    stats: Arc<ExportStats>,
+) -> anyhow::Result<(SpanSender, tokio::task::JoinHandle<()>)> {
+    let client = http_client(&config)?;
     let recycler = Recycler::default();
     let (tx, mut rx) = mpsc::unbounded_channel::<SpanBatch>();
     let queue = Arc::new(QueueBound {

@@ -8,6 +8,7 @@ mod agent;
 mod btf;
 mod client;
 mod context;
+mod doctor;
 mod export;
 mod hashing;
 mod http;
@@ -38,6 +39,10 @@ struct Cli {
 enum Command {
     /// Load the kernel probes and stream spans to a collector (needs root or CAP_BPF+CAP_PERFMON).
     Agent(Box<settings::AgentArgs>),
+    /// Check that this host can run the agent and reach its collector, one line a check with
+    /// what to do about each failure; takes the agent's flags (and --config) to check the
+    /// collector the agent would use. Exit status 1 if any check failed.
+    Doctor(Box<settings::AgentArgs>),
     /// List the services the collector knows.
     Services {
         #[command(flatten)]
@@ -112,6 +117,7 @@ fn main() -> std::process::ExitCode {
         rt.block_on(async {
             match cli.command {
                 Command::Agent(args) => agent::run(*args).await,
+                Command::Doctor(args) => doctor::run(*args).await,
                 Command::Services { client } => client::services(&client).await,
                 Command::Operations { service, client } => {
                     client::operations(&client, &service).await

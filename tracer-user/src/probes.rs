@@ -40,7 +40,7 @@ pub const TRACEPOINTS: &[&str] = &[
     "sys_exit_dup3",
 ];
 
-const TRACEFS: &str = "/sys/kernel/tracing";
+pub const TRACEFS: &str = "/sys/kernel/tracing";
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -104,7 +104,7 @@ fn effective_capabilities() -> Option<u64> {
     u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
 }
 
-fn check_privileges() -> anyhow::Result<()> {
+pub fn check_privileges() -> anyhow::Result<()> {
     let caps = effective_capabilities().unwrap_or(0);
     let has = |c: u32| caps & (1u64 << c) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
@@ -149,7 +149,7 @@ fn ensure_tracefs() -> anyhow::Result<()> {
 }
 
 /// (major, minor) of the running kernel, if its release string starts with them.
-fn kernel_version() -> Option<(u32, u32)> {
+pub fn kernel_version() -> Option<(u32, u32)> {
     let release = kernel_release();
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
