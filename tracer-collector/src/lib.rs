@@ -1,5 +1,6 @@
 //! The collector's parts, as a library so that benches (`benches/ingest.rs`) reach the ingest
 //! path without a running server; `main.rs` is the binary that wires them together.
+pub mod config_file;
 pub mod convert;
 pub mod decode;
 pub mod ingest;

@@ -8,17 +8,23 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
-use tracer_collector::{ingest, jaeger, tls, ui};
+use clap::{CommandFactory as _, Parser};
+use tracer_collector::{config_file, ingest, jaeger, tls, ui};
 use tracer_store::{Retention, SpanStore, SqliteStore};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tracer-collector",
     version,
-    about = "Receives OTLP traces, stores them, serves the query API and web UI"
+    about = "Receives OTLP traces, stores them, serves the query API and web UI",
+    // The config file's settings come first as flags: the command line's, later, win.
+    args_override_self = true
 )]
 struct Args {
+    /// Read settings from this TOML file: each key a flag's name without the dashes (`_` for
+    /// `-`), e.g. `retention_age = "3d"`. Flags and environment variables win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where the embedded store keeps its files.
     #[arg(long, env = "TRACER_DATA_DIR", default_value = "./tracer-data")]
     data_dir: PathBuf,
@@ -75,7 +81,13 @@ fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let args = Args::parse();
+    let args = match config_file::expand(std::env::args_os().collect(), &Args::command()) {
+        Ok(argv) => Args::parse_from(argv),
+        Err(e) => {
+            eprintln!("tracer-collector: error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -56,6 +56,9 @@ enum Cmd {
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
         agent_args: Vec<String>,
     },
+    /// Build the Debian packages tracer-agent and tracer-collector (release build) into
+    /// target/debian: `apt install ./target/debian/*.deb` installs and starts both services.
+    Package,
     /// How whole the traces are: four hosts (network namespaces) with one agent each, a load
     /// client → nginx → a service → a data service, for each service architecture and number of
     /// concurrent clients; prints completeness, linkage, wrong links by provenance, orphans and
@@ -243,6 +246,13 @@ fn main() -> anyhow::Result<()> {
                     logs,
                 },
             )
+        }
+        Cmd::Package => {
+            build_release()?;
+            run(Command::new("bash")
+                .arg(root().join("packaging/build-debs.sh"))
+                .arg(root().join("target/release"))
+                .arg(root().join("target/debian")))
         }
         Cmd::Run { args } => {
             setup()?;
