@@ -8,6 +8,12 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("tracer-user has no parent directory")?
         .join("tracer-ebpf");
+    // aya_build watches the probes' crate only; the record layouts they share live in
+    // tracer-common, and a change there left stale probes embedded.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.with_file_name("tracer-common").join("src").display()
+    );
     let ebpf = aya_build::Package {
         name: "tracer-ebpf",
         root_dir: root.to_str().context("non-UTF-8 path")?,

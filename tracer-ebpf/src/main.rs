@@ -24,10 +24,11 @@
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{
-            bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
-            bpf_probe_read_user as read_user_raw, bpf_task_pt_regs,
+            bpf_get_current_comm as current_comm_raw, bpf_get_current_task,
+            bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw,
+            bpf_task_pt_regs,
         },
     },
     macros::{map, tracepoint},
@@ -297,6 +298,20 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
     }
 }
 
+/// The calling thread's command name, read into 8-byte-aligned storage. aya's
+/// `bpf_get_current_comm()` zeroes a byte array with a call to `memset`, a BPF-to-BPF call whose
+/// frame Linux 6.1's verifier adds, rounded up to 32 bytes, to the caller's 488: "combined stack
+/// size of 2 calls is 544. Too large", and no probe loaded on Debian 12's kernel (`cargo xtask
+/// kernels`). Zeroing two u64s is two stores.
+#[inline(always)]
+fn current_comm() -> [u8; 16] {
+    let mut comm = [0u64; 2];
+    // SAFETY: the helper writes at most the 16 bytes it is given.
+    unsafe { current_comm_raw(comm.as_mut_ptr().cast(), 16) };
+    // SAFETY: same size, and any 16 bytes are a valid [u8; 16].
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(comm) }
+}
+
 /// The network namespace (inode number) of a socket: `sk->__sk_common.skc_net.net->ns.inum`.
 /// Read only when the agent filters by namespace (two kernel reads per new connection).
 #[inline(always)]
@@ -335,7 +350,7 @@ fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
         conn_id: unsafe { bpf_ktime_get_ns() },
         sk: socket.sk,
         tuple: socket.tuple,
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm: current_comm(),
         ..ConnState::default()
     };
     if CONNS.insert(key, state, 0).is_err() {

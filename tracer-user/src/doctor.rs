@@ -285,11 +285,19 @@ fn probe_checks(report: &mut Report) {
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {
             let ring = loaded.take_ring_buffer();
+            let verified = loaded.verified_instructions();
+            let insns = match verified.iter().max_by_key(|(_, n)| *n) {
+                Some((name, most)) => format!(
+                    " (instructions verified: {most} in {name}, the largest; {} in all)",
+                    verified.iter().map(|(_, n)| u64::from(*n)).sum::<u64>()
+                ),
+                None => String::new(),
+            };
             report.add(
                 "probes",
                 Verdict::Ok,
                 format!(
-                    "{} programs accepted by the verifier and attached, then detached",
+                    "{} programs accepted by the verifier{insns}, attached, then detached",
                     loaded.attached
                 ),
             );

@@ -207,6 +207,18 @@ impl Probes {
         Ok(Probes { ebpf, attached })
     }
 
+    /// Each program's instructions processed by the verifier (Linux 5.16+; none before), the
+    /// measure of how close a program is to the verifier's limits.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, u32)> {
+        TRACEPOINTS
+            .iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((*name, info.verified_instruction_count()?))
+            })
+            .collect()
+    }
+
     /// The ring buffer the probes write records to (can be taken once).
     pub fn take_ring_buffer(&mut self) -> anyhow::Result<Ring> {
         match self.ebpf.take_map("EVENTS").context("EVENTS map missing")? {

@@ -7,6 +7,7 @@ use std::{
 };
 
 mod bench;
+mod kernels;
 mod otlp_sink;
 mod sdk_bench;
 mod traces;
@@ -55,6 +56,21 @@ enum Cmd {
         /// `--agent-arg=--priority --agent-arg=adaptive`.
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+    },
+    /// The agent on other kernels: boots each kernel of the matrix (Debian's cloud kernels) in
+    /// QEMU on a busybox initramfs, runs the agent against busybox httpd and wget there (and on
+    /// the host's kernel in a network namespace), and prints kernel x (probes load, HTTP spans,
+    /// counters, verifier instructions, run time a syscall). Needs root.
+    Kernels {
+        /// Only this kernel of the matrix (repeatable): 5.10, 6.1 or 6.12.
+        #[arg(long = "only", value_name = "KERNEL")]
+        only: Vec<String>,
+        /// Skip the host's own kernel.
+        #[arg(long)]
+        no_host: bool,
+        /// Test the `tracer` in this directory instead of a fresh release build.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
     },
     /// Build the Debian packages tracer-agent and tracer-collector (release build) into
     /// target/debian: `apt install ./target/debian/*.deb` installs and starts both services.
@@ -199,7 +215,21 @@ fn main() -> anyhow::Result<()> {
                     "--",
                     "--test-threads=1",
                 ])
-                .args(&args))
+                .args(&args))?;
+            if !args.is_empty() {
+                // A filtered run (`cargo xtask test -- NAME`): only what was asked for.
+                return Ok(());
+            }
+            // The probes on one more kernel than this one: Debian 12's, the oldest line the
+            // matrix covers (a verifier that rejected them there once).
+            kernels::kernels(
+                &root(),
+                &kernels::KernelsArgs {
+                    only: vec!["6.1".into()],
+                    no_host: true,
+                    bin_dir: root().join("target/debug"),
+                },
+            )
         }
         Cmd::Bench {
             rounds,
@@ -244,6 +274,28 @@ fn main() -> anyhow::Result<()> {
                     pattern,
                     downstream,
                     logs,
+                },
+            )
+        }
+        Cmd::Kernels {
+            only,
+            no_host,
+            bin_dir,
+        } => {
+            setup()?;
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => {
+                    build_release()?;
+                    root().join("target/release")
+                }
+            };
+            kernels::kernels(
+                &root(),
+                &kernels::KernelsArgs {
+                    only,
+                    no_host,
+                    bin_dir,
                 },
             )
         }
