@@ -6,6 +6,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
     },
+    time::Duration,
 };
 
 use axum::{
@@ -17,13 +18,12 @@ use axum::{
     Router,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    trace_service_server::{TraceService, TraceServiceServer},
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message as _;
 use tracer_store::{SpanRecord, SpanStore, StoreError};
 
-use crate::{convert, decode};
+use crate::{convert, decode, tls::ConnectionStats};
 
 #[derive(Default, Debug)]
 pub struct IngestStats {
@@ -33,6 +33,8 @@ pub struct IngestStats {
     pub rejected_too_large: AtomicU64,
     pub rejected_unauthorized: AtomicU64,
     pub rejected_media_type: AtomicU64,
+    /// Requests that waited too long for room in the bytes-in-flight budget (429).
+    pub rejected_busy: AtomicU64,
     pub store_failures: AtomicU64,
 }
 
@@ -41,7 +43,43 @@ pub struct Ingest {
     /// Bearer token agents and SDKs must present; `None` accepts anyone.
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// The memory requests may take while they are read and decoded (see `gate`): bounds the
+    /// collector's size under any mix of requests.
+    pub in_flight: InFlight,
     pub stats: IngestStats,
+}
+
+/// How much memory a request takes at its peak, in multiples of its body's size, measured as
+/// the collector's peak resident size against the body (docs/PERFORMANCE.md, hostile input):
+/// protobuf, on HTTP or gRPC, is decoded in place and checked span by span (x2 for junk or
+/// real spans); JSON is decoded whole into serde's and prost's structs first, up to x164 for a
+/// body of empty spans (`{}` is 2 bytes, a span struct ~200).
+const COST_PROTOBUF: usize = 3;
+const COST_JSON: usize = 200;
+
+/// The largest gRPC message taken (tonic's default): gRPC requests carry no length, so each is
+/// charged this much of the budget until it is read.
+const GRPC_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// How long a request waits for room in the budget before it is told to retry later.
+const BUDGET_WAIT: Duration = Duration::from_secs(2);
+
+/// The bytes-in-flight budget, in permits of a KiB.
+pub struct InFlight {
+    permits: Arc<tokio::sync::Semaphore>,
+    capacity_kib: usize,
+}
+
+impl InFlight {
+    pub fn new(mib: usize) -> InFlight {
+        let capacity_kib = mib
+            .saturating_mul(1024)
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        InFlight {
+            permits: Arc::new(tokio::sync::Semaphore::new(capacity_kib)),
+            capacity_kib,
+        }
+    }
 }
 
 /// Compares without early exit, so response time does not leak how much of a token matched.
@@ -60,12 +98,6 @@ impl Ingest {
                     .or_else(|| h.strip_prefix("bearer "))
             })
             .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
-    }
-
-    /// Converts and stores; the error is (HTTP status, message).
-    async fn accept(&self, req: ExportTraceServiceRequest) -> Result<(), (StatusCode, String)> {
-        let spans = convert::spans_from_request(req).map_err(|e| self.invalid_span(e))?;
-        self.store(spans).await
     }
 
     /// A batch refused for one of its spans (`convert::check_span`'s message).
@@ -262,17 +294,29 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
     let result = match encoding {
         // The hot path: protobuf straight to the store (`decode.rs`), no prost structs.
         Encoding::Protobuf => ingest.store_protobuf(raw).await,
-        Encoding::Json => match serde_json::from_slice::<ExportTraceServiceRequest>(&raw) {
-            Ok(req) => {
-                drop(raw);
-                ingest.accept(req).await
+        // Decoded on a blocking thread: a large JSON body takes long enough to stall the
+        // async workers (and every other request on them).
+        Encoding::Json => {
+            let decoded = tokio::task::spawn_blocking(move || {
+                serde_json::from_slice::<ExportTraceServiceRequest>(&raw)
+                    .map(convert::spans_from_request)
+            })
+            .await;
+            match decoded {
+                Ok(Ok(Ok(spans))) => ingest.store(spans).await,
+                Ok(Ok(Err(e))) => Err(ingest.invalid_span(e)),
+                Ok(Err(e)) => {
+                    ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
+                    let msg =
+                        format!("the body is not an OTLP ExportTraceServiceRequest in JSON: {e}");
+                    return reply(encoding, StatusCode::BAD_REQUEST, Some(msg));
+                }
+                Err(e) => Err((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("decoding task failed: {e}"),
+                )),
             }
-            Err(e) => {
-                ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
-                let msg = format!("the body is not an OTLP ExportTraceServiceRequest in JSON: {e}");
-                return reply(encoding, StatusCode::BAD_REQUEST, Some(msg));
-            }
-        },
+        }
     };
     match result {
         Ok(()) => reply(encoding, StatusCode::OK, None),
@@ -280,85 +324,243 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
     }
 }
 
-/// Oversized bodies: axum stops reading at the limit; say so in OTLP's terms.
-async fn too_large(State(ingest): State<Arc<Ingest>>) -> Response {
-    ingest.stats.rejected_too_large.fetch_add(1, Relaxed);
-    (
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("the body is over the {}-byte limit", ingest.max_body_bytes),
-    )
-        .into_response()
-}
+/// The gRPC method OTLP exporters call.
+const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-struct Grpc(Arc<Ingest>);
-
-#[tonic::async_trait]
-impl TraceService for Grpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let auth = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if !self.0.authorized(auth) {
-            self.0.stats.rejected_unauthorized.fetch_add(1, Relaxed);
-            return Err(tonic::Status::unauthenticated(
-                "missing or wrong bearer token",
-            ));
+/// OTLP/gRPC `Export`, served here rather than by a generated service: the one message is taken
+/// from its frame and decoded in place like an OTLP/HTTP protobuf body (`decode.rs`), where a
+/// generated service decodes it into prost structs first, up to ~100x its size for a message of
+/// empty spans.
+async fn otlp_grpc(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Bytes) -> Response {
+    let gzip = headers
+        .get("grpc-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    // A unary call's body is one length-prefixed message: a compressed flag, a big-endian
+    // length, the message.
+    let (compressed, length) = match body.get(..5) {
+        Some(head) => (
+            head[0] == 1,
+            u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize,
+        ),
+        None => return grpc_error(GRPC_INVALID_ARGUMENT, "no gRPC message in the body"),
+    };
+    if body.len() != 5 + length {
+        ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
+        return grpc_error(
+            GRPC_INVALID_ARGUMENT,
+            "the body is not one gRPC message (Export is unary)",
+        );
+    }
+    let message = body.slice(5..);
+    let raw = match (compressed, gzip) {
+        (false, _) => message,
+        (true, true) => match gunzip(&message, ingest.max_body_bytes) {
+            Ok(b) => Bytes::from(b),
+            Err((status, msg)) => {
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    ingest.stats.rejected_too_large.fetch_add(1, Relaxed);
+                    return grpc_error(GRPC_RESOURCE_EXHAUSTED, &msg);
+                }
+                ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
+                return grpc_error(GRPC_INVALID_ARGUMENT, &msg);
+            }
+        },
+        (true, false) => {
+            ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
+            return grpc_error(
+                GRPC_UNIMPLEMENTED,
+                "a compressed message needs grpc-encoding: gzip (the only compression taken)",
+            );
         }
-        match self.0.accept(request.into_inner()).await {
-            Ok(()) => Ok(tonic::Response::new(ExportTraceServiceResponse::default())),
-            Err((StatusCode::BAD_REQUEST, msg)) => Err(tonic::Status::invalid_argument(msg)),
-            Err((_, msg)) => Err(tonic::Status::unavailable(msg)),
-        }
+    };
+    match ingest.store_protobuf(raw).await {
+        Ok(()) => grpc_ok(),
+        Err((StatusCode::BAD_REQUEST, msg)) => grpc_error(GRPC_INVALID_ARGUMENT, &msg),
+        Err((_, msg)) => grpc_error(GRPC_UNAVAILABLE, &msg),
     }
 }
 
-/// One router for both ingest ports: OTLP/HTTP and OTLP/gRPC (HTTP/2) side by side.
-pub fn router(ingest: Arc<Ingest>) -> Router {
-    let limit = ingest.max_body_bytes;
-    let grpc = TraceServiceServer::new(Grpc(ingest.clone()))
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .max_decoding_message_size(limit);
-    let http = Router::new()
-        .route("/v1/traces", post(otlp_http))
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(
-            ingest.clone(),
-            reject_large,
-        ))
-        .with_state(ingest);
-    tonic::service::Routes::new(grpc)
-        .into_axum_router()
-        .merge(http)
+/// A successful unary response: one empty `ExportTraceServiceResponse`, then `grpc-status: 0`
+/// in the trailers.
+fn grpc_ok() -> Response {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", header::HeaderValue::from_static("0"));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .body(axum::body::Body::new(GrpcBody {
+            message: Some(Bytes::from_static(&[0, 0, 0, 0, 0])),
+            trailers: Some(trailers),
+        }))
+        .expect("static header names and values")
 }
 
-/// Rejects a body whose declared length is over the limit before reading it, with a clear 413.
-async fn reject_large(
+/// A response body of one data frame and the trailers.
+struct GrpcBody {
+    message: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl hyper::body::Body for GrpcBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let frame = match self.message.take() {
+            Some(data) => Some(hyper::body::Frame::data(data)),
+            None => self.trailers.take().map(hyper::body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.message.is_none() && self.trailers.is_none()
+    }
+}
+
+/// One router for both ingest ports: OTLP/HTTP and OTLP/gRPC (HTTP/2) side by side, behind
+/// `gate`.
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    let limit = ingest.max_body_bytes;
+    Router::new()
+        .route("/v1/traces", post(otlp_http))
+        .route(GRPC_EXPORT, post(otlp_grpc))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(ingest.clone())
+        .layer(axum::middleware::from_fn_with_state(ingest, gate))
+}
+
+/// What every ingest request passes before a byte of its body is read, on both ports and both
+/// protocols: the token (a generated gRPC service checked it only after decoding), the
+/// declared size, and the request's share of the bytes-in-flight budget, held until it is
+/// answered. A request the budget cannot take within `BUDGET_WAIT` is told to retry (429 /
+/// `RESOURCE_EXHAUSTED`), one that could never fit is refused (413).
+async fn gate(
     State(ingest): State<Arc<Ingest>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let grpc = content_type.starts_with("application/grpc");
+    let encoding = if content_type.starts_with("application/json") {
+        Encoding::Json
+    } else {
+        Encoding::Protobuf
+    };
+    let refuse = |status: StatusCode, grpc_code: i32, message: String| {
+        if grpc {
+            grpc_error(grpc_code, &message)
+        } else {
+            reply(encoding, status, Some(message))
+        }
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !ingest.authorized(auth) {
+        ingest.stats.rejected_unauthorized.fetch_add(1, Relaxed);
+        let what = if auth.is_none() { "missing" } else { "wrong" };
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            GRPC_UNAUTHENTICATED,
+            format!("{what} bearer token: send Authorization: Bearer <token>"),
+        );
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > ingest.max_body_bytes) {
-        return too_large(State(ingest)).await;
+        ingest.stats.rejected_too_large.fetch_add(1, Relaxed);
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            GRPC_RESOURCE_EXHAUSTED,
+            format!("the body is over the {}-byte limit", ingest.max_body_bytes),
+        );
     }
+    let (size, factor) = match (grpc, encoding) {
+        (true, _) => (GRPC_MAX_MESSAGE.min(ingest.max_body_bytes), COST_PROTOBUF),
+        (false, Encoding::Json) => (declared.unwrap_or(ingest.max_body_bytes), COST_JSON),
+        (false, Encoding::Protobuf) => (declared.unwrap_or(ingest.max_body_bytes), COST_PROTOBUF),
+    };
+    let kib = (size.saturating_mul(factor) / 1024).max(1);
+    let budget_kib = ingest.in_flight.capacity_kib;
+    if kib > budget_kib {
+        ingest.stats.rejected_too_large.fetch_add(1, Relaxed);
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            GRPC_RESOURCE_EXHAUSTED,
+            format!(
+                "a body of {size} bytes needs about {} MiB to decode, more than the collector's \
+                 in-flight budget of {} MiB (--max-in-flight-mib): send smaller batches{}",
+                kib / 1024,
+                budget_kib / 1024,
+                if encoding == Encoding::Json {
+                    " or protobuf"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    let permit = tokio::time::timeout(
+        BUDGET_WAIT,
+        ingest
+            .in_flight
+            .permits
+            .clone()
+            .acquire_many_owned(kib as u32),
+    )
+    .await;
+    let Ok(Ok(_permit)) = permit else {
+        ingest.stats.rejected_busy.fetch_add(1, Relaxed);
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            GRPC_RESOURCE_EXHAUSTED,
+            "the collector is decoding as much as its memory budget allows: retry later".into(),
+        );
+    };
     next.run(req).await
 }
 
+const GRPC_INVALID_ARGUMENT: i32 = 3;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
+const GRPC_UNIMPLEMENTED: i32 = 12;
+const GRPC_UNAVAILABLE: i32 = 14;
+const GRPC_UNAUTHENTICATED: i32 = 16;
+
+/// A trailers-only gRPC error response: nothing of the request body is read.
+fn grpc_error(code: i32, message: &str) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header("grpc-status", code.to_string())
+        .header(
+            "grpc-message",
+            message.replace(|c: char| !c.is_ascii() || c.is_ascii_control(), "?"),
+        )
+        .body(axum::body::Body::empty())
+        .expect("static header names and ASCII values")
+}
+
 /// `GET /metrics` (Prometheus text) on the query port: what ingest accepted and refused, and why.
-pub fn metrics_router(ingest: Arc<Ingest>) -> Router {
+pub fn metrics_router(ingest: Arc<Ingest>, connections: Arc<ConnectionStats>) -> Router {
     Router::new()
         .route(
             "/metrics",
             axum::routing::get(|State(ingest): State<Arc<Ingest>>| async move {
                 let s = &ingest.stats;
+                let c = &connections;
                 let rows = [
                     (
                         "tracer_collector_spans_accepted_total",
@@ -389,6 +591,26 @@ pub fn metrics_router(ingest: Arc<Ingest>) -> Router {
                         "tracer_collector_rejected_media_type_total",
                         "Requests refused: unsupported content type (415)",
                         &s.rejected_media_type,
+                    ),
+                    (
+                        "tracer_collector_rejected_busy_total",
+                        "Requests told to retry: the in-flight memory budget stayed full (429)",
+                        &s.rejected_busy,
+                    ),
+                    (
+                        "tracer_collector_connections_refused_total",
+                        "Connections closed at once: the port had --max-connections open",
+                        &c.refused,
+                    ),
+                    (
+                        "tracer_collector_connections_timed_out_total",
+                        "Connections closed after --idle-timeout-secs of silence or a slow head",
+                        &c.timed_out,
+                    ),
+                    (
+                        "tracer_collector_tls_handshake_failures_total",
+                        "TLS handshakes that failed or took over 10 s",
+                        &c.handshake_failures,
                     ),
                     (
                         "tracer_collector_store_failures_total",

@@ -55,6 +55,17 @@ struct Args {
     /// Delete the oldest spans while the store is larger than this many MiB. `0`: no limit.
     #[arg(long, default_value_t = 10 * 1024)]
     retention_mib: u64,
+    /// Memory that export requests being read and decoded may take together, in MiB; beyond
+    /// it requests wait up to 2 s, then are told to retry (429). Bounds the collector's size
+    /// whatever clients send.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight_mib: usize,
+    /// Open connections per port at most; beyond, new ones are closed at once (counted).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a connection may stay silent (no request, no body bytes) before it is closed.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
 }
 
 fn parse_age(s: &str) -> anyhow::Result<Option<Duration>> {
@@ -125,14 +136,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store: store.clone(),
         token: args.token.clone(),
         max_body_bytes: args.max_body_bytes,
+        in_flight: ingest::InFlight::new(args.max_in_flight_mib),
         stats: Default::default(),
     });
+    let files = tls::raise_file_limit();
+    if files < args.max_connections as u64 * 3 + 64 {
+        log::warn!(
+            "this process may open {files} files: fewer than 3 ports x --max-connections {}; \
+             raise the limit (LimitNOFILE= in the unit, ulimit -n) or lower --max-connections",
+            args.max_connections
+        );
+    }
+    let limits = tls::Limits {
+        max_connections: args.max_connections,
+        idle: Duration::from_secs(args.idle_timeout_secs.max(1)),
+        stats: Arc::new(tls::ConnectionStats::default()),
+    };
     let ingest_router = ingest::router(ingest.clone());
     let query_router = jaeger::router(Arc::new(jaeger::Api {
         store: store.clone(),
     }))
     .merge(ui::router())
-    .merge(ingest::metrics_router(ingest.clone()));
+    .merge(ingest::metrics_router(ingest.clone(), limits.stats.clone()));
 
     let grpc = tls::bind(args.grpc_addr, "OTLP/gRPC").await?;
     let http = tls::bind(args.http_addr, "OTLP/HTTP").await?;
@@ -152,9 +177,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     log::info!("UI and query API on http://{}/", args.query_addr);
     eprintln!("tracer-collector: ready");
 
-    tokio::spawn(tls::serve(grpc, ingest_router.clone(), tls.clone()));
-    tokio::spawn(tls::serve(http, ingest_router, tls));
-    tokio::spawn(tls::serve(query, query_router, None));
+    tokio::spawn(tls::serve(
+        grpc,
+        ingest_router.clone(),
+        tls.clone(),
+        limits.clone(),
+    ));
+    tokio::spawn(tls::serve(http, ingest_router, tls, limits.clone()));
+    tokio::spawn(tls::serve(query, query_router, None, limits));
     tokio::spawn(retention_loop(store.clone(), retention));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,0 +1,278 @@
+//! Hostile clients against the real collector, its memory read from /proc: bodies sent without
+//! the token cost nothing on either port or protocol, what a JSON body may cost is bounded by the
+//! in-flight budget, and idle or excess connections cannot starve other clients.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use prost::Message as _;
+use support::*;
+
+const TOKEN: &str = "hostile-test-token";
+const MIB: usize = 1024 * 1024;
+
+/// A process's resident size and its peak, in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap()
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn pid(c: &Collector) -> u32 {
+    c.child.as_ref().unwrap().id()
+}
+
+/// A gRPC `Export` call's body: the 5-byte length prefix, then `message`.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// An export of `spans` small spans, protobuf.
+fn spans(n: usize) -> opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+    let now = now_nanos();
+    request(
+        "hostile",
+        (0..n as u64)
+            .map(|i| {
+                let mut trace = [0u8; 16];
+                trace[..8].copy_from_slice(&(i + 1).to_be_bytes());
+                span(trace, 1, None, "GET /a", now, 0, 1000)
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_without_the_token_cost_nothing_and_json_is_bounded() {
+    let c = Collector::start(
+        "hostile-memory",
+        &[
+            "--token",
+            TOKEN,
+            "--max-body-bytes",
+            &(32 * MIB).to_string(),
+            "--max-in-flight-mib",
+            "64",
+        ],
+    );
+    let pid = pid(&c);
+    let (base, _) = memory_mib(pid);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let h1 = reqwest::Client::new();
+
+    // gRPC: 4 calls at once, each 16 MiB, no token. Before the gate, tonic decoded every one
+    // (2 MiB took the collector from 13 to 544 MiB).
+    let big = vec![0u8; 16 * MIB];
+    let grpc_body = grpc_frame(&big);
+    let calls = (0..4).map(|_| {
+        h2.post(format!(
+            "http://127.0.0.1:{}/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            c.grpc_port
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(grpc_body.clone())
+        .send()
+    });
+    for result in futures_join(calls).await {
+        let response = result.expect("the collector answers");
+        assert_eq!(
+            response
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap()),
+            Some("16"),
+            "UNAUTHENTICATED"
+        );
+    }
+    // OTLP/JSON over HTTP/1.1: 4 at once, 16 MiB each, no token.
+    let json_junk = format!("{{\"resourceSpans\":[{}]}}", "{},".repeat(16 * MIB / 3));
+    let posts = (0..4).map(|_| {
+        h1.post(c.http_url())
+            .header("content-type", "application/json")
+            .body(json_junk.clone())
+            .send()
+    });
+    // Refused on its head: the client sees the 401, or, still writing the body the collector
+    // will not read, the connection closed under it.
+    for result in futures_join(posts).await {
+        match result {
+            Ok(response) => assert_eq!(response.status().as_u16(), 401),
+            Err(e) => assert!(
+                e.is_request() && !e.is_timeout(),
+                "neither a 401 nor a closed connection: {e}"
+            ),
+        }
+    }
+    let (after, peak) = memory_mib(pid);
+    eprintln!("128 MiB sent without the token: {base:.0} -> peak {peak:.0} MiB, now {after:.0}");
+    assert!(
+        peak - base < 48.0,
+        "128 MiB sent without the token grew the collector from {base:.0} to a peak of {peak:.0} MiB (now {after:.0})"
+    );
+
+    // With the token, a 16 MiB JSON body could never fit the 64 MiB budget: refused before it
+    // is read, with what to do.
+    let response = h1
+        .post(c.http_url())
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(json_junk.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("--max-in-flight-mib"), "{text}");
+
+    // A real JSON export that fits (a body is charged 200x its size: 64 MiB takes ~320 KiB)
+    // is taken, and the collector stays within its budget.
+    let n = 700;
+    let body = serde_json::to_vec(&spans(n)).unwrap();
+    assert!(body.len() < 320 * 1024, "{} bytes", body.len());
+    let (_, peak_before) = memory_mib(pid);
+    let response = h1
+        .post(c.http_url())
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "{}",
+        response.text().await.unwrap()
+    );
+    let (_, peak_after) = memory_mib(pid);
+    eprintln!(
+        "a {} KiB JSON export of {n} spans: peak {peak_before:.0} -> {peak_after:.0} MiB",
+        body.len() / 1024
+    );
+    assert!(
+        peak_after < base + 64.0 + 48.0,
+        "the JSON export took the collector from {base:.0} to {peak_after:.0} MiB, past its 64 MiB budget"
+    );
+    // And protobuf: the same spans.
+    let response = h1
+        .post(c.http_url())
+        .header("content-type", "application/x-protobuf")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(spans(n).encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+/// Runs the futures concurrently and collects their outputs in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// Whether the server closed `stream` (end of stream or reset) within `within`.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_excess_connections_cannot_starve_clients() {
+    let c = Collector::start(
+        "hostile-connections",
+        &["--max-connections", "50", "--idle-timeout-secs", "2"],
+    );
+    let addr = format!("127.0.0.1:{}", c.http_port);
+    // 50 connections that say nothing fill the port; 70 more are closed at once.
+    let mut idle: Vec<TcpStream> = (0..120)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    let start = Instant::now();
+    let refused = idle
+        .iter_mut()
+        .skip(50)
+        .filter_map(|s| closed_within(s, Duration::from_millis(300)).then_some(()))
+        .count();
+    assert!(
+        refused >= 60,
+        "only {refused} of 70 excess connections were closed at once"
+    );
+    // A head that stops half-way, and a body that never comes.
+    let mut slow_head = TcpStream::connect(&addr).unwrap();
+    let mut slow_body = TcpStream::connect(&addr).unwrap();
+    // The port may still be full: these two may be refused at once, which is fine too.
+    let _ = slow_head.write_all(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\n");
+    let _ = slow_body.write_all(
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\ncontent-type: application/x-protobuf\r\ncontent-length: 1000\r\n\r\n",
+    );
+    // The silent ones are closed after the idle timeout.
+    for (i, s) in idle.iter_mut().take(50).enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(6)),
+            "idle connection {i} still open {:?} after it was made",
+            start.elapsed()
+        );
+    }
+    assert!(closed_within(&mut slow_head, Duration::from_secs(6)));
+    assert!(closed_within(&mut slow_body, Duration::from_secs(6)));
+    // Then a normal export is answered.
+    let response = reqwest::Client::new()
+        .post(c.http_url())
+        .header("content-type", "application/x-protobuf")
+        .body(spans(3).encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let metrics = reqwest::get(c.api("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+    };
+    assert!(value("tracer_collector_connections_refused_total") >= 60);
+    assert!(value("tracer_collector_connections_timed_out_total") >= 50);
+}
