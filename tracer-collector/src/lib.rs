@@ -5,6 +5,7 @@ pub mod convert;
 pub mod decode;
 pub mod ingest;
 pub mod jaeger;
+pub mod query_guard;
 pub mod stitch;
 pub mod tls;
 pub mod ui;

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
-use tracer_collector::{config_file, ingest, jaeger, tls, ui};
+use tracer_collector::{config_file, ingest, jaeger, query_guard, tls, ui};
 use tracer_store::{Retention, SpanStore, SqliteStore};
 
 #[derive(Parser, Debug)]
@@ -66,6 +66,17 @@ struct Args {
     /// Seconds a connection may stay silent (no request, no body bytes) before it is closed.
     #[arg(long, default_value_t = 60)]
     idle_timeout_secs: u64,
+    /// Credential required by the query API, the UI and /metrics: `Authorization: Bearer
+    /// <token>`, or the token as the password of HTTP Basic (browsers ask for it).
+    #[arg(long, env = "TRACER_QUERY_TOKEN", hide_env_values = true)]
+    query_token: Option<String>,
+    /// A host name the query port answers for (repeatable; `*` for any). Others get 421, which
+    /// stops DNS rebinding. [default: localhost, 127.0.0.1, ::1 and the address of --query-addr]
+    #[arg(long = "allow-host", value_name = "HOST")]
+    allow_hosts: Vec<String>,
+    /// Serve the query API and UI over TLS too, with --tls-cert and --tls-key.
+    #[arg(long, requires = "tls_cert")]
+    query_tls: bool,
 }
 
 fn parse_age(s: &str) -> anyhow::Result<Option<Duration>> {
@@ -153,11 +164,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stats: Arc::new(tls::ConnectionStats::default()),
     };
     let ingest_router = ingest::router(ingest.clone());
+    let guard = Arc::new(query_guard::QueryGuard {
+        token: args.query_token.clone(),
+        allowed_hosts: if args.allow_hosts.is_empty() {
+            query_guard::QueryGuard::default_hosts(args.query_addr)
+        } else {
+            args.allow_hosts.clone()
+        },
+    });
+    if args.query_token.is_none() && !args.query_addr.ip().is_loopback() {
+        log::warn!(
+            "the query API on {} shows every trace to anyone who reaches it: set --query-token",
+            args.query_addr
+        );
+    }
     let query_router = jaeger::router(Arc::new(jaeger::Api {
         store: store.clone(),
     }))
     .merge(ui::router())
-    .merge(ingest::metrics_router(ingest.clone(), limits.stats.clone()));
+    .merge(ingest::metrics_router(ingest.clone(), limits.stats.clone()))
+    .layer(axum::middleware::from_fn_with_state(
+        guard,
+        query_guard::guard,
+    ));
 
     let grpc = tls::bind(args.grpc_addr, "OTLP/gRPC").await?;
     let http = tls::bind(args.http_addr, "OTLP/HTTP").await?;
@@ -174,7 +203,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ""
         }
     );
-    log::info!("UI and query API on http://{}/", args.query_addr);
+    log::info!(
+        "UI and query API on {}://{}/{}",
+        if args.query_tls { "https" } else { "http" },
+        args.query_addr,
+        if args.query_token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
+    );
     eprintln!("tracer-collector: ready");
 
     tokio::spawn(tls::serve(
@@ -183,8 +221,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls.clone(),
         limits.clone(),
     ));
+    let query_tls = if args.query_tls { tls.clone() } else { None };
     tokio::spawn(tls::serve(http, ingest_router, tls, limits.clone()));
-    tokio::spawn(tls::serve(query, query_router, None, limits));
+    tokio::spawn(tls::serve(query, query_router, query_tls, limits));
     tokio::spawn(retention_loop(store.clone(), retention));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

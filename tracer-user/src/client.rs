@@ -15,6 +15,14 @@ pub struct ClientArgs {
         global = true
     )]
     pub url: String,
+    /// The collector's query token (its --query-token), if it requires one.
+    #[arg(
+        long,
+        env = "TRACER_QUERY_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub query_token: Option<String>,
     /// Print the API's JSON `data` instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -44,15 +52,24 @@ pub struct TracesArgs {
     pub limit: usize,
 }
 
-async fn get(base: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+async fn get(c: &ClientArgs, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+    let base = &c.url;
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .query(query)
+    let mut request = reqwest::Client::new().get(&url).query(query);
+    if let Some(token) = &c.query_token {
+        request = request.bearer_auth(token);
+    }
+    let resp = request
         .send()
         .await
         .with_context(|| format!("cannot reach the collector at {base} (is tracer-collector running? set --url or TRACER_URL)"))?;
     let status = resp.status();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        bail!("the collector at {base} wants its query token: set --query-token or TRACER_QUERY_TOKEN");
+    }
+    if status == reqwest::StatusCode::MISDIRECTED_REQUEST {
+        bail!("the collector does not answer for the host name in {base}: use a name it allows (its --allow-host)");
+    }
     let text = resp
         .text()
         .await
@@ -81,13 +98,13 @@ fn print_list(c: &ClientArgs, data: &Value) {
 }
 
 pub async fn services(c: &ClientArgs) -> anyhow::Result<()> {
-    print_list(c, &get(&c.url, "/api/services", &[]).await?);
+    print_list(c, &get(c, "/api/services", &[]).await?);
     Ok(())
 }
 
 pub async fn operations(c: &ClientArgs, service: &str) -> anyhow::Result<()> {
     let path = format!("/api/services/{}/operations", urlencode(service));
-    print_list(c, &get(&c.url, &path, &[]).await?);
+    print_list(c, &get(c, &path, &[]).await?);
     Ok(())
 }
 
@@ -129,7 +146,7 @@ pub async fn traces(c: &ClientArgs, a: &TracesArgs) -> anyhow::Result<()> {
         }
         q.push(("tags", Value::Object(map).to_string()));
     }
-    let data = get(&c.url, "/api/traces", &q).await?;
+    let data = get(c, "/api/traces", &q).await?;
     if c.json {
         println!("{data}");
         return Ok(());
@@ -306,7 +323,7 @@ impl Summary {
 }
 
 pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
-    let data = get(&c.url, &format!("/api/traces/{}", urlencode(id)), &[]).await?;
+    let data = get(c, &format!("/api/traces/{}", urlencode(id)), &[]).await?;
     if c.json {
         println!("{data}");
         return Ok(());

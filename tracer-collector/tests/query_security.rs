@@ -1,0 +1,103 @@
+//! The query API, the UI and /metrics behind the query token, the Host allow-list (DNS
+//! rebinding) and the browser security headers, on the real collector.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+};
+
+use support::*;
+
+/// A raw HTTP/1.1 GET with the given Host; returns the response head and body.
+fn get_with_host(port: u16, path: &str, host: &str, auth: Option<&str>) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn status(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_query_port_wants_its_token_and_its_own_host_name() {
+    let c = Collector::start("query-security", &["--query-token", "q-secret"]);
+    let host = format!("127.0.0.1:{}", c.query_port);
+    for path in ["/api/services", "/metrics", "/"] {
+        let r = get_with_host(c.query_port, path, &host, None);
+        assert_eq!(status(&r), 401, "{path} without the token:\n{r}");
+        assert!(
+            r.contains("www-authenticate: Basic realm=\"tracer\""),
+            "{r}"
+        );
+        let r = get_with_host(c.query_port, path, &host, Some("Bearer q-secret"));
+        assert_eq!(status(&r), 200, "{path} with the token:\n{r}");
+    }
+    // The token as HTTP Basic's password, as a browser sends it (user "me").
+    let r = get_with_host(
+        c.query_port,
+        "/api/services",
+        &host,
+        Some("Basic bWU6cS1zZWNyZXQ="),
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    let r = get_with_host(c.query_port, "/api/services", &host, Some("Bearer nope"));
+    assert_eq!(status(&r), 401, "{r}");
+
+    // A page elsewhere that rebinds its name to 127.0.0.1 is refused, token or not.
+    let r = get_with_host(
+        c.query_port,
+        "/api/services",
+        "attacker.example",
+        Some("Bearer q-secret"),
+    );
+    assert_eq!(status(&r), 421, "{r}");
+    assert!(r.contains("--allow-host"), "{r}");
+    let r = get_with_host(c.query_port, "/", "localhost", Some("Bearer q-secret"));
+    assert_eq!(status(&r), 200, "{r}");
+
+    // Every answer carries the browser security headers.
+    for header in [
+        "content-security-policy: default-src 'self'; frame-ancestors 'none'",
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+        "x-frame-options: DENY",
+    ] {
+        assert!(
+            r.to_lowercase().contains(&header.to_lowercase()),
+            "{header}:\n{r}"
+        );
+    }
+}
+
+#[test]
+fn allow_host_adds_names() {
+    let c = Collector::start(
+        "query-hosts",
+        &[
+            "--allow-host",
+            "tracer.internal",
+            "--allow-host",
+            "localhost",
+        ],
+    );
+    let r = get_with_host(c.query_port, "/api/services", "tracer.internal:16686", None);
+    assert_eq!(status(&r), 200, "{r}");
+    // The list replaces the defaults: 127.0.0.1 was not named.
+    let r = get_with_host(c.query_port, "/api/services", "127.0.0.1", None);
+    assert_eq!(status(&r), 421, "{r}");
+}
