@@ -5,6 +5,49 @@ use std::collections::HashMap;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
+/// `println!` for what the collector sent: span names, services, tags and warnings come from
+/// anyone who can reach a traced server, and escape sequences in them would reach the terminal
+/// (set its title, write the clipboard, clear the screen). Every control character is shown
+/// escaped instead.
+macro_rules! emit {
+    ($($arg:tt)*) => {
+        println!("{}", terminal_safe(&format!($($arg)*)))
+    };
+}
+
+/// `s` with every control character (C0, DEL, C1) written as an escape: `\x1b`, `\u{9b}`.
+fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if (c as u32) < 0x80 && c.is_control() => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// JSON output: serde escapes C0 controls but writes C1 ones (U+0080..U+009F) raw, which some
+/// terminals take as escape sequences.
+fn emit_json(data: &Value) {
+    let text = data.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    println!("{out}");
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
     /// Collector query API base URL.
@@ -89,11 +132,11 @@ async fn get(c: &ClientArgs, path: &str, query: &[(&str, String)]) -> anyhow::Re
 /// Prints a JSON array of strings one per line, or as JSON with `--json`.
 fn print_list(c: &ClientArgs, data: &Value) {
     if c.json {
-        println!("{data}");
+        emit_json(&data);
         return;
     }
     for s in data.as_array().into_iter().flatten() {
-        println!("{}", s.as_str().unwrap_or_default());
+        emit!("{}", s.as_str().unwrap_or_default());
     }
 }
 
@@ -148,21 +191,25 @@ pub async fn traces(c: &ClientArgs, a: &TracesArgs) -> anyhow::Result<()> {
     }
     let data = get(c, "/api/traces", &q).await?;
     if c.json {
-        println!("{data}");
+        emit_json(&data);
         return Ok(());
     }
     let traces = data.as_array().cloned().unwrap_or_default();
     if traces.is_empty() {
-        println!("no traces match");
+        emit!("no traces match");
         return Ok(());
     }
-    println!(
+    emit!(
         "{:<32}  {:<23}  {:>10}  {:>5}  {:>6}  ROOT",
-        "TRACE ID", "START (UTC)", "DURATION", "SPANS", "ERRORS"
+        "TRACE ID",
+        "START (UTC)",
+        "DURATION",
+        "SPANS",
+        "ERRORS"
     );
     for t in &traces {
         let s = Summary::of(t);
-        println!(
+        emit!(
             "{:<32}  {:<23}  {:>10}  {:>5}  {:>6}  {}{}",
             t["traceID"].as_str().unwrap_or_default(),
             utc(s.start),
@@ -294,7 +341,8 @@ impl Summary {
             .filter_map(|s| Some(s["startTime"].as_u64()? + s["duration"].as_u64()?))
             .max()
             .unwrap_or(start);
-        let ids: Vec<&str> = spans.iter().filter_map(|s| s["spanID"].as_str()).collect();
+        let ids: std::collections::HashSet<&str> =
+            spans.iter().filter_map(|s| s["spanID"].as_str()).collect();
         let root = spans
             .iter()
             .filter(|s| {
@@ -325,12 +373,12 @@ impl Summary {
 pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let data = get(c, &format!("/api/traces/{}", urlencode(id)), &[]).await?;
     if c.json {
-        println!("{data}");
+        emit_json(&data);
         return Ok(());
     }
     let t = &data[0];
     let s = Summary::of(t);
-    println!(
+    emit!(
         "trace {}  {}  {}  {} spans, {} errors",
         t["traceID"].as_str().unwrap_or_default(),
         utc(s.start),
@@ -341,12 +389,12 @@ pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let spans = t["spans"].as_array().cloned().unwrap_or_default();
     let reasons = strings(&t["incompleteReasons"]);
     if is_incomplete(t) {
-        println!("INCOMPLETE: spans may be missing");
+        emit!("INCOMPLETE: spans may be missing");
         if reasons.is_empty() {
-            println!("  - the collector marked this trace incomplete");
+            emit!("  - the collector marked this trace incomplete");
         }
         for r in &reasons {
-            println!("  - {r}");
+            emit!("  - {r}");
         }
     }
     let mut shifted_hosts: Vec<&str> = Vec::new();
@@ -363,7 +411,7 @@ pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
     }
     if shifted > 0 {
         shifted_hosts.sort_unstable();
-        println!(
+        emit!(
             "clock correction applied to {shifted} span{} (host{} {})",
             if shifted == 1 { "" } else { "s" },
             if shifted_hosts.len() == 1 { "" } else { "s" },
@@ -376,13 +424,13 @@ pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
         .collect();
     for w in strings(&t["warnings"]) {
         if !reasons.contains(&w) && !span_warnings.contains(&w) {
-            println!("warning: {w}");
+            emit!("warning: {w}");
         }
     }
     let hosts: std::collections::HashSet<&str> =
         spans.iter().filter_map(|sp| host_of(t, sp)).collect();
     let show_hosts = hosts.len() > 1;
-    let ids: Vec<&str> = spans
+    let ids: std::collections::HashSet<&str> = spans
         .iter()
         .filter_map(|sp| sp["spanID"].as_str())
         .collect();
@@ -409,7 +457,7 @@ pub async fn trace(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
         t0: s.start,
         show_hosts,
     };
-    view.walk(None, 0);
+    view.walk();
     Ok(())
 }
 
@@ -420,48 +468,78 @@ struct TreeView<'a> {
     show_hosts: bool,
 }
 
+/// Indentation stops growing here: a trace thousands of spans deep would otherwise print lines
+/// thousands of columns wide (a 50,000-deep trace once wrote 405 MB).
+const MAX_INDENT: usize = 32;
+
 impl TreeView<'_> {
-    /// One line a span, children indented under their parent, in start order.
-    fn walk(&self, key: Option<String>, depth: usize) {
-        for sp in self.children.get(&key).into_iter().flatten() {
-            let kind = tag_str(&sp["tags"], "span.kind").unwrap_or("internal");
-            let mut line = format!(
-                "{:>10} {:>10}  {}{}{}: {} [{kind}]",
-                format!(
-                    "+{}",
-                    human_micros(
-                        sp["startTime"]
-                            .as_u64()
-                            .unwrap_or(self.t0)
-                            .saturating_sub(self.t0)
-                    )
-                ),
-                human_micros(sp["duration"].as_u64().unwrap_or(0)),
-                "  ".repeat(depth),
-                if is_error(sp) { "! " } else { "" },
-                service_of(self.trace, sp),
-                sp["operationName"].as_str().unwrap_or_default(),
-            );
-            if self.show_hosts {
-                if let Some(h) = host_of(self.trace, sp) {
-                    line.push_str(&format!(" @{h}"));
-                }
+    /// One line a span, children indented under their parent, in start order. Iterative: a
+    /// recursive walk overflowed the stack on a trace 50,000 spans deep.
+    fn walk(&self) {
+        let mut stack: Vec<(&Value, usize)> = self
+            .children
+            .get(&None)
+            .into_iter()
+            .flatten()
+            .rev()
+            .map(|sp| (*sp, 0))
+            .collect();
+        let mut capped = false;
+        while let Some((sp, depth)) = stack.pop() {
+            if depth > MAX_INDENT && !capped {
+                capped = true;
+                emit!("{:>23}(deeper than {MAX_INDENT} levels: the indentation stops growing; each line says its depth)", "");
             }
-            if let Some(n) = link_note(sp) {
-                line.push(' ');
-                line.push_str(&n);
+            self.line(sp, depth);
+            let key = sp["spanID"].as_str().map(str::to_owned);
+            for child in self.children.get(&key).into_iter().flatten().rev() {
+                stack.push((child, depth + 1));
             }
-            if let Some(n) = clock_note(sp) {
-                line.push(' ');
-                line.push_str(&n);
+        }
+    }
+
+    fn line(&self, sp: &Value, depth: usize) {
+        let kind = tag_str(&sp["tags"], "span.kind").unwrap_or("internal");
+        let indent = "  ".repeat(depth.min(MAX_INDENT));
+        let mut line = format!(
+            "{:>10} {:>10}  {indent}{}{}{}: {} [{kind}]",
+            format!(
+                "+{}",
+                human_micros(
+                    sp["startTime"]
+                        .as_u64()
+                        .unwrap_or(self.t0)
+                        .saturating_sub(self.t0)
+                )
+            ),
+            human_micros(sp["duration"].as_u64().unwrap_or(0)),
+            if depth > MAX_INDENT {
+                format!("[{depth}] ")
+            } else {
+                String::new()
+            },
+            if is_error(sp) { "! " } else { "" },
+            service_of(self.trace, sp),
+            sp["operationName"].as_str().unwrap_or_default(),
+        );
+        if self.show_hosts {
+            if let Some(h) = host_of(self.trace, sp) {
+                line.push_str(&format!(" @{h}"));
             }
-            println!("{line}");
-            for w in strings(&sp["warnings"]) {
-                if !w.starts_with("clock skew") {
-                    println!("{:>23}{}  warning: {w}", "", "  ".repeat(depth));
-                }
+        }
+        if let Some(n) = link_note(sp) {
+            line.push(' ');
+            line.push_str(&n);
+        }
+        if let Some(n) = clock_note(sp) {
+            line.push(' ');
+            line.push_str(&n);
+        }
+        emit!("{line}");
+        for w in strings(&sp["warnings"]) {
+            if !w.starts_with("clock skew") {
+                emit!("{:>23}{indent}  warning: {w}", "");
             }
-            self.walk(sp["spanID"].as_str().map(str::to_owned), depth + 1);
         }
     }
 }

@@ -53,11 +53,11 @@ struct Collector {
     query_port: u16,
 }
 
-fn start_collector() -> Collector {
+fn start_collector(name: &str) -> Collector {
     let (http_port, query_port, grpc_port) = (free_port(), free_port(), free_port());
     let mut child = Command::new(collector_bin())
         .arg("--data-dir")
-        .arg(temp_dir("cli-trace"))
+        .arg(temp_dir(name))
         .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
         .args(["--query-addr", &format!("127.0.0.1:{query_port}")])
@@ -357,7 +357,7 @@ fn indent(line: &str) -> usize {
 
 #[test]
 fn trace_shows_provenance_clock_shifts_hosts_and_incompleteness() {
-    let c = start_collector();
+    let c = start_collector("cli-trace");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -537,4 +537,92 @@ fn trace_shows_provenance_clock_shifts_hosts_and_incompleteness() {
     let (ok, _, err) = tracer(&c, &["trace", "not-hex"]);
     assert!(!ok);
     assert!(err.contains("the collector answered 400"), "{err}");
+}
+
+/// A hostile trace: 50,000 spans each the child of the one before (the recursive walk
+/// overflowed its stack; the indentation grew to 100,000 columns), names and services
+/// carrying terminal escape sequences (title, clipboard, clear screen, a C1 CSI).
+#[test]
+fn hostile_traces_print_safely() {
+    let c = start_collector("cli-hostile");
+    const DEPTH: usize = 50_000;
+    const TRACE_ID: [u8; 16] = [0x7e; 16];
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        - 60_000_000_000;
+    let id = |i: usize| ((i + 1) as u64).to_be_bytes().to_vec();
+    let mut spans: Vec<Span> = (0..DEPTH)
+        .map(|i| Span {
+            trace_id: TRACE_ID.to_vec(),
+            span_id: id(i),
+            parent_span_id: if i == 0 { Vec::new() } else { id(i - 1) },
+            name: format!("op{i}"),
+            kind: SERVER,
+            start_time_unix_nano: base + i as u64 * 1000,
+            end_time_unix_nano: base + (DEPTH as u64 * 1000) + 1000,
+            ..Default::default()
+        })
+        .collect();
+    spans[1].name = "evil\x1b]0;pwned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J\u{9b}31m".into();
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", s("svc\x1b[31m"))],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let (status, body) = http(
+        c.http_port,
+        "POST",
+        "/v1/traces",
+        "application/x-protobuf",
+        &request.encode_to_vec(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let (ok, out, err) = tracer(&c, &["trace", &hex(&TRACE_ID)]);
+    assert!(ok, "tracer trace failed on a deep trace:\n{err}");
+    eprintln!(
+        "tracer trace: {DEPTH} spans deep, {} lines, {} bytes in {:?}",
+        out.lines().count(),
+        out.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.contains(": op")).count(),
+        DEPTH - 1
+    );
+    assert!(
+        out.lines().all(|l| l.chars().count() < 200),
+        "indentation must stop growing"
+    );
+    assert!(out.contains("deeper than 32 levels"), "the cap is said");
+    assert!(out.contains("[49999] "), "deep lines say their depth");
+    // No control character reaches the terminal; the escapes are shown instead.
+    assert!(
+        !out.chars().any(|ch| ch.is_control() && ch != '\n'),
+        "a control character was printed raw"
+    );
+    assert!(
+        out.contains("evil\\x1b]0;pwned\\x07"),
+        "{}",
+        &out[..out.len().min(2000)]
+    );
+    assert!(out.contains("\\u{9b}31m"));
+    assert!(out.contains("svc\\x1b[31m"));
+    // The JSON form escapes them too (serde leaves C1 raw).
+    let (ok, json, _) = tracer(&c, &["trace", &hex(&TRACE_ID), "--json"]);
+    assert!(ok);
+    assert!(!json.chars().any(|ch| ch.is_control() && ch != '\n'));
+    let (ok, services, _) = tracer(&c, &["services"]);
+    assert!(ok);
+    assert!(services.contains("svc\\x1b[31m"), "{services}");
 }
