@@ -132,7 +132,7 @@ async fn get(c: &ClientArgs, path: &str, query: &[(&str, String)]) -> anyhow::Re
 /// Prints a JSON array of strings one per line, or as JSON with `--json`.
 fn print_list(c: &ClientArgs, data: &Value) {
     if c.json {
-        emit_json(&data);
+        emit_json(data);
         return;
     }
     for s in data.as_array().into_iter().flatten() {
