@@ -297,8 +297,13 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
             end.saturating_sub(nanos / 1000)
         }
     };
-    q.start_unix_nano = Some(start * 1000);
-    q.end_unix_nano = Some(end * 1000);
+    // Microseconds past ~584,000 years would wrap as nanoseconds: refused, not wrapped.
+    let nanos = |us: u64, what: &str| {
+        us.checked_mul(1000)
+            .ok_or_else(|| bad(format!("{what} {us} is too far in the future")))
+    };
+    q.start_unix_nano = Some(nanos(start, "start")?);
+    q.end_unix_nano = Some(nanos(end, "end")?);
     for (k, v) in &pairs {
         match k.as_str() {
             "tags" if !v.is_empty() => {
@@ -366,9 +371,13 @@ async fn dependencies(
     };
     let end_ms = num("endTs", now_micros() / 1000)?;
     let lookback_ms = num("lookback", 24 * 3600 * 1000)?;
+    let nanos = |ms: u64, what: &str| {
+        ms.checked_mul(1_000_000)
+            .ok_or_else(|| bad(format!("{what} {ms} ms is too large")))
+    };
+    let (end_ns, lookback_ns) = (nanos(end_ms, "endTs")?, nanos(lookback_ms, "lookback")?);
     let store = api.store.clone();
-    let links =
-        blocking(move || store.dependencies(end_ms * 1_000_000, lookback_ms * 1_000_000)).await?;
+    let links = blocking(move || store.dependencies(end_ns, lookback_ns)).await?;
     let data: Vec<Value> = links
         .iter()
         .map(|l| {

@@ -37,9 +37,17 @@ struct Args {
     /// Query API and web UI listen address.
     #[arg(long, default_value = "127.0.0.1:16686")]
     query_addr: SocketAddr,
-    /// Bearer token required on ingest (agents: --token; SDKs: an Authorization header).
+    /// Bearer token required on ingest (agents: --token; SDKs: an Authorization header). A
+    /// command line is readable by every local user: prefer --token-file or the environment.
     #[arg(long, env = "TRACER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the ingest token from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Wait for an fsync of each commit before acknowledging: acknowledged spans survive a power
+    /// loss too, not only a crash of the collector, at the cost of a disk flush per batch.
+    #[arg(long)]
+    fsync: bool,
     /// PEM certificate for TLS on the ingest ports (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -70,6 +78,9 @@ struct Args {
     /// <token>`, or the token as the password of HTTP Basic (browsers ask for it).
     #[arg(long, env = "TRACER_QUERY_TOKEN", hide_env_values = true)]
     query_token: Option<String>,
+    /// Read the query token from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "query_token")]
+    query_token_file: Option<PathBuf>,
     /// A host name the query port answers for (repeatable; `*` for any). Others get 421, which
     /// stops DNS rebinding. [default: localhost, 127.0.0.1, ::1 and the address of --query-addr]
     #[arg(long = "allow-host", value_name = "HOST")]
@@ -124,13 +135,38 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The first line of a token file, which must not be empty.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        anyhow::bail!("the token file {} is empty", path.display());
+    }
+    Ok(token)
+}
+
+async fn run(mut args: Args) -> anyhow::Result<()> {
+    if let Some(path) = &args.token_file {
+        args.token = Some(read_token(path)?);
+    }
+    if let Some(path) = &args.query_token_file {
+        args.query_token = Some(read_token(path)?);
+    }
     let retention = Retention {
         max_age: parse_age(&args.retention_age)?,
         max_bytes: (args.retention_mib > 0).then_some(args.retention_mib * 1024 * 1024),
     };
+    let options = tracer_store::StoreOptions {
+        durability: if args.fsync {
+            tracer_store::Durability::PowerLoss
+        } else {
+            tracer_store::Durability::ProcessCrash
+        },
+        ..Default::default()
+    };
     let store: Arc<dyn SpanStore> = Arc::new(
-        SqliteStore::open(&args.data_dir)
+        SqliteStore::open_with(&args.data_dir, &options)
             .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
     );
     let tls = match (&args.tls_cert, &args.tls_key) {

@@ -84,6 +84,23 @@ fn the_query_port_wants_its_token_and_its_own_host_name() {
     }
 }
 
+/// Times that would wrap when turned into nanoseconds are refused, not wrapped into a
+/// different window.
+#[test]
+fn query_times_do_not_wrap() {
+    let c = Collector::start("query-wrap", &[]);
+    let host = format!("127.0.0.1:{}", c.query_port);
+    for path in [
+        "/api/traces?service=a&start=18446744073709552&end=18446744073709552",
+        "/api/dependencies?endTs=18446744073710&lookback=1",
+        "/api/dependencies?endTs=1&lookback=18446744073710",
+    ] {
+        let r = get_with_host(c.query_port, path, &host, None);
+        assert_eq!(status(&r), 400, "{path}:\n{r}");
+        assert!(r.contains("too"), "{r}");
+    }
+}
+
 #[test]
 fn allow_host_adds_names() {
     let c = Collector::start(
@@ -100,4 +117,54 @@ fn allow_host_adds_names() {
     // The list replaces the defaults: 127.0.0.1 was not named.
     let r = get_with_host(c.query_port, "/api/services", "127.0.0.1", None);
     assert_eq!(status(&r), 421, "{r}");
+}
+
+#[test]
+fn tokens_can_come_from_files() {
+    let dir = temp_dir("token-files-secrets");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ingest, query) = (dir.join("ingest.token"), dir.join("query.token"));
+    std::fs::write(&ingest, "in-secret\n").unwrap();
+    std::fs::write(&query, "q-secret\n").unwrap();
+    let c = Collector::start(
+        "token-files",
+        &[
+            "--token-file",
+            ingest.to_str().unwrap(),
+            "--query-token-file",
+            query.to_str().unwrap(),
+        ],
+    );
+    let host = format!("127.0.0.1:{}", c.query_port);
+    let r = get_with_host(
+        c.query_port,
+        "/api/services",
+        &host,
+        Some("Bearer q-secret"),
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    let r = get_with_host(
+        c.query_port,
+        "/api/services",
+        &host,
+        Some("Bearer in-secret"),
+    );
+    assert_eq!(
+        status(&r),
+        401,
+        "the ingest token is not the query token:\n{r}"
+    );
+    drop(c);
+
+    // An empty token file is a mistake, not "no token".
+    let empty = dir.join("empty.token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tracer-collector"))
+        .args(["--data-dir", dir.join("store").to_str().unwrap()])
+        .args(["--token-file", empty.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is empty"), "{err}");
 }

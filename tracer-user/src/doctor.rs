@@ -440,14 +440,14 @@ async fn collector_check(report: &mut Report, args: &AgentArgs) {
             Verdict::Ok,
             format!(
                 "{url} accepted an empty export{}",
-                if args.token.is_some() { " with the token" } else { "" }
+                if args.token.is_some() || args.token_file.is_some() { " with the token" } else { "" }
             ),
         ),
         Ok(r) if matches!(r.status().as_u16(), 401 | 403) => report.add_fix(
             "collector",
             Verdict::Fail,
             format!("{url} refused the credentials (HTTP {})", r.status().as_u16()),
-            if args.token.is_some() {
+            if args.token.is_some() || args.token_file.is_some() {
                 "the token is not the collector's: check --token / TRACER_TOKEN (or the config file's token)"
             } else {
                 "the collector requires a token: pass it with TRACER_TOKEN or the config file's token"

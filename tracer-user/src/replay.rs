@@ -11,18 +11,27 @@ use crate::{
     records::{self, Record},
 };
 
-/// `--record`: a new file only root can read (records carry payload prefixes).
+/// `--record`: a new file only its owner can read (records carry payload prefixes). Never an
+/// existing path: the agent runs privileged, and a file or symlink planted there would have it
+/// write where the planter chose, or keep the planter's permissions on what it writes.
 pub(crate) fn create_recording(
     path: &std::path::Path,
 ) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating the recording {}", path.display()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                "{} already exists: --record writes a new file only (remove it, or choose another path)",
+                path.display()
+            ),
+            _ => anyhow::Error::new(e)
+                .context(format!("creating the recording {}", path.display())),
+        })?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     write_header(&mut out).with_context(|| format!("writing the recording {}", path.display()))?;
     Ok(out)
@@ -177,6 +186,31 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--record` makes a new 0600 file, and refuses a path that exists, as a file or as a
+    /// symlink planted there (even a dangling one).
+    #[test]
+    fn recordings_are_new_private_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("tracer-record-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fresh = dir.join("fresh.rec");
+        drop(create_recording(&fresh).unwrap());
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = create_recording(&fresh).unwrap_err().to_string();
+        assert!(again.contains("already exists"), "{again}");
+        let target = dir.join("elsewhere");
+        let link = dir.join("link.rec");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(
+            create_recording(&link).is_err(),
+            "a planted symlink is followed"
+        );
+        assert!(!target.exists(), "the symlink's target was created");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A recording gives back each record whole and 8-byte aligned (records are read in place
     /// as `DataRecord`s), and a record cut short ends it without failing the replay.

@@ -187,31 +187,111 @@ const SECRET_WORDS: &[&str] = &[
     "api-key",
     "api_key",
     "credential",
+    "dsn",
 ];
 
-/// Replaces the values of secret-looking arguments: `--password=x` and `--token x` become
-/// `--password=REDACTED` and `--token REDACTED`. Command lines end up in a trace store that
-/// more people can read than the host.
+/// Whole option names whose value is a secret, where a word match would be too broad
+/// (`--pass`, `--pwd`, `--key`, `--auth`).
+const SECRET_OPTIONS: &[&str] = &["pass", "pwd", "key", "auth", "private-key", "access-key"];
+
+/// Header names whose value is a credential, in `-H 'Name: value'` or `--header=Name: value`.
+const SECRET_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-auth-token",
+];
+
+fn secret_option(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let bare = lower.trim_start_matches('-');
+    SECRET_WORDS.iter().any(|w| bare.contains(w)) || SECRET_OPTIONS.contains(&bare)
+}
+
+/// `user:password@` in a URL (`postgres://app:pw@db/x`) with the password replaced.
+fn redact_url_password(arg: &str) -> Option<String> {
+    let scheme_end = arg.find("://")? + 3;
+    let rest = &arg[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    let colon = rest[..at].find(':')?;
+    Some(format!(
+        "{}{}:REDACTED{}",
+        &arg[..scheme_end],
+        &rest[..colon],
+        &rest[at..]
+    ))
+}
+
+/// A header argument (`Authorization: Bearer x`) with a credential's value replaced.
+fn redact_header(value: &str) -> Option<String> {
+    let (name, _) = value.split_once(':')?;
+    SECRET_HEADERS
+        .contains(&name.trim().to_ascii_lowercase().as_str())
+        .then(|| format!("{}: REDACTED", name.trim()))
+}
+
+/// Replaces the secrets in a command line: values of secret-looking options (`--password=x`,
+/// `--token x`, `--pass x`, `--dsn=...`), a password glued to its flag (`mysql -pPW`),
+/// credential headers (`-H 'Authorization: ...'`, `--header=Cookie: ...`) and the password of
+/// `user:password@` URLs. Command lines end up in a trace store that more people can read than
+/// the host.
 pub fn redact_command_line(args: &[String]) -> String {
-    let secretish = |a: &str| {
-        let lower = a.to_ascii_lowercase();
-        SECRET_WORDS.iter().any(|w| lower.contains(w))
-    };
+    // `-pPASSWORD` is mysql's (and its tools'); elsewhere -p8080 is a port.
+    let mysql_like = args.first().is_some_and(|program| {
+        let name = program.rsplit('/').next().unwrap_or(program);
+        name.starts_with("mysql") || name.starts_with("mariadb")
+    });
     let mut out: Vec<String> = Vec::with_capacity(args.len());
-    let mut redact_next = false;
+    let mut next_is_secret = false;
+    let mut next_is_header = false;
     for a in args {
-        if redact_next {
+        if next_is_secret {
             out.push("REDACTED".into());
-            redact_next = false;
+            next_is_secret = false;
+            continue;
+        }
+        if next_is_header {
+            next_is_header = false;
+            if let Some(redacted) = redact_header(a) {
+                out.push(redacted);
+                continue;
+            }
+        }
+        if let Some(redacted) = redact_url_password(a) {
+            out.push(redacted);
+            continue;
+        }
+        if !a.starts_with('-') {
+            match a.split_once('=') {
+                // KEY=value, as in environment-style arguments (DB_PASSWORD=x).
+                Some((k, _)) if secret_option(k) => out.push(format!("{k}=REDACTED")),
+                _ => out.push(a.clone()),
+            }
             continue;
         }
         match a.split_once('=') {
-            Some((k, _)) if secretish(k) => out.push(format!("{k}=REDACTED")),
-            None if a.starts_with('-') && secretish(a) => {
+            Some((k, v)) if k == "--header" || k == "-H" => match redact_header(v) {
+                Some(redacted) => out.push(format!("{k}={redacted}")),
+                None => out.push(a.clone()),
+            },
+            Some((k, _)) if secret_option(k) => out.push(format!("{k}=REDACTED")),
+            Some(_) => out.push(a.clone()),
+            None if a == "-H" || a == "--header" => {
                 out.push(a.clone());
-                redact_next = true;
+                next_is_header = true;
             }
-            _ => out.push(a.clone()),
+            // mysql's -pPASSWORD: the password glued to a one-letter flag.
+            None if mysql_like && a.len() > 2 && a.starts_with("-p") && !a.starts_with("--") => {
+                out.push("-pREDACTED".into());
+            }
+            None if secret_option(a) => {
+                out.push(a.clone());
+                next_is_secret = true;
+            }
+            None => out.push(a.clone()),
         }
     }
     out.join(" ")
@@ -361,6 +441,60 @@ mod tests {
             redact_command_line(&args),
             "app --password=REDACTED --token REDACTED --port 80 DB_PASSWORD=REDACTED"
         );
+    }
+
+    fn redact(line: &[&str]) -> String {
+        redact_command_line(&line.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn secrets_in_urls_flags_and_headers_are_redacted() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "psql",
+                    "postgres://app:s3cret@db:5432/orders?sslmode=require",
+                ],
+                "psql postgres://app:REDACTED@db:5432/orders?sslmode=require",
+            ),
+            (
+                &["worker", "--broker=amqp://guest:guest@rabbit/"],
+                "worker --broker=amqp://guest:REDACTED@rabbit/",
+            ),
+            (
+                &["mysql", "-uroot", "-ps3cret", "shop"],
+                "mysql -uroot -pREDACTED shop",
+            ),
+            (&["/usr/bin/mariadb", "-pX"], "/usr/bin/mariadb -pREDACTED"),
+            (&["docker", "run", "-p8080:80"], "docker run -p8080:80"),
+            (
+                &["app", "--pass", "x", "--pwd", "y"],
+                "app --pass REDACTED --pwd REDACTED",
+            ),
+            (
+                &["app", "--key=abc", "--dsn", "x"],
+                "app --key=REDACTED --dsn REDACTED",
+            ),
+            (
+                &[
+                    "curl",
+                    "-H",
+                    "Authorization: Bearer abc",
+                    "-H",
+                    "Accept: */*",
+                ],
+                "curl -H Authorization: REDACTED -H Accept: */*",
+            ),
+            (
+                &["curl", "--header=Cookie: session=1", "http://u:p@h/"],
+                "curl --header=Cookie: REDACTED http://u:REDACTED@h/",
+            ),
+            (&["nginx", "-g", "daemon off;"], "nginx -g daemon off;"),
+            (&["app", "http://host/path@x"], "app http://host/path@x"),
+        ];
+        for (line, want) in cases {
+            assert_eq!(&redact(line), want, "{line:?}");
+        }
     }
 
     #[test]

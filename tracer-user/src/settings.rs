@@ -37,9 +37,14 @@ pub struct AgentArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_COMPRESSION")]
     pub compression: Option<String>,
 
-    /// Bearer token sent to the collector (`Authorization: Bearer <token>`).
+    /// Bearer token sent to the collector (`Authorization: Bearer <token>`). A command line is
+    /// readable by every local user: prefer --token-file, the config file or the environment.
     #[arg(long, env = "TRACER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// Read the bearer token from this file (its first line).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// PEM CA certificate to trust for an https collector.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
@@ -182,6 +187,7 @@ impl AgentArgs {
             protocol: self.protocol.or(file.protocol),
             compression: self.compression.or(file.compression),
             token: self.token.or(file.token),
+            token_file: self.token_file.or(file.token_file),
             ca_cert: self.ca_cert.or(file.ca_cert),
             stdout: self.stdout || file.stdout,
             pids: vec_or(self.pids, file.pids),
@@ -220,7 +226,22 @@ impl AgentArgs {
                 .context("invalid --headers / OTEL_EXPORTER_OTLP_HEADERS")?,
             None => Vec::new(),
         };
-        if let Some(token) = &self.token {
+        let from_file = match &self.token_file {
+            Some(path) => {
+                if self.token.is_some() {
+                    bail!("both a token and a token file are set: keep one");
+                }
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?;
+                let token = text.lines().next().unwrap_or("").trim().to_owned();
+                if token.is_empty() {
+                    bail!("the token file {} is empty", path.display());
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        if let Some(token) = self.token.as_ref().or(from_file.as_ref()) {
             headers.push(("authorization".into(), format!("Bearer {token}")));
         }
         let gzip = match self.compression.as_deref().unwrap_or("none") {

@@ -910,6 +910,8 @@ fn replay_cost(
     seconds: u64,
 ) -> anyhow::Result<Replay> {
     let file = work.join("records.bin");
+    // --record writes a new file only.
+    let _ = std::fs::remove_file(&file);
     let mut cmd = agent_command(bin, collector_http, nginx_port);
     cmd.arg("--record").arg(&file);
     let agent = start_ready(cmd, "tracer: ready")?;
