@@ -65,7 +65,10 @@ fn sigint_and_sigterm_stop_the_agent_under_and_after_load() {
         // The log reader thread may lag the exit a little.
         std::thread::sleep(Duration::from_millis(100));
         let log = agent.stderr.lock().unwrap().clone();
-        assert!(log.contains("stopping"), "round {round}: no stopping line:\n{log}");
+        assert!(
+            log.contains("stopping"),
+            "round {round}: no stopping line:\n{log}"
+        );
         eprintln!(
             "round {round}: {name} {} load: stopped in {:?}",
             if under_load { "under" } else { "after" },
