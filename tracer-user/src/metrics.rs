@@ -1,10 +1,18 @@
 //! A Prometheus text endpoint with the agent's counters (`GET /metrics`).
-use std::{convert::Infallible, net::SocketAddr, sync::atomic::Ordering::Relaxed, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use http_body_util::Full;
 use hyper::{body::Bytes, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::task::AbortHandle;
 
 use crate::agent::Stats;
 
@@ -135,41 +143,163 @@ pub fn render(stats: &Stats) -> String {
     out
 }
 
+/// Connections served at once. A scrape is one short request: more than this many at a time
+/// is someone holding connections open, and the oldest is closed to make room.
+const MAX_CONNECTIONS: usize = 32;
+/// A connection must deliver its request and take the answer within this; one request a
+/// connection (a Prometheus scrape reconnects cheaply), so no connection sits idle for longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head read (hyper's smallest buffer); a scrape's is a few hundred bytes.
+const MAX_HEAD_BYTES: usize = 8192;
+
+/// The endpoint's own defences, counted: every connection closed early is visible.
+#[derive(Default)]
+struct EndpointStats {
+    /// Connections closed unanswered to make room for a newer one (`MAX_CONNECTIONS` open).
+    evicted: AtomicU64,
+    /// Connections closed because their request did not complete within `CONNECTION_TIMEOUT`.
+    timed_out: AtomicU64,
+}
+
+/// The open connections, oldest first, each with the handle that closes it.
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    by_age: BTreeMap<u64, AbortHandle>,
+}
+
+/// Removes a connection from [`Open`] however its task ends: served, timed out or aborted.
+struct Registered {
+    id: u64,
+    open: Arc<Mutex<Open>>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.open).by_age.remove(&self.id);
+    }
+}
+
+fn lock(open: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
+    open.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Binds now (so a taken port is an error at start-up) and serves in the background.
+///
+/// Any local user can connect, so nothing a client does costs more than a bounded amount: at most
+/// `MAX_CONNECTIONS` descriptors (a newer connection closes the oldest, so a flood of idle
+/// connections cannot lock a scrape out), one request of at most `MAX_HEAD_BYTES` of head a
+/// connection, `CONNECTION_TIMEOUT` a connection, and accept failures (out of descriptors) back
+/// off instead of spinning the agent's one thread.
 pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("binding the metrics endpoint {addr} (use --metrics-addr to move or `off`)")
     })?;
     log::info!("metrics on http://{addr}/metrics");
+    let endpoint = Arc::new(EndpointStats::default());
+    let open = Arc::new(Mutex::new(Open::default()));
     tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    stream
+                }
+                Err(e) => {
+                    log::warn!("metrics endpoint: accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
             };
-            let stats = stats.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let stats = stats.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4")
-                                .body(Full::new(Bytes::from(render(&stats))))
-                        } else {
-                            Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::from("try /metrics\n")))
-                        };
-                        Ok::<_, Infallible>(resp.unwrap_or_default())
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+            let oldest = {
+                let mut o = lock(&open);
+                if o.by_age.len() >= MAX_CONNECTIONS {
+                    o.by_age.pop_first()
+                } else {
+                    None
+                }
+            };
+            if let Some((_, handle)) = oldest {
+                handle.abort();
+                endpoint.evicted.fetch_add(1, Relaxed);
+            }
+            let (stats, endpoint_stats) = (stats.clone(), endpoint.clone());
+            let mut o = lock(&open);
+            let id = o.next_id;
+            o.next_id += 1;
+            let registered = Registered {
+                id,
+                open: open.clone(),
+            };
+            let task = tokio::spawn(async move {
+                let _registered = registered;
+                serve_connection(stream, stats, endpoint_stats).await;
             });
+            o.by_age.insert(id, task.abort_handle());
         }
     });
     Ok(())
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// One request on `stream`, answered and closed, within `CONNECTION_TIMEOUT`.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    stats: Arc<Stats>,
+    endpoint: Arc<EndpointStats>,
+) {
+    let svc = service_fn(|req: Request<hyper::body::Incoming>| {
+        let (stats, endpoint) = (stats.clone(), endpoint.clone());
+        async move {
+            let resp = if req.uri().path() == "/metrics" {
+                Response::builder()
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .body(Full::new(Bytes::from(
+                        render(&stats) + &render_endpoint(&endpoint),
+                    )))
+            } else {
+                Response::builder()
+                    .status(404)
+                    .body(Full::new(Bytes::from("try /metrics\n")))
+            };
+            Ok::<_, Infallible>(resp.unwrap_or_default())
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), svc);
+    if tokio::time::timeout(CONNECTION_TIMEOUT, conn)
+        .await
+        .is_err()
+    {
+        endpoint.timed_out.fetch_add(1, Relaxed);
+    }
+}
+
+fn render_endpoint(e: &EndpointStats) -> String {
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "tracer_metrics_connections_evicted_total",
+            "Metrics endpoint connections closed unanswered to make room for newer ones",
+            e.evicted.load(Relaxed),
+        ),
+        (
+            "tracer_metrics_connections_timed_out_total",
+            "Metrics endpoint connections closed for not completing a request in time",
+            e.timed_out.load(Relaxed),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
