@@ -97,6 +97,12 @@ pub(crate) fn service_name(resource: &[KeyValue]) -> String {
 /// The checks every span must pass (shared by both decoding paths, so their messages are the
 /// same): ids of the right length and not all zeros, an empty or valid parent, and no end
 /// before the start. `n` is the span's 1-based position in the request.
+/// How far in the future a span may start. Retention deletes by start time, and a span dated
+/// 2^63 ns was never deleted, while spans dated ahead of "now" were evicted last under the size
+/// cap (real spans went first) and no search ending "now" found them. A day is more than any
+/// clock error a host should have; the collector corrects the skew it can measure anyway.
+const MAX_FUTURE_NANOS: u64 = 24 * 3_600_000_000_000;
+
 pub(crate) fn check_span(
     n: usize,
     trace_id: &[u8],
@@ -115,6 +121,16 @@ pub(crate) fn check_span(
     };
     if end < start {
         return Err(format!("span #{n} ({name}): ends before it starts"));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    if start > now.saturating_add(MAX_FUTURE_NANOS) {
+        return Err(format!(
+            "span #{n} ({name}): starts {} h after this collector's clock (more than 24 h): \
+             the sender's clock is wrong",
+            (start - now) / 3_600_000_000_000
+        ));
     }
     Ok((trace_id, span_id, parent_span_id))
 }

@@ -126,6 +126,24 @@ async fn malformed_oversized_and_unauthenticated_requests_are_refused() {
         .await;
     assert_eq!(st, 404, "nothing of a rejected batch is stored");
 
+    // Spans dated far ahead (an immortal 2^63 ns, or two days out) are refused on both
+    // decoding paths: retention deletes by start time, and they would outlive and outrank
+    // every real span.
+    for (encoding, start) in [
+        ("application/x-protobuf", i64::MAX as u64),
+        ("application/json", now_nanos() + 2 * 86_400_000_000_000),
+    ] {
+        let future = request("svc", vec![span([8u8; 16], 1, None, "late", start, 0, 10)]);
+        let body = if encoding == "application/json" {
+            serde_json::to_vec(&future).unwrap()
+        } else {
+            future.encode_to_vec()
+        };
+        let (st, body) = post(&url, encoding, &auth, body).await;
+        assert_eq!(st, 400, "{encoding}: {body}");
+        assert!(body.contains("the sender's clock is wrong"), "{body}");
+    }
+
     // Still serving: a good request is accepted and found.
     let (st, body) = post(&url, "application/x-protobuf", &auth, good).await;
     assert_eq!(st, 200, "{body}");
