@@ -306,6 +306,35 @@ pub fn container_id_from_cgroup(cgroup: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The process's name, best first: its executable file; argv[0]'s file name; the process's
+/// command name (`/proc/PID/comm`, the main thread's); the command name of the thread that made
+/// the call, last, since threads name themselves (chromium's network thread is
+/// `Chrome_ChildIOT`, which once showed up as a service). `/proc/PID/exe` is unreadable for
+/// processes that made themselves non-dumpable (chromium's sandboxed ones).
+fn executable_name(
+    exe_path: &str,
+    args: &[String],
+    process_comm: &str,
+    thread_comm: &str,
+) -> String {
+    let file_name = |path: &str| {
+        path.rsplit('/')
+            .next()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    file_name(exe_path)
+        .or_else(|| {
+            // argv[0] may carry more than the program ("nginx: worker process").
+            args.first()
+                .and_then(|a0| a0.split_whitespace().next())
+                .map(|a0| a0.trim_end_matches(':'))
+                .and_then(file_name)
+        })
+        .or_else(|| (!process_comm.is_empty()).then(|| process_comm.to_owned()))
+        .unwrap_or_else(|| thread_comm.to_owned())
+}
+
 fn process_start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
@@ -325,18 +354,14 @@ impl ProcessFacts {
                     .to_owned()
             })
             .unwrap_or_default();
-        let executable_name = executable_path
-            .rsplit('/')
-            .next()
-            .filter(|s| !s.is_empty())
-            .unwrap_or(comm)
-            .to_owned();
         let args: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
             .unwrap_or_default()
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        let process_comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let executable_name = executable_name(&executable_path, &args, process_comm.trim(), comm);
         let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .unwrap_or_default()
             .lines()
@@ -495,6 +520,39 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(&redact(line), want, "{line:?}");
         }
+    }
+
+    #[test]
+    fn processes_are_named_by_their_program_not_a_thread() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            executable_name(
+                "/usr/sbin/nginx",
+                &args(&["nginx: worker process"]),
+                "nginx",
+                "nginx"
+            ),
+            "nginx"
+        );
+        // /proc/PID/exe unreadable: argv[0], then the process's comm, the thread's last.
+        assert_eq!(
+            executable_name(
+                "",
+                &args(&["/usr/lib/chromium/chromium", "--type=utility"]),
+                "chromium",
+                "Chrome_ChildIOT"
+            ),
+            "chromium"
+        );
+        assert_eq!(
+            executable_name("", &args(&["nginx: worker process"]), "", "x"),
+            "nginx"
+        );
+        assert_eq!(
+            executable_name("", &[], "chromium", "Chrome_ChildIOT"),
+            "chromium"
+        );
+        assert_eq!(executable_name("", &[], "", "curl"), "curl");
     }
 
     #[test]
