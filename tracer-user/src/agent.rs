@@ -685,7 +685,8 @@ fn stdout_line(
         _ => "INTERNAL",
     };
     let res = flat(&resource.attributes);
-    serde_json::json!({
+    // Span names and attributes come from the network: a terminal must not receive their escapes.
+    crate::client::json_for_terminal(&serde_json::json!({
         "service": res.get("service.name"),
         "name": span.name,
         "kind": kind,
@@ -696,8 +697,7 @@ fn stdout_line(
         "status": span.status.as_ref().map_or(0, |s| s.code),
         "attributes": flat(&span.attributes),
         "resource": res,
-    })
-    .to_string()
+    }))
 }
 
 fn filters(args: &AgentArgs, export_addrs: Vec<SocketAddr>) -> Filters {

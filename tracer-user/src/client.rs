@@ -33,11 +33,19 @@ fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// JSON output: serde escapes C0 controls but writes C1 ones (U+0080..U+009F) raw, which some
-/// terminals take as escape sequences.
 fn emit_json(data: &Value) {
+    println!("{}", json_for_terminal(data));
+}
+
+/// `data` as one line of JSON fit for a terminal: serde escapes C0 controls but writes C1 ones
+/// (U+0080..U+009F) raw, which some terminals take as escape sequences; they are escaped too
+/// (`\u009b`), which leaves the JSON value the same.
+pub fn json_for_terminal(data: &Value) -> String {
     let text = data.to_string();
-    let mut out = String::with_capacity(text.len());
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
         if c.is_control() {
             out.push_str(&format!("\\u{:04x}", c as u32));
@@ -45,7 +53,7 @@ fn emit_json(data: &Value) {
             out.push(c);
         }
     }
-    println!("{out}");
+    out
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,7 +132,7 @@ async fn get(c: &ClientArgs, path: &str, query: &[(&str, String)]) -> anyhow::Re
             .as_str()
             .unwrap_or("no message")
             .to_owned();
-        bail!("the collector answered {status}: {msg}");
+        bail!("the collector answered {status}: {}", terminal_safe(&msg));
     }
     Ok(body["data"].clone())
 }
@@ -584,6 +592,25 @@ fn utc(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let hostile = "GET /\u{1b}]0;title\u{7}\u{9b}2J\u{7f}x é";
+        assert_eq!(
+            terminal_safe(hostile),
+            "GET /\\x1b]0;title\\x07\\u{9b}2J\\x7fx é"
+        );
+        assert!(matches!(
+            terminal_safe("plain é"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let data = serde_json::json!({ "name": hostile });
+        let line = json_for_terminal(&data);
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert!(line.contains("\\u009b"), "{line}");
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, data, "the escaped JSON is the same value");
+    }
 
     #[test]
     fn times_render_in_utc() {
