@@ -70,6 +70,8 @@ pub struct Stats {
     pub agent: AgentStats,
     pub export: Arc<ExportStats>,
     pub kernel: std::sync::Mutex<probes::KernelCounters>,
+    /// Every request's duration by service, route and status (`red.rs`).
+    pub red: crate::red::RedMetrics,
 }
 
 /// How long a response with no length may stay open after its last byte.
@@ -152,6 +154,7 @@ impl Outbox {
             Sink::Discard(_, _, recycler) => recycler,
             Sink::Stdout => {
                 println!("{}", stdout_line(&resource.proto, &span.to_proto()));
+                span.name_into(&mut self.name);
                 return;
             }
         };
@@ -532,6 +535,8 @@ impl Pipeline {
         });
         count(&self.stats.agent.spans);
         self.out.send(resource, &span);
+        // After `send`, which left the span's name in `out.name`.
+        self.stats.red.record(resource, &span, &self.out.name);
     }
 
     /// The resource of a process's spans in `role`: looked up once per connection.

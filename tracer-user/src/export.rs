@@ -65,12 +65,33 @@ pub struct ExportResource {
     pub proto: Resource,
     /// `proto` as a protobuf `Resource` message body.
     pub encoded: Vec<u8>,
+    /// Its `service.name`, for the RED metrics' labels.
+    service: String,
 }
 
 impl ExportResource {
     pub fn new(proto: Resource) -> Self {
         let encoded = proto.encode_to_vec();
-        ExportResource { proto, encoded }
+        let service = proto
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
+                    Some(s.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        ExportResource {
+            proto,
+            encoded,
+            service,
+        }
+    }
+
+    pub fn service_name(&self) -> &str {
+        &self.service
     }
 }
 

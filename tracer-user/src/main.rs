@@ -19,6 +19,7 @@ mod pairing;
 mod priority;
 mod probes;
 mod records;
+mod red;
 mod replay;
 mod resource;
 mod ring;

@@ -140,6 +140,7 @@ pub fn render(stats: &Stats) -> String {
             a.links[source.index()].load(Relaxed)
         ));
     }
+    stats.red.render(&mut out);
     out
 }
 

@@ -219,7 +219,7 @@ impl HttpSpan {
         }
     }
 
-    fn server_side(&self) -> bool {
+    pub fn server_side(&self) -> bool {
         self.exchange.role == Role::Server
     }
 

@@ -1,0 +1,102 @@
+//! The RED metrics on the agent's /metrics: every request nginx answers, counted by service,
+//! route and status in `http_server_request_duration_seconds` (and curl's side in the client
+//! histogram), with the counts equal to the requests made.
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use support::*;
+
+fn scrape(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn value(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn every_request_is_counted_by_route_and_status() {
+    require_root();
+    let port = free_port();
+    let _nginx = start_nginx(port, free_port());
+    let receiver = OtlpReceiver::start(free_port());
+    let metrics = free_port();
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--port",
+        &port.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics}"),
+    ]);
+    for (path, times) in [("/ok", 5), ("/notfound", 2)] {
+        for _ in 0..times {
+            Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    &format!("http://127.0.0.1:{port}{path}"),
+                ])
+                .status()
+                .unwrap();
+        }
+    }
+    let ok = r#"http_server_request_duration_seconds_count{service_name="nginx",http_request_method="GET",http_route="/ok",http_response_status_code="200"}"#;
+    let missing = r#"http_server_request_duration_seconds_count{service_name="nginx",http_request_method="GET",http_route="/notfound",http_response_status_code="404"}"#;
+    let client = r#"http_client_request_duration_seconds_count{service_name="curl",http_request_method="GET",http_route="/ok",http_response_status_code="200"}"#;
+    let mut text = String::new();
+    wait_for(
+        "the requests in the histograms",
+        Duration::from_secs(10),
+        || {
+            text = scrape(metrics);
+            value(&text, ok) == Some(5) && value(&text, missing) == Some(2)
+        },
+    );
+    assert_eq!(value(&text, client), Some(5), "{text}");
+    // Cumulative buckets end at the count; the sum is the durations'.
+    let inf = r#"http_server_request_duration_seconds_bucket{service_name="nginx",http_request_method="GET",http_route="/ok",http_response_status_code="200",le="+Inf"}"#;
+    assert_eq!(value(&text, inf), Some(5), "{text}");
+    assert!(text.contains("# TYPE http_server_request_duration_seconds histogram"));
+    assert_eq!(value(&text, "tracer_red_series_overflow_total"), Some(0));
+    // The Grafana dashboard asks only for metrics that exist (the agent's here; the
+    // collector's are checked by the collector's tests).
+    for name in dashboard_metrics()
+        .iter()
+        .filter(|m| !m.starts_with("tracer_collector_"))
+    {
+        assert!(
+            text.lines().any(|l| l.starts_with(name.as_str())),
+            "docs/grafana-dashboard.json uses {name}, which the agent does not serve"
+        );
+    }
+    drop(agent);
+}
+
+/// The metric names docs/grafana-dashboard.json's queries use.
+fn dashboard_metrics() -> Vec<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana-dashboard.json");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| {
+            w.starts_with("tracer_")
+                || w.starts_with("http_server_")
+                || w.starts_with("http_client_")
+        })
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() > 10, "{names:?}");
+    names
+}
