@@ -448,9 +448,9 @@ async fn collector_check(report: &mut Report, args: &AgentArgs) {
             Verdict::Fail,
             format!("{url} refused the credentials (HTTP {})", r.status().as_u16()),
             if args.token.is_some() || args.token_file.is_some() {
-                "the token is not the collector's: check --token / TRACER_TOKEN (or the config file's token)"
+                "the token is not the collector's: check --token-file / TRACER_TOKEN (or the config file's token)"
             } else {
-                "the collector requires a token: pass it with TRACER_TOKEN or the config file's token"
+                "the collector requires a token: pass it with --token-file, TRACER_TOKEN or the config file's token"
             },
         ),
         Ok(r) => report.add_fix(
