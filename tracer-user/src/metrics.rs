@@ -236,7 +236,7 @@ pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> anyhow::Result<()> {
             };
             let task = tokio::spawn(async move {
                 let _registered = registered;
-                serve_connection(stream, stats, endpoint_stats).await;
+                serve_connection(stream, addr, stats, endpoint_stats).await;
             });
             o.by_age.insert(id, task.abort_handle());
         }
@@ -250,13 +250,22 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// One request on `stream`, answered and closed, within `CONNECTION_TIMEOUT`.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
+    listen: SocketAddr,
     stats: Arc<Stats>,
     endpoint: Arc<EndpointStats>,
 ) {
     let svc = service_fn(|req: Request<hyper::body::Incoming>| {
         let (stats, endpoint) = (stats.clone(), endpoint.clone());
         async move {
-            let resp = if req.uri().path() == "/metrics" {
+            let host = req
+                .headers()
+                .get(hyper::header::HOST)
+                .map(|h| h.to_str().unwrap_or("?"));
+            let resp = if !host_allowed(listen, host) {
+                Response::builder().status(421).body(Full::new(Bytes::from(
+                    "the metrics endpoint on a loopback address answers only for loopback host names\n",
+                )))
+            } else if req.uri().path() == "/metrics" {
                 Response::builder()
                     .header("content-type", "text/plain; version=0.0.4")
                     .body(Full::new(Bytes::from(
@@ -280,6 +289,28 @@ async fn serve_connection(
     {
         endpoint.timed_out.fetch_add(1, Relaxed);
     }
+}
+
+/// Whether a request naming `host` is for this endpoint. On a loopback address only loopback
+/// names are: a web page could otherwise read the metrics (service names, routes) by pointing a
+/// name of its own at 127.0.0.1 (DNS rebinding). On any other address the endpoint was opened
+/// to the network on purpose, and every name is.
+fn host_allowed(listen: SocketAddr, host: Option<&str>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    if !listen.ip().is_loopback() {
+        return true;
+    }
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn render_endpoint(e: &EndpointStats) -> String {
@@ -306,6 +337,34 @@ fn render_endpoint(e: &EndpointStats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On loopback, only loopback names (any port); elsewhere, any name.
+    #[test]
+    fn loopback_endpoints_answer_loopback_names_only() {
+        let lo: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+        for ok in [
+            "localhost",
+            "localhost:9464",
+            "LOCALHOST.:80",
+            "127.0.0.1:9464",
+            "127.1.2.3",
+            "[::1]:9464",
+        ] {
+            assert!(host_allowed(lo, Some(ok)), "{ok}");
+        }
+        for refused in [
+            "evil.example:9464",
+            "localhost.evil.example",
+            "10.0.0.1",
+            "[fe80::1]",
+            "?",
+        ] {
+            assert!(!host_allowed(lo, Some(refused)), "{refused}");
+        }
+        assert!(host_allowed(lo, None));
+        let open: SocketAddr = "0.0.0.0:9464".parse().unwrap();
+        assert!(host_allowed(open, Some("node-7.example:9464")));
+    }
 
     /// Links are counted by how they were made, one labelled series a source.
     #[test]

@@ -1,6 +1,7 @@
 //! The agent's metrics endpoint against a local user who holds connections open: thousands of
 //! idle or half-sent connections do not exhaust the agent's descriptors or lock a scrape out,
-//! a slow request is cut off, and an oversized one refused.
+//! a slow request is cut off, an oversized one refused, and a request for a foreign host name
+//! (DNS rebinding) refused.
 mod support;
 
 use std::{
@@ -106,6 +107,16 @@ fn idle_connections_do_not_starve_the_metrics_endpoint() {
     let (ok, first) = scrape(port);
     assert!(ok, "a scrape before the flood: {first}");
     let fds_before = open_fds(pid);
+
+    // A web page's request through a name of its own pointed at 127.0.0.1 (DNS rebinding).
+    let mut rebound = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    rebound
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: rebind.example:80\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = rebound.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 421 "), "{answer}");
+    assert!(!answer.contains("tracer_spans_total"), "{answer}");
 
     // The flood: idle connections, and some that send half a request head and stop.
     let mut held = Vec::with_capacity(FLOOD);

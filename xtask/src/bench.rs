@@ -380,7 +380,7 @@ pub(crate) fn metric(port: u16, name: &str) -> u64 {
     };
     let _ = write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
     );
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
