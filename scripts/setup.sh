@@ -81,6 +81,14 @@ else
   say "aiohttp: present"
 fi
 
+# rotel: a real OTLP relay (not written here) that the collector's fan-out test forwards through.
+if ! "$VENV/bin/python" -c 'import rotel' 2>/dev/null; then
+  say "installing rotel (an OTLP relay) into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'rotel==0.0.1a15'
+else
+  say "rotel: present"
+fi
+
 # --- playwright-core for the UI test (drives /usr/bin/chromium) ------------------
 UI_TESTS="$ROOT/tracer-collector/ui/tests"
 if ! command -v npm >/dev/null; then

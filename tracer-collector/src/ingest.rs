@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message as _;
 use tracer_store::{SpanRecord, SpanStore, StoreError};
 
-use crate::{convert, decode, tls::ConnectionStats};
+use crate::{convert, decode, forward::ForwardStats, tls::ConnectionStats};
 
 #[derive(Default, Debug)]
 pub struct IngestStats {
@@ -47,6 +47,8 @@ pub struct Ingest {
     /// collector's size under any mix of requests.
     pub in_flight: InFlight,
     pub stats: IngestStats,
+    /// Upstream backends every stored batch is forwarded to (`forward.rs`); none by default.
+    pub forward: crate::forward::Forwarder,
 }
 
 /// How much memory a request takes at its peak, in multiples of its body's size, measured as
@@ -121,6 +123,7 @@ impl Ingest {
     /// `decode::Decoded`); both on a blocking thread, which owns the body meanwhile.
     async fn store_protobuf(&self, body: Bytes) -> Result<(), (StatusCode, String)> {
         let store = self.store.clone();
+        let forward = (!self.forward.is_empty()).then(|| body.clone());
         let result = tokio::task::spawn_blocking(move || {
             let decoded = decode::decode(&body)?;
             let count = decoded.len() as u64;
@@ -128,7 +131,14 @@ impl Ingest {
         })
         .await;
         match result {
-            Ok(Ok((count, stored))) => self.stored(count, Ok(stored)),
+            Ok(Ok((count, stored))) => {
+                let ok = stored.is_ok();
+                let result = self.stored(count, Ok(stored));
+                if let (true, Some(body)) = (ok, forward) {
+                    self.forward.forward(&body);
+                }
+                result
+            }
             Ok(Err(decode::Error::Malformed(e))) => {
                 self.stats.rejected_malformed.fetch_add(1, Relaxed);
                 Err((
@@ -297,14 +307,24 @@ async fn otlp_http(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: 
         // Decoded on a blocking thread: a large JSON body takes long enough to stall the
         // async workers (and every other request on them).
         Encoding::Json => {
+            let forwarding = !ingest.forward.is_empty();
             let decoded = tokio::task::spawn_blocking(move || {
-                serde_json::from_slice::<ExportTraceServiceRequest>(&raw)
-                    .map(convert::spans_from_request)
+                serde_json::from_slice::<ExportTraceServiceRequest>(&raw).map(|req| {
+                    // Upstreams get protobuf whatever the sender used.
+                    let encoded = forwarding.then(|| Bytes::from(req.encode_to_vec()));
+                    (convert::spans_from_request(req), encoded)
+                })
             })
             .await;
             match decoded {
-                Ok(Ok(Ok(spans))) => ingest.store(spans).await,
-                Ok(Ok(Err(e))) => Err(ingest.invalid_span(e)),
+                Ok(Ok((Ok(spans), encoded))) => {
+                    let result = ingest.store(spans).await;
+                    if let (Ok(()), Some(body)) = (&result, encoded) {
+                        ingest.forward.forward(&body);
+                    }
+                    result
+                }
+                Ok(Ok((Err(e), _))) => Err(ingest.invalid_span(e)),
                 Ok(Err(e)) => {
                     ingest.stats.rejected_malformed.fetch_add(1, Relaxed);
                     let msg =
@@ -624,6 +644,53 @@ pub fn metrics_router(ingest: Arc<Ingest>, connections: Arc<ConnectionStats>) ->
                         "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
                         v.load(Relaxed)
                     ));
+                }
+                for (name, help, kind, get) in [
+                    (
+                        "tracer_collector_forward_requests_total",
+                        "Batches an upstream acknowledged",
+                        "counter",
+                        (|s: &ForwardStats| &s.sent_requests) as fn(&ForwardStats) -> &AtomicU64,
+                    ),
+                    (
+                        "tracer_collector_forward_bytes_total",
+                        "Bytes an upstream acknowledged",
+                        "counter",
+                        |s| &s.sent_bytes,
+                    ),
+                    (
+                        "tracer_collector_forward_dropped_queue_full_total",
+                        "Batches not forwarded: the upstream's queue was full",
+                        "counter",
+                        |s| &s.dropped_queue_full,
+                    ),
+                    (
+                        "tracer_collector_forward_dropped_rejected_total",
+                        "Batches an upstream refused for good (4xx)",
+                        "counter",
+                        |s| &s.dropped_rejected,
+                    ),
+                    (
+                        "tracer_collector_forward_retries_total",
+                        "Forwarding attempts that failed and were retried",
+                        "counter",
+                        |s| &s.retries,
+                    ),
+                    (
+                        "tracer_collector_forward_queued_bytes",
+                        "Bytes waiting for an upstream",
+                        "gauge",
+                        |s| &s.queued_bytes,
+                    ),
+                ] {
+                    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+                    for u in &ingest.forward.upstreams {
+                        out.push_str(&format!(
+                            "{name}{{upstream=\"{}\"}} {}\n",
+                            u.url.replace(['"', '\\', '\n'], "_"),
+                            get(&u.stats).load(Relaxed)
+                        ));
+                    }
                 }
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
             }),

@@ -3,6 +3,7 @@
 pub mod config_file;
 pub mod convert;
 pub mod decode;
+pub mod forward;
 pub mod ingest;
 pub mod jaeger;
 pub mod query_guard;

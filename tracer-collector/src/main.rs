@@ -88,6 +88,17 @@ struct Args {
     /// Serve the query API and UI over TLS too, with --tls-cert and --tls-key.
     #[arg(long, requires = "tls_cert")]
     query_tls: bool,
+    /// Also send every stored batch to this OTLP/HTTP traces endpoint (repeatable), e.g.
+    /// http://otel-collector:4318/v1/traces: fan-out to another backend.
+    #[arg(long = "forward", value_name = "URL")]
+    forward: Vec<String>,
+    /// A header for the forwarded requests, `name=value` (repeatable), e.g. an authorization.
+    #[arg(long = "forward-header", value_name = "NAME=VALUE")]
+    forward_headers: Vec<String>,
+    /// Bytes waiting for each upstream at most, in MiB; beyond, batches are not forwarded to it
+    /// (counted).
+    #[arg(long, default_value_t = 256)]
+    forward_queue_mib: u64,
 }
 
 fn parse_age(s: &str) -> anyhow::Result<Option<Duration>> {
@@ -179,12 +190,30 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             args.http_addr
         );
     }
+    let forward_headers = args
+        .forward_headers
+        .iter()
+        .map(|h| {
+            h.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("--forward-header {h:?} is not name=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let forward = tracer_collector::forward::Forwarder::start(
+        &args.forward,
+        args.forward_queue_mib,
+        forward_headers,
+    )?;
+    for u in &forward.upstreams {
+        log::info!("forwarding stored batches to {}", u.url);
+    }
     let ingest = Arc::new(ingest::Ingest {
         store: store.clone(),
         token: args.token.clone(),
         max_body_bytes: args.max_body_bytes,
         in_flight: ingest::InFlight::new(args.max_in_flight_mib),
         stats: Default::default(),
+        forward,
     });
     let files = tls::raise_file_limit();
     if files < args.max_connections as u64 * 3 + 64 {
