@@ -645,6 +645,12 @@ pub fn metrics_router(ingest: Arc<Ingest>, connections: Arc<ConnectionStats>) ->
                         v.load(Relaxed)
                     ));
                 }
+                out.push_str(&format!(
+                    "# HELP tracer_collector_operations_overflowed_total Spans stored under the operation \"(other operations)\": their service had 1,000 names already\n\
+                     # TYPE tracer_collector_operations_overflowed_total counter\n\
+                     tracer_collector_operations_overflowed_total {}\n",
+                    ingest.store.operations_overflowed()
+                ));
                 for (name, help, kind, get) in [
                     (
                         "tracer_collector_forward_requests_total",

@@ -497,6 +497,11 @@ pub trait SpanStore: Send + Sync + 'static {
     ) -> Result<Vec<DependencyLink>, StoreError>;
     fn enforce_retention(&self, policy: &Retention) -> Result<RetentionReport, StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Spans stored under the overflow operation since the store was opened: their service
+    /// already had the most operation names a service may have.
+    fn operations_overflowed(&self) -> u64 {
+        0
+    }
 }
 
 #[cfg(test)]

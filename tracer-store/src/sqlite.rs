@@ -1326,6 +1326,15 @@ impl SpanStore for SqliteStore {
         })
     }
 
+    fn operations_overflowed(&self) -> u64 {
+        self.inner
+            .catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .operations_overflowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn stats(&self) -> Result<StoreStats, StoreError> {
         self.inner.with_reader(|c| {
             Ok(StoreStats {

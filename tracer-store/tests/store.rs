@@ -963,3 +963,37 @@ fn acknowledged_writes_survive_kill_9() {
         .unwrap();
     assert!(found.len() >= acked.len() * 10);
 }
+
+/// Operation names come from whoever reaches a traced server: a service keeps at most 1,000
+/// distinct ones, and later names share one overflow operation, counted, across a reopen.
+#[test]
+fn operation_names_per_service_are_capped() {
+    let d = dir("op-cap");
+    let t = now();
+    let batch = |from: usize, to: usize| -> Vec<SpanRecord> {
+        (from..to)
+            .map(|i| {
+                let mut s = span(1, 1, None, "web", &format!("GET /x/{i}/y"), t, 1000);
+                s.trace_id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                s
+            })
+            .collect()
+    };
+    {
+        let store = SqliteStore::open(&d).unwrap();
+        store.write(&batch(0, 1100)).unwrap();
+        let ops = store.operations("web", None).unwrap();
+        assert_eq!(ops.len(), 1001, "1,000 names and the overflow");
+        assert!(ops.iter().any(|o| o.name == "(other operations)"));
+        assert_eq!(store.operations_overflowed(), 100);
+        // Other services keep their own room.
+        store
+            .write(&[span(9, 9, None, "api", "GET /health", t, 10)])
+            .unwrap();
+        assert_eq!(store.operations("api", None).unwrap().len(), 1);
+    }
+    let store = SqliteStore::open(&d).unwrap();
+    store.write(&batch(2000, 2010)).unwrap();
+    assert_eq!(store.operations("web", None).unwrap().len(), 1001);
+    assert_eq!(store.operations_overflowed(), 10);
+}

@@ -20,6 +20,12 @@ const MAX_STRINGS: usize = 100_000;
 /// Resource blobs remembered for deduplication; beyond this the cache starts over, which only
 /// means a resource may be stored twice.
 const MAX_CACHED_RESOURCES: usize = 20_000;
+/// Distinct operation names a service (and span kind) may have. Names come from whoever reaches
+/// a traced server (a path the templating keeps, `/abc/def/xyz`): 20,000 were all kept, listed
+/// and loaded at every start. Past the cap, new names go to one overflow operation.
+pub(super) const MAX_OPERATIONS_PER_SERVICE: usize = 1000;
+/// The overflow operation's name.
+pub(super) const OVERFLOW_OPERATION: &str = "(other operations)";
 
 #[derive(Default)]
 pub(super) struct Catalog {
@@ -34,6 +40,8 @@ pub(super) struct Catalog {
     next_operation: i64,
     next_resource: i64,
     pending: Pending,
+    /// Spans stored under `OVERFLOW_OPERATION` because their service was full.
+    pub operations_overflowed: std::sync::atomic::AtomicU64,
 }
 
 /// Ids handed out but not committed yet, in allocation order.
@@ -167,8 +175,19 @@ impl Catalog {
         self.services.get(name).copied()
     }
 
+    /// The operation's id; for a new name of a service at its cap, the overflow operation's.
     pub fn operation_id(&self, service: i64, name: &str, kind: i32) -> Option<i64> {
-        self.operations.get(&(service, kind))?.get(name).copied()
+        let ops = self.operations.get(&(service, kind))?;
+        ops.get(name).copied().or_else(|| {
+            let overflow = (ops.len() >= MAX_OPERATIONS_PER_SERVICE)
+                .then(|| ops.get(OVERFLOW_OPERATION).copied())
+                .flatten();
+            if overflow.is_some() {
+                self.operations_overflowed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            overflow
+        })
     }
 
     pub fn resource_id(&self, blob: &[u8]) -> Option<i64> {
@@ -200,10 +219,16 @@ impl Catalog {
             self.services.insert(name.clone(), id);
             self.pending.services.push((id, name));
         }
-        for (svc, name, kind) in m.operations {
+        for (svc, mut name, kind) in m.operations {
             let ops = self.operations.entry((svc, kind)).or_default();
             if ops.contains_key(&name) {
                 continue;
+            }
+            if ops.len() >= MAX_OPERATIONS_PER_SERVICE {
+                name = OVERFLOW_OPERATION.to_owned();
+                if ops.contains_key(&name) {
+                    continue;
+                }
             }
             let id = self.next_operation;
             self.next_operation += 1;
