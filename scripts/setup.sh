@@ -63,6 +63,14 @@ else
   say "bpf-linker $BPF_LINKER_VERSION: present"
 fi
 
+# --- cargo-fuzz (cargo xtask fuzz, and the short pass of cargo xtask test) -----------
+if ! command -v cargo-fuzz >/dev/null; then
+  say "installing cargo-fuzz"
+  cargo install --quiet --locked cargo-fuzz
+else
+  say "cargo-fuzz: present"
+fi
+
 # --- Python OpenTelemetry SDK (a real OTLP client for the collector tests) -------
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"

@@ -72,6 +72,17 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Fuzz what parses untrusted input (cargo-fuzz, nightly): the collector's OTLP protobuf
+    /// and JSON decoders and the query API's parameters. Fails on any crash, leak of the RSS
+    /// limit (2 GiB) or input slower than 10 s; the input is kept in fuzz/artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (repeatable): otlp_protobuf, otlp_json, query_params.
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+    },
     /// Build the Debian packages tracer-agent and tracer-collector (release build) into
     /// target/debian: `apt install ./target/debian/*.deb` installs and starts both services.
     Package,
@@ -139,6 +150,34 @@ fn build_release() -> anyhow::Result<()> {
         "-p",
         "tracer-collector",
     ]))
+}
+
+/// The fuzz targets in fuzz/fuzz_targets.
+const FUZZ_TARGETS: [&str; 3] = ["otlp_protobuf", "otlp_json", "query_params"];
+
+fn fuzz(seconds: u64, only: &[String]) -> anyhow::Result<()> {
+    if let Some(unknown) = only.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
+        bail!(
+            "no fuzz target {unknown:?}: the targets are {}",
+            FUZZ_TARGETS.join(", ")
+        );
+    }
+    let dir = root().join("fuzz");
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| o == *t))
+    {
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", "-O", target])
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"])
+            .current_dir(&dir))
+        .with_context(|| {
+            format!("fuzzing {target} found a failure: the input is in fuzz/artifacts/{target}/")
+        })?;
+    }
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -220,6 +259,9 @@ fn main() -> anyhow::Result<()> {
                 // A filtered run (`cargo xtask test -- NAME`): only what was asked for.
                 return Ok(());
             }
+            // A short fuzzing pass over what parses untrusted input (`cargo xtask fuzz` runs
+            // longer).
+            fuzz(10, &[])?;
             // The probes on one more kernel than this one: Debian 12's, the oldest line the
             // matrix covers (a verifier that rejected them there once).
             kernels::kernels(
@@ -298,6 +340,10 @@ fn main() -> anyhow::Result<()> {
                     bin_dir,
                 },
             )
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            setup()?;
+            fuzz(seconds, &targets)
         }
         Cmd::Package => {
             build_release()?;
