@@ -97,6 +97,28 @@ pub(crate) fn service_name(resource: &[KeyValue]) -> String {
 /// The checks every span must pass (shared by both decoding paths, so their messages are the
 /// same): ids of the right length and not all zeros, an empty or valid parent, and no end
 /// before the start. `n` is the span's 1-based position in the request.
+/// Attributes a span keeps: the rest are dropped and the span says so with
+/// `tracer.truncated = true`. A span of 200,000 empty attributes was accepted and made every
+/// search that returned it 7.6 MB of JSON.
+pub const MAX_SPAN_ATTRIBUTES: usize = 128;
+/// Bytes of a span name kept (cut at a character boundary): names are operations, listed and
+/// searched.
+pub const MAX_NAME_BYTES: usize = 512;
+/// The attribute that marks a span cut by the limits above.
+pub const TRUNCATED_KEY: &str = "tracer.truncated";
+
+/// `name` cut to at most `MAX_NAME_BYTES` at a character boundary, and whether it was cut.
+pub fn capped_name(name: &str) -> (&str, bool) {
+    if name.len() <= MAX_NAME_BYTES {
+        return (name, false);
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&name[..end], true)
+}
+
 /// How far in the future a span may start. Retention deletes by start time, and a span dated
 /// 2^63 ns was never deleted, while spans dated ahead of "now" were evicted last under the size
 /// cap (real spans went first) and no search ending "now" found them. A day is more than any
@@ -165,18 +187,30 @@ pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanReco
                 let (status_code, status_message) = s
                     .status
                     .map_or((0, String::new()), |st| (st.code, st.message));
+                let (name, name_cut) = capped_name(&s.name);
+                let name_cut = name_cut.then(|| name.to_owned());
+                let mut span_attributes = s.attributes;
+                let cut = name_cut.is_some() || span_attributes.len() > MAX_SPAN_ATTRIBUTES;
+                span_attributes.truncate(MAX_SPAN_ATTRIBUTES);
+                let mut span_attributes = attributes(span_attributes);
+                if cut {
+                    span_attributes.push(KeyValue {
+                        key: TRUNCATED_KEY.into(),
+                        value: AttrValue::Bool(true),
+                    });
+                }
                 out.push(SpanRecord {
                     trace_id,
                     span_id,
                     parent_span_id,
                     service: service.clone(),
-                    operation: s.name,
+                    operation: name_cut.unwrap_or(s.name),
                     kind: s.kind,
                     start_unix_nano: s.start_time_unix_nano,
                     duration_nano: s.end_time_unix_nano - s.start_time_unix_nano,
                     status_code,
                     status_message,
-                    attributes: attributes(s.attributes),
+                    attributes: span_attributes,
                     resource: resource.clone(),
                     events: s
                         .events

@@ -36,7 +36,7 @@ use tracer_store::{
     TraceId,
 };
 
-use crate::convert::{check_span, json_value, UNKNOWN_SERVICE};
+use crate::convert::{self, check_span, json_value, UNKNOWN_SERVICE};
 
 /// Why a body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -697,6 +697,7 @@ impl<'a> Decoder<'a> {
         let links_start = self.out.links.len() as u32;
         self.span_attrs.clear();
         self.span_json.clear();
+        let mut attrs_cut = false;
         while r.more() {
             match r.key()? {
                 (1, wt) => {
@@ -735,6 +736,12 @@ impl<'a> Decoder<'a> {
                     r.expect(9, "attributes", wt, LEN)?;
                     let owned = &mut self.out.owned;
                     let (kv, json) = r.message("KeyValue", |r| key_value(r, owned))?;
+                    // Past the cap the attribute is still read (the wire format is checked
+                    // whole) but not kept.
+                    if self.span_attrs.len() >= convert::MAX_SPAN_ATTRIBUTES {
+                        attrs_cut = true;
+                        continue;
+                    }
                     if let Some(text) = json {
                         self.span_json.push((self.span_attrs.len() as u32, text));
                     }
@@ -794,6 +801,14 @@ impl<'a> Decoder<'a> {
                 return Ok(());
             }
         };
+        let (name, name_cut) = convert::capped_name(s.name);
+        s.name = name;
+        if attrs_cut || name_cut {
+            self.span_attrs.push(KeyValueRef {
+                key: convert::TRUNCATED_KEY,
+                value: AttrValueRef::Bool(true),
+            });
+        }
         let attrs = append_attrs(&mut self.out, &mut self.span_attrs, &mut self.span_json);
         self.out.spans.push(OutSpan {
             trace_id,

@@ -144,6 +144,53 @@ async fn malformed_oversized_and_unauthenticated_requests_are_refused() {
         assert!(body.contains("the sender's clock is wrong"), "{body}");
     }
 
+    // A span with 6,000 attributes (protobuf) or 1,000 (JSON) and a 10 KB name (this collector
+    // takes 100 KB bodies) is kept with 128 attributes and a 512-byte name, marked
+    // `tracer.truncated`.
+    for (encoding, attributes, trace) in [
+        ("application/x-protobuf", 6_000usize, 0x61u8),
+        ("application/json", 1_000, 0x62),
+    ] {
+        let mut req = request(
+            "svc",
+            vec![span([trace; 16], 1, None, "x", now_nanos(), 0, 10)],
+        );
+        let sp = &mut req.resource_spans[0].scope_spans[0].spans[0];
+        sp.name = "é".repeat(5_000);
+        sp.attributes = (0..attributes)
+            .map(|i| kv(&format!("k{i}"), s("")))
+            .collect();
+        let body = if encoding == "application/json" {
+            serde_json::to_vec(&req).unwrap()
+        } else {
+            req.encode_to_vec()
+        };
+        let (st, body) = post(&url, encoding, &auth, body).await;
+        assert_eq!(st, 200, "{encoding}: {body}");
+        let (st, got) = c
+            .get(&format!("/api/traces/{}", hex::encode([trace; 16])))
+            .await;
+        assert_eq!(st, 200);
+        let span = &got["data"][0]["spans"][0];
+        let tags = span["tags"].as_array().unwrap();
+        let kept = tags
+            .iter()
+            .filter(|t| t["key"].as_str().unwrap().starts_with('k'))
+            .count();
+        assert_eq!(kept, 128, "{encoding}");
+        assert!(
+            tags.iter()
+                .any(|t| t["key"] == "tracer.truncated" && t["value"] == true),
+            "{encoding}: the cut is marked"
+        );
+        let name = span["operationName"].as_str().unwrap();
+        assert!(
+            name.len() <= 512 && name.len() >= 510,
+            "{encoding}: {}",
+            name.len()
+        );
+    }
+
     // Still serving: a good request is accepted and found.
     let (st, body) = post(&url, "application/x-protobuf", &auth, good).await;
     assert_eq!(st, 200, "{body}");
