@@ -75,18 +75,44 @@ fn warnings_json(w: &[String]) -> Value {
 
 /// One stitched trace in Jaeger's shape: spans plus a process table (one per service +
 /// resource), and the trace's warnings and completeness.
+/// A hash of a process's identity: its service and resource attributes.
+fn process_hash(service: &str, resource: &[KeyValue]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    service.hash(&mut h);
+    for kv in resource {
+        kv.key.hash(&mut h);
+        match &kv.value {
+            AttrValue::Str(v) | AttrValue::Json(v) => v.hash(&mut h),
+            AttrValue::Int(v) => v.hash(&mut h),
+            AttrValue::Float(v) => v.to_bits().hash(&mut h),
+            AttrValue::Bool(v) => v.hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
 pub fn trace_json(trace: &Stitched) -> Value {
     let mut processes: Vec<(&str, &Vec<KeyValue>)> = Vec::new();
+    // Processes by a hash of their service and resource, each bucket compared in full: a
+    // linear search over all processes made a trace of 16,000 spans with distinct resources
+    // take 4.1 s (quadratic).
+    let mut by_hash: std::collections::HashMap<u64, Vec<usize>> = std::collections::HashMap::new();
     let mut out_spans = Vec::with_capacity(trace.spans.len());
     for stitched in &trace.spans {
         let s = &stitched.span;
-        let idx = processes
-            .iter()
-            .position(|(svc, res)| *svc == s.service && **res == *s.resource)
-            .unwrap_or_else(|| {
-                processes.push((&s.service, &s.resource));
-                processes.len() - 1
-            });
+        let bucket = by_hash
+            .entry(process_hash(&s.service, &s.resource))
+            .or_default();
+        let found = bucket.iter().copied().find(|&i| {
+            let (svc, res) = processes[i];
+            svc == s.service && *res == *s.resource
+        });
+        let idx = found.unwrap_or_else(|| {
+            processes.push((&s.service, &s.resource));
+            bucket.push(processes.len() - 1);
+            processes.len() - 1
+        });
         let mut tags: Vec<Value> = s.attributes.iter().map(tag).collect();
         if let Some(k) = kind::name(s.kind) {
             tags.push(str_tag("span.kind", k));
