@@ -25,12 +25,13 @@ use crate::{
     pairing::{Chunk, ConnId, ConnMap, Exchange, Observer, Pairer, RequestStart, Role, SpanKey},
     priority,
     probes::{self, Connections, Counters, LoadOptions, Probes},
+    protocol::Protocols,
     records::{self, Record},
     replay,
     resource::{self, HostFacts, ProcessCache, ProcessFacts},
     ring::{self, Ring},
     settings::{parse_service_rule, AgentArgs, RuleMatch, ServiceRule},
-    spans::{self, Endpoints, HttpSpan},
+    spans::{self, Endpoints, Span},
 };
 
 /// Counters of the agent's own work (the probes and the exporter keep theirs). Written by the
@@ -148,7 +149,7 @@ struct Outbox {
 impl Outbox {
     /// Encodes a final span for the exporter (by reference: moving a span is a `memcpy` call,
     /// which was 4% of the agent's time).
-    fn send(&mut self, resource: &Arc<ExportResource>, span: &HttpSpan) {
+    fn send(&mut self, resource: &Arc<ExportResource>, span: &Span) {
         let recycler = match &self.sink {
             Sink::Otlp(tx) => &tx.recycler,
             Sink::Discard(_, _, recycler) => recycler,
@@ -337,7 +338,7 @@ impl Pipeline {
     ) -> Self {
         let host = HostFacts::read();
         Pipeline {
-            pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64),
+            pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64, Protocols::all()),
             conns: ConnMap::default(),
             processes: ProcessCache::default(),
             resources: HashMap::new(),
@@ -427,7 +428,7 @@ impl Pipeline {
                 };
                 self.pairer
                     .on_chunk(id, &chunk, &mut self.exchanges, &mut observer);
-                if self.pairer.is_not_http(id) {
+                if self.pairer.is_muted(id) {
                     meta.ignored = true;
                     if let Some(k) = &mut self.kernel_conns {
                         k.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
@@ -530,7 +531,7 @@ impl Pipeline {
         if let Some(link) = ids.and_then(|i| i.link) {
             count(&self.stats.agent.links[link.source.index()]);
         }
-        let span = HttpSpan::new(ex, ends, ids, |mono| {
+        let span = Span::new(ex, ends, ids, |mono| {
             (i128::from(mono) + offset).max(0) as u64
         });
         count(&self.stats.agent.spans);
@@ -597,7 +598,8 @@ impl Pipeline {
 
     /// This agent's identity and link settings (`--host-name`, `--host-id`, `--trust-context`,
     /// `--clock-shift-ms`).
-    fn configure(&mut self, args: &AgentArgs, trust: Trust) {
+    fn configure(&mut self, args: &AgentArgs, trust: Trust, protocols: Protocols) {
+        self.pairer = Pairer::new(IDLE_TIMEOUT.as_nanos() as u64, protocols);
         if let Some(name) = &args.host_name {
             self.host.name.clone_from(name);
         }
@@ -734,6 +736,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(t) => Trust::parse(t)?,
         None => Trust::All,
     };
+    let protocols = args.protocols()?;
 
     // The agent's memory is many small short-lived allocations: transparent huge pages would
     // make each touched 2 MiB of heap resident (measured: +32 MiB of RSS, no speed-up).
@@ -775,7 +778,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
-    pipeline.configure(&args, trust);
+    pipeline.configure(&args, trust, protocols);
     if let Some(path) = &args.netns {
         pipeline.host.ips = resource::host_ips_in(path)?;
     }

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::{
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::{hashing::FxHasher, spans::HttpSpan};
+use crate::{hashing::FxHasher, spans::Span};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -96,7 +96,7 @@ impl ExportResource {
 }
 
 /// Spans of one resource (process), each encoded as the `spans` field of an OTLP `ScopeSpans`
-/// message (a tag, a length, and the `Span` message from [`HttpSpan::encode`]), back to back.
+/// message (a tag, a length, and the `Span` message from [`Span::encode`]), back to back.
 ///
 /// The drain encodes a span as soon as it is final, into the batch of its resource, so the
 /// exporter moves bytes rather than span structs (moving them, and freeing what they own later,
@@ -155,7 +155,7 @@ impl SpanBatch {
     }
 
     /// Encodes `span`; `name` is scratch space reused across calls.
-    pub fn push(&mut self, span: &HttpSpan, name: &mut String) {
+    pub fn push(&mut self, span: &Span, name: &mut String) {
         let start = self.bytes.len();
         // The length goes in front of the span, which is encoded in one pass: leave two bytes
         // for it, a varint of 128 to 16383, which nearly every span is.
@@ -1156,13 +1156,15 @@ mod tests {
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
     }
 
-    fn span(path: &str) -> HttpSpan {
+    fn span(path: &str) -> Span {
         use crate::pairing::{Exchange, Role};
         let exchange = Exchange {
             conn: 1,
             role: Role::Server,
-            request: crate::http::RequestText::new("GET", path, None, None),
-            status: Some(200),
+            detail: crate::protocol::Detail::Http(crate::protocol::http::Detail {
+                request: crate::protocol::http::head::RequestText::new("GET", path, None, None),
+                status: Some(200),
+            }),
             start_ns: 1,
             end_ns: 2,
             request_bytes: 3,
@@ -1174,7 +1176,7 @@ mod tests {
             "127.0.0.1:80".parse().unwrap(),
             "127.0.0.1:5000".parse().unwrap(),
         ));
-        HttpSpan::new(exchange, ends, None, |t| t)
+        Span::new(exchange, ends, None, |t| t)
     }
 
     fn resource(service: &str) -> Arc<ExportResource> {
@@ -1185,7 +1187,7 @@ mod tests {
     }
 
     /// `items` in batches of one resource each, as the drain makes them.
-    fn batches(items: &[(&Arc<ExportResource>, &HttpSpan)]) -> Vec<SpanBatch> {
+    fn batches(items: &[(&Arc<ExportResource>, &Span)]) -> Vec<SpanBatch> {
         let mut batches: Vec<SpanBatch> = Vec::new();
         for (resource, span) in items {
             let i = match batches.iter().position(|b| b.is_for(resource)) {
@@ -1201,7 +1203,7 @@ mod tests {
     }
 
     /// The request the agent must send for `items`, built from `prost` structs alone.
-    fn expected(groups: &[(&Arc<ExportResource>, Vec<&HttpSpan>)]) -> ExportTraceServiceRequest {
+    fn expected(groups: &[(&Arc<ExportResource>, Vec<&Span>)]) -> ExportTraceServiceRequest {
         ExportTraceServiceRequest {
             resource_spans: groups
                 .iter()
@@ -1246,7 +1248,7 @@ mod tests {
     #[test]
     fn requests_span_batches_and_truncation_keeps_whole_spans() {
         let (a, b) = (resource("a"), resource("b"));
-        let spans: Vec<HttpSpan> = (0..5).map(|i| span(&format!("/{i}"))).collect();
+        let spans: Vec<Span> = (0..5).map(|i| span(&format!("/{i}"))).collect();
         let mut parts = batches(&[(&a, &spans[0]), (&b, &spans[1])]);
         let mut second = batches(&[(&a, &spans[2]), (&b, &spans[3]), (&a, &spans[4])]);
         second[0].truncate(1);
@@ -1284,7 +1286,7 @@ mod tests {
     #[test]
     fn the_body_is_sent_from_the_batches_themselves() {
         let (a, b) = (resource("a"), resource("b"));
-        let spans: Vec<HttpSpan> = (0..4).map(|i| span(&format!("/{i}"))).collect();
+        let spans: Vec<Span> = (0..4).map(|i| span(&format!("/{i}"))).collect();
         let mut parts = batches(&[(&a, &spans[0]), (&b, &spans[1])]);
         parts.append(&mut batches(&[(&a, &spans[2]), (&b, &spans[3])]));
         let want = Encoder::default().protobuf(&parts);

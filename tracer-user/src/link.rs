@@ -225,8 +225,8 @@ impl Linker {
         let edge = req
             .tcp_seq
             .map(|seq| Edge::of(role, conn.local, conn.remote, seq));
-        let request_line = request_line_hash(req.text.method(), req.text.path());
-        let path_ids = path_id_hashes(req.text.path());
+        let request_line = request_line_hash(req.operation, req.target);
+        let path_ids = path_id_hashes(req.target);
         let mut state = SpanState {
             tgid: conn.tgid,
             tid: req.tid,
@@ -436,7 +436,7 @@ fn path_id_hashes(path: &str) -> [u64; 2] {
     let mut out = [0u64; 2];
     let ids = path
         .split('/')
-        .filter(|seg| crate::spans::is_id_segment(seg));
+        .filter(|seg| crate::protocol::http::is_id_segment(seg));
     for (slot, seg) in out.iter_mut().zip(ids) {
         *slot = hasher.hash_one(seg) | 1;
     }
@@ -512,7 +512,6 @@ fn request_line_hash(method: &str, path: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::RequestText;
 
     const NGINX: u32 = 100;
 
@@ -527,20 +526,21 @@ mod tests {
     fn start<'a>(
         tid: u32,
         seq: Option<u32>,
-        text: &'a RequestText,
+        path: &'a str,
         context: Option<RemoteContext>,
     ) -> RequestStart<'a> {
         RequestStart {
             tid,
             tcp_seq: seq,
             start_ns: 1,
-            text,
+            operation: "GET",
+            target: path,
             context,
         }
     }
 
-    fn text(path: &str) -> RequestText {
-        RequestText::new("GET", path, None, None)
+    fn text(path: &str) -> String {
+        path.to_owned()
     }
 
     /// A thread serving one request: its outgoing call is that request's child.

@@ -4,30 +4,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod agent;
-mod btf;
-mod client;
-mod context;
-mod doctor;
-mod export;
-mod hashing;
-mod http;
-mod link;
-mod loss;
-mod metrics;
-mod pairing;
-mod priority;
-mod probes;
-mod records;
-mod red;
-mod replay;
-mod resource;
-mod ring;
-mod settings;
-mod spans;
-mod wire;
-
 use clap::{Parser, Subcommand};
+use tracer_user::{agent, client, doctor, replay, settings};
 
 #[derive(Parser)]
 #[command(name = "tracer", version, about = "Traces every HTTP request on this host with eBPF, no code changes; queries the collector", long_about = None)]

@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 18] = [
+    let rows: [(&str, &str, u64); 19] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -97,6 +97,11 @@ pub fn render(stats: &Stats) -> String {
             "tracer_parse_failures_total",
             "Messages that could not be parsed",
             a.parse_failures.load(Relaxed),
+        ),
+        (
+            "tracer_connections_muted_total",
+            "Connections no enabled protocol recognised, or that switched to one the agent does not read (TLS, WebSocket): no longer traced",
+            a.connections_muted.load(Relaxed),
         ),
         (
             "tracer_agent_priority_boosts_total",

@@ -17,7 +17,7 @@ use std::{
 use crate::{
     export::ExportResource,
     hashing::{FxHasher, IdentityHasher},
-    spans::HttpSpan,
+    spans::Span,
 };
 
 /// OpenTelemetry's advised boundaries for HTTP durations, in seconds.
@@ -51,9 +51,12 @@ pub struct RedMetrics {
 
 impl RedMetrics {
     /// Counts `span` of `resource`; `name` is its span name (`METHOD /route`).
-    pub fn record(&self, resource: &Arc<ExportResource>, span: &HttpSpan, name: &str) {
+    pub fn record(&self, resource: &Arc<ExportResource>, span: &Span, name: &str) {
+        // The histograms are HTTP's (http.server.request.duration...).
+        let status = match &span.exchange.detail {
+            crate::protocol::Detail::Http(http) => http.status.unwrap_or(0),
+        };
         let server = span.server_side();
-        let status = span.exchange.status.unwrap_or(0);
         let mut h = FxHasher::default();
         // By service name, not process: each curl is a process of its own, and one label set
         // must be one series.

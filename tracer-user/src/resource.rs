@@ -431,6 +431,10 @@ impl ProcessCache {
     pub fn len(&self) -> usize {
         self.by_pid.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_pid.is_empty()
+    }
 }
 
 /// Builds the OTLP resource for a process under a service name.

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
-use crate::export::{self, ExportConfig, Protocol};
+use crate::{
+    export::{self, ExportConfig, Protocol as ExportProtocol},
+    protocol::{Protocol, Protocols},
+};
 
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,7 +33,7 @@ pub struct AgentArgs {
 
     /// Body encoding. [default: http/protobuf]
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
-    pub protocol: Option<Protocol>,
+    pub protocol: Option<ExportProtocol>,
 
     /// `gzip` or `none` (the OTLP default). gzip costs agent CPU (~5% of it at saturation);
     /// worth it when the collector is across a slow or metered link. [default: none]
@@ -69,6 +72,11 @@ pub struct AgentArgs {
     /// Only trace connections with this local or remote port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+
+    /// Protocols to read, comma-separated (`http`); a connection none of them recognises is
+    /// muted (no spans, counted). [default: all of them]
+    #[arg(long, value_name = "LIST")]
+    pub protocols: Option<String>,
 
     /// Name services by rule, `exe=NAME:SERVICE`, `pid=PID:SERVICE`, `cgroup=TEXT:SERVICE` or
     /// `port=PORT:SERVICE` (a server's local port). First match wins; default: executable name.
@@ -194,6 +202,7 @@ impl AgentArgs {
             executables: vec_or(self.executables, file.executables),
             cgroups: vec_or(self.cgroups, file.cgroups),
             ports: vec_or(self.ports, file.ports),
+            protocols: self.protocols.or(file.protocols),
             service_rules: vec_or(self.service_rules, file.service_rules),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             stats: self.stats || file.stats,
@@ -210,6 +219,28 @@ impl AgentArgs {
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,
         })
+    }
+
+    /// The protocols `--protocols` names; all of them by default.
+    pub fn protocols(&self) -> anyhow::Result<Protocols> {
+        let Some(list) = &self.protocols else {
+            return Ok(Protocols::all());
+        };
+        let mut chosen = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let Some(p) = Protocol::from_name(name) else {
+                let known: Vec<_> = Protocol::ALL.iter().map(|p| p.name()).collect();
+                bail!(
+                    "--protocols: unknown protocol {name:?} (known: {})",
+                    known.join(", ")
+                );
+            };
+            chosen.push(p);
+        }
+        if chosen.is_empty() {
+            bail!("--protocols names no protocol: the agent would trace nothing");
+        }
+        Ok(Protocols::of(&chosen))
     }
 
     pub fn export_config(&self) -> anyhow::Result<ExportConfig> {
@@ -252,7 +283,7 @@ impl AgentArgs {
         Ok(ExportConfig {
             url,
             headers,
-            protocol: self.protocol.unwrap_or(Protocol::HttpProtobuf),
+            protocol: self.protocol.unwrap_or(ExportProtocol::HttpProtobuf),
             gzip,
             batch_size: self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
             batch_timeout: Duration::from_millis(self.batch_timeout_ms.unwrap_or(500)),
@@ -365,7 +396,10 @@ mod tests {
         let merged = args.with_config_file().unwrap();
         assert_eq!(merged.endpoint.as_deref(), Some("http://file:4318"));
         assert_eq!(merged.ports, vec![8080]);
-        assert_eq!(merged.export_config().unwrap().protocol, Protocol::HttpJson);
+        assert_eq!(
+            merged.export_config().unwrap().protocol,
+            ExportProtocol::HttpJson
+        );
         std::fs::write(&path, "endpont = \"typo\"\n").unwrap();
         let err = AgentArgs {
             config: Some(path),

@@ -1,23 +1,24 @@
 //! Turning a paired HTTP exchange into an OpenTelemetry span, per the HTTP semantic conventions.
 //!
-//! The agent keeps each span as an [`HttpSpan`] (the exchange, its ids and its connection) and
-//! writes it straight to OTLP protobuf with [`HttpSpan::encode`]: building the generic OTLP
+//! The agent keeps each span as an [`Span`] (the exchange, its ids and its connection) and
+//! writes it straight to OTLP protobuf with [`Span::encode`]: building the generic OTLP
 //! structs first costs ~40 allocations a span (every attribute key and value is a `String`) and
 //! two passes of `prost` length computation, which profiling showed to be most of the agent's
-//! CPU. [`HttpSpan::to_proto`] builds the same span as `prost` structs, for OTLP/JSON, `--stdout`
+//! CPU. [`Span::to_proto`] builds the same span as `prost` structs, for OTLP/JSON, `--stdout`
 //! and the test that keeps both in step. Both take their attributes from one list,
-//! [`HttpSpan::attributes`], so they cannot disagree.
+//! [`Span::attributes`], so they cannot disagree.
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use opentelemetry_proto::tonic::{
     common::v1::KeyValue,
-    trace::v1::{span::SpanKind, status::StatusCode, Span, Status},
+    trace::v1::{span::SpanKind, status::StatusCode, Span as ProtoSpan, Status},
 };
 
 use crate::{
     context,
     link::{Confidence, Source, SpanIds},
     pairing::{Exchange, Role},
+    protocol,
     resource::{kv_int, kv_str},
     wire,
 };
@@ -69,6 +70,15 @@ impl Endpoints {
             &self.edge_as_server
         } else {
             &self.edge_as_client
+        }
+    }
+
+    /// The server end's address and port.
+    pub fn server(&self, server_side: bool) -> (&str, u16) {
+        if server_side {
+            (&self.local_ip, self.local.port())
+        } else {
+            (&self.remote_ip, self.remote.port())
         }
     }
 
@@ -124,26 +134,6 @@ impl EdgeText {
     }
 }
 
-/// The attributes every span of the agent has, whatever its request.
-///
-/// `network.protocol.name` is left out as the HTTP semantic conventions ask ("if not http"),
-/// and `network.transport` (opt-in; always `tcp` here) too: each costs ~30 bytes a span at the
-/// agent, on the wire and in the collector's store.
-fn constant_attributes(mut f: impl FnMut(&str, Value<'_>)) {
-    f("url.scheme", Value::Str("http"));
-    f("network.protocol.version", Value::Str("1.1"));
-}
-
-/// [`constant_attributes`], encoded once.
-fn encoded_constant_attributes() -> &'static [u8] {
-    static ENCODED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    ENCODED.get_or_init(|| {
-        let mut out = Vec::new();
-        constant_attributes(|k, v| encode_attribute(&mut out, k, v));
-        out
-    })
-}
-
 /// The attributes a connection gives all its spans.
 fn connection_attributes(ends: &Endpoints, server_side: bool, mut f: impl FnMut(&str, Value<'_>)) {
     f("network.peer.address", Value::Str(&ends.remote_ip));
@@ -177,8 +167,8 @@ pub enum Value<'a> {
     Int(i64),
 }
 
-/// An HTTP exchange ready for export.
-pub struct HttpSpan {
+/// An exchange ready for export.
+pub struct Span {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
@@ -190,7 +180,7 @@ pub struct HttpSpan {
     pub ends: Arc<Endpoints>,
 }
 
-impl HttpSpan {
+impl Span {
     /// A span with the linker's ids, or fresh random ones; `mono_to_unix` converts the probes'
     /// CLOCK_MONOTONIC nanoseconds to Unix nanoseconds.
     pub fn new(
@@ -207,7 +197,7 @@ impl HttpSpan {
                 link: None,
             }
         });
-        HttpSpan {
+        Span {
             trace_id: ids.trace_id,
             span_id: ids.span_id,
             parent_span_id: ids.link.map(|l| l.parent),
@@ -231,31 +221,21 @@ impl HttpSpan {
         }
     }
 
-    /// `METHOD /path/{id}`: span names must be low-cardinality (`url.path` keeps the real path).
+    /// The span's name (low-cardinality: `url.path` and the like keep the real values).
     pub fn name_into(&self, out: &mut String) {
         out.clear();
-        out.push_str(self.exchange.request.method());
-        out.push(' ');
-        path_template_into(self.exchange.request.path(), out);
+        self.exchange.detail.name_into(out);
     }
 
-    /// Status code and message. Semantic conventions: 5xx is an error on both sides, 4xx only
-    /// for the client; no response at all is an error.
     fn status(&self) -> (StatusCode, &'static str) {
-        match self.exchange.status {
-            Some(code) if code >= 500 || (!self.server_side() && code >= 400) => {
-                (StatusCode::Error, "")
-            }
-            Some(_) => (StatusCode::Unset, ""),
-            None => (StatusCode::Error, "the connection ended before a response"),
-        }
+        self.exchange.detail.status(self.server_side())
     }
 
-    /// The span's attributes, in order, per the HTTP semantic conventions: those of its
-    /// request, then the constant ones, then its connection's.
+    /// The span's attributes, in order: those of its request and response, then its protocol's
+    /// constant ones, then its connection's.
     pub fn attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         self.request_attributes(&mut f);
-        constant_attributes(&mut f);
+        protocol::constant_attributes(self.exchange.detail.protocol(), &mut f);
         connection_attributes(&self.ends, self.server_side(), &mut f);
     }
 
@@ -263,40 +243,10 @@ impl HttpSpan {
     #[inline(always)]
     fn request_attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         let ex = &self.exchange;
-        let ends = &self.ends;
-        let (server_ip, server_port) = if self.server_side() {
-            (&ends.local_ip, ends.local.port())
-        } else {
-            (&ends.remote_ip, ends.remote.port())
-        };
-        let (host, host_port) = ex.request.host().map_or((None, None), |h| {
-            let (h, p) = split_host(h);
-            (Some(h), p)
-        });
-        f("http.request.method", Value::Str(ex.request.method()));
-        f("url.path", Value::Str(ex.request.path()));
-        f("server.address", Value::Str(host.unwrap_or(server_ip)));
-        f(
-            "server.port",
-            Value::Int(i64::from(host_port.unwrap_or(server_port))),
-        );
-        f("http.request.size", Value::Int(ex.request_bytes as i64));
-        f("http.response.size", Value::Int(ex.response_bytes as i64));
-        if let Some(ua) = ex.request.user_agent() {
-            f("user_agent.original", Value::Str(ua));
-        }
-        match ex.status {
-            Some(code) => {
-                f("http.response.status_code", Value::Int(i64::from(code)));
-                if self.status().0 == StatusCode::Error {
-                    f("error.type", Value::Str(&code.to_string()));
-                }
-            }
-            None => f("error.type", Value::Str("no_response")),
-        }
+        protocol::attributes(ex, &self.ends, &mut f);
         if let Some(seq) = ex.tcp_seq {
             // The collector joins this span with the other end's by this key, across hosts.
-            let edge = EdgeText::new(ends.edge_prefix(self.server_side()), seq);
+            let edge = EdgeText::new(self.ends.edge_prefix(self.server_side()), seq);
             f("tracer.tcp.edge", Value::Str(edge.as_str()));
             f("tracer.tcp.seq", Value::Int(i64::from(seq)));
         }
@@ -307,7 +257,7 @@ impl HttpSpan {
     }
 
     /// The span as `prost` structs: OTLP/JSON, `--stdout`, tests.
-    pub fn to_proto(&self) -> Span {
+    pub fn to_proto(&self) -> ProtoSpan {
         let mut attributes: Vec<KeyValue> = Vec::with_capacity(20);
         self.attributes(|k, v| {
             attributes.push(match v {
@@ -318,7 +268,7 @@ impl HttpSpan {
         let mut name = String::new();
         self.name_into(&mut name);
         let (code, message) = self.status();
-        Span {
+        ProtoSpan {
             trace_id: self.trace_id.to_vec(),
             span_id: self.span_id.to_vec(),
             parent_span_id: self.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
@@ -350,7 +300,10 @@ impl HttpSpan {
         fixed64_field(out, span::START_TIME_UNIX_NANO, self.start_unix_nano);
         fixed64_field(out, span::END_TIME_UNIX_NANO, self.end_unix_nano);
         self.request_attributes(|k, v| encode_attribute(out, k, v));
-        out.extend_from_slice(encoded_constant_attributes());
+        out.extend_from_slice(protocol::encoded_constant_attributes(
+            self.exchange.detail.protocol(),
+            encode_attribute,
+        ));
         out.extend_from_slice(self.ends.encoded(self.server_side()));
         let (code, message) = self.status();
         let code = code as u64;
@@ -369,48 +322,6 @@ impl HttpSpan {
         if code != 0 {
             varint_field(out, status::CODE, code);
         }
-    }
-}
-
-/// Span names must be low-cardinality: path segments that look like ids (digits, long hex,
-/// UUIDs) become `{id}`. Appends to `out`.
-pub fn path_template_into(path: &str, out: &mut String) {
-    for (i, seg) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
-        out.push_str(if is_id_segment(seg) { "{id}" } else { seg });
-    }
-}
-
-/// A path segment that names one thing rather than a route: digits, long hex, UUIDs, or
-/// mostly digits.
-pub fn is_id_segment(seg: &str) -> bool {
-    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-    digits > 0
-        && (digits == seg.len()
-            || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
-            || (seg.len() >= 4 && digits * 2 >= seg.len()))
-}
-
-#[cfg(test)]
-fn path_template(path: &str) -> String {
-    let mut out = String::new();
-    path_template_into(path, &mut out);
-    out
-}
-
-/// `Host` header without the port, and the port if it had one.
-fn split_host(host: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        if let Some((h, p)) = rest.split_once(']') {
-            return (h, p.strip_prefix(':').and_then(|p| p.parse().ok()));
-        }
-    }
-    match host.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
-        _ => (host, None),
     }
 }
 
@@ -484,18 +395,6 @@ mod tests {
     use super::*;
     use prost::Message as _;
 
-    #[test]
-    fn ids_in_paths_are_templated() {
-        assert_eq!(path_template("/users/123/orders"), "/users/{id}/orders");
-        assert_eq!(
-            path_template("/a/550e8400-e29b-41d4-a716-446655440000"),
-            "/a/{id}"
-        );
-        assert_eq!(path_template("/v1/traces"), "/v1/traces");
-        assert_eq!(path_template("/"), "/");
-        assert_eq!(path_template("/static/app.js"), "/static/app.js");
-    }
-
     /// Both ends of a connection write the same edge key, whatever their address families.
     #[test]
     fn edge_keys_match_across_ends() {
@@ -522,24 +421,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn host_header_ports_are_split() {
-        assert_eq!(split_host("example.com:8080"), ("example.com", Some(8080)));
-        assert_eq!(split_host("example.com"), ("example.com", None));
-        assert_eq!(split_host("[::1]:80"), ("::1", Some(80)));
-    }
-
     fn exchange(role: Role, status: Option<u16>) -> Exchange {
         Exchange {
             conn: 1,
             role,
-            request: crate::http::RequestText::new(
-                "GET",
-                "/x/42",
-                Some("localhost:8080"),
-                Some("curl/8.0 \u{e9}"),
-            ),
-            status,
+            detail: protocol::Detail::Http(protocol::http::Detail {
+                request: protocol::http::head::RequestText::new(
+                    "GET",
+                    "/x/42",
+                    Some("localhost:8080"),
+                    Some("curl/8.0 \u{e9}"),
+                ),
+                status,
+            }),
             start_ns: 1_000,
             end_ns: 3_000,
             request_bytes: 10,
@@ -558,8 +452,7 @@ mod tests {
 
     #[test]
     fn server_span_follows_http_semantic_conventions() {
-        let s =
-            HttpSpan::new(exchange(Role::Server, Some(503)), ends(), None, |t| t + 10).to_proto();
+        let s = Span::new(exchange(Role::Server, Some(503)), ends(), None, |t| t + 10).to_proto();
         assert_eq!(s.name, "GET /x/{id}");
         assert_eq!(s.kind, SpanKind::Server as i32);
         assert_eq!(
@@ -567,9 +460,9 @@ mod tests {
             (1_010, 3_010)
         );
         assert_eq!(s.status.unwrap().code, StatusCode::Error as i32);
-        let s = HttpSpan::new(exchange(Role::Server, Some(404)), ends(), None, |t| t).to_proto();
+        let s = Span::new(exchange(Role::Server, Some(404)), ends(), None, |t| t).to_proto();
         assert_eq!(s.status.unwrap().code, StatusCode::Unset as i32);
-        let s = HttpSpan::new(exchange(Role::Client, Some(404)), ends(), None, |t| t).to_proto();
+        let s = Span::new(exchange(Role::Client, Some(404)), ends(), None, |t| t).to_proto();
         assert_eq!(s.status.unwrap().code, StatusCode::Error as i32);
     }
 
@@ -584,16 +477,24 @@ mod tests {
                     let mut ex = exchange(role, status);
                     if long_text {
                         let path = format!("/{long}");
-                        ex.request = crate::http::RequestText::new("GET", &path, None, Some(&long));
+                        ex.detail = protocol::Detail::Http(protocol::http::Detail {
+                            request: protocol::http::head::RequestText::new(
+                                "GET",
+                                &path,
+                                None,
+                                Some(&long),
+                            ),
+                            status,
+                        });
                     }
-                    let mut span = HttpSpan::new(ex, ends(), None, |t| t * 7);
+                    let mut span = Span::new(ex, ends(), None, |t| t * 7);
                     if linked {
                         span.parent_span_id = Some([9; 8]);
                         span.link = Some((Source::TcpSeq, Confidence::High));
                     }
                     let mut buf = Vec::new();
                     span.encode(&mut buf, &mut String::new());
-                    let decoded = Span::decode(buf.as_slice()).unwrap();
+                    let decoded = ProtoSpan::decode(buf.as_slice()).unwrap();
                     assert_eq!(
                         decoded,
                         span.to_proto(),

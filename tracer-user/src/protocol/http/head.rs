@@ -9,7 +9,10 @@
 //! Only the headers the tracer reports or needs for framing are looked at. The others, credentials
 //! included, are validated and skipped without being copied anywhere.
 
-use crate::context::{self, RemoteContext};
+use crate::{
+    context::{self, RemoteContext},
+    pairing::Parse,
+};
 
 /// More header lines than this is not a real client or server: `Invalid`.
 pub const MAX_HEADERS: usize = 100;
@@ -152,14 +155,6 @@ pub struct ResponseHead {
     /// The server will close the connection after this response: `Connection: close`, or
     /// HTTP/1.0 without `Connection: keep-alive`.
     pub close: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Parse<T> {
-    Complete(T),
-    /// The bytes look like the beginning of a head that has not ended yet.
-    Partial,
-    Invalid,
 }
 
 /// Parses the request head at the start of `buf`; bytes after the head are ignored.

@@ -1,0 +1,202 @@
+//! The protocols the agent reads, behind one seam.
+//!
+//! Each protocol is a module with the same parts: `detect` (does a message starting with these
+//! bytes, going this way, begin one of its requests, and so which end is the client), a
+//! `Session` (the framing of a connection's two streams and the pairing of responses with
+//! requests, fed by [`crate::pairing`]), and a `Detail` (what the span of one exchange says: its
+//! name, status and attributes, given as a list through a callback so that the protobuf and JSON
+//! encodings cannot drift). This module dispatches to them with enums, not trait objects: the
+//! match is on the agent's hot path, once per record.
+//!
+//! Adding a protocol: its module, a variant in [`Protocol`], [`Session`] and [`Detail`], and an
+//! arm in each `match` below.
+
+pub mod http;
+
+use std::sync::OnceLock;
+
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+
+use crate::{
+    pairing::{Chunk, ConnId, Cx, Exchange, Mark, Role},
+    spans::{Endpoints, Value},
+};
+
+/// A protocol the agent can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+}
+
+impl Protocol {
+    /// Every protocol, in the order detection tries them.
+    pub const ALL: [Protocol; 1] = [Protocol::Http1];
+
+    /// The name `--protocols` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+/// The protocols detection may choose (`--protocols`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protocols(u32);
+
+impl Protocols {
+    pub fn all() -> Self {
+        Protocols::of(&Protocol::ALL)
+    }
+
+    pub fn of(protocols: &[Protocol]) -> Self {
+        Protocols(protocols.iter().fold(0, |bits, p| bits | p.bit()))
+    }
+
+    pub fn contains(self, p: Protocol) -> bool {
+        self.0 & p.bit() != 0
+    }
+}
+
+/// What the first bytes of a connection's first message say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Detection {
+    /// They begin a request of this protocol, which makes the traced process this role.
+    Found(Protocol, Role),
+    /// Too short to tell, but still a possible start.
+    Undecided,
+    /// A message of the protocol that cannot start a conversation (a response): wait for the
+    /// next message.
+    NotAStart,
+    /// Not this protocol.
+    Nothing,
+}
+
+/// Asks each enabled protocol, in order; the first to recognise a request wins.
+pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Detection {
+    let mut verdict = Detection::Nothing;
+    for p in Protocol::ALL {
+        if !protocols.contains(p) {
+            continue;
+        }
+        let d = match p {
+            Protocol::Http1 => http::detect(probe, direction),
+        };
+        match d {
+            Detection::Found(..) => return d,
+            Detection::Undecided => verdict = Detection::Undecided,
+            Detection::NotAStart if verdict == Detection::Nothing => verdict = d,
+            Detection::NotAStart | Detection::Nothing => {}
+        }
+    }
+    verdict
+}
+
+/// A connection's protocol state, once its protocol is known.
+pub(crate) enum Session {
+    Http(http::Session),
+}
+
+impl Session {
+    /// The connection's first request was recognised; `buffered`: bytes detection held, which
+    /// began at `start`.
+    pub(crate) fn start(protocol: Protocol, role: Role, buffered: Vec<u8>, start: Mark) -> Self {
+        match protocol {
+            Protocol::Http1 => Session::Http(http::Session::start(role, buffered, start)),
+        }
+    }
+
+    /// Feeds a record; false when the connection stops speaking the protocol.
+    pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> bool {
+        match self {
+            Session::Http(s) => s.on_chunk(chunk, cx),
+        }
+    }
+
+    /// The direction changed; the previous record went `last_dir`.
+    pub(crate) fn direction_changed(&mut self, last_dir: u32, cx: &mut Cx) {
+        match self {
+            Session::Http(s) => s.direction_changed(last_dir, cx),
+        }
+    }
+
+    /// The connection went quiet: a response whose end cannot be known is reported now.
+    pub(crate) fn idle(&mut self, conn: ConnId, out: &mut Vec<Exchange>) {
+        match self {
+            Session::Http(s) => s.idle(conn, out),
+        }
+    }
+
+    /// The connection ended (closed, or forgotten after a long silence) at `give_up_ns`:
+    /// everything still open is reported.
+    pub(crate) fn flush(&mut self, conn: ConnId, give_up_ns: u64, out: &mut Vec<Exchange>) {
+        match self {
+            Session::Http(s) => s.flush(conn, give_up_ns, out),
+        }
+    }
+}
+
+/// What the span of one exchange says, by protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Detail {
+    Http(http::Detail),
+}
+
+impl Detail {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Detail::Http(_) => Protocol::Http1,
+        }
+    }
+
+    /// Appends the span's name (low-cardinality) to `out`.
+    pub fn name_into(&self, out: &mut String) {
+        match self {
+            Detail::Http(d) => d.name_into(out),
+        }
+    }
+
+    /// The span's status code and message.
+    pub fn status(&self, server_side: bool) -> (StatusCode, &'static str) {
+        match self {
+            Detail::Http(d) => d.status(server_side),
+        }
+    }
+}
+
+/// The attributes of one exchange's request and response, in order.
+#[inline(always)]
+pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>)) {
+    match &ex.detail {
+        Detail::Http(d) => d.attributes(ex, ends, f),
+    }
+}
+
+/// The attributes every span of `protocol` has.
+pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
+    match protocol {
+        Protocol::Http1 => http::constant_attributes(f),
+    }
+}
+
+/// [`constant_attributes`], encoded once per protocol by `encode`.
+pub fn encoded_constant_attributes(
+    protocol: Protocol,
+    encode: fn(&mut Vec<u8>, &str, Value<'_>),
+) -> &'static [u8] {
+    static ENCODED: [OnceLock<Vec<u8>>; Protocol::ALL.len()] =
+        [const { OnceLock::new() }; Protocol::ALL.len()];
+    ENCODED[protocol as usize].get_or_init(|| {
+        let mut out = Vec::new();
+        constant_attributes(protocol, |k, v| encode(&mut out, k, v));
+        out
+    })
+}
