@@ -55,6 +55,7 @@ impl RedMetrics {
         // The histograms are HTTP's (http.server.request.duration...).
         let status = match &span.exchange.detail {
             crate::protocol::Detail::Http(http) => http.status.unwrap_or(0),
+            _ => return,
         };
         let server = span.server_side();
         let mut h = FxHasher::default();

@@ -311,6 +311,12 @@ pub fn container_id_from_cgroup(cgroup: &str) -> Option<String> {
 /// the call, last, since threads name themselves (chromium's network thread is
 /// `Chrome_ChildIOT`, which once showed up as a service). `/proc/PID/exe` is unreadable for
 /// processes that made themselves non-dumpable (chromium's sandboxed ones).
+///
+/// A program started through a symbolic link to another one (Debian's `redis-server` is a link
+/// to `redis-check-rdb`, which behaves as the name it was started by; busybox's applets) is
+/// named by that link: when argv[0]'s name is also the process's command name (which `execve`
+/// takes from the path it was given) and the executable's name is not a longer form of it
+/// (`python3.11` started as `python`, by a venv's link, stays `python3.11`).
 fn executable_name(
     exe_path: &str,
     args: &[String],
@@ -323,14 +329,21 @@ fn executable_name(
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
     };
-    file_name(exe_path)
-        .or_else(|| {
-            // argv[0] may carry more than the program ("nginx: worker process").
-            args.first()
-                .and_then(|a0| a0.split_whitespace().next())
-                .map(|a0| a0.trim_end_matches(':'))
-                .and_then(file_name)
-        })
+    // argv[0] may carry more than the program ("nginx: worker process").
+    let arg0 = args
+        .first()
+        .and_then(|a0| a0.split_whitespace().next())
+        .map(|a0| a0.trim_end_matches(':'))
+        .and_then(file_name);
+    let exe = file_name(exe_path);
+    if let (Some(exe), Some(arg0)) = (&exe, &arg0) {
+        // The kernel keeps 15 bytes of a command name.
+        let comm_matches = !process_comm.is_empty() && arg0.starts_with(process_comm);
+        if comm_matches && !exe.starts_with(arg0.as_str()) {
+            return arg0.clone();
+        }
+    }
+    exe.or(arg0)
         .or_else(|| (!process_comm.is_empty()).then(|| process_comm.to_owned()))
         .unwrap_or_else(|| thread_comm.to_owned())
 }
@@ -557,6 +570,30 @@ mod tests {
             "chromium"
         );
         assert_eq!(executable_name("", &[], "", "curl"), "curl");
+        // Started through a link: the link's name.
+        assert_eq!(
+            executable_name(
+                "/usr/bin/redis-check-rdb",
+                &args(&["redis-server 127.0.0.1:6379"]),
+                "redis-server",
+                "redis-server"
+            ),
+            "redis-server"
+        );
+        assert_eq!(
+            executable_name("/usr/bin/busybox", &args(&["wget", "-q"]), "wget", "wget"),
+            "wget"
+        );
+        // A venv's `python` link to python3.11: the real interpreter's name.
+        assert_eq!(
+            executable_name(
+                "/usr/bin/python3.11",
+                &args(&["/srv/.venv/bin/python", "app.py"]),
+                "python",
+                "python"
+            ),
+            "python3.11"
+        );
     }
 
     #[test]

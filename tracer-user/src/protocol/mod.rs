@@ -12,6 +12,8 @@
 //! arm in each `match` below.
 
 pub mod http;
+pub mod redis;
+mod resp;
 
 use std::sync::OnceLock;
 
@@ -26,16 +28,18 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
+    Redis,
 }
 
 impl Protocol {
     /// Every protocol, in the order detection tries them.
-    pub const ALL: [Protocol; 1] = [Protocol::Http1];
+    pub const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::Redis];
 
     /// The name `--protocols` takes.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Http1 => "http",
+            Protocol::Redis => "redis",
         }
     }
 
@@ -89,6 +93,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
         }
         let d = match p {
             Protocol::Http1 => http::detect(probe, direction),
+            Protocol::Redis => redis::detect(probe, direction),
         };
         match d {
             Detection::Found(..) => return d,
@@ -103,6 +108,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
 /// A connection's protocol state, once its protocol is known.
 pub(crate) enum Session {
     Http(http::Session),
+    Redis(redis::Session),
 }
 
 impl Session {
@@ -111,6 +117,7 @@ impl Session {
     pub(crate) fn start(protocol: Protocol, role: Role, buffered: Vec<u8>, start: Mark) -> Self {
         match protocol {
             Protocol::Http1 => Session::Http(http::Session::start(role, buffered, start)),
+            Protocol::Redis => Session::Redis(redis::Session::start(role, buffered, start)),
         }
     }
 
@@ -118,6 +125,7 @@ impl Session {
     pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> bool {
         match self {
             Session::Http(s) => s.on_chunk(chunk, cx),
+            Session::Redis(s) => s.on_chunk(chunk, cx),
         }
     }
 
@@ -125,6 +133,7 @@ impl Session {
     pub(crate) fn direction_changed(&mut self, last_dir: u32, cx: &mut Cx) {
         match self {
             Session::Http(s) => s.direction_changed(last_dir, cx),
+            Session::Redis(s) => s.direction_changed(last_dir, cx),
         }
     }
 
@@ -132,6 +141,7 @@ impl Session {
     pub(crate) fn idle(&mut self, conn: ConnId, out: &mut Vec<Exchange>) {
         match self {
             Session::Http(s) => s.idle(conn, out),
+            Session::Redis(s) => s.idle(conn, out),
         }
     }
 
@@ -140,6 +150,7 @@ impl Session {
     pub(crate) fn flush(&mut self, conn: ConnId, give_up_ns: u64, out: &mut Vec<Exchange>) {
         match self {
             Session::Http(s) => s.flush(conn, give_up_ns, out),
+            Session::Redis(s) => s.flush(conn, give_up_ns, out),
         }
     }
 }
@@ -148,12 +159,14 @@ impl Session {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Detail {
     Http(http::Detail),
+    Redis(redis::Detail),
 }
 
 impl Detail {
     pub fn protocol(&self) -> Protocol {
         match self {
             Detail::Http(_) => Protocol::Http1,
+            Detail::Redis(_) => Protocol::Redis,
         }
     }
 
@@ -161,6 +174,7 @@ impl Detail {
     pub fn name_into(&self, out: &mut String) {
         match self {
             Detail::Http(d) => d.name_into(out),
+            Detail::Redis(d) => d.name_into(out),
         }
     }
 
@@ -168,6 +182,7 @@ impl Detail {
     pub fn status(&self, server_side: bool) -> (StatusCode, &'static str) {
         match self {
             Detail::Http(d) => d.status(server_side),
+            Detail::Redis(d) => d.status(server_side),
         }
     }
 }
@@ -177,6 +192,7 @@ impl Detail {
 pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>)) {
     match &ex.detail {
         Detail::Http(d) => d.attributes(ex, ends, f),
+        Detail::Redis(d) => d.attributes(ex, ends, f),
     }
 }
 
@@ -184,6 +200,7 @@ pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>
 pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
     match protocol {
         Protocol::Http1 => http::constant_attributes(f),
+        Protocol::Redis => redis::constant_attributes(f),
     }
 }
 
