@@ -73,7 +73,7 @@ enum Cmd {
         bin_dir: Option<PathBuf>,
     },
     /// Fuzz what parses untrusted input (cargo-fuzz, nightly): the collector's OTLP protobuf
-    /// and JSON decoders and the query API's parameters. Fails on any crash, leak of the RSS
+    /// and JSON decoders, the query API's parameters and the agent's protocol parsers. Fails on any crash, leak of the RSS
     /// limit (2 GiB) or input slower than 10 s; the input is kept in fuzz/artifacts.
     Fuzz {
         /// Seconds per target.
@@ -153,7 +153,12 @@ fn build_release() -> anyhow::Result<()> {
 }
 
 /// The fuzz targets in fuzz/fuzz_targets.
-const FUZZ_TARGETS: [&str; 3] = ["otlp_protobuf", "otlp_json", "query_params"];
+const FUZZ_TARGETS: [&str; 4] = [
+    "otlp_protobuf",
+    "otlp_json",
+    "query_params",
+    "agent_protocols",
+];
 
 fn fuzz(seconds: u64, only: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = only.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
