@@ -12,8 +12,10 @@
 //! arm in each `match` below.
 
 pub mod http;
+pub mod postgres;
 pub mod redis;
 mod resp;
+mod sql;
 
 use std::sync::OnceLock;
 
@@ -29,17 +31,19 @@ use crate::{
 pub enum Protocol {
     Http1,
     Redis,
+    Postgres,
 }
 
 impl Protocol {
     /// Every protocol, in the order detection tries them.
-    pub const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::Redis];
+    pub const ALL: [Protocol; 3] = [Protocol::Http1, Protocol::Redis, Protocol::Postgres];
 
     /// The name `--protocols` takes.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Http1 => "http",
             Protocol::Redis => "redis",
+            Protocol::Postgres => "postgresql",
         }
     }
 
@@ -94,6 +98,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
         let d = match p {
             Protocol::Http1 => http::detect(probe, direction),
             Protocol::Redis => redis::detect(probe, direction),
+            Protocol::Postgres => postgres::detect(probe, direction),
         };
         match d {
             Detection::Found(..) => return d,
@@ -109,6 +114,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
 pub(crate) enum Session {
     Http(http::Session),
     Redis(redis::Session),
+    Postgres(postgres::Session),
 }
 
 impl Session {
@@ -118,6 +124,9 @@ impl Session {
         match protocol {
             Protocol::Http1 => Session::Http(http::Session::start(role, buffered, start)),
             Protocol::Redis => Session::Redis(redis::Session::start(role, buffered, start)),
+            Protocol::Postgres => {
+                Session::Postgres(postgres::Session::start(role, buffered, start))
+            }
         }
     }
 
@@ -126,6 +135,7 @@ impl Session {
         match self {
             Session::Http(s) => s.on_chunk(chunk, cx),
             Session::Redis(s) => s.on_chunk(chunk, cx),
+            Session::Postgres(s) => s.on_chunk(chunk, cx),
         }
     }
 
@@ -134,6 +144,7 @@ impl Session {
         match self {
             Session::Http(s) => s.direction_changed(last_dir, cx),
             Session::Redis(s) => s.direction_changed(last_dir, cx),
+            Session::Postgres(s) => s.direction_changed(last_dir, cx),
         }
     }
 
@@ -142,6 +153,7 @@ impl Session {
         match self {
             Session::Http(s) => s.idle(conn, out),
             Session::Redis(s) => s.idle(conn, out),
+            Session::Postgres(s) => s.idle(conn, out),
         }
     }
 
@@ -151,6 +163,7 @@ impl Session {
         match self {
             Session::Http(s) => s.flush(conn, give_up_ns, out),
             Session::Redis(s) => s.flush(conn, give_up_ns, out),
+            Session::Postgres(s) => s.flush(conn, give_up_ns, out),
         }
     }
 }
@@ -160,6 +173,7 @@ impl Session {
 pub enum Detail {
     Http(http::Detail),
     Redis(redis::Detail),
+    Postgres(postgres::Detail),
 }
 
 impl Detail {
@@ -167,6 +181,7 @@ impl Detail {
         match self {
             Detail::Http(_) => Protocol::Http1,
             Detail::Redis(_) => Protocol::Redis,
+            Detail::Postgres(_) => Protocol::Postgres,
         }
     }
 
@@ -175,6 +190,7 @@ impl Detail {
         match self {
             Detail::Http(d) => d.name_into(out),
             Detail::Redis(d) => d.name_into(out),
+            Detail::Postgres(d) => d.name_into(out),
         }
     }
 
@@ -183,6 +199,7 @@ impl Detail {
         match self {
             Detail::Http(d) => d.status(server_side),
             Detail::Redis(d) => d.status(server_side),
+            Detail::Postgres(d) => d.status(server_side),
         }
     }
 }
@@ -193,6 +210,7 @@ pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>
     match &ex.detail {
         Detail::Http(d) => d.attributes(ex, ends, f),
         Detail::Redis(d) => d.attributes(ex, ends, f),
+        Detail::Postgres(d) => d.attributes(ex, ends, f),
     }
 }
 
@@ -201,6 +219,7 @@ pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
     match protocol {
         Protocol::Http1 => http::constant_attributes(f),
         Protocol::Redis => redis::constant_attributes(f),
+        Protocol::Postgres => postgres::constant_attributes(f),
     }
 }
 
