@@ -18,13 +18,15 @@ fi
 # iproute2: network namespaces, veth and a bridge make the hosts of the topology test.
 # python3-venv: the OpenTelemetry SDK tests run in a venv.
 # chromium: the UI test drives Debian's browser headless (no browser downloads work here).
-# redis-server (with redis-cli), postgresql (with psql): the protocols' integration tests.
+# redis-server (with redis-cli), postgresql (with psql), mariadb-server and mariadb-client: the
+# protocols' integration tests.
 # bpftool: the benchmark reads the probes' run-time statistics with it.
 # qemu-system-x86, busybox-static: `cargo xtask kernels` (and its pass in the tests) boots other
 # kernels in QEMU on a busybox initramfs.
 APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
           nginx-light curl wrk python3-venv sqlite3 chromium openssl bpftool
-          iproute2 qemu-system-x86 busybox-static redis-server postgresql)
+          iproute2 qemu-system-x86 busybox-static redis-server postgresql
+          mariadb-server mariadb-client)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,7 +37,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The nginx and redis packages start services we do not want; tests start their own.
-  systemctl disable --now nginx redis-server postgresql >/dev/null 2>&1 || true
+  systemctl disable --now nginx redis-server postgresql mariadb >/dev/null 2>&1 || true
   pkill -x nginx >/dev/null 2>&1 || true
   pkill -x redis-server >/dev/null 2>&1 || true
 else
@@ -105,6 +107,15 @@ if ! "$VENV/bin/python" -c 'import psycopg' 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]==3.3.9'
 else
   say "psycopg: present"
+fi
+
+# mysql-connector-python: a MySQL client with server-side prepared statements, for the MySQL
+# protocol's test.
+if ! "$VENV/bin/python" -c 'import mysql.connector' 2>/dev/null; then
+  say "installing mysql-connector-python into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'mysql-connector-python==26.10.0'
+else
+  say "mysql-connector-python: present"
 fi
 
 # rotel: a real OTLP relay (not written here) that the collector's fan-out test forwards through.

@@ -100,6 +100,14 @@ impl Role {
         }
     }
 
+    /// The other end's role.
+    pub(crate) fn opposite(self) -> Role {
+        match self {
+            Role::Server => Role::Client,
+            Role::Client => Role::Server,
+        }
+    }
+
     /// The role of whoever sends requests in `direction`.
     pub(crate) fn sending_requests(direction: u32) -> Role {
         if direction == INGRESS {

@@ -12,6 +12,7 @@
 //! arm in each `match` below.
 
 pub mod http;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 mod resp;
@@ -32,11 +33,17 @@ pub enum Protocol {
     Http1,
     Redis,
     Postgres,
+    Mysql,
 }
 
 impl Protocol {
     /// Every protocol, in the order detection tries them.
-    pub const ALL: [Protocol; 3] = [Protocol::Http1, Protocol::Redis, Protocol::Postgres];
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Http1,
+        Protocol::Redis,
+        Protocol::Postgres,
+        Protocol::Mysql,
+    ];
 
     /// The name `--protocols` takes.
     pub fn name(self) -> &'static str {
@@ -44,6 +51,7 @@ impl Protocol {
             Protocol::Http1 => "http",
             Protocol::Redis => "redis",
             Protocol::Postgres => "postgresql",
+            Protocol::Mysql => "mysql",
         }
     }
 
@@ -99,6 +107,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
             Protocol::Http1 => http::detect(probe, direction),
             Protocol::Redis => redis::detect(probe, direction),
             Protocol::Postgres => postgres::detect(probe, direction),
+            Protocol::Mysql => mysql::detect(probe, direction),
         };
         match d {
             Detection::Found(..) => return d,
@@ -115,6 +124,7 @@ pub(crate) enum Session {
     Http(http::Session),
     Redis(redis::Session),
     Postgres(postgres::Session),
+    Mysql(mysql::Session),
 }
 
 impl Session {
@@ -127,6 +137,7 @@ impl Session {
             Protocol::Postgres => {
                 Session::Postgres(postgres::Session::start(role, buffered, start))
             }
+            Protocol::Mysql => Session::Mysql(mysql::Session::start(role, buffered, start)),
         }
     }
 
@@ -136,6 +147,7 @@ impl Session {
             Session::Http(s) => s.on_chunk(chunk, cx),
             Session::Redis(s) => s.on_chunk(chunk, cx),
             Session::Postgres(s) => s.on_chunk(chunk, cx),
+            Session::Mysql(s) => s.on_chunk(chunk, cx),
         }
     }
 
@@ -145,6 +157,7 @@ impl Session {
             Session::Http(s) => s.direction_changed(last_dir, cx),
             Session::Redis(s) => s.direction_changed(last_dir, cx),
             Session::Postgres(s) => s.direction_changed(last_dir, cx),
+            Session::Mysql(s) => s.direction_changed(last_dir, cx),
         }
     }
 
@@ -154,6 +167,7 @@ impl Session {
             Session::Http(s) => s.idle(conn, out),
             Session::Redis(s) => s.idle(conn, out),
             Session::Postgres(s) => s.idle(conn, out),
+            Session::Mysql(s) => s.idle(conn, out),
         }
     }
 
@@ -164,6 +178,7 @@ impl Session {
             Session::Http(s) => s.flush(conn, give_up_ns, out),
             Session::Redis(s) => s.flush(conn, give_up_ns, out),
             Session::Postgres(s) => s.flush(conn, give_up_ns, out),
+            Session::Mysql(s) => s.flush(conn, give_up_ns, out),
         }
     }
 }
@@ -174,6 +189,7 @@ pub enum Detail {
     Http(http::Detail),
     Redis(redis::Detail),
     Postgres(postgres::Detail),
+    Mysql(mysql::Detail),
 }
 
 impl Detail {
@@ -182,6 +198,7 @@ impl Detail {
             Detail::Http(_) => Protocol::Http1,
             Detail::Redis(_) => Protocol::Redis,
             Detail::Postgres(_) => Protocol::Postgres,
+            Detail::Mysql(_) => Protocol::Mysql,
         }
     }
 
@@ -191,6 +208,7 @@ impl Detail {
             Detail::Http(d) => d.name_into(out),
             Detail::Redis(d) => d.name_into(out),
             Detail::Postgres(d) => d.name_into(out),
+            Detail::Mysql(d) => d.name_into(out),
         }
     }
 
@@ -200,6 +218,7 @@ impl Detail {
             Detail::Http(d) => d.status(server_side),
             Detail::Redis(d) => d.status(server_side),
             Detail::Postgres(d) => d.status(server_side),
+            Detail::Mysql(d) => d.status(server_side),
         }
     }
 }
@@ -211,6 +230,7 @@ pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>
         Detail::Http(d) => d.attributes(ex, ends, f),
         Detail::Redis(d) => d.attributes(ex, ends, f),
         Detail::Postgres(d) => d.attributes(ex, ends, f),
+        Detail::Mysql(d) => d.attributes(ex, ends, f),
     }
 }
 
@@ -220,6 +240,7 @@ pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
         Protocol::Http1 => http::constant_attributes(f),
         Protocol::Redis => redis::constant_attributes(f),
         Protocol::Postgres => postgres::constant_attributes(f),
+        Protocol::Mysql => mysql::constant_attributes(f),
     }
 }
 
