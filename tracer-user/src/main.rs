@@ -59,6 +59,10 @@ enum Command {
         /// `--port`.
         #[arg(long = "port")]
         ports: Vec<u16>,
+        /// Print the spans, one JSON object a line (as `tracer agent --stdout`), instead of
+        /// dropping them; the figures go to stderr.
+        #[arg(long)]
+        spans: bool,
     },
 }
 
@@ -82,9 +86,10 @@ fn main() -> std::process::ExitCode {
         file,
         repeat,
         ports,
+        spans,
     } = &cli.command
     {
-        return exit(replay::replay(file, *repeat, ports.clone()));
+        return exit(replay::replay(file, *repeat, ports.clone(), *spans));
     }
     // One thread for the drain, the exporter and the metrics endpoint: with worker threads,
     // every drain's hand-over to the exporter woke one up (a futex and an epoll wake each way),

@@ -105,7 +105,15 @@ const REPLAY_DRAIN: usize = 2048;
 /// pairing, spans, OTLP encoding; no probes, no network) `repeat` times, and reports the CPU it
 /// took per record and per span. Deterministic enough to compare builds, and to run under
 /// `valgrind --tool=callgrind` for instruction counts.
-pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow::Result<()> {
+///
+/// `print_spans`: the spans are printed as JSON lines (as `tracer agent --stdout` does) instead
+/// of encoded and dropped, and the figures go to stderr.
+pub fn replay(
+    file: &std::path::Path,
+    repeat: usize,
+    ports: Vec<u16>,
+    print_spans: bool,
+) -> anyhow::Result<()> {
     let data =
         std::fs::read(file).with_context(|| format!("reading the recording {}", file.display()))?;
     let body = body_of(&data).with_context(|| format!("replaying {}", file.display()))?;
@@ -119,7 +127,11 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
     }
     let stats = Arc::new(Stats::default());
     let filters = Filters::only_ports(ports);
-    let sink = Sink::discard();
+    let sink = if print_spans {
+        Sink::Stdout
+    } else {
+        Sink::discard()
+    };
     let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());
     let cpu = || {
         // SAFETY: getrusage fills the struct it is given.
@@ -136,7 +148,10 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
     );
     let stamps: Vec<u64> = places.iter().map(|p| words[p.start / 8 + exit]).collect();
     let first = stamps.iter().min().copied().unwrap_or(0);
-    let shift = stamps.iter().max().copied().unwrap_or(0) - first + 1_000_000_000;
+    let last = stamps.iter().max().copied().unwrap_or(0);
+    // Passes an hour apart, each ending with its connections expired: a connection whose
+    // close the recording missed would otherwise carry its state into the next pass.
+    let shift = last - first + 3_600_000_000_000;
     let mut cpu_ns = 0.0;
     for pass in 0..repeat.max(1) {
         if pass > 0 {
@@ -164,11 +179,13 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
             pipeline.flush_outbox();
         }
         cpu_ns += (cpu() - start) as f64 * 1000.0;
+        pipeline.tick_at(last + pass as u64 * shift + 1_800_000_000_000);
+        pipeline.flush_outbox();
     }
     let a = &stats.agent;
     let (n_records, n_spans) = (a.records.load(Relaxed), a.spans.load(Relaxed));
     log::info!("{}", summary(&stats));
-    println!(
+    let figures = format!(
         "replayed {} records x {}: {} records, {} spans, {} exchanges; CPU {:.0} ns per record, \
          {:.0} ns per span ({:.2} s in all)",
         places.len(),
@@ -180,6 +197,11 @@ pub fn replay(file: &std::path::Path, repeat: usize, ports: Vec<u16>) -> anyhow:
         cpu_ns / n_spans.max(1) as f64,
         cpu_ns / 1e9
     );
+    if print_spans {
+        eprintln!("{figures}");
+    } else {
+        println!("{figures}");
+    }
     Ok(())
 }
 
