@@ -10,10 +10,10 @@ use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
 use prost::Message as _;
 
 use crate::{
-    agent::Stats,
     probes::KernelCounters,
     resource::{kv_int, kv_str},
     spans::random_ids,
+    stats::Stats,
 };
 
 /// The name of the spans the agent reports its losses with.

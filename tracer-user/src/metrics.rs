@@ -14,7 +14,7 @@ use hyper::{body::Bytes, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::task::AbortHandle;
 
-use crate::agent::Stats;
+use crate::stats::Stats;
 
 pub fn render(stats: &Stats) -> String {
     use tracer_common::counter as c;

@@ -60,7 +60,7 @@ impl Observer for () {
     fn answered(&mut self, _: ConnId, _: Role, _: SpanKey) {}
 }
 
-/// Caller-assigned unique id of a connection, already well mixed (see `agent::conn_id`).
+/// Caller-assigned unique id of a connection, already well mixed (see `pipeline::conn_id`).
 pub type ConnId = u64;
 
 /// A map keyed by connection id. The ids are hashes already, so they are used as they are:

@@ -1,0 +1,516 @@
+//! The agent's pipeline, record by record: connections announced by the probes, their data
+//! through the connection layer and the protocols (`pairing`, `protocol`), each exchange linked
+//! (`link`), given its process's resource and sent to the outbox; losses reported as spans of
+//! the agent's own. `tracer agent` feeds it from the ring buffer, `tracer replay` from a
+//! recording.
+mod filters;
+mod outbox;
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
+
+use tracer_common::{data_flags, ConnTuple};
+
+use self::outbox::Outbox;
+pub use self::{filters::Filters, outbox::Sink};
+use crate::{
+    context::Trust,
+    export::ExportResource,
+    link::{ConnView, Linker},
+    loss::LossWatch,
+    pairing::{Chunk, ConnId, ConnMap, Exchange, Observer, Pairer, RequestStart, Role, SpanKey},
+    probes::{self, Connections},
+    protocol::Protocols,
+    recording,
+    records::{self, Record},
+    resource::{self, HostFacts, ProcessCache, ProcessFacts},
+    settings::{AgentArgs, RuleMatch, ServiceRule},
+    spans::{self, Endpoints, Span},
+    stats::{count, Stats},
+};
+
+/// How long a response with no length may stay open after its last byte.
+const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+struct ConnMeta {
+    tgid: u32,
+    fd: u32,
+    kernel_conn_id: u64,
+    ends: Arc<Endpoints>,
+    comm: [u8; 16],
+    ignored: bool,
+    last_seen: u64,
+    /// The resource of this connection's spans, found on its first span (a connection keeps
+    /// its process and its role).
+    resource: Option<(Role, Arc<ExportResource>)>,
+}
+
+pub struct Pipeline {
+    pairer: Pairer,
+    conns: ConnMap<ConnMeta>,
+    processes: ProcessCache,
+    resources: HashMap<(u32, u64, String), Arc<ExportResource>>,
+    pub(crate) host: HostFacts,
+    rules: Vec<ServiceRule>,
+    filters: Filters,
+    out: Outbox,
+    /// The probes' connection table, to mute connections; none when replaying a recording.
+    pub(crate) kernel_conns: Option<Connections>,
+    /// `--record`: every record is appended here too.
+    pub(crate) recording: Option<std::io::BufWriter<std::fs::File>>,
+    stats: Arc<Stats>,
+    clock_offset: i128,
+    /// `--clock-shift-ms`, in ns: added to every timestamp (tests of clock-skew correction).
+    clock_shift_ns: i128,
+    exchanges: Vec<Exchange>,
+    linker: Linker,
+}
+
+/// What the pairer tells the linker about one record's connection goes through here: the
+/// linker needs the request's process and connection ends, which the pipeline keeps per
+/// connection (and has already looked up for the record).
+struct LinkObserver<'a> {
+    meta: &'a ConnMeta,
+    linker: &'a mut Linker,
+}
+
+impl Observer for LinkObserver<'_> {
+    fn request(&mut self, _conn: ConnId, role: Role, req: &RequestStart<'_>) -> SpanKey {
+        let view = ConnView {
+            tgid: self.meta.tgid,
+            local: self.meta.ends.local,
+            remote: self.meta.ends.remote,
+        };
+        self.linker.request(&view, role, req)
+    }
+
+    fn answered(&mut self, _conn: ConnId, _role: Role, span: SpanKey) {
+        self.linker.answered(span);
+    }
+}
+
+/// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
+fn conn_id(tgid: u32, fd: u32, kernel_conn_id: u64) -> ConnId {
+    let mut x = kernel_conn_id
+        ^ ((u64::from(tgid) << 32) | u64::from(fd)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // splitmix64 finaliser: spreads the bits so HashMap buckets stay even.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+pub fn monotonic_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Pipeline {
+    pub(crate) fn new(
+        rules: Vec<ServiceRule>,
+        filters: Filters,
+        sink: Sink,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let host = HostFacts::read();
+        Pipeline {
+            pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64, Protocols::all()),
+            conns: ConnMap::default(),
+            processes: ProcessCache::default(),
+            resources: HashMap::new(),
+            host,
+            rules,
+            filters,
+            out: Outbox {
+                sink,
+                batches: Vec::new(),
+                name: String::new(),
+            },
+            kernel_conns: None,
+            recording: None,
+            stats,
+            clock_offset: spans::monotonic_to_unix_offset(),
+            clock_shift_ns: 0,
+            exchanges: Vec::new(),
+            linker: Linker::new(Trust::All),
+        }
+    }
+
+    fn service_name(&self, p: &ProcessFacts, local_port: Option<u16>) -> String {
+        for rule in &self.rules {
+            let hit = match &rule.matches {
+                RuleMatch::Exe(e) => &p.executable_name == e,
+                RuleMatch::Pid(pid) => p.pid == *pid,
+                RuleMatch::Cgroup(c) => p.cgroup.contains(c.as_str()),
+                RuleMatch::Port(port) => local_port == Some(*port),
+            };
+            if hit {
+                return rule.service.clone();
+            }
+        }
+        p.executable_name.clone()
+    }
+
+    pub(crate) fn handle(&mut self, bytes: &[u8]) {
+        count(&self.stats.agent.records);
+        if let Some(file) = &mut self.recording {
+            if let Err(e) = recording::write_record(file, bytes) {
+                log::error!("recording stopped: {e}");
+                self.recording = None;
+            }
+        }
+        match records::decode(bytes) {
+            Some(Record::Connection(rec)) => {
+                let h = &rec.header;
+                self.track(h.tgid, h.fd, h.conn_id, &rec.tuple, &rec.comm);
+                return;
+            }
+            Some(Record::Data { record, payload }) => {
+                let h = &record.header;
+                let id = conn_id(h.tgid, h.fd, h.conn_id);
+                let meta = match self.conns.get_mut(&id) {
+                    Some(meta) => meta,
+                    None => {
+                        // Its connection record was lost (ring full): the probes still know it.
+                        let known = (self.kernel_conns.as_ref())
+                            .and_then(|k| k.get(h.tgid, h.fd, h.conn_id));
+                        let Some(state) = known else {
+                            count(&self.stats.agent.unknown_connection_records);
+                            return;
+                        };
+                        self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &state.comm);
+                        let Some(meta) = self.conns.get_mut(&id) else {
+                            return;
+                        };
+                        meta
+                    }
+                };
+                meta.last_seen = h.ts_exit;
+                if meta.ignored {
+                    return;
+                }
+                let chunk = Chunk {
+                    direction: record.direction,
+                    ts_enter: h.ts_enter,
+                    ts_exit: h.ts_exit,
+                    len: record.len,
+                    payload,
+                    tid: h.tid,
+                    tcp_seq: (record.flags & data_flags::TCP_SEQ != 0).then_some(record.tcp_seq),
+                };
+                let mut observer = LinkObserver {
+                    meta,
+                    linker: &mut self.linker,
+                };
+                self.pairer
+                    .on_chunk(id, &chunk, &mut self.exchanges, &mut observer);
+                if self.pairer.is_muted(id) {
+                    meta.ignored = true;
+                    if let Some(k) = &mut self.kernel_conns {
+                        k.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                    }
+                    self.pairer.forget(id);
+                    count(&self.stats.agent.connections_muted);
+                }
+            }
+            Some(Record::Close { header }) => {
+                let id = conn_id(header.tgid, header.fd, header.conn_id);
+                self.pairer
+                    .on_close(id, header.ts_exit, &mut self.exchanges);
+                self.flush_exchanges();
+                self.conns.remove(&id);
+                return;
+            }
+            None => {
+                count(&self.stats.agent.undecodable_records);
+            }
+        }
+        self.flush_exchanges();
+    }
+
+    /// Starts following a connection the probes announced: decides whether it is wanted, and
+    /// mutes it in the probes if not.
+    fn track(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        kernel_conn_id: u64,
+        tuple: &ConnTuple,
+        comm: &[u8; 16],
+    ) {
+        let local = records::local_addr(tuple);
+        let remote = records::remote_addr(tuple);
+        let process = self.processes.get(tgid, comm);
+        let ignored = !self.filters.wants(&process, local, remote);
+        if ignored {
+            // Ask the probes to stop, once (a map update is a syscall); the records already
+            // in the ring are skipped in `handle`.
+            if let Some(k) = &mut self.kernel_conns {
+                k.mute(tgid, fd, kernel_conn_id);
+            }
+        }
+        let id = conn_id(tgid, fd, kernel_conn_id);
+        self.conns.insert(
+            id,
+            ConnMeta {
+                tgid,
+                fd,
+                kernel_conn_id,
+                ends: Arc::new(Endpoints::new(local, remote)),
+                comm: *comm,
+                ignored,
+                // The probes' connection id is the time they first saw it.
+                last_seen: kernel_conn_id,
+                resource: None,
+            },
+        );
+    }
+
+    fn flush_exchanges(&mut self) {
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let mut exchanges = std::mem::take(&mut self.exchanges);
+        for ex in exchanges.drain(..) {
+            self.emit(ex);
+        }
+        self.exchanges = exchanges;
+    }
+
+    fn emit(&mut self, ex: Exchange) {
+        count(&self.stats.agent.exchanges);
+        let role = ex.role;
+        let meta = match self.conns.get(&ex.conn) {
+            Some(meta) if matches!(&meta.resource, Some((r, _)) if *r == role) => meta,
+            // First span of the connection (one map lookup more, once per connection).
+            Some(meta) => {
+                let (tgid, comm, port) = (meta.tgid, meta.comm, meta.ends.local.port());
+                let resource = self.resource_of(tgid, &comm, role, port);
+                if let Some(meta) = self.conns.get_mut(&ex.conn) {
+                    meta.resource = Some((role, resource));
+                }
+                match self.conns.get(&ex.conn) {
+                    Some(meta) => meta,
+                    None => return,
+                }
+            }
+            None => return,
+        };
+        // Borrowed, not cloned: an `Arc` clone and drop a span, atomic operations right after
+        // the span's stores, were a measurable share of the agent's time.
+        let Some((_, resource)) = &meta.resource else {
+            return;
+        };
+        let ends = meta.ends.clone();
+        let offset = self.unix_offset();
+        let ids = self.linker.finish(ex.span);
+        if let Some(link) = ids.and_then(|i| i.link) {
+            count(&self.stats.agent.links[link.source.index()]);
+        }
+        let span = Span::new(ex, ends, ids, |mono| {
+            (i128::from(mono) + offset).max(0) as u64
+        });
+        count(&self.stats.agent.spans);
+        self.out.send(resource, &span);
+        // After `send`, which left the span's name in `out.name`.
+        self.stats.red.record(resource, &span, &self.out.name);
+    }
+
+    /// The resource of a process's spans in `role`: looked up once per connection.
+    fn resource_of(
+        &mut self,
+        tgid: u32,
+        comm: &[u8],
+        role: Role,
+        local_port: u16,
+    ) -> Arc<ExportResource> {
+        let process = self.processes.get(tgid, comm);
+        let local_port = (role == Role::Server).then_some(local_port);
+        let service = self.service_name(&process, local_port);
+        let key = (process.pid, process.start_time, service);
+        if let Some(r) = self.resources.get(&key) {
+            return r.clone();
+        }
+        let r = Arc::new(ExportResource::new(resource::resource(
+            &self.host, &process, &key.2,
+        )));
+        self.resources.insert(key, r.clone());
+        r
+    }
+
+    /// Takes the sink out (leaving one that holds nothing): dropping it closes the exporter's
+    /// queue, which then sends what it holds and ends.
+    pub(crate) fn take_sink(&mut self) -> Sink {
+        std::mem::replace(&mut self.out.sink, Sink::Stdout)
+    }
+
+    /// Hands the spans of this drain (or `OUTBOX_BYTES` of them) to the exporter in one go.
+    pub(crate) fn flush_outbox(&mut self) {
+        self.out.flush();
+    }
+
+    /// What to add to the probes' monotonic times for the Unix times spans report.
+    fn unix_offset(&self) -> i128 {
+        self.clock_offset + self.clock_shift_ns
+    }
+
+    /// Now, on the clock spans report (Unix ns).
+    pub(crate) fn unix_now(&self) -> u64 {
+        (i128::from(monotonic_now()) + self.unix_offset()).max(0) as u64
+    }
+
+    /// Reports what was lost since the last call as a `tracer.loss` span of the agent's own.
+    pub(crate) fn report_losses(&mut self, loss: &mut LossWatch, kernel: &probes::KernelCounters) {
+        let now = self.unix_now();
+        let can_send = match &self.out.sink {
+            Sink::Otlp(tx) => tx.has_room(),
+            Sink::Stdout | Sink::Discard(..) => true,
+        };
+        let Some((span, encoded)) = loss.check(kernel, &self.stats, now, can_send) else {
+            return;
+        };
+        let process = self.processes.get(std::process::id(), b"tracer");
+        let resource = Arc::new(ExportResource::new(resource::resource(
+            &self.host,
+            &process,
+            "tracer-agent",
+        )));
+        self.out.send_encoded(&resource, &span, &encoded);
+    }
+
+    /// This agent's identity and link settings (`--host-name`, `--host-id`, `--trust-context`,
+    /// `--clock-shift-ms`).
+    pub(crate) fn configure(&mut self, args: &AgentArgs, trust: Trust, protocols: Protocols) {
+        self.pairer = Pairer::new(IDLE_TIMEOUT.as_nanos() as u64, protocols);
+        if let Some(name) = &args.host_name {
+            self.host.name.clone_from(name);
+        }
+        if let Some(id) = &args.host_id {
+            self.host.id.clone_from(id);
+        }
+        self.linker = Linker::new(trust);
+        self.clock_shift_ns = i128::from(args.clock_shift_ms.unwrap_or(0)) * 1_000_000;
+    }
+
+    /// Periodic work: time out responses without a length, forget dead connections/processes.
+    pub(crate) fn tick(&mut self) {
+        self.tick_at(monotonic_now());
+    }
+
+    /// `tick` at `now` (monotonic ns): a replay ticks on the recording's clock.
+    pub(crate) fn tick_at(&mut self, now: u64) {
+        self.pairer.tick(now, &mut self.exchanges);
+        self.flush_exchanges();
+        self.linker.expire(now);
+        self.flush_outbox();
+        self.stats
+            .agent
+            .parse_failures
+            .store(self.pairer.parse_failures(), Relaxed);
+        self.stats
+            .agent
+            .connections
+            .store(self.pairer.connections() as u64, Relaxed);
+        self.stats
+            .agent
+            .processes
+            .store(self.processes.len() as u64, Relaxed);
+        self.stats
+            .agent
+            .calls_unattributed
+            .store(self.linker.unattributed, Relaxed);
+    }
+
+    pub(crate) fn housekeeping(&mut self) {
+        let now = monotonic_now();
+        // Connections whose close we never saw (killed processes) age out after 10 minutes idle.
+        let stale = 600 * 1_000_000_000;
+        let pairer = &mut self.pairer;
+        self.conns.retain(|id, m| {
+            let keep = now.saturating_sub(m.last_seen) < stale;
+            if !keep {
+                pairer.forget(*id);
+            }
+            keep
+        });
+        self.processes.prune();
+        self.resources.retain(|(pid, start, _), _| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok() && *start > 0
+        });
+        self.clock_offset = spans::monotonic_to_unix_offset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{direction, kind, ConnRecord, DataRecord, RecordHeader};
+
+    use super::*;
+    use crate::records::AlignedRecord;
+
+    fn header(k: u32, ts: u64) -> RecordHeader {
+        RecordHeader {
+            kind: k,
+            // A pid that cannot exist: the process facts fall back to the command name.
+            tgid: u32::MAX - 1,
+            fd: 7,
+            conn_id: 1000,
+            ts_enter: ts,
+            ts_exit: ts,
+            ..Default::default()
+        }
+    }
+
+    fn data(pipeline: &mut Pipeline, dir: u32, ts: u64, payload: &[u8]) {
+        let rec = DataRecord {
+            header: header(kind::DATA, ts),
+            len: payload.len() as u64,
+            direction: dir,
+            captured: payload.len() as u32,
+            message_seq: dir,
+            ..Default::default()
+        };
+        pipeline.handle(AlignedRecord::new(&rec, payload).bytes());
+    }
+
+    /// Data records follow the `ConnRecord` that announced their connection; without one (it
+    /// was lost and the probes' state is gone) they are counted, not guessed at.
+    #[test]
+    fn connections_are_announced_once_and_unannounced_data_is_counted() {
+        let stats = Arc::new(Stats::default());
+        let sink = Sink::discard();
+        let mut pipeline =
+            Pipeline::new(Vec::new(), Filters::only_ports(vec![]), sink, stats.clone());
+        let request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+        data(&mut pipeline, direction::EGRESS, 10, request);
+        data(&mut pipeline, direction::INGRESS, 20, response);
+        assert_eq!(stats.agent.unknown_connection_records.load(Relaxed), 2);
+        assert_eq!(stats.agent.exchanges.load(Relaxed), 0);
+
+        let mut conn = ConnRecord {
+            header: header(kind::CONNECTION, 5),
+            comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        conn.tuple.family = libc::AF_INET as u16;
+        conn.tuple.local_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        conn.tuple.remote_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        conn.tuple.local_port = 40000;
+        conn.tuple.remote_port = 80;
+        pipeline.handle(AlignedRecord::new(&conn, &[]).bytes());
+        data(&mut pipeline, direction::EGRESS, 30, request);
+        data(&mut pipeline, direction::INGRESS, 40, response);
+        assert_eq!(stats.agent.unknown_connection_records.load(Relaxed), 2);
+        assert_eq!(stats.agent.exchanges.load(Relaxed), 1);
+        assert_eq!(stats.agent.spans.load(Relaxed), 1);
+        assert_eq!(stats.agent.undecodable_records.load(Relaxed), 0);
+    }
+}
