@@ -18,15 +18,15 @@ fi
 # iproute2: network namespaces, veth and a bridge make the hosts of the topology test.
 # python3-venv: the OpenTelemetry SDK tests run in a venv.
 # chromium: the UI test drives Debian's browser headless (no browser downloads work here).
-# redis-server (with redis-cli), postgresql (with psql), mariadb-server and mariadb-client: the
-# protocols' integration tests.
+# redis-server (with redis-cli), postgresql (with psql), mariadb-server and mariadb-client,
+# dnsmasq-base and bind9-dnsutils (dig): the protocols' integration tests.
 # bpftool: the benchmark reads the probes' run-time statistics with it.
 # qemu-system-x86, busybox-static: `cargo xtask kernels` (and its pass in the tests) boots other
 # kernels in QEMU on a busybox initramfs.
 APT_PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev pkg-config
           nginx-light curl wrk python3-venv sqlite3 chromium openssl bpftool
           iproute2 qemu-system-x86 busybox-static redis-server postgresql
-          mariadb-server mariadb-client)
+          mariadb-server mariadb-client dnsmasq-base bind9-dnsutils)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

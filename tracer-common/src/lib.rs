@@ -51,6 +51,7 @@ pub mod syscall {
     pub const RECVMSG: u32 = 7;
     pub const SENDMSG: u32 = 8;
     pub const SENDFILE: u32 = 9;
+    pub const SENDMMSG: u32 = 10;
 }
 
 /// Per-CPU counters the probes keep; the agent sums them over CPUs.
@@ -172,6 +173,9 @@ pub struct ConnState {
     pub message_captured: u32,
     /// Set by the agent for connections it cannot parse: the probes then stop sending their data.
     pub muted: u32,
+    /// A connected UDP socket (DNS): no TCP sequence numbers to read.
+    pub datagram: u32,
+    pub _pad: u32,
     /// The kernel's `struct sock *`, to read the TCP sequence numbers at each message start.
     pub sk: u64,
     // The rest is for the agent, when a connection's `ConnRecord` was lost.

@@ -135,6 +135,14 @@ impl SyscallRegs {
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 const SOCK_STREAM: u16 = 1;
+const SOCK_DGRAM: u16 = 2;
+/// UDP is followed only to this remote port: DNS, whose stub resolvers (glibc, dig) connect
+/// their UDP sockets to the server. Other UDP (QUIC, metrics) is not read.
+const DNS_PORT: u16 = 53;
+/// `sizeof(struct mmsghdr)` on x86-64 (a `user_msghdr`, then `msg_len`, padded), and where its
+/// `msg_len` is.
+const MMSGHDR_SIZE: u64 = 64;
+const MMSGHDR_LEN: u64 = 56;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const MSG_PEEK: u64 = 2;
@@ -228,6 +236,8 @@ struct TcpSocket {
     tuple: ConnTuple,
     /// The kernel's `struct sock *`.
     sk: u64,
+    /// A UDP socket connected to a DNS server.
+    datagram: bool,
 }
 
 /// What an fd is, as far as the probes care.
@@ -269,7 +279,7 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
         }
         let socket: u64 = read_at(file, o.file_private_data)?;
         let sock_type: u16 = read_at(socket, o.socket_type)?;
-        if sock_type != SOCK_STREAM {
+        if sock_type != SOCK_STREAM && sock_type != SOCK_DGRAM {
             return Some(FdKind::NotTcp);
         }
         let sk: u64 = read_at(socket, o.socket_sk)?;
@@ -294,7 +304,15 @@ fn fd_kind(fd: u32) -> Option<FdKind> {
         } else {
             return Some(FdKind::NotTcp);
         }
-        Some(FdKind::Tcp(TcpSocket { tuple: t, sk }))
+        let datagram = sock_type == SOCK_DGRAM;
+        if datagram && t.remote_port != DNS_PORT {
+            return Some(FdKind::NotTcp);
+        }
+        Some(FdKind::Tcp(TcpSocket {
+            tuple: t,
+            sk,
+            datagram,
+        }))
     }
 }
 
@@ -349,6 +367,7 @@ fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
     let state = ConnState {
         conn_id: unsafe { bpf_ktime_get_ns() },
         sk: socket.sk,
+        datagram: u32::from(socket.datagram),
         tuple: socket.tuple,
         comm: current_comm(),
         ..ConnState::default()
@@ -387,6 +406,8 @@ enum Buffer {
     Msghdr,
     /// no user buffer (sendfile): only the length is recorded.
     None,
+    /// message `n` of a `struct mmsghdr *` array (sendmmsg): its first iovec is captured.
+    Mmsg(u64),
 }
 
 #[inline(always)]
@@ -407,6 +428,11 @@ fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> (u64, u64) {
             // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
             let iov: u64 =
                 unsafe { bpf_probe_read_user((regs.arg(1) + 16) as *const u64) }.unwrap_or(0);
+            first_iovec(iov)
+        }
+        Buffer::Mmsg(n) => {
+            let msghdr = regs.arg(1) + n * MMSGHDR_SIZE;
+            let iov: u64 = unsafe { bpf_probe_read_user((msghdr + 16) as *const u64) }.unwrap_or(0);
             first_iovec(iov)
         }
         Buffer::None => (0, 0),
@@ -523,16 +549,19 @@ fn on_data(
         state.direction = dir;
         state.message_seq = state.message_seq.wrapping_add(1);
         state.message_captured = 0;
-        let o = offsets();
-        let field = if dir == direction::EGRESS {
-            o.tcp_write_seq
-        } else {
-            o.tcp_copied_seq
-        };
-        // The syscall has moved `ret` bytes already: its first byte was `ret` before the end.
-        if let Some(after) = unsafe { read_at::<u32>(state.sk, field) } {
-            tcp_seq = after.wrapping_sub(ret as u32);
-            flags = data_flags::TCP_SEQ;
+        // A datagram socket has no sequence numbers (and no `tcp_sock` to read them from).
+        if state.datagram == 0 {
+            let o = offsets();
+            let field = if dir == direction::EGRESS {
+                o.tcp_write_seq
+            } else {
+                o.tcp_copied_seq
+            };
+            // The syscall has moved `ret` bytes already: its first byte was `ret` before the end.
+            if let Some(after) = unsafe { read_at::<u32>(state.sk, field) } {
+                tcp_seq = after.wrapping_sub(ret as u32);
+                flags = data_flags::TCP_SEQ;
+            }
         }
     }
 
@@ -748,6 +777,43 @@ data_syscall!(
     direction::EGRESS,
     Buffer::None
 );
+
+#[tracepoint]
+pub fn sys_enter_sendmmsg(_ctx: TracePointContext) -> u32 {
+    stamp_entry()
+}
+
+/// sendmmsg(fd, msgvec, vlen, flags) sent `ret` datagrams: the first two become records of
+/// their own (a stub resolver sends the A and AAAA queries of a lookup in one call).
+#[tracepoint]
+pub fn sys_exit_sendmmsg(ctx: TracePointContext) -> u32 {
+    let ret = ctx_u64(&ctx, RET) as i64;
+    let Some((task, pid_tgid)) = caller() else {
+        return 0;
+    };
+    let ts_enter = entry_time(pid_tgid);
+    if ret <= 0 {
+        return 0;
+    }
+    let regs = SyscallRegs::of(task);
+    for n in 0..2u64 {
+        if n as i64 >= ret {
+            break;
+        }
+        let at = regs.arg(1) + n * MMSGHDR_SIZE + MMSGHDR_LEN;
+        let len: u32 = unsafe { bpf_probe_read_user(at as *const u32) }.unwrap_or(0);
+        if len > 0 {
+            on_data(
+                pid_tgid,
+                regs,
+                i64::from(len),
+                (syscall::SENDMMSG, direction::EGRESS, Buffer::Mmsg(n)),
+                ts_enter,
+            );
+        }
+    }
+    0
+}
 
 /// A connect that succeeded or is in progress: a new client connection on this fd (whatever
 /// the fd was before is forgotten).

@@ -132,7 +132,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pipeline.recording = Some(recording::create_recording(path)?);
     }
     log::info!(
-        "tracing TCP/HTTP on {}{} (kernel {}): {} probes attached; {}",
+        "tracing TCP and DNS on {}{} (kernel {}): {} probes attached; {}",
         pipeline.host.name,
         match &args.netns {
             Some(path) => format!(" (network namespace {}, inode {netns})", path.display()),

@@ -30,6 +30,8 @@ pub const TRACEPOINTS: &[&str] = &[
     "sys_exit_sendto",
     "sys_enter_sendmsg",
     "sys_exit_sendmsg",
+    "sys_enter_sendmmsg",
+    "sys_exit_sendmmsg",
     "sys_enter_sendfile64",
     "sys_exit_sendfile64",
     "sys_exit_connect",

@@ -11,6 +11,7 @@
 //! Adding a protocol: its module, a variant in [`Protocol`], [`Session`] and [`Detail`], and an
 //! arm in each `match` below.
 
+pub mod dns;
 pub mod http;
 pub mod mysql;
 pub mod postgres;
@@ -34,15 +35,17 @@ pub enum Protocol {
     Redis,
     Postgres,
     Mysql,
+    Dns,
 }
 
 impl Protocol {
     /// Every protocol, in the order detection tries them.
-    pub const ALL: [Protocol; 4] = [
+    pub const ALL: [Protocol; 5] = [
         Protocol::Http1,
         Protocol::Redis,
         Protocol::Postgres,
         Protocol::Mysql,
+        Protocol::Dns,
     ];
 
     /// The name `--protocols` takes.
@@ -52,6 +55,7 @@ impl Protocol {
             Protocol::Redis => "redis",
             Protocol::Postgres => "postgresql",
             Protocol::Mysql => "mysql",
+            Protocol::Dns => "dns",
         }
     }
 
@@ -108,6 +112,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
             Protocol::Redis => redis::detect(probe, direction),
             Protocol::Postgres => postgres::detect(probe, direction),
             Protocol::Mysql => mysql::detect(probe, direction),
+            Protocol::Dns => dns::detect(probe, direction),
         };
         match d {
             Detection::Found(..) => return d,
@@ -125,6 +130,7 @@ pub(crate) enum Session {
     Redis(redis::Session),
     Postgres(postgres::Session),
     Mysql(mysql::Session),
+    Dns(dns::Session),
 }
 
 impl Session {
@@ -138,6 +144,7 @@ impl Session {
                 Session::Postgres(postgres::Session::start(role, buffered, start))
             }
             Protocol::Mysql => Session::Mysql(mysql::Session::start(role, buffered, start)),
+            Protocol::Dns => Session::Dns(dns::Session::start(role, buffered, start)),
         }
     }
 
@@ -148,6 +155,7 @@ impl Session {
             Session::Redis(s) => s.on_chunk(chunk, cx),
             Session::Postgres(s) => s.on_chunk(chunk, cx),
             Session::Mysql(s) => s.on_chunk(chunk, cx),
+            Session::Dns(s) => s.on_chunk(chunk, cx),
         }
     }
 
@@ -158,6 +166,7 @@ impl Session {
             Session::Redis(s) => s.direction_changed(last_dir, cx),
             Session::Postgres(s) => s.direction_changed(last_dir, cx),
             Session::Mysql(s) => s.direction_changed(last_dir, cx),
+            Session::Dns(s) => s.direction_changed(last_dir, cx),
         }
     }
 
@@ -168,6 +177,7 @@ impl Session {
             Session::Redis(s) => s.idle(conn, out),
             Session::Postgres(s) => s.idle(conn, out),
             Session::Mysql(s) => s.idle(conn, out),
+            Session::Dns(s) => s.idle(conn, out),
         }
     }
 
@@ -179,6 +189,7 @@ impl Session {
             Session::Redis(s) => s.flush(conn, give_up_ns, out),
             Session::Postgres(s) => s.flush(conn, give_up_ns, out),
             Session::Mysql(s) => s.flush(conn, give_up_ns, out),
+            Session::Dns(s) => s.flush(conn, give_up_ns, out),
         }
     }
 }
@@ -190,6 +201,7 @@ pub enum Detail {
     Redis(redis::Detail),
     Postgres(postgres::Detail),
     Mysql(mysql::Detail),
+    Dns(dns::Detail),
 }
 
 impl Detail {
@@ -199,6 +211,7 @@ impl Detail {
             Detail::Redis(_) => Protocol::Redis,
             Detail::Postgres(_) => Protocol::Postgres,
             Detail::Mysql(_) => Protocol::Mysql,
+            Detail::Dns(_) => Protocol::Dns,
         }
     }
 
@@ -209,6 +222,7 @@ impl Detail {
             Detail::Redis(d) => d.name_into(out),
             Detail::Postgres(d) => d.name_into(out),
             Detail::Mysql(d) => d.name_into(out),
+            Detail::Dns(d) => d.name_into(out),
         }
     }
 
@@ -219,6 +233,7 @@ impl Detail {
             Detail::Redis(d) => d.status(server_side),
             Detail::Postgres(d) => d.status(server_side),
             Detail::Mysql(d) => d.status(server_side),
+            Detail::Dns(d) => d.status(server_side),
         }
     }
 }
@@ -231,6 +246,7 @@ pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>
         Detail::Redis(d) => d.attributes(ex, ends, f),
         Detail::Postgres(d) => d.attributes(ex, ends, f),
         Detail::Mysql(d) => d.attributes(ex, ends, f),
+        Detail::Dns(d) => d.attributes(ex, ends, f),
     }
 }
 
@@ -241,6 +257,7 @@ pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
         Protocol::Redis => redis::constant_attributes(f),
         Protocol::Postgres => postgres::constant_attributes(f),
         Protocol::Mysql => mysql::constant_attributes(f),
+        Protocol::Dns => dns::constant_attributes(f),
     }
 }
 
