@@ -434,8 +434,7 @@ fn path_id_hashes(path: &str) -> [u64; 2] {
     use std::hash::BuildHasher as _;
     let hasher = BuildHasherDefault::<FxHasher>::default();
     let mut out = [0u64; 2];
-    let ids = path
-        .split('/')
+    let ids = crate::protocol::http::path_segments(path)
         .filter(|seg| crate::protocol::http::is_id_segment(seg));
     for (slot, seg) in out.iter_mut().zip(ids) {
         *slot = hasher.hash_one(seg) | 1;

@@ -326,12 +326,16 @@ impl Cx<'_> {
     }
 }
 
+// The session inline, not boxed: a box is one more pointer to follow on every record, and
+// `tracer replay` measured 404 against 391 ns a record with it (nginx recording, medians of 3).
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     /// No request seen yet. `skip`: the current message cannot start a request (its start was
     /// not captured, or it is a response); wait for the next one.
-    Detect { skip: bool },
-    /// Boxed: a muted connection (most of a busy host's, often) then keeps only its verdict.
-    Speaking(Box<Session>),
+    Detect {
+        skip: bool,
+    },
+    Speaking(Session),
     /// No enabled protocol, or one the agent does not read: records are ignored.
     Muted,
 }
@@ -416,7 +420,7 @@ impl Conn {
                     self.detect_mark
                 };
                 let buffered = std::mem::take(&mut self.detect_buf);
-                let mut session = Box::new(Session::start(protocol, role, buffered, mark));
+                let mut session = Session::start(protocol, role, buffered, mark);
                 let speaking = session.on_chunk(chunk, cx);
                 self.phase = Phase::Speaking(session);
                 speaking

@@ -1,6 +1,7 @@
 //! Golden fixtures: real traffic of each protocol, recorded by the probes
 //! (`tests/fixtures/record.sh`: curl and Python's http.server, redis-cli and redis-py,
-//! psql and psycopg, the mariadb client and mysql-connector-python, each in a network
+//! psql and psycopg, the mariadb client and mysql-connector-python, dig and getaddrinfo against
+//! dnsmasq, each in a network
 //! namespace of its own), replayed through the agent's pipeline (`tracer replay --spans`) and
 //! compared with the spans expected of them (`*.spans.jsonl`: what a reviewer checked, kept
 //! to the fields a protocol decides). Needs no root and no probes: it is the parsers' test on
@@ -13,6 +14,8 @@ fn decided(key: &str) -> bool {
         || key.starts_with("http.")
         || key == "url.path"
         || key == "error.type"
+        || key.starts_with("dns.")
+        || key == "network.transport"
         || key == "server.port"
 }
 
@@ -97,4 +100,9 @@ fn postgres_fixture() {
 #[test]
 fn mysql_fixture() {
     check("mysql");
+}
+
+#[test]
+fn dns_fixture() {
+    check("dns");
 }

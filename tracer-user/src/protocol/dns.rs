@@ -408,6 +408,8 @@ impl Detail {
         }
     }
 
+    /// Not inlined into the encoder, which HTTP's spans keep small (their attributes inline).
+    #[inline(never)]
     pub fn attributes(&self, ex: &Exchange, ends: &Endpoints, mut f: impl FnMut(&str, Value<'_>)) {
         let (server_ip, server_port) = ends.server(ex.role == Role::Server);
         if let Some(name) = &self.name {

@@ -198,9 +198,11 @@ impl Session {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Detail {
     Http(http::Detail),
-    Redis(redis::Detail),
-    Postgres(postgres::Detail),
-    Mysql(mysql::Detail),
+    // Boxed: an exchange moves a few times on its way to the exporter, and these are two to
+    // three times HTTP's size (which moves inline).
+    Redis(Box<redis::Detail>),
+    Postgres(Box<postgres::Detail>),
+    Mysql(Box<mysql::Detail>),
     Dns(dns::Detail),
 }
 

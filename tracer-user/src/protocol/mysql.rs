@@ -518,7 +518,7 @@ fn exchange(conn: ConnId, role: Role, unit: Unit, end_ns: u64) -> Exchange {
     Exchange {
         conn,
         role,
-        detail: protocol::Detail::Mysql(unit.detail),
+        detail: protocol::Detail::Mysql(Box::new(unit.detail)),
         start_ns: unit.start.ns,
         end_ns: end_ns.max(unit.start.ns),
         request_bytes: unit.bytes,
@@ -620,6 +620,8 @@ impl Detail {
         }
     }
 
+    /// Not inlined into the encoder, which HTTP's spans keep small (their attributes inline).
+    #[inline(never)]
     pub fn attributes(&self, ex: &Exchange, ends: &Endpoints, mut f: impl FnMut(&str, Value<'_>)) {
         let (server_ip, server_port) = ends.server(ex.role == Role::Server);
         f("db.system.name", Value::Str(self.system));

@@ -596,10 +596,10 @@ fn exchange(conn: ConnId, role: Role, unit: Unit, outcome: Outcome, end_ns: u64)
     Exchange {
         conn,
         role,
-        detail: protocol::Detail::Postgres(Detail {
+        detail: protocol::Detail::Postgres(Box::new(Detail {
             outcome,
             ..unit.detail
-        }),
+        })),
         start_ns: unit.start.ns,
         end_ns: end_ns.max(unit.start.ns),
         request_bytes: unit.bytes,
@@ -718,6 +718,8 @@ impl Detail {
         }
     }
 
+    /// Not inlined into the encoder, which HTTP's spans keep small (their attributes inline).
+    #[inline(never)]
     pub fn attributes(&self, ex: &Exchange, ends: &Endpoints, mut f: impl FnMut(&str, Value<'_>)) {
         let (server_ip, server_port) = ends.server(ex.role == Role::Server);
         if let Some(op) = &self.operation {

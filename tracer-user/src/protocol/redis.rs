@@ -571,7 +571,7 @@ fn exchange(
     Exchange {
         conn,
         role,
-        detail: protocol::Detail::Redis(Detail { reply, ..p.detail }),
+        detail: protocol::Detail::Redis(Box::new(Detail { reply, ..p.detail })),
         start_ns: p.start.ns,
         end_ns: end_ns.max(p.start.ns),
         request_bytes: p.bytes,
@@ -636,6 +636,8 @@ impl Detail {
         text
     }
 
+    /// Not inlined into the encoder, which HTTP's spans keep small (their attributes inline).
+    #[inline(never)]
     pub fn attributes(&self, ex: &Exchange, ends: &Endpoints, mut f: impl FnMut(&str, Value<'_>)) {
         let (server_ip, server_port) = ends.server(ex.role == Role::Server);
         f("db.operation.name", Value::Str(&self.command));

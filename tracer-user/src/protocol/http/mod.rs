@@ -579,12 +579,32 @@ pub fn constant_attributes(mut f: impl FnMut(&str, Value<'_>)) {
 /// Span names must be low-cardinality: path segments that look like ids (digits, long hex,
 /// UUIDs) become `{id}`. Appends to `out`.
 pub fn path_template_into(path: &str, out: &mut String) {
-    for (i, seg) in path.split('/').enumerate() {
+    for (i, seg) in path_segments(path).enumerate() {
         if i > 0 {
             out.push('/');
         }
         out.push_str(if is_id_segment(seg) { "{id}" } else { seg });
     }
+}
+
+/// The segments of a path, as `path.split('/')` gives them. A byte loop: the generic `char`
+/// searcher behind `split('/')` was not inlined, and was 2.5% of the agent's instructions in
+/// `tracer replay` (callgrind), from this and the linker.
+pub fn path_segments(path: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(path);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match r.bytes().position(|b| b == b'/') {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
 }
 
 /// A path segment that names one thing rather than a route: digits, long hex, UUIDs, or

@@ -773,6 +773,15 @@ fn ids_in_paths_are_templated() {
 }
 
 #[test]
+fn path_segments_split_like_str_split() {
+    for path in ["", "/", "/a/b", "a//b/", "/x/42/y", "nosl", "//"] {
+        let ours: Vec<_> = super::path_segments(path).collect();
+        let std: Vec<_> = path.split('/').collect();
+        assert_eq!(ours, std, "{path:?}");
+    }
+}
+
+#[test]
 fn host_header_ports_are_split() {
     use super::split_host;
     assert_eq!(split_host("example.com:8080"), ("example.com", Some(8080)));
