@@ -12,12 +12,15 @@
 //! arm in each `match` below.
 
 pub mod dns;
+mod framing;
 pub mod http;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
 mod resp;
 mod sql;
+#[cfg(test)]
+mod test_run;
 
 use std::sync::OnceLock;
 

@@ -13,7 +13,10 @@ use std::collections::{HashMap, VecDeque};
 
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
-use super::sql;
+use super::{
+    framing::{Event as Packet, Frame, Framer},
+    sql,
+};
 use crate::{
     pairing::{Chunk, ConnId, Cx, Exchange, Mark, RequestStart, Role, SpanKey, MAX_PENDING},
     protocol::{self, Detection, Protocol},
@@ -71,79 +74,6 @@ pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
     }
 }
 
-/// One direction's packets.
-#[derive(Default)]
-struct Packets {
-    header: [u8; 4],
-    have: usize,
-    in_body: bool,
-    seq: u8,
-    left: u64,
-    keep: usize,
-    body: Vec<u8>,
-    bytes: u64,
-}
-
-enum Packet {
-    Start { at: u64 },
-    Done { seq: u8, body: Vec<u8>, bytes: u64 },
-    Lost { rest: u64 },
-}
-
-impl Packets {
-    /// `keep(seq, first_byte)`: how many bytes of a payload to keep, decided by its first byte.
-    fn advance(&mut self, captured: &[u8], total: u64, keep: usize, events: &mut Vec<Packet>) {
-        let mut i = 0u64;
-        while i < total {
-            if !self.in_body {
-                if self.have == 0 {
-                    events.push(Packet::Start { at: i });
-                }
-                while self.have < 4 && i < total {
-                    let Some(&b) = usize::try_from(i).ok().and_then(|p| captured.get(p)) else {
-                        events.push(Packet::Lost { rest: total - i });
-                        return;
-                    };
-                    self.header[self.have] = b;
-                    self.have += 1;
-                    i += 1;
-                }
-                if self.have < 4 {
-                    return;
-                }
-                let h = self.header;
-                self.have = 0;
-                self.in_body = true;
-                self.seq = h[3];
-                self.left = u64::from(u32::from_le_bytes([h[0], h[1], h[2], 0]));
-                self.keep = keep;
-                self.body.clear();
-                self.bytes = 4;
-            }
-            let take = self.left.min(total - i);
-            if self.body.len() < self.keep {
-                let here = usize::try_from(i)
-                    .ok()
-                    .and_then(|p| captured.get(p..))
-                    .unwrap_or_default();
-                let want = (take as usize).min(self.keep - self.body.len());
-                self.body.extend_from_slice(&here[..here.len().min(want)]);
-            }
-            self.left -= take;
-            self.bytes += take;
-            i += take;
-            if self.left == 0 {
-                self.in_body = false;
-                events.push(Packet::Done {
-                    seq: self.seq,
-                    body: std::mem::take(&mut self.body),
-                    bytes: self.bytes,
-                });
-            }
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Stage {
     /// Waiting for the client's handshake response.
@@ -168,8 +98,8 @@ struct Unit {
 /// The MySQL/MariaDB state of one connection.
 pub(crate) struct Session {
     role: Role,
-    client: Packets,
-    server: Packets,
+    client: Framer,
+    server: Framer,
     stage: Stage,
     /// `mariadb` or `mysql`, from the greeting.
     system: &'static str,
@@ -190,8 +120,8 @@ impl Session {
     pub(crate) fn start(role: Role, buffered: Vec<u8>, start: Mark) -> Self {
         let mut s = Session {
             role,
-            client: Packets::default(),
-            server: Packets::default(),
+            client: Framer::new(Frame::MysqlPacket),
+            server: Framer::new(Frame::MysqlPacket),
             stage: Stage::Handshake,
             system: "mysql",
             database: String::new(),
@@ -222,14 +152,13 @@ impl Session {
             } else {
                 &mut self.server
             };
-            stream.advance(&held, held.len() as u64, 4096, &mut events);
+            stream.advance(&held, held.len() as u64, |_| 4096, &mut events);
             events.clear();
         }
         let mut speaking = true;
         if from_client {
-            let keep = 4096;
             self.client
-                .advance(chunk.captured(), chunk.len, keep, &mut events);
+                .advance(chunk.captured(), chunk.len, |_| 4096, &mut events);
             for e in events.drain(..) {
                 match e {
                     Packet::Start { at } => {
@@ -237,7 +166,11 @@ impl Session {
                             self.command_start = Some(Mark::at(chunk, cx.record_seq, at));
                         }
                     }
-                    Packet::Done { seq, body, bytes } => {
+                    Packet::Done {
+                        kind: seq,
+                        body,
+                        bytes,
+                    } => {
                         speaking = self.client_packet(seq, &body, bytes, chunk, cx);
                         self.command_start = None;
                         if !speaking {
@@ -258,11 +191,15 @@ impl Session {
                 self.add_response_bytes(chunk.len);
             } else {
                 self.server
-                    .advance(chunk.captured(), chunk.len, 512, &mut events);
+                    .advance(chunk.captured(), chunk.len, |_| 512, &mut events);
                 for e in events.drain(..) {
                     match e {
                         Packet::Start { .. } => {}
-                        Packet::Done { seq, body, bytes } => {
+                        Packet::Done {
+                            kind: seq,
+                            body,
+                            bytes,
+                        } => {
                             self.add_response_bytes(bytes);
                             self.server_packet(seq, &body, chunk.ts_exit, cx);
                         }
@@ -288,7 +225,7 @@ impl Session {
         self.end_responses(cx.id, cx.out);
         if self.client_lost {
             self.client_lost = false;
-            self.client = Packets::default();
+            self.client = Framer::new(Frame::MysqlPacket);
         }
     }
 
@@ -313,7 +250,7 @@ impl Session {
         }
         if self.server_lost {
             self.server_lost = false;
-            self.server = Packets::default();
+            self.server = Framer::new(Frame::MysqlPacket);
             if let Some(unit) = self.units.front_mut() {
                 unit.detail.outcome = Outcome::Unknown;
                 unit.answered = true;
@@ -601,15 +538,12 @@ pub struct Detail {
 
 impl Detail {
     pub fn name_into(&self, out: &mut String) {
-        match (&self.operation, &self.collection) {
-            (Some(op), Some(table)) => {
-                out.push_str(op);
-                out.push(' ');
-                out.push_str(table);
-            }
-            (Some(op), None) => out.push_str(op),
-            _ => out.push_str(self.system),
-        }
+        sql::span_name_into(
+            out,
+            self.operation.as_deref(),
+            self.collection.as_deref(),
+            self.system,
+        );
     }
 
     pub fn status(&self, _server_side: bool) -> (StatusCode, &'static str) {
@@ -625,18 +559,13 @@ impl Detail {
     pub fn attributes(&self, ex: &Exchange, ends: &Endpoints, mut f: impl FnMut(&str, Value<'_>)) {
         let (server_ip, server_port) = ends.server(ex.role == Role::Server);
         f("db.system.name", Value::Str(self.system));
-        if let Some(op) = &self.operation {
-            f("db.operation.name", Value::Str(op));
-        }
-        if let Some(table) = &self.collection {
-            f("db.collection.name", Value::Str(table));
-        }
-        if !self.database.is_empty() {
-            f("db.namespace", Value::Str(&self.database));
-        }
-        if let Some(text) = &self.text {
-            f("db.query.text", Value::Str(text));
-        }
+        sql::statement_attributes(
+            self.operation.as_deref(),
+            self.collection.as_deref(),
+            &self.database,
+            self.text.as_deref(),
+            &mut f,
+        );
         f("server.address", Value::Str(server_ip));
         f("server.port", Value::Int(i64::from(server_port)));
         match &self.outcome {

@@ -17,7 +17,10 @@ use std::collections::{HashMap, VecDeque};
 
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
-use super::sql;
+use super::{
+    framing::{Event as Msg, Frame, Framer},
+    sql,
+};
 use crate::{
     pairing::{Chunk, ConnId, Cx, Exchange, Mark, RequestStart, Role, SpanKey, MAX_PENDING},
     protocol::{self, Detection, Protocol},
@@ -29,9 +32,6 @@ const PROTOCOL_3_0: u32 = 196_608;
 const PROTOCOL_3_2: u32 = 196_610;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
-
-/// A message longer than this is not PostgreSQL's (the server's limit is 1 GiB).
-const MAX_MESSAGE: u32 = 1 << 30;
 
 /// Prepared statements and portals remembered per connection (their texts); beyond, the
 /// oldest are forgotten and their executions have no text.
@@ -46,7 +46,7 @@ pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
             Some(rest) => {
                 let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let sql_start = rest[4..].iter().all(u8::is_ascii_alphabetic);
-                if (8..MAX_MESSAGE).contains(&len) && sql_start {
+                if (8..1 << 30).contains(&len) && sql_start {
                     found
                 } else {
                     Detection::Nothing
@@ -68,103 +68,6 @@ pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
         SSL_REQUEST | GSSENC_REQUEST if len == 8 => found,
         PROTOCOL_3_0 | PROTOCOL_3_2 if (9..10_000).contains(&len) => found,
         _ => Detection::Nothing,
-    }
-}
-
-/// One direction's messages.
-#[derive(Default)]
-struct Messages {
-    /// The next message has no type byte (a client's first: startup, SSL request).
-    untyped: bool,
-    header: [u8; 5],
-    have: usize,
-    in_body: bool,
-    kind: u8,
-    left: u64,
-    keep: usize,
-    body: Vec<u8>,
-    bytes: u64,
-}
-
-/// What happened in a record, per direction.
-enum Msg {
-    /// A message begins `at` bytes into the record.
-    Start { at: u64 },
-    /// A whole message: its type (0 for an untyped one), the kept prefix of its body, its size.
-    Done { kind: u8, body: Vec<u8>, bytes: u64 },
-    /// A header was not captured: where messages are is lost; `rest`: the record's bytes from
-    /// there on.
-    Lost { rest: u64 },
-}
-
-impl Messages {
-    fn advance(
-        &mut self,
-        captured: &[u8],
-        total: u64,
-        keep: fn(u8) -> usize,
-        events: &mut Vec<Msg>,
-    ) {
-        let mut i = 0u64;
-        while i < total {
-            if !self.in_body {
-                if self.have == 0 {
-                    events.push(Msg::Start { at: i });
-                }
-                let need = if self.untyped { 4 } else { 5 };
-                while self.have < need && i < total {
-                    let Some(&b) = usize::try_from(i).ok().and_then(|p| captured.get(p)) else {
-                        events.push(Msg::Lost { rest: total - i });
-                        return;
-                    };
-                    self.header[self.have] = b;
-                    self.have += 1;
-                    i += 1;
-                }
-                if self.have < need {
-                    return;
-                }
-                let (kind, at) = if self.untyped {
-                    (0, 0)
-                } else {
-                    (self.header[0], 1)
-                };
-                let h = &self.header[at..at + 4];
-                let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-                if !(4..MAX_MESSAGE).contains(&len) {
-                    events.push(Msg::Lost { rest: total - i });
-                    return;
-                }
-                self.untyped = false;
-                self.have = 0;
-                self.in_body = true;
-                self.kind = kind;
-                self.left = u64::from(len) - 4;
-                self.keep = keep(kind);
-                self.body.clear();
-                self.bytes = need as u64;
-            }
-            let take = self.left.min(total - i);
-            if self.body.len() < self.keep {
-                let here = usize::try_from(i)
-                    .ok()
-                    .and_then(|p| captured.get(p..))
-                    .unwrap_or_default();
-                let want = (take as usize).min(self.keep - self.body.len());
-                self.body.extend_from_slice(&here[..here.len().min(want)]);
-            }
-            self.left -= take;
-            self.bytes += take;
-            i += take;
-            if self.left == 0 {
-                self.in_body = false;
-                events.push(Msg::Done {
-                    kind: self.kind,
-                    body: std::mem::take(&mut self.body),
-                    bytes: self.bytes,
-                });
-            }
-        }
     }
 }
 
@@ -220,8 +123,8 @@ struct Unit {
 /// The PostgreSQL state of one connection.
 pub(crate) struct Session {
     role: Role,
-    client: Messages,
-    server: Messages,
+    client: Framer,
+    server: Framer,
     stage: Stage,
     /// The connection's first client bytes are yet to be seen (typed or startup).
     first: bool,
@@ -244,8 +147,8 @@ impl Session {
     pub(crate) fn start(role: Role, buffered: Vec<u8>, start: Mark) -> Self {
         let mut s = Session {
             role,
-            client: Messages::default(),
-            server: Messages::default(),
+            client: Framer::new(Frame::Typed),
+            server: Framer::new(Frame::Typed),
             stage: Stage::Startup,
             first: true,
             database: String::new(),
@@ -275,8 +178,9 @@ impl Session {
     fn first_bytes(&mut self, first: u8) {
         if self.first {
             self.first = false;
-            self.client.untyped = first == 0;
-            if first != 0 {
+            if first == 0 {
+                self.client.expect_untyped();
+            } else {
                 self.stage = Stage::Ready;
             }
         }
@@ -322,7 +226,7 @@ impl Session {
                     return false;
                 }
                 self.stage = Stage::Startup;
-                self.client.untyped = true;
+                self.client.expect_untyped();
                 return true;
             }
             if self.server_lost {
@@ -361,7 +265,7 @@ impl Session {
         }
         if self.client_lost {
             self.client_lost = false;
-            self.client = Messages::default();
+            self.client = Framer::new(Frame::Typed);
             self.cycle_start = None;
         }
     }
@@ -407,7 +311,7 @@ impl Session {
             }
         }
         self.server_lost = false;
-        self.server = Messages::default();
+        self.server = Framer::new(Frame::Typed);
     }
 
     fn add_response_bytes(&mut self, n: u64) {
@@ -699,15 +603,12 @@ pub struct Detail {
 impl Detail {
     /// `{operation} {table}`, the operation alone, or `postgresql`.
     pub fn name_into(&self, out: &mut String) {
-        match (&self.operation, &self.collection) {
-            (Some(op), Some(table)) => {
-                out.push_str(op);
-                out.push(' ');
-                out.push_str(table);
-            }
-            (Some(op), None) => out.push_str(op),
-            _ => out.push_str("postgresql"),
-        }
+        sql::span_name_into(
+            out,
+            self.operation.as_deref(),
+            self.collection.as_deref(),
+            "postgresql",
+        );
     }
 
     pub fn status(&self, _server_side: bool) -> (StatusCode, &'static str) {
@@ -722,18 +623,13 @@ impl Detail {
     #[inline(never)]
     pub fn attributes(&self, ex: &Exchange, ends: &Endpoints, mut f: impl FnMut(&str, Value<'_>)) {
         let (server_ip, server_port) = ends.server(ex.role == Role::Server);
-        if let Some(op) = &self.operation {
-            f("db.operation.name", Value::Str(op));
-        }
-        if let Some(table) = &self.collection {
-            f("db.collection.name", Value::Str(table));
-        }
-        if !self.database.is_empty() {
-            f("db.namespace", Value::Str(&self.database));
-        }
-        if let Some(text) = &self.text {
-            f("db.query.text", Value::Str(text));
-        }
+        sql::statement_attributes(
+            self.operation.as_deref(),
+            self.collection.as_deref(),
+            &self.database,
+            self.text.as_deref(),
+            &mut f,
+        );
         f("server.address", Value::Str(server_ip));
         f("server.port", Value::Int(i64::from(server_port)));
         match &self.outcome {

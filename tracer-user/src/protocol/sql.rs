@@ -5,6 +5,8 @@
 //! which is what sanitising needs; the operation is the first keyword, the collection the name
 //! after `FROM`, `INTO`, `UPDATE`, `TABLE` or `JOIN`'s first occurrence.
 
+use crate::spans::Value;
+
 /// Longest `db.query.text` kept, in bytes (cut at a character boundary, `...` appended).
 pub const MAX_TEXT: usize = 1024;
 
@@ -209,6 +211,47 @@ pub fn operation_and_collection(sanitized: &str) -> (Option<String>, Option<Stri
         }
     }
     (Some(operation), collection)
+}
+
+/// A SQL span's name: `{operation} {table}`, the operation alone, or `fallback`.
+pub fn span_name_into(
+    out: &mut String,
+    operation: Option<&str>,
+    collection: Option<&str>,
+    fallback: &str,
+) {
+    match (operation, collection) {
+        (Some(op), Some(table)) => {
+            out.push_str(op);
+            out.push(' ');
+            out.push_str(table);
+        }
+        (Some(op), None) => out.push_str(op),
+        _ => out.push_str(fallback),
+    }
+}
+
+/// What a SQL span says of its statement, per the database conventions: the operation, the
+/// table, the database (`db.namespace`) and the sanitised text, each when known.
+pub fn statement_attributes(
+    operation: Option<&str>,
+    collection: Option<&str>,
+    database: &str,
+    text: Option<&str>,
+    mut f: impl FnMut(&str, Value<'_>),
+) {
+    if let Some(op) = operation {
+        f("db.operation.name", Value::Str(op));
+    }
+    if let Some(table) = collection {
+        f("db.collection.name", Value::Str(table));
+    }
+    if !database.is_empty() {
+        f("db.namespace", Value::Str(database));
+    }
+    if let Some(text) = text {
+        f("db.query.text", Value::Str(text));
+    }
 }
 
 #[cfg(test)]

@@ -2,12 +2,10 @@
 use tracer_common::direction::{EGRESS, INGRESS};
 
 use super::{Detail, Reply};
-use crate::{
-    pairing::{Chunk, ConnId, Exchange, Pairer},
-    protocol::{self, Protocols},
+use crate::protocol::{
+    self,
+    test_run::{Run, C},
 };
-
-const C: ConnId = 11;
 
 /// A standard query (RD set), or its response with `rcode` and `answers` answers.
 fn message(id: u16, name: &str, qtype: u16, response: Option<(u8, u16)>) -> Vec<u8> {
@@ -34,44 +32,15 @@ fn message(id: u16, name: &str, qtype: u16, response: Option<(u8, u16)>) -> Vec<
     m
 }
 
-struct Run {
-    p: Pairer,
-    out: Vec<Exchange>,
-    t: u64,
-}
-
-impl Run {
-    fn new() -> Run {
-        Run {
-            p: Pairer::new(1_000_000, Protocols::all()),
-            out: Vec::new(),
-            t: 0,
-        }
-    }
-
-    fn rec(&mut self, dir: u32, bytes: &[u8]) {
-        self.t += 10;
-        let chunk = Chunk {
-            direction: dir,
-            ts_enter: self.t,
-            ts_exit: self.t + 5,
-            len: bytes.len() as u64,
-            payload: bytes,
-            tid: 1,
-            tcp_seq: None,
-        };
-        self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
-    }
-
-    fn take(&mut self) -> Vec<Detail> {
-        std::mem::take(&mut self.out)
-            .into_iter()
-            .map(|e| match e.detail {
-                protocol::Detail::Dns(d) => d,
-                other => panic!("not DNS: {other:?}"),
-            })
-            .collect()
-    }
+/// The DNS details that came out.
+fn take(r: &mut Run) -> Vec<Detail> {
+    std::mem::take(&mut r.out)
+        .into_iter()
+        .map(|e| match e.detail {
+            protocol::Detail::Dns(d) => d,
+            other => panic!("not DNS: {other:?}"),
+        })
+        .collect()
 }
 
 fn detail(name: &str, qtype: u16, tcp: bool, reply: Reply) -> Detail {
@@ -94,7 +63,7 @@ fn queries_pair_with_responses_by_id_in_any_order() {
     // A response nobody asked for is not a span.
     r.rec(INGRESS, &message(99, "x.test", 1, Some((0, 1))));
     assert_eq!(
-        r.take(),
+        take(&mut r),
         vec![
             detail(
                 "db.svc.test",
@@ -123,7 +92,7 @@ fn queries_pair_with_responses_by_id_in_any_order() {
     r.rec(INGRESS, &message(10, "broken.test", 1, Some((2, 0))));
     r.rec(EGRESS, &message(11, "slow.test", 1, None));
     r.p.on_close(C, 1_000, &mut r.out);
-    let got = r.take();
+    let got = take(&mut r);
     let statuses: Vec<_> = got.iter().map(|d| d.status(false).0 as i32).collect();
     assert_eq!(statuses, [0, 2, 2]);
     assert_eq!(got[2].reply, Reply::None);
@@ -146,7 +115,7 @@ fn dns_over_tcp_is_length_prefixed() {
     framed.extend_from_slice(&a);
     r.rec(EGRESS, &framed);
     assert_eq!(
-        r.take(),
+        take(&mut r),
         vec![detail(
             "svc.test",
             33,

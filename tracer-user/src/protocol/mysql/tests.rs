@@ -3,11 +3,12 @@ use tracer_common::direction::{EGRESS, INGRESS};
 
 use super::{Detail, Outcome};
 use crate::{
-    pairing::{Chunk, ConnId, Exchange, Pairer, Role},
-    protocol::{self, Protocols},
+    pairing::{Exchange, Role},
+    protocol::{
+        self,
+        test_run::{Run, C},
+    },
 };
-
-const C: ConnId = 9;
 
 fn packet(seq: u8, body: &[u8]) -> Vec<u8> {
     let len = body.len() as u32;
@@ -24,55 +25,29 @@ fn my(e: &Exchange) -> &Detail {
     }
 }
 
-struct Run {
-    p: Pairer,
-    out: Vec<Exchange>,
-    t: u64,
-}
-
-impl Run {
-    fn rec(&mut self, dir: u32, bytes: &[u8]) {
-        self.t += 10;
-        let chunk = Chunk {
-            direction: dir,
-            ts_enter: self.t,
-            ts_exit: self.t + 5,
-            len: bytes.len() as u64,
-            payload: bytes,
-            tid: 1,
-            tcp_seq: None,
-        };
-        self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
-    }
-
-    /// A client connection through greeting, handshake response (database `shop`) and OK.
-    fn connected() -> Run {
-        let mut r = Run {
-            p: Pairer::new(1_000_000, Protocols::all()),
-            out: Vec::new(),
-            t: 0,
-        };
-        let mut greeting = vec![0x0a];
-        greeting.extend_from_slice(b"10.11.19-MariaDB\0");
-        greeting.extend_from_slice(&[0; 40]);
-        r.rec(INGRESS, &packet(0, &greeting));
-        // Capabilities: CONNECT_WITH_DB | SECURE_CONNECTION | PROTOCOL_41.
-        let caps: u32 = 0x8 | 0x8000 | 0x200;
-        let mut resp = caps.to_le_bytes().to_vec();
-        resp.extend_from_slice(&[0; 28]);
-        resp.extend_from_slice(b"app\0");
-        resp.push(4);
-        resp.extend_from_slice(b"pw!!");
-        resp.extend_from_slice(b"shop\0");
-        r.rec(EGRESS, &packet(1, &resp));
-        r.rec(INGRESS, &packet(2, &[0, 0, 0, 2, 0, 0, 0]));
-        r
-    }
+/// A client connection through greeting, handshake response (database `shop`) and OK.
+fn connected() -> Run {
+    let mut r = Run::new();
+    let mut greeting = vec![0x0a];
+    greeting.extend_from_slice(b"10.11.19-MariaDB\0");
+    greeting.extend_from_slice(&[0; 40]);
+    r.rec(INGRESS, &packet(0, &greeting));
+    // Capabilities: CONNECT_WITH_DB | SECURE_CONNECTION | PROTOCOL_41.
+    let caps: u32 = 0x8 | 0x8000 | 0x200;
+    let mut resp = caps.to_le_bytes().to_vec();
+    resp.extend_from_slice(&[0; 28]);
+    resp.extend_from_slice(b"app\0");
+    resp.push(4);
+    resp.extend_from_slice(b"pw!!");
+    resp.extend_from_slice(b"shop\0");
+    r.rec(EGRESS, &packet(1, &resp));
+    r.rec(INGRESS, &packet(2, &[0, 0, 0, 2, 0, 0, 0]));
+    r
 }
 
 #[test]
 fn queries_errors_and_result_sets() {
-    let mut r = Run::connected();
+    let mut r = connected();
     r.rec(
         EGRESS,
         &packet(0, b"\x03INSERT INTO t VALUES (1, 'secret')"),
@@ -110,7 +85,7 @@ fn queries_errors_and_result_sets() {
 
 #[test]
 fn prepared_statements_take_their_text_from_the_prepare() {
-    let mut r = Run::connected();
+    let mut r = connected();
     r.rec(EGRESS, &packet(0, b"\x16UPDATE t SET n = ? WHERE id = 3"));
     // OK_prepare: statement id 5, then a parameter definition and EOF.
     let ok = [0u8, 5, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0];
@@ -149,11 +124,7 @@ fn prepared_statements_take_their_text_from_the_prepare() {
 
 #[test]
 fn tls_requests_are_muted_and_late_joins_start_at_a_query() {
-    let mut r = Run {
-        p: Pairer::new(1_000_000, Protocols::all()),
-        out: Vec::new(),
-        t: 0,
-    };
+    let mut r = Run::new();
     r.rec(INGRESS, &packet(0, b"\x0a8.0.36\0rest"));
     let caps: u32 = 0x800 | 0x200 | 0x8000;
     let mut ssl = caps.to_le_bytes().to_vec();
@@ -161,11 +132,7 @@ fn tls_requests_are_muted_and_late_joins_start_at_a_query() {
     r.rec(EGRESS, &packet(1, &ssl));
     assert!(r.p.is_muted(C));
     // The server side of a connection older than the agent.
-    let mut r = Run {
-        p: Pairer::new(1_000_000, Protocols::all()),
-        out: Vec::new(),
-        t: 0,
-    };
+    let mut r = Run::new();
     r.rec(INGRESS, &packet(0, b"\x03DELETE FROM sessions"));
     r.rec(EGRESS, &packet(1, &[0, 3, 0, 2, 0, 0, 0]));
     let out = std::mem::take(&mut r.out);

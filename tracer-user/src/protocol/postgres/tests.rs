@@ -3,68 +3,36 @@ use tracer_common::direction::{EGRESS, INGRESS};
 
 use super::{Detail, Outcome};
 use crate::{
-    pairing::{Chunk, ConnId, Exchange, Pairer, Role},
-    protocol::{self, Protocols},
+    pairing::{Exchange, Role},
+    protocol::{
+        self,
+        test_run::{Run, C},
+    },
 };
 
-const C: ConnId = 5;
-
-struct Run {
-    p: Pairer,
-    out: Vec<Exchange>,
-    t: u64,
+/// What came out: name, text, outcome.
+fn take(r: &mut Run) -> Vec<(String, Option<String>, Outcome)> {
+    std::mem::take(&mut r.out)
+        .into_iter()
+        .map(|e| {
+            let d = pg(&e);
+            let mut name = String::new();
+            d.name_into(&mut name);
+            (name, d.text.clone(), d.outcome.clone())
+        })
+        .collect()
 }
 
-impl Run {
-    fn new() -> Self {
-        Run {
-            p: Pairer::new(1_000_000, Protocols::all()),
-            out: Vec::new(),
-            t: 0,
-        }
-    }
-
-    fn rec(&mut self, dir: u32, bytes: &[u8]) {
-        self.rec_len(dir, bytes.len() as u64, bytes);
-    }
-
-    fn rec_len(&mut self, dir: u32, len: u64, payload: &[u8]) {
-        self.t += 10;
-        let chunk = Chunk {
-            direction: dir,
-            ts_enter: self.t,
-            ts_exit: self.t + 5,
-            len,
-            payload,
-            tid: 1,
-            tcp_seq: None,
-        };
-        self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
-    }
-
-    fn take(&mut self) -> Vec<(String, Option<String>, Outcome)> {
-        std::mem::take(&mut self.out)
-            .into_iter()
-            .map(|e| {
-                let d = pg(&e);
-                let mut name = String::new();
-                d.name_into(&mut name);
-                (name, d.text.clone(), d.outcome.clone())
-            })
-            .collect()
-    }
-
-    /// A client that starts the connection (startup, authentication done, ready).
-    fn connected(database: &str) -> Run {
-        let mut r = Run::new();
-        r.rec(EGRESS, &startup(&[("user", "app"), ("database", database)]));
-        let mut auth = msg(b'R', &0u32.to_be_bytes());
-        auth.extend(msg(b'S', b"server_version\x0015\x00"));
-        auth.extend(ready());
-        r.rec(INGRESS, &auth);
-        assert!(r.out.is_empty());
-        r
-    }
+/// A client that starts the connection (startup, authentication done, ready).
+fn connected(database: &str) -> Run {
+    let mut r = Run::new();
+    r.rec(EGRESS, &startup(&[("user", "app"), ("database", database)]));
+    let mut auth = msg(b'R', &0u32.to_be_bytes());
+    auth.extend(msg(b'S', b"server_version\x0015\x00"));
+    auth.extend(ready());
+    r.rec(INGRESS, &auth);
+    assert!(r.out.is_empty());
+    r
 }
 
 fn pg(e: &Exchange) -> &Detail {
@@ -125,7 +93,7 @@ fn ok(name: &str, text: &str, rows: Option<u64>) -> (String, Option<String>, Out
 
 #[test]
 fn simple_queries_with_rows_errors_and_the_database() {
-    let mut r = Run::connected("shop");
+    let mut r = connected("shop");
     r.rec(
         EGRESS,
         &query("SELECT name FROM users WHERE email = 'a@b.c'"),
@@ -153,7 +121,7 @@ fn simple_queries_with_rows_errors_and_the_database() {
 
 #[test]
 fn extended_protocol_takes_the_text_from_the_parse() {
-    let mut r = Run::connected("shop");
+    let mut r = connected("shop");
     let mut batch = msg(
         b'P',
         &[
@@ -177,7 +145,7 @@ fn extended_protocol_takes_the_text_from_the_parse() {
     r.rec(INGRESS, &resp);
     let text = "UPDATE stock SET n = n - $1 WHERE id = ?";
     assert_eq!(
-        r.take(),
+        take(&mut r),
         vec![
             ok("UPDATE stock", text, None),
             ok("UPDATE stock", text, None)
@@ -194,7 +162,7 @@ fn extended_protocol_takes_the_text_from_the_parse() {
     resp.extend(ready());
     r.rec(INGRESS, &resp);
     assert_eq!(
-        r.take(),
+        take(&mut r),
         vec![(
             "UPDATE stock".into(),
             Some(text.into()),
@@ -205,7 +173,7 @@ fn extended_protocol_takes_the_text_from_the_parse() {
 
 #[test]
 fn executes_after_an_error_are_not_spans() {
-    let mut r = Run::connected("shop");
+    let mut r = connected("shop");
     let mut batch = msg(
         b'P',
         &[cstrs(&["", "INSERT INTO t VALUES (1)"]), vec![0, 0]].concat(),
@@ -222,14 +190,14 @@ fn executes_after_an_error_are_not_spans() {
     resp.extend(error("23505"));
     resp.extend(ready());
     r.rec(INGRESS, &resp);
-    let got = r.take();
+    let got = take(&mut r);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].2, Outcome::Error("23505".into()));
 }
 
 #[test]
 fn a_large_result_ends_with_its_last_bytes() {
-    let mut r = Run::connected("shop");
+    let mut r = connected("shop");
     r.rec(EGRESS, &query("SELECT * FROM big"));
     // 64 KiB of rows, of which the probes captured the first 512 bytes.
     let mut rows = msg(b'T', b"\x00\x01a\x00");
@@ -252,7 +220,7 @@ fn a_large_result_ends_with_its_last_bytes() {
     let mut resp = complete("SELECT 1");
     resp.extend(ready());
     r.rec(INGRESS, &resp);
-    assert_eq!(r.take(), vec![ok("SELECT", "SELECT ?", Some(1))]);
+    assert_eq!(take(&mut r), vec![ok("SELECT", "SELECT ?", Some(1))]);
 }
 
 #[test]
@@ -268,7 +236,7 @@ fn passwords_are_never_read() {
     let mut resp = complete("ALTER ROLE");
     resp.extend(ready());
     r.rec(INGRESS, &resp);
-    let got = r.take();
+    let got = take(&mut r);
     assert_eq!(got, vec![ok("ALTER", "ALTER ROLE app PASSWORD ?", None)]);
 }
 

@@ -3,55 +3,24 @@ use tracer_common::direction::{EGRESS, INGRESS};
 
 use super::{Detail, Reply};
 use crate::{
-    pairing::{Chunk, ConnId, Exchange, Pairer, Role},
-    protocol::{self, Protocols},
+    pairing::{Chunk, Exchange, Pairer, Role},
+    protocol::{
+        self,
+        test_run::{Run, C},
+        Protocols,
+    },
     spans::{Endpoints, Span, Value},
 };
 
-const C: ConnId = 3;
-
-struct Run {
-    p: Pairer,
-    out: Vec<Exchange>,
-    t: u64,
-}
-
-impl Run {
-    fn new() -> Self {
-        Run {
-            p: Pairer::new(1_000_000, Protocols::all()),
-            out: Vec::new(),
-            t: 0,
-        }
-    }
-
-    fn rec(&mut self, dir: u32, bytes: &[u8]) {
-        self.rec_len(dir, bytes.len() as u64, bytes);
-    }
-
-    fn rec_len(&mut self, dir: u32, len: u64, payload: &[u8]) {
-        self.t += 10;
-        let chunk = Chunk {
-            direction: dir,
-            ts_enter: self.t,
-            ts_exit: self.t + 5,
-            len,
-            payload,
-            tid: 1,
-            tcp_seq: None,
-        };
-        self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
-    }
-
-    fn take(&mut self) -> Vec<(Role, String, Reply)> {
-        std::mem::take(&mut self.out)
-            .into_iter()
-            .map(|e| {
-                let d = redis(&e);
-                (e.role, d.command.clone(), d.reply.clone())
-            })
-            .collect()
-    }
+/// What came out: role, command, reply.
+fn take(r: &mut Run) -> Vec<(Role, String, Reply)> {
+    std::mem::take(&mut r.out)
+        .into_iter()
+        .map(|e| {
+            let d = redis(&e);
+            (e.role, d.command.clone(), d.reply.clone())
+        })
+        .collect()
 }
 
 fn redis(e: &Exchange) -> &Detail {
@@ -125,7 +94,7 @@ fn pipelines_and_transactions_pair_in_order() {
     r.rec(INGRESS, &replies[..20]);
     r.rec(INGRESS, &replies[20..]);
     assert_eq!(
-        r.take(),
+        take(&mut r),
         vec![ok("MULTI"), ok("INCR"), ok("INCR"), ok("EXEC")]
     );
 }
@@ -149,7 +118,7 @@ fn pubsub_messages_are_not_replies() {
     );
     r.rec(EGRESS, &cmd(&["PING"]));
     r.rec(INGRESS, b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
-    assert_eq!(r.take(), vec![ok("SUBSCRIBE"), ok("PING")]);
+    assert_eq!(take(&mut r), vec![ok("SUBSCRIBE"), ok("PING")]);
 }
 
 #[test]
@@ -186,7 +155,10 @@ fn server_side_and_unanswered_commands() {
     let mut r = Run::new();
     r.rec(INGRESS, &cmd(&["BLPOP", "jobs", "0"]));
     r.p.on_close(C, 500, &mut r.out);
-    assert_eq!(r.take(), vec![(Role::Server, "BLPOP".into(), Reply::None)]);
+    assert_eq!(
+        take(&mut r),
+        vec![(Role::Server, "BLPOP".into(), Reply::None)]
+    );
 }
 
 #[test]
@@ -196,7 +168,7 @@ fn lost_framing_resumes_at_the_next_command() {
     // A reply of 300 elements whose type lines were past what the probes captured.
     r.rec_len(INGRESS, 3000, b"*300\r\n$1\r\nx\r\n");
     assert_eq!(
-        r.take(),
+        take(&mut r),
         vec![(Role::Client, "GET".into(), Reply::Unparsed)]
     );
     assert_eq!(r.p.parse_failures(), 1);
@@ -204,7 +176,7 @@ fn lost_framing_resumes_at_the_next_command() {
     r.rec(INGRESS, b"$1\r\ny\r\n");
     r.rec(EGRESS, &cmd(&["GET", "b"]));
     r.rec(INGRESS, b"$1\r\nz\r\n");
-    assert_eq!(r.take(), vec![ok("GET")]);
+    assert_eq!(take(&mut r), vec![ok("GET")]);
 }
 
 #[test]
@@ -214,14 +186,14 @@ fn detection() {
     r.rec(INGRESS, b"$5\r\nhello\r\n");
     r.rec(EGRESS, &cmd(&["PING"]));
     r.rec(INGRESS, b"+PONG\r\n");
-    assert_eq!(r.take(), vec![ok("PING")]);
+    assert_eq!(take(&mut r), vec![ok("PING")]);
     // A command split before its name is complete.
     let mut r = Run::new();
     let c = cmd(&["HGETALL", "h"]);
     r.rec(EGRESS, &c[..10]);
     r.rec(EGRESS, &c[10..]);
     r.rec(INGRESS, b"*0\r\n");
-    assert_eq!(r.take(), vec![ok("HGETALL")]);
+    assert_eq!(take(&mut r), vec![ok("HGETALL")]);
     // An array of strings that is not a command (a reply, mid-conversation): no span; the
     // next message may start a command.
     let mut r = Run::new();
