@@ -52,6 +52,7 @@ pub mod syscall {
     pub const SENDMSG: u32 = 8;
     pub const SENDFILE: u32 = 9;
     pub const SENDMMSG: u32 = 10;
+    pub const RECVMMSG: u32 = 11;
 }
 
 /// Per-CPU counters the probes keep; the agent sums them over CPUs.

@@ -22,6 +22,7 @@ pub const TRACEPOINTS: &[&str] = &[
     "sys_exit_readv",
     "sys_exit_recvfrom",
     "sys_exit_recvmsg",
+    "sys_exit_recvmmsg",
     "sys_enter_write",
     "sys_exit_write",
     "sys_enter_writev",

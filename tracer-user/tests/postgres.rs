@@ -106,6 +106,46 @@ fn psql(port: u16, sql: &str) {
     assert!(status.code().is_some());
 }
 
+/// A small COPY from psql's standard input (two rows), and pgbench running a prepared query
+/// ten times (`-M prepared`: Parse once, then Bind/Execute).
+fn copy_and_pgbench(port: u16, dir: &Path) {
+    let mut copy = Command::new("psql")
+        .args(["-X", "-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres"])
+        .args(["-c", "COPY items (name, price) FROM STDIN"])
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("psql");
+    use std::io::Write as _;
+    copy.stdin
+        .take()
+        .unwrap()
+        .write_all(b"copied-secret\t7\ncopied-secret\t8\n")
+        .unwrap();
+    assert!(copy.wait().unwrap().success(), "psql COPY");
+    let script = dir.join("pgbench.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 10)\nSELECT name FROM items WHERE id = :id;\n",
+    )
+    .unwrap();
+    let out = Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-n", "-t", "10", "-M", "prepared", "-h", "127.0.0.1"])
+        .args(["-p", &port.to_string(), "-U", "postgres", "-f"])
+        .arg(&script)
+        .arg("postgres")
+        .env("PGSSLMODE", "disable")
+        .output()
+        .expect("pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 const PY: &str = r#"
 import sys, psycopg
 with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="postgres", dbname="postgres", sslmode="disable") as c:
@@ -142,6 +182,7 @@ fn postgres_queries_become_client_and_server_spans() {
     );
     psql(port, "SELECT name, price FROM items WHERE price = 4177");
     psql(port, "SELECT * FROM nowhere");
+    copy_and_pgbench(port, &dir);
     let status = Command::new(tracer_test_support::topology::python())
         .args(["-c", PY, &port.to_string()])
         .status()
@@ -155,7 +196,7 @@ fn postgres_queries_become_client_and_server_spans() {
             .into_iter()
             .filter(|s| s.str_attr("db.system.name").as_deref() == Some("postgresql"))
             .collect();
-        spans.iter().filter(|s| s.span.kind == 3).count() >= 10
+        spans.iter().filter(|s| s.span.kind == 3).count() >= 22
     });
     std::thread::sleep(Duration::from_millis(500));
     spans = receiver
@@ -169,7 +210,10 @@ fn postgres_queries_become_client_and_server_spans() {
         for kv in &s.span.attributes {
             let text = format!("{:?}", kv.value);
             assert!(
-                !text.contains("hunter2") && !text.contains("s3cr3t") && !text.contains("4177"),
+                !text.contains("hunter2")
+                    && !text.contains("s3cr3t")
+                    && !text.contains("4177")
+                    && !text.contains("copied-secret"),
                 "a literal in {}: {text}",
                 kv.key
             );
@@ -194,6 +238,7 @@ fn postgres_queries_become_client_and_server_spans() {
     let psql_spans: Vec<_> = show(&client)
         .into_iter()
         .filter(|(service, ..)| service == "psql")
+        .filter(|(_, name, ..)| name != "COPY items")
         .map(|(_, name, text, code)| (name, text, code))
         .collect();
     let owned = |v: &[(&str, &str, Option<&str>)]| -> Vec<(String, String, Option<String>)> {
@@ -229,6 +274,31 @@ fn postgres_queries_become_client_and_server_spans() {
     assert_eq!(
         select.str_attr("db.collection.name").as_deref(),
         Some("items")
+    );
+
+    // COPY: one span, its rows counted; pgbench: ten executions of the prepared text.
+    let copy = client
+        .iter()
+        .find(|s| s.span.name == "COPY items")
+        .unwrap_or_else(|| panic!("no COPY span: {:#?}", show(&client)));
+    assert_eq!(
+        copy.str_attr("db.query.text").as_deref(),
+        Some("COPY items (name, price) FROM STDIN")
+    );
+    assert_eq!(copy.int_attr("db.response.returned_rows"), Some(2));
+    let pgbench: Vec<_> = show(&client)
+        .into_iter()
+        .filter(|(service, ..)| service == "pgbench")
+        .map(|(_, name, text, _)| (name, text))
+        .collect();
+    let executed = (
+        "SELECT items".to_string(),
+        "SELECT name FROM items WHERE id = $1;".to_string(),
+    );
+    assert_eq!(
+        pgbench.iter().filter(|p| **p == executed).count(),
+        10,
+        "{pgbench:?}"
     );
 
     // psycopg: parameters travel apart from the text (the extended protocol); the prepared

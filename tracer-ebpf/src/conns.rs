@@ -1,0 +1,86 @@
+//! Connection tracking: a socket becomes a connection the first time it moves data (or at
+//! connect/accept), announced to the agent once; its close or replacement is announced too.
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use tracer_common::{conn_key, counter, kind, CloseRecord, ConnRecord, ConnState};
+
+use crate::{capture::*, kernel::*, maps::*};
+
+/// Starts tracking `fd` of the calling thread's process if it is a TCP socket (of the traced
+/// network namespace) and tells the agent its endpoints. Returns its state if it is tracked
+/// now; remembers an fd that is not one.
+#[inline(always)]
+pub(crate) fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = conn_key(tgid, fd);
+    let socket = match fd_kind(fd)? {
+        FdKind::Tcp(socket) => socket,
+        FdKind::NotTcp => {
+            let _ = NOT_TCP.insert(key, 0, 0);
+            return None;
+        }
+    };
+    let wanted_netns = netns_filter();
+    if wanted_netns != 0 && netns_of(socket.sk) != wanted_netns {
+        // Another namespace's socket is, for this agent, as good as a file.
+        let _ = NOT_TCP.insert(key, 0, 0);
+        return None;
+    }
+    let state = ConnState {
+        conn_id: unsafe { bpf_ktime_get_ns() },
+        sk: socket.sk,
+        datagram: u32::from(socket.datagram),
+        tuple: socket.tuple,
+        comm: current_comm(),
+        ..ConnState::default()
+    };
+    if CONNS.insert(key, state, 0).is_err() {
+        bump(counter::CONN_TABLE_FULL);
+        return None;
+    }
+    // Lost when the ring is full; the agent then reads the same facts from CONNS.
+    match EVENTS.reserve::<ConnRecord>(0) {
+        Some(mut entry) => {
+            let ts = state.conn_id;
+            let rec = ConnRecord {
+                header: header(kind::CONNECTION, pid_tgid, fd, ts, ts, ts),
+                tuple: state.tuple,
+                comm: state.comm,
+            };
+            // SAFETY: a reserved record of the right size.
+            unsafe { *entry.as_mut_ptr() = rec };
+            entry.submit(wake_flags(core::mem::size_of::<ConnRecord>() as u64));
+            bump(counter::RECORDS_SENT);
+        }
+        None => bump(counter::RINGBUF_FULL),
+    }
+    CONNS.get_ptr_mut(key)
+}
+
+/// `fd` was released (close, or replaced by dup2/dup3): forget it, and tell the agent if it
+/// was a connection.
+#[inline(always)]
+pub(crate) fn on_close(pid_tgid: u64, fd: u32) -> u32 {
+    let key = conn_key((pid_tgid >> 32) as u32, fd);
+    let Some(state) = (unsafe { CONNS.get(key) }).copied() else {
+        let _ = NOT_TCP.remove(key);
+        return 0;
+    };
+    let _ = CONNS.remove(key);
+    if state.muted != 0 {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    match EVENTS.reserve::<CloseRecord>(0) {
+        Some(mut entry) => {
+            unsafe {
+                (*entry.as_mut_ptr()).header =
+                    header(kind::CLOSE, pid_tgid, fd, state.conn_id, now, now);
+            }
+            let flags = wake_flags(core::mem::size_of::<CloseRecord>() as u64);
+            entry.submit(flags);
+            bump(counter::RECORDS_SENT);
+        }
+        None => bump(counter::RINGBUF_FULL),
+    }
+    0
+}
