@@ -534,3 +534,40 @@ pub(crate) fn captured_from(payload: &[u8], pos: u64) -> &[u8] {
         .and_then(|p| payload.get(p..))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::direction::{EGRESS, INGRESS};
+
+    use super::*;
+
+    /// A connection of one-byte messages (a ping-pong of a protocol nobody reads) is muted at
+    /// its first message: no protocol may wait on bytes that say nothing, or every record of
+    /// it would keep coming to the agent.
+    #[test]
+    fn tiny_messages_of_an_unknown_protocol_are_muted_at_once() {
+        for byte in 0..=255u8 {
+            let mut p = Pairer::new(1_000, Protocols::all());
+            let chunk = Chunk {
+                direction: EGRESS,
+                ts_enter: 1,
+                ts_exit: 2,
+                len: 1,
+                payload: &[byte],
+                tid: 1,
+                tcp_seq: None,
+            };
+            p.on_chunk(1, &chunk, &mut Vec::new(), &mut ());
+            let reply = Chunk {
+                direction: INGRESS,
+                ..chunk
+            };
+            p.on_chunk(1, &reply, &mut Vec::new(), &mut ());
+            p.on_chunk(1, &chunk, &mut Vec::new(), &mut ());
+            // HTTP's methods, Redis's arrays and DNS over TCP's length (which dnsmasq reads a
+            // byte at a time) may start with these: waiting is right.
+            let may_start = b"GHPDCOT*\x00\x01\x02\x03".contains(&byte);
+            assert_eq!(p.is_muted(1), !may_start, "byte {byte:#04x}");
+        }
+    }
+}

@@ -35,10 +35,13 @@ pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
     }
     // Too short to tell: the start of a length-prefixed query (DNS over TCP; a datagram
     // comes whole), its length plausible for a query and its flags, once there, a query's.
+    // (dnsmasq reads the length one byte at a time.)
     let undecided = probe.len() < HEADER + 4
-        && probe
-            .get(..2)
-            .is_none_or(|l| (17..1024).contains(&u16::from_be_bytes([l[0], l[1]])))
+        && match probe {
+            [high] => *high < 4,
+            [high, low, ..] => (17..1024).contains(&u16::from_be_bytes([*high, *low])),
+            [] => false,
+        }
         && probe.get(4).is_none_or(|f| f & 0xf8 == 0);
     if undecided {
         Detection::Undecided

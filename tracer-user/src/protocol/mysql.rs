@@ -45,8 +45,11 @@ const MAX_STATEMENTS: usize = 256;
 /// The server's greeting (protocol 10 and a version), or a query of a connection joined late.
 pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
     let Some(head) = probe.get(..6) else {
-        // Greetings and queries are shorter than 64 KiB: the length's last byte is 0.
-        return if probe.get(2).is_none_or(|&b| b == 0) && probe.get(3).is_none_or(|&b| b == 0) {
+        // A client reads a packet's 4-byte header alone, then its payload: a header of a
+        // greeting or a query (shorter than 64 KiB, sequence number 0) is worth waiting on.
+        // Fewer bytes say nothing, and waiting on them would keep a connection of tiny
+        // messages from ever being muted.
+        return if probe.len() >= 4 && probe[2] == 0 && probe[3] == 0 {
             Detection::Undecided
         } else {
             Detection::Nothing

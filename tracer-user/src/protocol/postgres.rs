@@ -42,7 +42,14 @@ pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
     let found = Detection::Found(Protocol::Postgres, Role::sending_requests(direction));
     if probe.first() == Some(&b'Q') {
         return match probe.get(1..9) {
-            None => Detection::Undecided,
+            // Waited on only once its length is there and plausible: fewer bytes say nothing,
+            // and waiting on them would keep a connection of tiny messages from being muted.
+            None => match probe.get(1..5) {
+                Some(l) if (8..1 << 20).contains(&u32::from_be_bytes([l[0], l[1], l[2], l[3]])) => {
+                    Detection::Undecided
+                }
+                _ => Detection::Nothing,
+            },
             Some(rest) => {
                 let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let sql_start = rest[4..].iter().all(u8::is_ascii_alphabetic);
@@ -55,11 +62,12 @@ pub(crate) fn detect(probe: &[u8], direction: u32) -> Detection {
         };
     }
     let Some(head) = probe.get(..8) else {
-        // Startup lengths are small: the first byte is 0.
-        return if probe[0] == 0 {
-            Detection::Undecided
-        } else {
-            Detection::Nothing
+        // A startup message's length, once there, must be plausible.
+        return match probe.get(..4) {
+            Some(l) if (8..10_000).contains(&u32::from_be_bytes([l[0], l[1], l[2], l[3]])) => {
+                Detection::Undecided
+            }
+            _ => Detection::Nothing,
         };
     };
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
