@@ -47,8 +47,9 @@ pub(crate) const S_IFMT: u16 = 0o170000;
 pub(crate) const S_IFSOCK: u16 = 0o140000;
 pub(crate) const SOCK_STREAM: u16 = 1;
 pub(crate) const SOCK_DGRAM: u16 = 2;
-/// UDP is followed only to this remote port: DNS, whose stub resolvers (glibc, dig) connect
-/// their UDP sockets to the server. Other UDP (QUIC, metrics) is not read.
+/// UDP is followed only to or from this port: DNS. Stub resolvers (glibc, dig) connect their
+/// sockets to the server; servers answer on an unconnected socket bound to it. Other UDP
+/// (QUIC, metrics) is not read.
 pub(crate) const DNS_PORT: u16 = 53;
 /// `sizeof(struct mmsghdr)` on x86-64 (a `user_msghdr`, then `msg_len`, padded), and where its
 /// `msg_len` is.
@@ -192,7 +193,9 @@ pub(crate) fn fd_kind(fd: u32) -> Option<FdKind> {
             return Some(FdKind::NotTcp);
         }
         let datagram = sock_type == SOCK_DGRAM;
-        if datagram && t.remote_port != DNS_PORT {
+        // A DNS client's socket, connected to the server, or a DNS server's (unconnected: each
+        // datagram has its own peer).
+        if datagram && t.remote_port != DNS_PORT && t.local_port != DNS_PORT {
             return Some(FdKind::NotTcp);
         }
         Some(FdKind::Tcp(TcpSocket {

@@ -136,17 +136,21 @@ impl EdgeText {
 
 /// The attributes a connection gives all its spans.
 fn connection_attributes(ends: &Endpoints, server_side: bool, mut f: impl FnMut(&str, Value<'_>)) {
-    f("network.peer.address", Value::Str(&ends.remote_ip));
-    f(
-        "network.peer.port",
-        Value::Int(i64::from(ends.remote.port())),
-    );
+    // An unconnected socket (a DNS server's over UDP) has no one peer.
+    let peer = ends.remote.port() != 0;
+    if peer {
+        f("network.peer.address", Value::Str(&ends.remote_ip));
+        f(
+            "network.peer.port",
+            Value::Int(i64::from(ends.remote.port())),
+        );
+    }
     f("network.local.address", Value::Str(&ends.local_ip));
     f(
         "network.local.port",
         Value::Int(i64::from(ends.local.port())),
     );
-    if server_side {
+    if server_side && peer {
         f("client.address", Value::Str(&ends.remote_ip));
     }
 }

@@ -1,8 +1,8 @@
 //! DNS, traced for real: dnsmasq from apt answering on loopback in a network namespace of the
 //! test's own, queried by dig (UDP, and TCP) and by glibc's getaddrinfo (A and AAAA sent
 //! together with sendmmsg), with the agent following that namespace only. Every query comes
-//! out as a span with its name, type, response code and answer count; dnsmasq's side of the TCP
-//! query as a SERVER span.
+//! out as a CLIENT span with its name, type, response code and answer count, and as a SERVER
+//! span on dnsmasq's side (its unconnected UDP socket, and TCP).
 mod support;
 
 use std::{
@@ -113,7 +113,7 @@ fn dns_queries_become_spans() {
     let mut spans = Vec::new();
     wait_for("the DNS spans", Duration::from_secs(20), || {
         spans = dns();
-        spans.len() >= 5
+        spans.len() >= 9
     });
     std::thread::sleep(Duration::from_millis(500));
     spans = dns();
@@ -157,7 +157,20 @@ fn dns_queries_become_spans() {
         // dig +tcp: dnsmasq's side. (dig's own is not seen: it writes the length and the
         // message as two buffers of one writev, and the probes capture a writev's first.)
         row(SERVER, "DNS AAAA", "db.test", "NOERROR", 1, "tcp", 0),
+        // dnsmasq's side of the UDP queries, on its unconnected socket.
+        row(SERVER, "DNS A", "svc.test", "NOERROR", 1, "udp", 0),
+        row(SERVER, "DNS A", "nothing.invalid", "REFUSED", 0, "udp", 2),
+        row(SERVER, "DNS A", "db.test", "NOERROR", 1, "udp", 0),
+        row(SERVER, "DNS AAAA", "db.test", "NOERROR", 1, "udp", 0),
     ];
     want.sort();
     assert_eq!(got, want, "{log}");
+    // An unconnected socket has no one peer: the server's UDP spans name none.
+    for s in spans.iter().filter(|s| {
+        s.span.kind == SERVER && s.str_attr("network.transport").as_deref() == Some("udp")
+    }) {
+        assert_eq!(s.str_attr("network.peer.address"), None);
+        assert_eq!(s.str_attr("client.address"), None);
+        assert_eq!(s.int_attr("server.port"), Some(53));
+    }
 }
