@@ -57,12 +57,21 @@ pub(crate) fn json_value(v: &Value) -> serde_json::Value {
 
 /// Moves the attributes out of the decoded request: no string is copied.
 fn attributes(kvs: Vec<OtlpKeyValue>) -> Vec<KeyValue> {
-    kvs.into_iter()
-        .map(|kv| KeyValue {
-            key: kv.key,
-            value: attr_value(kv.value.and_then(|v| v.value)),
+    capped_attributes(kvs).0
+}
+
+/// The attributes with their values capped (`MAX_VALUE_BYTES`), and whether any was cut.
+fn capped_attributes(kvs: Vec<OtlpKeyValue>) -> (Vec<KeyValue>, bool) {
+    let mut cut = false;
+    let kvs = kvs
+        .into_iter()
+        .map(|kv| {
+            let mut value = attr_value(kv.value.and_then(|v| v.value));
+            cut |= cap_value(&mut value);
+            KeyValue { key: kv.key, value }
         })
-        .collect()
+        .collect();
+    (kvs, cut)
 }
 
 pub(crate) fn fixed<const N: usize>(
@@ -107,16 +116,51 @@ pub const MAX_NAME_BYTES: usize = 512;
 /// The attribute that marks a span cut by the limits above.
 pub const TRUNCATED_KEY: &str = "tracer.truncated";
 
-/// `name` cut to at most `MAX_NAME_BYTES` at a character boundary, and whether it was cut.
-pub fn capped_name(name: &str) -> (&str, bool) {
-    if name.len() <= MAX_NAME_BYTES {
-        return (name, false);
+/// Bytes of an attribute's value kept (a string, or an array's or map's JSON text), cut at a
+/// character boundary: a span whose one attribute held the whole 4 MiB body was stored, and
+/// returned by every search that found it. The span says so with `tracer.truncated = true`.
+pub const MAX_VALUE_BYTES: usize = 4096;
+
+/// Where `text` must end to be at most `limit` bytes, at a character boundary.
+fn cut_point(text: &str, limit: usize) -> Option<usize> {
+    if text.len() <= limit {
+        return None;
     }
-    let mut end = MAX_NAME_BYTES;
-    while !name.is_char_boundary(end) {
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    (&name[..end], true)
+    Some(end)
+}
+
+/// `name` cut to at most `MAX_NAME_BYTES` at a character boundary, and whether it was cut.
+pub fn capped_name(name: &str) -> (&str, bool) {
+    match cut_point(name, MAX_NAME_BYTES) {
+        Some(end) => (&name[..end], true),
+        None => (name, false),
+    }
+}
+
+/// An attribute value cut to at most `MAX_VALUE_BYTES`, and whether it was cut.
+pub fn capped_value(value: &str) -> (&str, bool) {
+    match cut_point(value, MAX_VALUE_BYTES) {
+        Some(end) => (&value[..end], true),
+        None => (value, false),
+    }
+}
+
+/// Cuts a stored value to `MAX_VALUE_BYTES`; true if it was cut.
+pub(crate) fn cap_value(value: &mut AttrValue) -> bool {
+    match value {
+        AttrValue::Str(s) | AttrValue::Json(s) => match cut_point(s, MAX_VALUE_BYTES) {
+            Some(end) => {
+                s.truncate(end);
+                true
+            }
+            None => false,
+        },
+        AttrValue::Int(_) | AttrValue::Float(_) | AttrValue::Bool(_) => false,
+    }
 }
 
 /// How far in the future a span may start. Retention deletes by start time, and a span dated
@@ -190,10 +234,10 @@ pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanReco
                 let (name, name_cut) = capped_name(&s.name);
                 let name_cut = name_cut.then(|| name.to_owned());
                 let mut span_attributes = s.attributes;
-                let cut = name_cut.is_some() || span_attributes.len() > MAX_SPAN_ATTRIBUTES;
+                let too_many = span_attributes.len() > MAX_SPAN_ATTRIBUTES;
                 span_attributes.truncate(MAX_SPAN_ATTRIBUTES);
-                let mut span_attributes = attributes(span_attributes);
-                if cut {
+                let (mut span_attributes, values_cut) = capped_attributes(span_attributes);
+                if name_cut.is_some() || too_many || values_cut {
                     span_attributes.push(KeyValue {
                         key: TRUNCATED_KEY.into(),
                         value: AttrValue::Bool(true),

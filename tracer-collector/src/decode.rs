@@ -32,8 +32,8 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, ArrayValue, KeyValueList};
 use prost::Message as _;
 use tracer_store::{
-    AttrValueRef, KeyValue, KeyValueRef, SpanEventRef, SpanId, SpanLinkRef, SpanRecord, SpanRef,
-    TraceId,
+    AttrValue, AttrValueRef, KeyValue, KeyValueRef, SpanEventRef, SpanId, SpanLinkRef, SpanRecord,
+    SpanRef, TraceId,
 };
 
 use crate::convert::{self, check_span, json_value, UNKNOWN_SERVICE};
@@ -735,7 +735,8 @@ impl<'a> Decoder<'a> {
                 (9, wt) => {
                     r.expect(9, "attributes", wt, LEN)?;
                     let owned = &mut self.out.owned;
-                    let (kv, json) = r.message("KeyValue", |r| key_value(r, owned))?;
+                    let (kv, json, value_cut) = r.message("KeyValue", |r| key_value(r, owned))?;
+                    attrs_cut |= value_cut;
                     // Past the cap the attribute is still read (the wire format is checked
                     // whole) but not kept.
                     if self.span_attrs.len() >= convert::MAX_SPAN_ATTRIBUTES {
@@ -841,7 +842,7 @@ impl<'a> Decoder<'a> {
     /// nothing else is read while they are).
     fn inner_attr(&mut self, r: &mut Reader<'a>) -> R<()> {
         let owned = &mut self.out.owned;
-        let (kv, json) = r.message("KeyValue", |r| key_value(r, owned))?;
+        let (kv, json, _) = r.message("KeyValue", |r| key_value(r, owned))?;
         if let Some(text) = json {
             self.out.json.push((self.out.attrs.len() as u32, text));
         }
@@ -931,7 +932,7 @@ fn resource<'a>(
         match r.key()? {
             (1, wt) => {
                 r.expect(1, "attributes", wt, LEN)?;
-                let (kv, text) = r.message("KeyValue", |r| key_value(r, owned))?;
+                let (kv, text, _) = r.message("KeyValue", |r| key_value(r, owned))?;
                 if let Some(text) = text {
                     json.push((attrs.len() as u32, text));
                 }
@@ -964,7 +965,12 @@ fn entity_ref(r: &mut Reader<'_>) -> R<()> {
 
 /// One attribute. A JSON value is rendered into `owned`: the attribute then holds an empty
 /// `Json` and the index of its text is returned beside it.
-fn key_value<'a>(r: &mut Reader<'a>, owned: &mut Vec<String>) -> R<(KeyValueRef<'a>, Option<u32>)> {
+/// One attribute, its value capped (`convert::MAX_VALUE_BYTES`): the attribute, where its
+/// JSON text is in `owned` (arrays, maps, bytes), and whether its value was cut.
+fn key_value<'a>(
+    r: &mut Reader<'a>,
+    owned: &mut Vec<String>,
+) -> R<(KeyValueRef<'a>, Option<u32>, bool)> {
     let mut key = "";
     let mut value = AnyVal::None;
     while r.more() {
@@ -981,18 +987,28 @@ fn key_value<'a>(r: &mut Reader<'a>, owned: &mut Vec<String>) -> R<(KeyValueRef<
             (f, wt) => r.skip(f, wt)?,
         }
     }
+    let mut cut = false;
     let (value, json) = match value {
         AnyVal::None => (AttrValueRef::Str(""), None),
-        AnyVal::Str(s) => (AttrValueRef::Str(s), None),
+        AnyVal::Str(s) => {
+            let (s, was_cut) = convert::capped_value(s);
+            cut = was_cut;
+            (AttrValueRef::Str(s), None)
+        }
         AnyVal::Bool(b) => (AttrValueRef::Bool(b), None),
         AnyVal::Int(i) => (AttrValueRef::Int(i), None),
         AnyVal::Double(d) => (AttrValueRef::Float(d), None),
         AnyVal::Other(v) => {
-            owned.push(json_value(&v).to_string());
+            let mut text = AttrValue::Json(json_value(&v).to_string());
+            cut = convert::cap_value(&mut text);
+            let AttrValue::Json(text) = text else {
+                unreachable!("a JSON value stays one")
+            };
+            owned.push(text);
             (AttrValueRef::Json(""), Some(owned.len() as u32 - 1))
         }
     };
-    Ok((KeyValueRef { key, value }, json))
+    Ok((KeyValueRef { key, value }, json, cut))
 }
 
 /// An `AnyValue` as read: scalars borrowed from the body, the rare rest as `prost` values

@@ -191,6 +191,71 @@ async fn malformed_oversized_and_unauthenticated_requests_are_refused() {
         );
     }
 
+    // A 40 KB string value and a 1,000-element array are kept as their first 4 KiB (the array
+    // as its JSON text), the span marked `tracer.truncated`; short values are untouched.
+    for (encoding, trace) in [
+        ("application/x-protobuf", 0x63u8),
+        ("application/json", 0x64),
+    ] {
+        let mut req = request(
+            "svc",
+            vec![span([trace; 16], 1, None, "x", now_nanos(), 0, 10)],
+        );
+        let sp = &mut req.resource_spans[0].scope_spans[0].spans[0];
+        use opentelemetry_proto::tonic::common::v1::{any_value::Value as V, AnyValue, ArrayValue};
+        let list = V::ArrayValue(ArrayValue {
+            values: (0..1_000)
+                .map(|i| AnyValue {
+                    value: Some(s(&format!("item-{i}"))),
+                })
+                .collect(),
+        });
+        sp.attributes = vec![
+            kv("long", s(&"ü".repeat(20_000))),
+            kv("list", list),
+            kv("short", s("fine")),
+        ];
+        let body = if encoding == "application/json" {
+            serde_json::to_vec(&req).unwrap()
+        } else {
+            req.encode_to_vec()
+        };
+        let (st, body) = post(&url, encoding, &auth, body).await;
+        assert_eq!(st, 200, "{encoding}: {body}");
+        let (st, got) = c
+            .get(&format!("/api/traces/{}", hex::encode([trace; 16])))
+            .await;
+        assert_eq!(st, 200);
+        let tags = got["data"][0]["spans"][0]["tags"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let value = |key: &str| {
+            tags.iter()
+                .find(|t| t["key"] == key)
+                .and_then(|t| t["value"].as_str())
+                .unwrap_or_else(|| panic!("{encoding}: no {key}"))
+                .to_owned()
+        };
+        let long = value("long");
+        assert!(
+            long.len() <= 4096 && long.len() >= 4095 && long.chars().all(|c| c == 'ü'),
+            "{encoding}: {}",
+            long.len()
+        );
+        let list = value("list");
+        assert!(
+            list.len() <= 4096 && list.starts_with("[\"item-0\""),
+            "{encoding}"
+        );
+        assert_eq!(value("short"), "fine");
+        assert!(
+            tags.iter()
+                .any(|t| t["key"] == "tracer.truncated" && t["value"] == true),
+            "{encoding}: the cut is marked"
+        );
+    }
+
     // Still serving: a good request is accepted and found.
     let (st, body) = post(&url, "application/x-protobuf", &auth, good).await;
     assert_eq!(st, 200, "{body}");
