@@ -169,13 +169,21 @@ pub(crate) fn cap_value(value: &mut AttrValue) -> bool {
 /// clock error a host should have; the collector corrects the skew it can measure anyway.
 const MAX_FUTURE_NANOS: u64 = 24 * 3_600_000_000_000;
 
+/// Now, as span times are (Unix ns): read once per request, not per span.
+pub(crate) fn unix_now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `(start, end)`: the span's times; `now`: [`unix_now_nanos`] at the request's arrival.
 pub(crate) fn check_span(
     n: usize,
     trace_id: &[u8],
     span_id: &[u8],
     parent_span_id: &[u8],
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
+    now: u64,
     name: &str,
 ) -> Result<(TraceId, SpanId, Option<SpanId>), String> {
     let trace_id = fixed::<16>(trace_id, "trace_id", n)?;
@@ -188,9 +196,6 @@ pub(crate) fn check_span(
     if end < start {
         return Err(format!("span #{n} ({name}): ends before it starts"));
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
     if start > now.saturating_add(MAX_FUTURE_NANOS) {
         return Err(format!(
             "span #{n} ({name}): starts {} h after this collector's clock (more than 24 h): \
@@ -206,6 +211,7 @@ pub(crate) fn check_span(
 pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanRecord>, String> {
     let mut out = Vec::new();
     let mut n = 0usize;
+    let now = unix_now_nanos();
     for rs in req.resource_spans {
         // One resource per ResourceSpans, shared by its spans.
         let resource = Arc::new(
@@ -224,8 +230,8 @@ pub fn spans_from_request(req: ExportTraceServiceRequest) -> Result<Vec<SpanReco
                     &s.trace_id,
                     &s.span_id,
                     &s.parent_span_id,
-                    s.start_time_unix_nano,
-                    s.end_time_unix_nano,
+                    (s.start_time_unix_nano, s.end_time_unix_nano),
+                    now,
                     &s.name,
                 )?;
                 let (status_code, status_message) = s

@@ -498,6 +498,8 @@ struct Decoder<'a> {
     n: usize,
     /// The first span that failed the checks.
     invalid: Option<String>,
+    /// When the request arrived (Unix ns), for the spans' checks.
+    now: u64,
     /// Attributes of the span being read (its events' and links' go straight to `out.attrs`
     /// while these wait), and the JSON values among them (index in this list, text).
     span_attrs: Vec<KeyValueRef<'a>>,
@@ -531,6 +533,7 @@ pub fn decode(body: &[u8]) -> Result<Decoded<'_>, Error> {
         },
         n: 0,
         invalid: None,
+        now: convert::unix_now_nanos(),
         span_attrs: Vec::new(),
         span_json: Vec::new(),
     };
@@ -791,8 +794,8 @@ impl<'a> Decoder<'a> {
             s.trace_id,
             s.span_id,
             s.parent_span_id,
-            s.start,
-            s.end,
+            (s.start, s.end),
+            self.now,
             s.name,
         );
         let (trace_id, span_id, parent_span_id) = match ids {
