@@ -6,13 +6,35 @@ pub mod topology;
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Child,
     time::{Duration, Instant},
 };
 
 /// Tests that load eBPF programs cannot mean anything without root, so they fail (never skip)
 /// and say why.
+/// The collector binary beside the test's `tracer` (`CARGO_BIN_EXE_tracer`), built with the
+/// same profile first if it is not there (a `cargo test -p tracer-user` builds only the agent).
+pub fn collector_beside(tracer: &Path) -> PathBuf {
+    let profile_dir = tracer.parent().expect("the tracer binary's directory");
+    let bin = profile_dir.join("tracer-collector");
+    if bin.exists() {
+        return bin;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build
+        .args(["build", "-p", "tracer-collector", "--target-dir"])
+        .arg(profile_dir.parent().expect("the target directory"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo to build tracer-collector");
+    assert!(status.success(), "building tracer-collector failed");
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

@@ -27,24 +27,7 @@ use support::{free_port, temp_dir, Proc};
 /// (cargo holds no lock while tests run). It is not rebuilt when present: `cargo build -p` alone
 /// resolves features differently from a workspace build and would relink it on every run.
 fn collector_bin() -> PathBuf {
-    let tracer = Path::new(env!("CARGO_BIN_EXE_tracer"));
-    let profile_dir = tracer.parent().unwrap();
-    let bin = profile_dir.join("tracer-collector");
-    if bin.exists() {
-        return bin;
-    }
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args(["build", "-p", "tracer-collector", "--target-dir"])
-        .arg(profile_dir.parent().unwrap())
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo to build tracer-collector");
-    assert!(status.success(), "building tracer-collector failed");
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
+    tracer_test_support::collector_beside(Path::new(env!("CARGO_BIN_EXE_tracer")))
 }
 
 struct Collector {

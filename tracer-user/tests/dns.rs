@@ -5,55 +5,37 @@
 //! span on dnsmasq's side (its unconnected UDP socket, and TCP).
 mod support;
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use support::*;
 
-/// A network namespace with loopback up and a resolv.conf naming 127.0.0.1 (`ip netns exec`
-/// mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf), removed when dropped.
-struct Netns(String);
+/// `/etc/netns/NAME/resolv.conf` naming 127.0.0.1 (`ip netns exec` mounts it over
+/// /etc/resolv.conf in the namespace), removed when dropped.
+struct ResolvConf(String);
 
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
-        let ok = |args: &[&str]| {
-            let status = Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip (iproute2)");
-            assert!(status.success(), "ip {args:?}");
-        };
-        ok(&["netns", "add", name]);
-        ok(&["-n", name, "link", "set", "lo", "up"]);
-        let etc = format!("/etc/netns/{name}");
+impl ResolvConf {
+    fn new(netns: &str) -> ResolvConf {
+        let etc = format!("/etc/netns/{netns}");
         std::fs::create_dir_all(&etc).unwrap();
         std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
-        Netns(name.to_owned())
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.0, program]);
-        cmd
+        ResolvConf(etc)
     }
 }
 
-impl Drop for Netns {
+impl Drop for ResolvConf {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 #[test]
 fn dns_queries_become_spans() {
     require_root();
-    let ns = Netns::new(&format!("tracer-dns-{}", std::process::id()));
+    let hosts = tracer_test_support::netns::Hosts::create(&["dns"]);
+    let ns = hosts.host("dns");
+    let _resolv = ResolvConf::new(&ns.netns);
     let dnsmasq = ns
-        .exec("dnsmasq")
+        .command("dnsmasq")
         .args([
             "--keep-in-foreground",
             "--no-resolv",
@@ -72,7 +54,7 @@ fn dns_queries_become_spans() {
     let _dnsmasq = Proc(dnsmasq);
     let dig = |args: &[&str]| -> String {
         let out = ns
-            .exec("dig")
+            .command("dig")
             .args(["+short", "+tries=1", "+time=2", "@127.0.0.1"])
             .args(args)
             .output()
@@ -84,14 +66,19 @@ fn dns_queries_become_spans() {
     });
     let receiver = OtlpReceiver::start(free_port());
     // The agent runs on the host and exports there; it traces the namespace's sockets only.
-    let netns_path = format!("/run/netns/{}", ns.0);
-    let agent = Agent::start(&["--endpoint", &receiver.endpoint(), "--netns", &netns_path]);
+    let netns_path = ns.netns_path();
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--netns",
+        netns_path.to_str().unwrap(),
+    ]);
 
     assert_eq!(dig(&["svc.test", "A"]), "10.1.2.3");
     assert_eq!(dig(&["+tcp", "db.test", "AAAA"]), "fd00::4");
     assert_eq!(dig(&["nothing.invalid", "A"]), "");
     let lookup = ns
-        .exec("python3")
+        .command("python3")
         .args([
             "-c",
             "import socket; print(sorted({a[4][0] for a in socket.getaddrinfo('db.test', 80)}))",

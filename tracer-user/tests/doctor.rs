@@ -8,13 +8,7 @@ use tracer_test_support::{free_port, require_root, temp_dir, topology::Daemon};
 const TOKEN: &str = "doctor-test-token";
 
 fn collector_bin() -> PathBuf {
-    let collector = PathBuf::from(env!("CARGO_BIN_EXE_tracer")).with_file_name("tracer-collector");
-    assert!(
-        collector.exists(),
-        "{} is missing: build it (cargo build -p tracer-collector; cargo xtask test builds the workspace)",
-        collector.display()
-    );
-    collector
+    tracer_test_support::collector_beside(std::path::Path::new(env!("CARGO_BIN_EXE_tracer")))
 }
 
 /// A collector requiring `TOKEN`, its store in a directory named after `test`; returns it and
