@@ -52,6 +52,58 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    /// Each upstream's counters in Prometheus text (the collector's `/metrics`), labelled by
+    /// its URL.
+    pub fn render_metrics(&self, out: &mut String) {
+        for (name, help, kind, get) in [
+            (
+                "tracer_collector_forward_requests_total",
+                "Batches an upstream acknowledged",
+                "counter",
+                (|s: &ForwardStats| &s.sent_requests) as fn(&ForwardStats) -> &AtomicU64,
+            ),
+            (
+                "tracer_collector_forward_bytes_total",
+                "Bytes an upstream acknowledged",
+                "counter",
+                |s| &s.sent_bytes,
+            ),
+            (
+                "tracer_collector_forward_dropped_queue_full_total",
+                "Batches not forwarded: the upstream's queue was full",
+                "counter",
+                |s| &s.dropped_queue_full,
+            ),
+            (
+                "tracer_collector_forward_dropped_rejected_total",
+                "Batches an upstream refused for good (4xx)",
+                "counter",
+                |s| &s.dropped_rejected,
+            ),
+            (
+                "tracer_collector_forward_retries_total",
+                "Forwarding attempts that failed and were retried",
+                "counter",
+                |s| &s.retries,
+            ),
+            (
+                "tracer_collector_forward_queued_bytes",
+                "Bytes waiting for an upstream",
+                "gauge",
+                |s| &s.queued_bytes,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for u in &self.upstreams {
+                out.push_str(&format!(
+                    "{name}{{upstream=\"{}\"}} {}\n",
+                    u.url.replace(['"', '\\', '\n'], "_"),
+                    get(&u.stats).load(Relaxed)
+                ));
+            }
+        }
+    }
+
     /// Starts a sender task per URL (OTLP/HTTP traces endpoints), each with a queue of at most
     /// `capacity_mib`, sending `headers` (e.g. an authorization) with each request.
     pub fn start(

@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message as _;
 use tracer_store::{SpanRecord, SpanStore, StoreError};
 
-use crate::{convert, decode, forward::ForwardStats, tls::ConnectionStats};
+use crate::{convert, decode, tls::ConnectionStats};
 
 #[derive(Default, Debug)]
 pub struct IngestStats {
@@ -651,53 +651,7 @@ pub fn metrics_router(ingest: Arc<Ingest>, connections: Arc<ConnectionStats>) ->
                      tracer_collector_operations_overflowed_total {}\n",
                     ingest.store.operations_overflowed()
                 ));
-                for (name, help, kind, get) in [
-                    (
-                        "tracer_collector_forward_requests_total",
-                        "Batches an upstream acknowledged",
-                        "counter",
-                        (|s: &ForwardStats| &s.sent_requests) as fn(&ForwardStats) -> &AtomicU64,
-                    ),
-                    (
-                        "tracer_collector_forward_bytes_total",
-                        "Bytes an upstream acknowledged",
-                        "counter",
-                        |s| &s.sent_bytes,
-                    ),
-                    (
-                        "tracer_collector_forward_dropped_queue_full_total",
-                        "Batches not forwarded: the upstream's queue was full",
-                        "counter",
-                        |s| &s.dropped_queue_full,
-                    ),
-                    (
-                        "tracer_collector_forward_dropped_rejected_total",
-                        "Batches an upstream refused for good (4xx)",
-                        "counter",
-                        |s| &s.dropped_rejected,
-                    ),
-                    (
-                        "tracer_collector_forward_retries_total",
-                        "Forwarding attempts that failed and were retried",
-                        "counter",
-                        |s| &s.retries,
-                    ),
-                    (
-                        "tracer_collector_forward_queued_bytes",
-                        "Bytes waiting for an upstream",
-                        "gauge",
-                        |s| &s.queued_bytes,
-                    ),
-                ] {
-                    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-                    for u in &ingest.forward.upstreams {
-                        out.push_str(&format!(
-                            "{name}{{upstream=\"{}\"}} {}\n",
-                            u.url.replace(['"', '\\', '\n'], "_"),
-                            get(&u.stats).load(Relaxed)
-                        ));
-                    }
-                }
+                ingest.forward.render_metrics(&mut out);
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
             }),
         )

@@ -128,12 +128,15 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
 }
 
 /// A connection's protocol state, once its protocol is known.
+/// HTTP's session inline (a connection holds its session, and most connections are HTTP), the
+/// others boxed: they are larger, and would make every connection as large as the largest.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Session {
     Http(http::Session),
-    Redis(redis::Session),
-    Postgres(postgres::Session),
-    Mysql(mysql::Session),
-    Dns(dns::Session),
+    Redis(Box<redis::Session>),
+    Postgres(Box<postgres::Session>),
+    Mysql(Box<mysql::Session>),
+    Dns(Box<dns::Session>),
 }
 
 impl Session {
@@ -142,12 +145,16 @@ impl Session {
     pub(crate) fn start(protocol: Protocol, role: Role, buffered: Vec<u8>, start: Mark) -> Self {
         match protocol {
             Protocol::Http1 => Session::Http(http::Session::start(role, buffered, start)),
-            Protocol::Redis => Session::Redis(redis::Session::start(role, buffered, start)),
-            Protocol::Postgres => {
-                Session::Postgres(postgres::Session::start(role, buffered, start))
+            Protocol::Redis => {
+                Session::Redis(Box::new(redis::Session::start(role, buffered, start)))
             }
-            Protocol::Mysql => Session::Mysql(mysql::Session::start(role, buffered, start)),
-            Protocol::Dns => Session::Dns(dns::Session::start(role, buffered, start)),
+            Protocol::Postgres => {
+                Session::Postgres(Box::new(postgres::Session::start(role, buffered, start)))
+            }
+            Protocol::Mysql => {
+                Session::Mysql(Box::new(mysql::Session::start(role, buffered, start)))
+            }
+            Protocol::Dns => Session::Dns(Box::new(dns::Session::start(role, buffered, start))),
         }
     }
 
@@ -278,4 +285,14 @@ pub fn encoded_constant_attributes(
         constant_attributes(protocol, |k, v| encode(&mut out, k, v));
         out
     })
+}
+
+#[cfg(test)]
+mod size {
+    /// A connection's state is mostly its session: HTTP's, inline, sets it.
+    #[test]
+    fn sessions_are_as_small_as_http_s() {
+        let http = std::mem::size_of::<super::http::Session>();
+        assert!(std::mem::size_of::<super::Session>() <= http + 8);
+    }
 }
