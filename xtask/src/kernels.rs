@@ -20,6 +20,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+use crate::run;
+
 /// What a kernel of the matrix must show.
 #[derive(Clone, Copy)]
 enum Expect {
@@ -148,14 +150,6 @@ fn ensure_tools() -> anyhow::Result<()> {
     let file = output(Command::new("file").arg(busybox)).unwrap_or_default();
     if file.contains("dynamically linked") {
         bail!("/bin/busybox is dynamically linked: install busybox-static (apt-get install busybox-static)");
-    }
-    Ok(())
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ use crate::{
         threads_cpu_seconds, wait_port, wrk_load, Killed, Wrk, RATE_PER_CONNECTION,
     },
     otlp_sink::{self, SinkCounts},
+    run,
 };
 
 /// wrk connections at saturation: enough to keep both cores busy through the downstream call.
@@ -217,14 +218,6 @@ fn install(root: &Path) -> anyhow::Result<()> {
         run(Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--silent"])
             .current_dir(&node))?;
-    }
-    Ok(())
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
     }
     Ok(())
 }
