@@ -118,18 +118,12 @@ async fn stored_batches_reach_a_backend_through_a_real_relay() {
         }
         assert_eq!(spans, 25, "trace {trace:#x} at the far end");
     }
-    let metrics = reqwest::get(near.api("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(&format!(
-            "tracer_collector_forward_requests_total{{upstream=\"http://127.0.0.1:{relay_port}/v1/traces\"}} 3"
-        )),
-        "{metrics}"
-    );
+    let acknowledged = near
+        .metric(&format!(
+            "tracer_collector_forward_requests_total{{upstream=\"http://127.0.0.1:{relay_port}/v1/traces\"}}"
+        ))
+        .await;
+    assert_eq!(acknowledged, 3);
     let _ = relay.kill();
     let _ = relay.wait();
 }
@@ -162,16 +156,10 @@ async fn an_upstream_that_is_down_costs_ingest_nothing() {
         .await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let metrics = reqwest::get(c.api("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("tracer_collector_forward_retries_total{"))
-        .unwrap_or_else(|| panic!("{metrics}"));
-    let retries: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(retries >= 1, "{line}");
+    let retries = c
+        .metric(&format!(
+            "tracer_collector_forward_retries_total{{upstream=\"http://127.0.0.1:{dead}/v1/traces\"}}"
+        ))
+        .await;
+    assert!(retries >= 1, "{retries} retries");
 }

@@ -264,20 +264,7 @@ async fn idle_and_excess_connections_cannot_starve_clients() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
-    let metrics = reqwest::get(c.api("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
-    };
-    assert!(value("tracer_collector_connections_refused_total") >= 60);
+    assert!(c.metric("tracer_collector_connections_refused_total").await >= 60);
     // The Grafana dashboard asks only for collector metrics that exist.
     let dashboard =
         std::fs::read_to_string(repo_root().join("docs/grafana-dashboard.json")).unwrap();
@@ -285,7 +272,11 @@ async fn idle_and_excess_connections_cannot_starve_clients() {
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("tracer_collector_"))
     {
-        value(name);
+        c.metric(name).await;
     }
-    assert!(value("tracer_collector_connections_timed_out_total") >= 50);
+    assert!(
+        c.metric("tracer_collector_connections_timed_out_total")
+            .await
+            >= 50
+    );
 }

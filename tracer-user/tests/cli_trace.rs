@@ -7,7 +7,6 @@ mod support;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
-    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -20,15 +19,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message as _;
-use support::{free_port, temp_dir, Proc};
-
-/// The collector binary next to the `tracer` under test. `cargo test --workspace` (and so
-/// `cargo xtask test`) builds it; a run of this test binary alone builds it if it is missing
-/// (cargo holds no lock while tests run). It is not rebuilt when present: `cargo build -p` alone
-/// resolves features differently from a workspace build and would relink it on every run.
-fn collector_bin() -> PathBuf {
-    tracer_test_support::collector_beside(Path::new(env!("CARGO_BIN_EXE_tracer")))
-}
+use support::{collector_bin, free_port, temp_dir, Proc};
 
 struct Collector {
     _proc: Proc,

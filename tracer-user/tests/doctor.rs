@@ -1,15 +1,14 @@
 //! `tracer doctor` on this host: every check passes as root against a real collector that
 //! requires a token; a wrong token, a collector that is down and a user without privileges each
 //! fail their line with what to do, and the exit status says so.
-use std::{path::PathBuf, process::Command};
+mod support;
 
+use std::process::Command;
+
+use support::collector_bin;
 use tracer_test_support::{free_port, require_root, temp_dir, topology::Daemon};
 
 const TOKEN: &str = "doctor-test-token";
-
-fn collector_bin() -> PathBuf {
-    tracer_test_support::collector_beside(std::path::Path::new(env!("CARGO_BIN_EXE_tracer")))
-}
 
 /// A collector requiring `TOKEN`, its store in a directory named after `test`; returns it and
 /// its OTLP/HTTP base URL.

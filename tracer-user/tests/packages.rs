@@ -5,6 +5,8 @@
 //! test VMs), the units cannot be started by systemd; the test runs each unit's `ExecStart` with
 //! its `User`, `AmbientCapabilities`, `CapabilityBoundingSet` and `NoNewPrivileges` through
 //! `setpriv`, read from the installed unit file, so the unit's own settings are what is tested.
+mod support;
+
 use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -12,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use support::collector_bin;
 use tracer_test_support::{free_port, require_root, temp_dir, topology::Daemon, wait_for, Proc};
 
 const PACKAGES: [&str; 2] = ["tracer-agent", "tracer-collector"];
@@ -109,15 +112,8 @@ fn get(url: &str) -> String {
 #[test]
 fn packages_install_run_trace_and_purge_cleanly() {
     require_root();
-    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_tracer"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    assert!(
-        bin_dir.join("tracer-collector").exists(),
-        "{} is missing: build it (cargo build -p tracer-collector; cargo xtask test builds the workspace)",
-        bin_dir.join("tracer-collector").display()
-    );
+    // The packages are built from the agent's directory, which must hold the collector too.
+    let bin_dir = collector_bin().parent().unwrap().to_owned();
     let out = temp_dir("packages");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/build-debs.sh");
     let built = run(Command::new("bash").arg(&script).arg(&bin_dir).arg(&out));
@@ -285,8 +281,7 @@ fn flags(program: &Path, args: &[&str]) -> Vec<String> {
 fn packaged_config_files_document_every_flag() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let tracer = PathBuf::from(env!("CARGO_BIN_EXE_tracer"));
-    let collector = tracer.with_file_name("tracer-collector");
-    assert!(collector.exists(), "{} is missing", collector.display());
+    let collector = collector_bin();
     // The agent's file keys are its settings' names: the repeatable flags' are plural.
     let agent_key = |flag: &str| match flag {
         "pid" => "pids".to_owned(),

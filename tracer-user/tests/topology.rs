@@ -5,12 +5,15 @@
 //! of every request is checked in the collector's Jaeger API: one trace per client request, the
 //! right parent of every span, links with their provenance, children inside their parents after
 //! the clock correction, statuses through every hop.
+mod support;
+
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
     time::Duration,
 };
 
+use support::collector_bin;
 use tracer_test_support::{
     require_root, temp_dir,
     topology::{self, Arch, Found, JSpan, LoadSpec, Options, Topology, TREE},
@@ -60,12 +63,7 @@ fn connection(s: &JSpan) -> Option<String> {
 fn every_request_is_one_exact_trace_across_four_hosts() {
     require_root();
     let tracer = Path::new(env!("CARGO_BIN_EXE_tracer"));
-    let collector = tracer.with_file_name("tracer-collector");
-    assert!(
-        collector.exists(),
-        "{} is missing: build it (cargo build -p tracer-collector; cargo xtask test builds the workspace)",
-        collector.display()
-    );
+    let collector = collector_bin();
     let opts = Options {
         tracer: tracer.to_path_buf(),
         collector,

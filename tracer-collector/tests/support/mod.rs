@@ -115,6 +115,21 @@ impl Collector {
                 .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}")),
         )
     }
+
+    /// One value from `/metrics`: `series` is the name with its labels as printed, e.g.
+    /// `tracer_collector_forward_retries_total{upstream="http://..."}` (panics if absent).
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = reqwest::get(self.api("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    }
 }
 
 impl Drop for Collector {

@@ -21,6 +21,14 @@ use prost::Message as _;
 #[allow(unused_imports)]
 pub use tracer_test_support::{free_port, require_root, temp_dir, wait_for, Proc};
 
+/// The collector binary next to the `tracer` under test. `cargo test --workspace` (and so
+/// `cargo xtask test`) builds it; a run of one test binary alone builds it if it is missing
+/// (cargo holds no lock while tests run). It is not rebuilt when present: `cargo build -p` alone
+/// resolves features differently from a workspace build and would relink it on every run.
+pub fn collector_bin() -> std::path::PathBuf {
+    tracer_test_support::collector_beside(std::path::Path::new(env!("CARGO_BIN_EXE_tracer")))
+}
+
 fn wait_listening(port: u16, what: &str) {
     wait_for(what, Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
