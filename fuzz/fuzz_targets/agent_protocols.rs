@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
             payload,
             tid: 1,
             tcp_seq: (head & 0x10 != 0).then_some(u32::from(*len) << 20),
+            inserted: 0,
         };
         pairer.on_chunk(1, &chunk, &mut out, &mut ());
         if head & 0x20 != 0 {

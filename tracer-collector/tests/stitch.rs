@@ -570,6 +570,42 @@ async fn a_forwarded_traceparent_gives_way_to_the_tcp_edge() {
     t.assert_consistent();
 }
 
+/// A caller whose agent inserted a `traceparent` (`--inject-context`): the server's agent
+/// honoured it, so the server span already names the right parent. The sequence numbers
+/// confirm it, and the link says so: tcp-seq, high, by the collector, nothing replaced.
+#[tokio::test]
+async fn a_header_the_sequence_numbers_confirm_is_shown_as_tcp_seq() {
+    let c = Collector::start("stitch-confirmed", &[]);
+    let t0 = base();
+    let e = edge("10.200.0.1:41000", "10.200.0.2:80", 700);
+    post(
+        &c,
+        A,
+        "caller",
+        &[S::new(1, 1, CLIENT, "GET /x", t0, 10_000).edge(&e)],
+    )
+    .await;
+    post(
+        &c,
+        B,
+        "server",
+        &[S::new(1, 2, SERVER, "GET /x", t0 + MS, 8000)
+            .parent(1)
+            .edge(&e)
+            .link("traceparent", "medium")],
+    )
+    .await;
+    let t = trace(&c, 1).await;
+    assert_eq!(t.spans.len(), 2);
+    assert_eq!(t.parent_of(2), Some(1));
+    assert_eq!(t.tag(2, "tracer.link.source").unwrap(), "tcp-seq");
+    assert_eq!(t.tag(2, "tracer.link.confidence").unwrap(), "high");
+    assert_eq!(t.tag(2, "tracer.link.by").unwrap(), "collector");
+    assert_eq!(t.tag(2, "tracer.link.replaced"), None);
+    assert!(!t.incomplete(), "{:?}", t.reasons());
+    t.assert_consistent();
+}
+
 #[tokio::test]
 async fn an_ambiguous_key_links_nothing_and_says_so() {
     let c = Collector::start("stitch-ambiguous", &[]);

@@ -38,6 +38,9 @@ pub mod kind {
     pub const DATA: u32 = 1;
     pub const CLOSE: u32 = 2;
     pub const CONNECTION: u32 = 3;
+    /// The probes inserted a `traceparent` header into the request a data record carries
+    /// (`--inject-context`); comes right before that record.
+    pub const INJECTED: u32 = 4;
 }
 
 /// Which syscall produced a record (for debugging and statistics).
@@ -70,7 +73,16 @@ pub mod counter {
     pub const DATA_SYSCALLS: u32 = 4;
     /// Records written to the ring buffer.
     pub const RECORDS_SENT: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// `traceparent` headers inserted into outgoing requests (`--inject-context`).
+    pub const CONTEXT_INJECTED: u32 = 6;
+    /// New outgoing connections whose first message is not a whole HTTP/1 request head (another
+    /// protocol, a head longer than the injector reads): left unchanged.
+    pub const INJECT_NOT_HTTP: u32 = 7;
+    /// Requests that already carried a `traceparent` (a proxy forwarding it): left alone.
+    pub const INJECT_HEADER_PRESENT: u32 = 8;
+    /// Inserting failed (the kernel refused to grow the message): sent unchanged.
+    pub const INJECT_FAILED: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// A TCP connection's endpoints. IPv4 addresses use the first 4 bytes of the 16.
@@ -153,6 +165,38 @@ pub struct DataRecord {
     pub flags: u32,
 }
 
+/// Length of the header line the probes insert: `traceparent: 00-<32 hex>-<16 hex>-01\r\n`.
+pub const TRACEPARENT_LINE_LEN: usize = 70;
+
+/// The probes inserted a `traceparent` line into the request whose first bytes the next data
+/// record of the same connection carries. The ids are the W3C ones, as lowercase hex: the
+/// agent gives the client span this span id and, where it can, this trace id, so that what a
+/// downstream service does under the header lands in the same trace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct InjectedRecord {
+    pub header: RecordHeader,
+    pub trace_id_hex: [u8; 32],
+    pub span_id_hex: [u8; 16],
+    /// Where the line went, in the syscall's own bytes (after the request line).
+    pub offset: u32,
+    /// Bytes inserted (`TRACEPARENT_LINE_LEN`): the peer's stream, and its TCP sequence
+    /// numbers, run this far ahead of what the process wrote.
+    pub inserted: u32,
+    /// `inject_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Flags of an [`InjectedRecord`].
+pub mod inject_flags {
+    /// The trace id came from the request the writing thread was serving (its sole request in
+    /// flight), so the server span and this client span share it.
+    pub const FROM_SERVED_REQUEST: u32 = 1;
+    /// The served request's own `traceparent` gave the trace id.
+    pub const FROM_INCOMING_HEADER: u32 = 2;
+}
+
 /// The traced process closed a tracked connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -176,6 +220,11 @@ pub struct ConnState {
     pub muted: u32,
     /// A connected UDP socket (DNS): no TCP sequence numbers to read.
     pub datagram: u32,
+    /// Came through accept: this process is the server (only tracked with `--inject-context`).
+    pub accepted: u32,
+    /// The thread counted as serving this connection's request in flight (0: none), so that
+    /// the count drops on the thread that raised it (`--inject-context`).
+    pub serving_tid: u32,
     pub _pad: u32,
     /// The kernel's `struct sock *`, to read the TCP sequence numbers at each message start.
     pub sk: u64,

@@ -10,11 +10,17 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    conn_key, counter, data_flags, direction, kind, syscall, DataRecord, RecordHeader, MAX_CAPTURE,
-    MESSAGE_CAPTURE_BUDGET, WAKEUP_THRESHOLD_BYTES,
+    conn_key, counter, data_flags, direction, kind, syscall, DataRecord, InjectedRecord,
+    RecordHeader, MAX_CAPTURE, MESSAGE_CAPTURE_BUDGET, TRACEPARENT_LINE_LEN,
+    WAKEUP_THRESHOLD_BYTES,
 };
 
-use crate::{conns::*, kernel::*, maps::*};
+use crate::{
+    conns::*,
+    inject::{adopt_incoming, forget_pending, pending, serving_begins, serving_ends},
+    kernel::*,
+    maps::*,
+};
 
 /// Where the payload of a data syscall lives in user memory.
 #[derive(Clone, Copy)]
@@ -131,6 +137,7 @@ pub(crate) fn on_data(
     ret: i64,
     (sc, dir, buffer): (u32, u32, Buffer),
     ts_enter: Option<u64>,
+    injected: bool,
 ) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = regs.arg(0) as u32;
@@ -141,7 +148,7 @@ pub(crate) fn on_data(
             if NOT_TCP.get_ptr(key).is_some() {
                 return 0;
             }
-            match track(pid_tgid, fd) {
+            match track(pid_tgid, fd, false) {
                 Some(state) => state,
                 None => return 0,
             }
@@ -167,7 +174,26 @@ pub(crate) fn on_data(
     // from there (one kernel read per message rather than per syscall).
     let mut tcp_seq = 0u32;
     let mut flags = 0u32;
-    if state.direction != dir {
+    // With --inject-context: which requests each thread is serving (see inject.rs).
+    let mut serving = None;
+    let message_start = state.direction != dir;
+    if message_start && state.accepted != 0 && inject_enabled() {
+        if dir == direction::INGRESS {
+            serving = serving_begins(state, pid_tgid as u32);
+        } else {
+            serving_ends(state);
+        }
+    }
+    // Bytes the injector inserted ahead of this syscall's own: the stream, and its sequence
+    // numbers, are that much further on.
+    let mut inserted = 0;
+    if injected {
+        if let Some(p) = pending(pid_tgid as u32) {
+            report_injection(pid_tgid, fd, state.conn_id, ts_exit, p);
+            inserted = TRACEPARENT_LINE_LEN as u32;
+        }
+    }
+    if message_start {
         state.direction = dir;
         state.message_seq = state.message_seq.wrapping_add(1);
         state.message_captured = 0;
@@ -181,7 +207,7 @@ pub(crate) fn on_data(
             };
             // The syscall has moved `ret` bytes already: its first byte was `ret` before the end.
             if let Some(after) = unsafe { read_at::<u32>(state.sk, field) } {
-                tcp_seq = after.wrapping_sub(ret as u32);
+                tcp_seq = after.wrapping_sub(ret as u32).wrapping_sub(inserted);
                 flags = data_flags::TCP_SEQ;
             }
         }
@@ -248,9 +274,37 @@ pub(crate) fn on_data(
             return 0;
         }
         state.message_captured += captured;
+        if let Some(t) = serving {
+            adopt_incoming(t, state, &(*rec).data, captured);
+        }
     }
     bump(counter::RECORDS_SENT);
     0
+}
+
+/// Tells the agent the request this syscall wrote carries an inserted `traceparent` (see
+/// inject.rs); the data record follows.
+#[inline(always)]
+fn report_injection(pid_tgid: u64, fd: u32, conn_id: u64, ts: u64, p: *const Pending) {
+    match EVENTS.reserve::<InjectedRecord>(0) {
+        Some(mut entry) => {
+            let rec = entry.as_mut_ptr();
+            // SAFETY: a reserved record of the right size, filled field by field (the probes'
+            // stack has no room for a copy); `p` is a map value pointer.
+            unsafe {
+                (*rec).header = header(kind::INJECTED, pid_tgid, fd, conn_id, ts, ts);
+                (*rec).trace_id_hex = (*p).trace_hex;
+                (*rec).span_id_hex = (*p).span_hex;
+                (*rec).offset = (*p).offset;
+                (*rec).inserted = TRACEPARENT_LINE_LEN as u32;
+                (*rec).flags = (*p).flags;
+                (*rec)._pad = 0;
+            }
+            entry.submit(wake_flags(core::mem::size_of::<InjectedRecord>() as u64));
+            bump(counter::RECORDS_SENT);
+        }
+        None => bump(counter::RINGBUF_FULL),
+    }
 }
 
 /// Stamps the entry time of a write-type syscall for its exit (see `entry_time`). Every call is
@@ -282,7 +336,14 @@ pub(crate) fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer
     } else {
         None
     };
+    // What the injector did during this call is reported with its record, then forgotten
+    // whatever the call turns out to be, like the entry time.
+    let injected =
+        dir == direction::EGRESS && inject_enabled() && pending(pid_tgid as u32).is_some();
     if ret <= 0 {
+        if injected {
+            forget_pending(pid_tgid as u32);
+        }
         return 0;
     }
     let regs = SyscallRegs::of(task);
@@ -290,5 +351,9 @@ pub(crate) fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer
     if sc == syscall::RECVFROM && regs.arg(3) & MSG_PEEK != 0 {
         return 0;
     }
-    on_data(pid_tgid, regs, ret, (sc, dir, buffer), ts_enter)
+    let r = on_data(pid_tgid, regs, ret, (sc, dir, buffer), ts_enter, injected);
+    if injected {
+        forget_pending(pid_tgid as u32);
+    }
+    r
 }

@@ -9,7 +9,7 @@ use crate::{capture::*, kernel::*, maps::*};
 /// network namespace) and tells the agent its endpoints. Returns its state if it is tracked
 /// now; remembers an fd that is not one.
 #[inline(always)]
-pub(crate) fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
+pub(crate) fn track(pid_tgid: u64, fd: u32, accepted: bool) -> Option<*mut ConnState> {
     let tgid = (pid_tgid >> 32) as u32;
     let key = conn_key(tgid, fd);
     let socket = match fd_kind(fd)? {
@@ -29,6 +29,7 @@ pub(crate) fn track(pid_tgid: u64, fd: u32) -> Option<*mut ConnState> {
         conn_id: unsafe { bpf_ktime_get_ns() },
         sk: socket.sk,
         datagram: u32::from(socket.datagram),
+        accepted: u32::from(accepted),
         tuple: socket.tuple,
         comm: current_comm(),
         ..ConnState::default()
@@ -66,6 +67,10 @@ pub(crate) fn on_close(pid_tgid: u64, fd: u32) -> u32 {
         return 0;
     };
     let _ = CONNS.remove(key);
+    if inject_enabled() {
+        let mut state = state;
+        crate::inject::serving_ends(&mut state);
+    }
     if state.muted != 0 {
         return 0;
     }

@@ -23,6 +23,7 @@
 
 mod capture;
 mod conns;
+mod inject;
 mod kernel;
 mod maps;
 
@@ -161,6 +162,7 @@ fn on_mmsg_exit(ctx: &TracePointContext, sc: u32, dir: u32) -> u32 {
                 i64::from(len),
                 (sc, dir, Buffer::Mmsg(n)),
                 ts_enter,
+                false,
             );
         }
     }
@@ -177,7 +179,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     if let Some((task, pid_tgid)) = caller() {
         let fd = SyscallRegs::of(task).arg(0) as u32;
-        track(pid_tgid, fd);
+        track(pid_tgid, fd, false);
     }
     0
 }
@@ -189,7 +191,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if let Some((_, pid_tgid)) = caller() {
-        track(pid_tgid, ret as u32);
+        track(pid_tgid, ret as u32, true);
     }
     0
 }

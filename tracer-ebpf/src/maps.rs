@@ -2,7 +2,7 @@
 //! accessors the programs use on them.
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 use tracer_common::{counter, ConnState, DataRecord, KernelOffsets, MAX_CAPTURE};
 
@@ -18,6 +18,21 @@ pub(crate) static AGENT_TGID: u32 = 0;
 /// namespace is how containers and the test's namespace "hosts" each get their own agent.
 #[no_mangle]
 pub(crate) static NETNS_FILTER: u32 = 0;
+
+/// Non-zero with `--inject-context`: the probes count the requests each thread serves, and the
+/// injector (`inject.rs`) inserts `traceparent` into outgoing HTTP/1 requests.
+#[no_mangle]
+pub(crate) static INJECT: u32 = 0;
+
+/// The network namespace (its cookie) whose outgoing connections the injector may change; 0 for
+/// every namespace. Set with `--netns`, so that one agent per namespace touches only its own.
+#[no_mangle]
+pub(crate) static INJECT_NETNS_COOKIE: u64 = 0;
+
+/// Whose incoming `traceparent` the injector carries on to the calls made while serving the
+/// request: 0 nobody, 1 everybody, 2 the networks in `TRUSTED_NETS` (`--trust-context`).
+#[no_mangle]
+pub(crate) static TRUST_CONTEXT: u32 = 1;
 
 /// Records for the agent. The size is set by the agent at load time.
 #[map]
@@ -91,4 +106,129 @@ pub(crate) fn agent_tgid() -> u32 {
 #[inline(always)]
 pub(crate) fn netns_filter() -> u32 {
     unsafe { core::ptr::read_volatile(&NETNS_FILTER) }
+}
+
+/// Outgoing TCP connections established while the agent runs (`--inject-context`) and not
+/// yet sent on; the injector runs on their first message, which takes them out. Connections
+/// that existed before are never in it, so never altered.
+#[map]
+pub(crate) static OUTGOING: SockHash<FlowKey> = SockHash::with_max_entries(65536, 0);
+
+/// Outgoing connections whose first message the injector has seen (a large first send may
+/// reach it in several parts), by endpoints: sk_msg programs cannot read a socket cookie.
+#[map]
+pub(crate) static SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// A connection's endpoints as both sock_ops and sk_msg contexts give them: IPv4 in the first
+/// word, the local port in host order, the remote one in network order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct FlowKey {
+    pub(crate) family: u32,
+    pub(crate) local_port: u32,
+    pub(crate) remote_port: u32,
+    pub(crate) _pad: u32,
+    pub(crate) local: [u32; 4],
+    pub(crate) remote: [u32; 4],
+}
+
+/// Per thread: the server requests it is serving (read, not yet answered) and the trace the
+/// latest one belongs to, for the calls it makes meanwhile.
+#[map]
+pub(crate) static THREADS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max_entries(16384, 0);
+
+/// `inject_finish`, the injector's second half (see there).
+#[map]
+pub(crate) static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// An injection the exit probe of the same syscall reports (by thread id).
+#[map]
+pub(crate) static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(4096, 0);
+
+/// A request head read for inspection, and the line being inserted.
+#[map]
+pub(crate) static INJECT_SCRATCH: PerCpuArray<InjectScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Callers whose context is trusted when `TRUST_CONTEXT` is 2. Key: 32 bits of address family
+/// then the 16 address bytes (IPv4 in the first 4), so a prefix length is 32 + the CIDR's.
+#[map]
+pub(crate) static TRUSTED_NETS: LpmTrie<[u8; 20], u8> = LpmTrie::with_max_entries(256, 0);
+
+pub(crate) type TrustKey = Key<[u8; 20]>;
+
+/// Bytes of an outgoing message the injector reads to find the request head's end (and any
+/// `traceparent` in it): a longer head, or one split over several sends, is not injected.
+pub(crate) const HEAD_WINDOW: usize = 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct ThreadContext {
+    /// Server requests this thread read and that are not answered yet.
+    pub(crate) serving: u32,
+    /// `trace_hex` holds the trace of the request read last, on `conn_id`.
+    pub(crate) has_trace: u32,
+    /// `inject_flags::FROM_INCOMING_HEADER` if the trace came with the request.
+    pub(crate) flags: u32,
+    pub(crate) _pad: u32,
+    pub(crate) conn_id: u64,
+    pub(crate) trace_hex: [u8; 32],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Pending {
+    pub(crate) trace_hex: [u8; 32],
+    pub(crate) span_hex: [u8; 16],
+    pub(crate) offset: u32,
+    pub(crate) flags: u32,
+}
+
+#[repr(C)]
+pub(crate) struct InjectScratch {
+    pub(crate) head: [u8; HEAD_WINDOW],
+    pub(crate) line: [u8; 72],
+    // Here rather than on the stack, which the unrolled loops of the injector fill.
+    pub(crate) key: FlowKey,
+    pub(crate) pending: Pending,
+    pub(crate) scan: HeadScan,
+    pub(crate) found: Found,
+}
+
+/// What `inject_finish` found among the head's lines.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Found {
+    /// Just past the blank line (0: not found).
+    pub(crate) end: u32,
+    pub(crate) traceparent: u32,
+}
+
+/// Where the lines of a request head start, found by `inject_context` for `inject_finish`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct HeadScan {
+    /// Bytes read.
+    pub(crate) n: u32,
+    /// Lines found (at most `MAX_LINES`).
+    pub(crate) lines: u32,
+    /// Just past each '\n'.
+    pub(crate) line_at: [u32; MAX_LINES as usize],
+}
+
+/// Lines of a request head the injector looks at: a head with more is not injected.
+pub(crate) const MAX_LINES: u32 = 32;
+
+#[inline(always)]
+pub(crate) fn inject_enabled() -> bool {
+    unsafe { core::ptr::read_volatile(&INJECT) != 0 }
+}
+
+#[inline(always)]
+pub(crate) fn inject_netns_cookie() -> u64 {
+    unsafe { core::ptr::read_volatile(&INJECT_NETNS_COOKIE) }
+}
+
+#[inline(always)]
+pub(crate) fn trust_context() -> u32 {
+    unsafe { core::ptr::read_volatile(&TRUST_CONTEXT) }
 }

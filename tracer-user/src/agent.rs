@@ -93,6 +93,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(path) => netns_inode(path)?,
         None => 0,
     };
+    let inject = if args.inject_context {
+        Some(inject_options(args.netns.as_deref(), &trust)?)
+    } else {
+        None
+    };
     let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
     let mut probes = Probes::load(
         &offsets,
@@ -100,6 +105,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             ring_buffer_bytes: args.ring_buffer_bytes()?,
             max_connections: 65536,
             netns,
+            inject,
         },
     )?;
     let ring = probes.take_ring_buffer()?;
@@ -278,6 +284,78 @@ fn raise_file_limit() {
             }
         }
     }
+}
+
+/// What the context injector is told: whose namespace it may change, and whose context it
+/// carries on (the same `--trust-context` the linker applies).
+fn inject_options(
+    netns: Option<&std::path::Path>,
+    trust: &Trust,
+) -> anyhow::Result<probes::InjectOptions> {
+    let netns_cookie = match netns {
+        Some(path) => netns_cookie(path)?,
+        None => 0,
+    };
+    let (trust, trusted) = match trust {
+        Trust::All => (1, Vec::new()),
+        Trust::Nobody => (0, Vec::new()),
+        Trust::Networks(nets) => (2, nets.clone()),
+    };
+    Ok(probes::InjectOptions {
+        netns_cookie,
+        trust,
+        trusted,
+    })
+}
+
+/// The cookie of a network namespace (`SO_NETNS_COOKIE` of a socket made inside it, Linux
+/// 5.14+): how sock_ops programs name a namespace. Made on a thread of its own, which enters
+/// the namespace and ends.
+fn netns_cookie(path: &std::path::Path) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let ns = std::fs::File::open(path)
+        .with_context(|| format!("--netns {}: cannot open it", path.display()))?;
+    let cookie = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> std::io::Result<u64> {
+                // SAFETY: plain syscalls on descriptors this thread owns; setns affects only
+                // this thread, which ends right after.
+                unsafe {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let mut cookie = 0u64;
+                    let mut len = size_of::<u64>() as libc::socklen_t;
+                    const SO_NETNS_COOKIE: libc::c_int = 71;
+                    let rc = libc::getsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        SO_NETNS_COOKIE,
+                        (&raw mut cookie).cast(),
+                        &mut len,
+                    );
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if rc != 0 {
+                        return Err(err);
+                    }
+                    Ok(cookie)
+                }
+            })
+            .join()
+    })
+    .map_err(|_| anyhow::anyhow!("the thread reading the namespace cookie panicked"))?;
+    cookie.with_context(|| {
+        format!(
+            "--inject-context with --netns {}: reading the namespace's cookie failed \
+             (SO_NETNS_COOKIE needs Linux 5.14)",
+            path.display()
+        )
+    })
 }
 
 /// The inode number of a network namespace file: how the probes name the namespace.

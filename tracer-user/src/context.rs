@@ -77,7 +77,7 @@ fn valid(trace_id: [u8; 16], span_id: [u8; 8], header: ContextHeader) -> Option<
 }
 
 /// Lower-case or upper-case hex of exactly `N` bytes.
-fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+pub(crate) fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     if s.len() != 2 * N {
         return None;
     }

@@ -2,7 +2,7 @@
 //! one line a check, each failure with what to do. It runs the same pre-flight checks as the
 //! agent, then goes further than the agent would before failing: it loads and attaches the
 //! probes for real (the verifier's answer, not a guess from the kernel version), probes the
-//! kernel features later work needs (uprobes, sk_msg/sock_ops), sends an empty export to the
+//! kernel features optional work needs (uprobes; sk_msg/sock_ops for `--inject-context`), sends an empty export to the
 //! collector with the agent's settings (the same flags and config file), and reads the clock's
 //! synchronisation state. Exit status 0 when nothing failed (warnings allowed), 1 otherwise.
 use std::{fmt::Write as _, path::Path, time::Duration};
@@ -281,6 +281,7 @@ fn probe_checks(report: &mut Report) {
         ring_buffer_bytes: 64 * 1024,
         max_connections: 1024,
         netns: 0,
+        inject: None,
     };
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {
@@ -348,27 +349,25 @@ fn feature_checks(report: &mut Report) {
     }
     let programs = is_program_supported(ProgramType::SkMsg).unwrap_or(false)
         && is_program_supported(ProgramType::SockOps).unwrap_or(false);
-    let helpers = is_helper_supported(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_push_data)
-        .unwrap_or(false)
-        && is_helper_supported(ProgramType::SockOps, BpfHelper::BPF_FUNC_store_hdr_opt)
-            .unwrap_or(false);
+    let helpers =
+        is_helper_supported(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_push_data).unwrap_or(false);
     let cgroup2 = cgroup2_mount();
     match (programs && helpers, &cgroup2) {
         (true, Some(at)) => report.add(
             "sk_msg/sock_ops",
             Verdict::Ok,
-            format!("available with bpf_msg_push_data and bpf_store_hdr_opt; cgroup v2 at {at} (for carrying trace context)"),
+            format!("available with bpf_msg_push_data; cgroup v2 at {at} (--inject-context can run)"),
         ),
         (true, None) => report.add_fix(
             "sk_msg/sock_ops",
             Verdict::Warn,
-            "the programs are available but no cgroup v2 hierarchy is mounted to attach sock_ops to",
+            "the programs are available but no cgroup v2 hierarchy is mounted to attach sock_ops to: --inject-context cannot run",
             "mount one: sudo mount -t cgroup2 none /sys/fs/cgroup/unified",
         ),
         (false, _) => report.add(
             "sk_msg/sock_ops",
             Verdict::Warn,
-            "not available (or without bpf_msg_push_data / bpf_store_hdr_opt): trace context could not be carried on the wire here",
+            "not available (or without bpf_msg_push_data): --inject-context cannot run here",
         ),
     }
     match is_map_supported(MapType::RingBuf) {

@@ -117,6 +117,20 @@ pub struct SpanIds {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub link: Option<Link>,
+    /// The trace id of the `traceparent` the probes inserted into this (client) request, if
+    /// they did (`--inject-context`).
+    pub injected: Option<[u8; 16]>,
+}
+
+/// A `traceparent` the probes inserted into a client request (`--inject-context`): the client
+/// span takes its span id, and its trace id where the linker has not fixed another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Injection {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The writing thread made the call while serving its sole request (the trace id is that
+    /// request's, as far as the probes could tell).
+    pub from_served_request: bool,
 }
 
 /// One request on one TCP connection, as both ends can name it.
@@ -158,6 +172,8 @@ struct SpanState {
     path_ids: [u64; 2],
     /// The context the request came with (servers) or carries (clients).
     context: Option<RemoteContext>,
+    /// The trace id the probes put on the wire with this request (`--inject-context`).
+    injected: Option<[u8; 16]>,
     created_ns: u64,
 }
 
@@ -192,6 +208,12 @@ pub struct Linker {
     /// Calls made while the process served requests, none of which a rule singled out: left
     /// without a parent (`tracer_calls_unattributed_total`).
     pub unattributed: u64,
+    /// The injection the probes reported for the next client request of this thread (tid)
+    /// whose first byte was written at this time (ns).
+    injection: Option<(u32, u64, Injection)>,
+    /// Injected calls whose trace the linker had already fixed to another id: what the callee
+    /// does under the header lands in the header's trace (`tracer_context_trace_mismatch_total`).
+    pub injected_mismatch: u64,
 }
 
 /// The endpoints of the connection a request came on, and its process.
@@ -210,7 +232,20 @@ impl Linker {
             last_sweep_ns: 0,
             trust,
             unattributed: 0,
+            injection: None,
+            injected_mismatch: 0,
         }
+    }
+
+    /// The probes inserted a `traceparent` into the request thread `tid` began writing at
+    /// `start_ns`: its span takes these ids when its head is parsed (in the same record).
+    pub fn expect_injection(&mut self, tid: u32, start_ns: u64, injection: Injection) {
+        self.injection = Some((tid, start_ns, injection));
+    }
+
+    /// Forgets an injection whose request was not parsed from its record.
+    pub fn clear_injection(&mut self) {
+        self.injection = None;
     }
 
     /// A fresh key: the span id (random, never 0; two requests in flight with the same 64-bit
@@ -221,7 +256,19 @@ impl Linker {
 
     /// A request's head was parsed: its span's key, and its parent if one can be told now.
     pub fn request(&mut self, conn: &ConnView, role: Role, req: &RequestStart<'_>) -> SpanKey {
-        let key = Self::new_key();
+        let injected = match self.injection {
+            Some((tid, ns, i)) if role == Role::Client && tid == req.tid && ns == req.start_ns => {
+                self.injection = None;
+                Some(i)
+            }
+            _ => None,
+        };
+        let key = match injected {
+            Some(i) if !self.spans.contains_key(&u64::from_be_bytes(i.span_id)) => {
+                u64::from_be_bytes(i.span_id)
+            }
+            _ => Self::new_key(),
+        };
         let edge = req
             .tcp_seq
             .map(|seq| Edge::of(role, conn.local, conn.remote, seq));
@@ -237,6 +284,7 @@ impl Linker {
             request_line,
             path_ids,
             context: req.context,
+            injected: injected.map(|i| i.trace_id),
             created_ns: req.start_ns,
         };
         match role {
@@ -244,6 +292,14 @@ impl Linker {
                 let parent = self.parent_in_process(&state);
                 let trace_id = match parent {
                     Some((parent_key, source, confidence)) => {
+                        // A parent whose trace is not fixed yet takes the one on the wire.
+                        if let Some(i) = injected {
+                            if let Some(p) = self.spans.get_mut(&parent_key) {
+                                if p.trace_id.is_none() && !adopt_client(&self.clients, p) {
+                                    p.trace_id = Some(i.trace_id);
+                                }
+                            }
+                        }
                         let trace_id = self.fix(parent_key);
                         state.link = Some(Link {
                             parent: parent_key.to_be_bytes(),
@@ -260,9 +316,12 @@ impl Linker {
                         {
                             self.unattributed += 1;
                         }
-                        random_ids().0
+                        injected.map_or_else(|| random_ids().0, |i| i.trace_id)
                     }
                 };
+                if injected.is_some_and(|i| i.trace_id != trace_id) {
+                    self.injected_mismatch += 1;
+                }
                 state.trace_id = Some(trace_id);
                 if let Some(edge) = edge {
                     self.clients.open.insert(
@@ -320,6 +379,7 @@ impl Linker {
             trace_id,
             span_id: key.to_be_bytes(),
             link: state.link,
+            injected: state.injected,
         })
     }
 
@@ -540,6 +600,63 @@ mod tests {
 
     fn text(path: &str) -> String {
         path.to_owned()
+    }
+
+    /// A call the probes put a `traceparent` into takes the header's span id; its parent, if
+    /// its trace is not fixed yet, takes the header's trace id; a parent already in another
+    /// trace keeps it, and the span says which trace the header named.
+    #[test]
+    fn injected_calls_take_the_headers_ids() {
+        let mut l = Linker::new(Trust::All);
+        let inbound = view(7, "10.0.0.2:80", "10.0.0.1:4000");
+        let outbound = view(7, "10.0.0.2:5000", "10.0.0.3:80");
+        let inj = |t: u8, s: u8| Injection {
+            trace_id: [t; 16],
+            span_id: [s; 8],
+            from_served_request: true,
+        };
+        // A plain client: the header's trace and span.
+        l.expect_injection(9, 1, inj(1, 2));
+        let root = l.request(&outbound, Role::Client, &start(9, None, "/x", None));
+        let ids = l.finish(root).unwrap();
+        assert_eq!((ids.trace_id, ids.span_id), ([1; 16], [2; 8]));
+        assert_eq!(ids.injected, Some([1; 16]));
+        assert!(ids.link.is_none());
+
+        // Thread per request: the served request takes the header's trace.
+        let a = l.request(&inbound, Role::Server, &start(71, Some(1), "/a", None));
+        l.expect_injection(71, 1, inj(3, 4));
+        let call = l.request(&outbound, Role::Client, &start(71, Some(5), "/db", None));
+        let call_ids = l.finish(call).unwrap();
+        let a_ids = l.finish(a).unwrap();
+        assert_eq!(call_ids.span_id, [4; 8]);
+        assert_eq!(call_ids.link.unwrap().parent, a_ids.span_id);
+        assert_eq!((call_ids.trace_id, a_ids.trace_id), ([3; 16], [3; 16]));
+        assert_eq!(l.injected_mismatch, 0);
+
+        // The served request's trace is fixed already (an earlier call): kept, mismatch said.
+        let b = l.request(&inbound, Role::Server, &start(72, Some(9), "/b", None));
+        let first = l.request(&outbound, Role::Client, &start(72, Some(6), "/db", None));
+        l.expect_injection(72, 1, inj(5, 6));
+        let second = l.request(&outbound, Role::Client, &start(72, Some(7), "/db", None));
+        let (first, second, b) = (
+            l.finish(first).unwrap(),
+            l.finish(second).unwrap(),
+            l.finish(b).unwrap(),
+        );
+        assert_eq!(second.span_id, [6; 8]);
+        assert_eq!(second.trace_id, b.trace_id);
+        assert_eq!(first.trace_id, b.trace_id);
+        assert_ne!(second.trace_id, [5; 16]);
+        assert_eq!(second.injected, Some([5; 16]));
+        assert_eq!(l.injected_mismatch, 1);
+
+        // An injection is used only by the request of the same thread and start.
+        l.expect_injection(9, 2, inj(7, 8));
+        let other = l.request(&outbound, Role::Client, &start(9, None, "/y", None));
+        let other = l.finish(other).unwrap();
+        assert_ne!(other.span_id, [8; 8]);
+        assert_eq!(other.injected, None);
     }
 
     /// A thread serving one request: its outgoing call is that request's child.

@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 19] = [
+    let rows: [(&str, &str, u64); 24] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -51,6 +51,31 @@ pub fn render(stats: &Stats) -> String {
             "tracer_payload_read_failed_total",
             "Records sent without payload (user memory not readable)",
             k.get(c::PAYLOAD_READ_FAILED),
+        ),
+        (
+            "tracer_context_injected_total",
+            "traceparent headers inserted into outgoing HTTP/1 requests (--inject-context)",
+            k.get(c::CONTEXT_INJECTED),
+        ),
+        (
+            "tracer_context_header_present_total",
+            "Outgoing requests that already carried a traceparent: left unchanged (--inject-context)",
+            k.get(c::INJECT_HEADER_PRESENT),
+        ),
+        (
+            "tracer_context_not_http_total",
+            "New outgoing connections whose first message is not a whole HTTP/1 request head (another protocol, a head over 1 KiB): left unchanged (--inject-context)",
+            k.get(c::INJECT_NOT_HTTP),
+        ),
+        (
+            "tracer_context_inject_failed_total",
+            "Requests the kernel would not grow to insert the header: sent unchanged (--inject-context)",
+            k.get(c::INJECT_FAILED),
+        ),
+        (
+            "tracer_context_trace_mismatch_total",
+            "Injected calls whose span the agent put in another trace than the header's (tracer.context.sent_trace_id says which)",
+            a.injected_mismatch.load(Relaxed),
         ),
         (
             "tracer_records_received_total",

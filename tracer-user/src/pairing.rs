@@ -133,6 +133,9 @@ pub struct Chunk<'a> {
     pub tid: u32,
     /// TCP sequence number of the first byte, when the probes read it (at message starts).
     pub tcp_seq: Option<u32>,
+    /// Bytes the probes inserted into the stream within this syscall (`--inject-context`):
+    /// the next byte's sequence number is that much further on.
+    pub inserted: u32,
 }
 
 impl Chunk<'_> {
@@ -375,7 +378,10 @@ impl Conn {
         }
         let cursor = &mut self.stream_seq[usize::from(chunk.direction == EGRESS)];
         cx.record_seq = chunk.tcp_seq.or(*cursor);
-        *cursor = cx.record_seq.map(|s| s.wrapping_add(chunk.len as u32));
+        *cursor = (cx.record_seq).map(|s| {
+            s.wrapping_add(chunk.len as u32)
+                .wrapping_add(chunk.inserted)
+        });
         if chunk.direction != self.last_dir {
             match &mut self.phase {
                 Phase::Speaking(session) => session.direction_changed(self.last_dir, cx),
@@ -556,6 +562,7 @@ mod tests {
                 payload: &[byte],
                 tid: 1,
                 tcp_seq: None,
+                inserted: 0,
             };
             p.on_chunk(1, &chunk, &mut Vec::new(), &mut ());
             let reply = Chunk {

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{ProgramError, TracePoint},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, ProgramArray, SockHash},
+    programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tracer_common::{conn_key, counter, ConnState, KernelOffsets};
@@ -55,6 +55,36 @@ pub struct LoadOptions {
     pub max_connections: u32,
     /// Trace only sockets of this network namespace (inode number); 0 for all.
     pub netns: u32,
+    /// `--inject-context`: insert `traceparent` into outgoing HTTP/1 requests.
+    pub inject: Option<InjectOptions>,
+}
+
+/// What the context injector needs to know (see tracer-ebpf's `inject.rs`).
+pub struct InjectOptions {
+    /// The cookie of the namespace whose outgoing connections may be changed; 0 for all.
+    pub netns_cookie: u64,
+    /// Whose incoming context is carried on: 0 nobody, 1 everybody, 2 `trusted` only.
+    pub trust: u32,
+    pub trusted: Vec<(std::net::IpAddr, u8)>,
+}
+
+/// Where the injector's sock_ops program is attached: the root of the cgroup v2 hierarchy, so
+/// that it sees every process's connections.
+pub fn cgroup2_root() -> anyhow::Result<std::path::PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| std::path::PathBuf::from(path))
+        })
+        .context(
+            "--inject-context needs the cgroup v2 hierarchy mounted (its sock_ops program is \
+             attached there), and none is: mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) \
+             or run without --inject-context",
+        )
 }
 
 /// The loaded, attached probes. Dropping it detaches every program.
@@ -164,6 +194,91 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown kernel".into())
 }
 
+/// Loads a program, turning a verifier rejection into a message with the log's end.
+fn verified<T>(name: &str, r: Result<T, ProgramError>) -> anyhow::Result<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => bail!(
+            "the kernel verifier rejected the probe {name} ({io_error}) on {}.\n\
+             Last lines of the verifier log:\n{}",
+            kernel_release(),
+            verifier_tail(&verifier_log.to_string(), 25)
+        ),
+        Err(e) => Err(e).with_context(|| format!("loading the probe {name}")),
+    }
+}
+
+/// Loads and attaches the context injector: sock_ops on the cgroup v2 root puts outgoing
+/// connections into `OUTGOING`, sk_msg on that map inserts the header. Returns the programs
+/// attached.
+fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<usize> {
+    if !inject.trusted.is_empty() {
+        let mut nets: LpmTrie<_, [u8; 20], u8> = ebpf
+            .map_mut("TRUSTED_NETS")
+            .context("TRUSTED_NETS map missing")?
+            .try_into()?;
+        for &(ip, bits) in &inject.trusted {
+            let mut data = [0u8; 20];
+            let (family, addr_bits) = match ip {
+                std::net::IpAddr::V4(v4) => {
+                    data[4..8].copy_from_slice(&v4.octets());
+                    (libc::AF_INET as u8, 32)
+                }
+                std::net::IpAddr::V6(v6) => {
+                    data[4..20].copy_from_slice(&v6.octets());
+                    (libc::AF_INET6 as u8, 128)
+                }
+            };
+            data[0] = family;
+            let bits = u32::from(bits).min(addr_bits);
+            nets.insert(&Key::new(32 + bits, data), 1, 0)
+                .context("filling TRUSTED_NETS")?;
+        }
+    }
+    // The injector's second half, reached by tail call (see tracer-ebpf's inject.rs).
+    let finish: &mut SkMsg = ebpf
+        .program_mut("inject_finish")
+        .context("program inject_finish missing from the probes object")?
+        .try_into()?;
+    verified("inject_finish", finish.load())?;
+    let finish_fd = finish.fd()?.try_clone()?;
+    let mut jump: ProgramArray<_> = ebpf
+        .map_mut("JUMP")
+        .context("JUMP map missing")?
+        .try_into()?;
+    jump.set(0, &finish_fd, 0).context("filling JUMP")?;
+    let map = ebpf.map("OUTGOING").context("OUTGOING map missing")?;
+    // Keyed by the endpoints (`FlowKey` in the probes: 48 bytes).
+    let outgoing: SockHash<_, [u8; 48]> = map.try_into()?;
+    let outgoing_fd = outgoing
+        .fd()
+        .try_clone()
+        .context("duplicating OUTGOING's fd")?;
+    let msg: &mut SkMsg = ebpf
+        .program_mut("inject_context")
+        .context("program inject_context missing from the probes object")?
+        .try_into()?;
+    verified("inject_context", msg.load())?;
+    msg.attach(&outgoing_fd)
+        .context("attaching inject_context to the OUTGOING sockhash")?;
+    let root = cgroup2_root()?;
+    let cgroup = std::fs::File::open(&root)
+        .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
+    let ops: &mut SockOps = ebpf
+        .program_mut("track_outgoing")
+        .context("program track_outgoing missing from the probes object")?
+        .try_into()?;
+    verified("track_outgoing", ops.load())?;
+    // A bpf link: flags must be 0 (links to one cgroup never exclude each other), so
+    // "Single" here still lets several agents (one per namespace) attach.
+    ops.attach(&cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching track_outgoing to the cgroup {}", root.display()))?;
+    Ok(2)
+}
+
 /// The last lines of a verifier log: the rejection reason is at the end.
 fn verifier_tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
@@ -173,10 +288,18 @@ fn verifier_tail(log: &str, lines: usize) -> String {
 impl Probes {
     pub fn load(offsets: &KernelOffsets, opts: &LoadOptions) -> anyhow::Result<Probes> {
         let agent_tgid = std::process::id();
+        let inject = u32::from(opts.inject.is_some());
+        let (cookie, trust) = opts
+            .inject
+            .as_ref()
+            .map_or((0, 0), |i| (i.netns_cookie, i.trust));
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
             .override_global("NETNS_FILTER", &opts.netns, true)
+            .override_global("INJECT", &inject, true)
+            .override_global("INJECT_NETNS_COOKIE", &cookie, true)
+            .override_global("TRUST_CONTEXT", &trust, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
@@ -206,6 +329,9 @@ impl Probes {
                 .attach("syscalls", name)
                 .with_context(|| format!("attaching to the tracepoint syscalls:{name}"))?;
             attached += 1;
+        }
+        if let Some(inject) = &opts.inject {
+            attached += attach_injector(&mut ebpf, inject)?;
         }
         Ok(Probes { ebpf, attached })
     }

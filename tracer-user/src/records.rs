@@ -1,7 +1,9 @@
 //! Decoding ring-buffer records into owned Rust values.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tracer_common::{kind, CloseRecord, ConnRecord, ConnTuple, DataRecord, RecordHeader};
+use tracer_common::{
+    kind, CloseRecord, ConnRecord, ConnTuple, DataRecord, InjectedRecord, RecordHeader,
+};
 
 pub enum Record<'a> {
     /// A data syscall and the payload captured from it.
@@ -13,6 +15,8 @@ pub enum Record<'a> {
     Close {
         header: RecordHeader,
     },
+    /// The probes inserted a `traceparent` into the request of the next data record.
+    Injected(InjectedRecord),
 }
 
 /// Reinterprets one ring-buffer item. Returns `None` for a record of unknown kind or short size
@@ -44,6 +48,11 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
             // SAFETY: size checked; read_unaligned has no alignment requirement.
             let rec = unsafe { bytes.as_ptr().cast::<CloseRecord>().read_unaligned() };
             Some(Record::Close { header: rec.header })
+        }
+        kind::INJECTED if bytes.len() >= size_of::<InjectedRecord>() => {
+            // SAFETY: size checked; read_unaligned has no alignment requirement.
+            let rec = unsafe { bytes.as_ptr().cast::<InjectedRecord>().read_unaligned() };
+            Some(Record::Injected(rec))
         }
         _ => None,
     }

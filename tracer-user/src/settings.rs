@@ -145,6 +145,17 @@ pub struct AgentArgs {
     #[arg(long, value_name = "WHO")]
     pub trust_context: Option<String>,
 
+    /// Insert a W3C `traceparent` header into the HTTP/1 requests traced processes send, so
+    /// that downstream services (SDK-instrumented ones too) continue the caller's trace. It
+    /// changes application traffic, hence off by default: only connections opened after the
+    /// agent started, only at request heads it has parsed whole, never into bodies, never
+    /// where a `traceparent` already is; a connection whose framing it cannot follow (chunked
+    /// or pipelined uploads, other protocols) is left alone for good. Needs the cgroup v2
+    /// hierarchy. See docs/USER_GUIDE.md, "Carrying context on the wire".
+    #[arg(long)]
+    #[serde(default)]
+    pub inject_context: bool,
+
     /// Shifts every timestamp this agent reports by this many milliseconds. For testing the
     /// collector's clock-skew correction; never useful in production.
     #[arg(long, hide = true, allow_hyphen_values = true)]
@@ -216,6 +227,7 @@ impl AgentArgs {
             host_name: self.host_name.or(file.host_name),
             host_id: self.host_id.or(file.host_id),
             trust_context: self.trust_context.or(file.trust_context),
+            inject_context: self.inject_context || file.inject_context,
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,
         })

@@ -178,6 +178,8 @@ pub struct Span {
     pub parent_span_id: Option<[u8; 8]>,
     /// How the parent was found (`tracer.link.source`, `tracer.link.confidence`).
     pub link: Option<(Source, Confidence)>,
+    /// The trace id of the `traceparent` the probes inserted into this request, if any.
+    pub injected: Option<[u8; 16]>,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
     pub exchange: Exchange,
@@ -199,6 +201,7 @@ impl Span {
                 trace_id,
                 span_id,
                 link: None,
+                injected: None,
             }
         });
         Span {
@@ -206,6 +209,7 @@ impl Span {
             span_id: ids.span_id,
             parent_span_id: ids.link.map(|l| l.parent),
             link: ids.link.map(|l| (l.source, l.confidence)),
+            injected: ids.injected,
             start_unix_nano: mono_to_unix(exchange.start_ns),
             end_unix_nano: mono_to_unix(exchange.end_ns.max(exchange.start_ns)),
             exchange,
@@ -257,6 +261,17 @@ impl Span {
         if let Some((source, confidence)) = self.link {
             f("tracer.link.source", Value::Str(source.name()));
             f("tracer.link.confidence", Value::Str(confidence.name()));
+        }
+        if let Some(sent) = self.injected {
+            f("tracer.context.injected", Value::Str("traceparent"));
+            if sent != self.trace_id {
+                // What the callee does under the header is in this trace.
+                let mut hex = [0u8; 32];
+                f(
+                    "tracer.context.sent_trace_id",
+                    Value::Str(hex_into(&sent, &mut hex)),
+                );
+            }
         }
     }
 
@@ -392,6 +407,16 @@ pub fn monotonic_to_unix_offset() -> i128 {
     let real = now(libc::CLOCK_REALTIME);
     let mono2 = now(libc::CLOCK_MONOTONIC);
     real - (mono1 + mono2) / 2
+}
+
+/// Lowercase hex of `bytes` in `out` (twice as long).
+fn hex_into<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 15)];
+    }
+    std::str::from_utf8(&out[..2 * bytes.len()]).unwrap_or("")
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub struct AgentStats {
     pub links: [AtomicU64; 8],
     /// Calls left without a parent while their process served requests (`Linker::unattributed`).
     pub calls_unattributed: AtomicU64,
+    /// Injected calls the linker put in another trace than the header's
+    /// (`Linker::injected_mismatch`).
+    pub injected_mismatch: AtomicU64,
     /// Gauges: connections the pairer follows, processes whose facts are cached.
     pub connections: AtomicU64,
     pub processes: AtomicU64,
@@ -54,10 +57,22 @@ pub fn summary(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
+    let injected = k.get(c::CONTEXT_INJECTED);
+    // Only with --inject-context (every counter of it is 0 otherwise).
+    let injection = if injected + k.get(c::INJECT_HEADER_PRESENT) + k.get(c::INJECT_NOT_HTTP) > 0 {
+        format!(
+            " context_injected={injected} context_present={} context_not_http={} context_mismatch={}",
+            k.get(c::INJECT_HEADER_PRESENT),
+            k.get(c::INJECT_NOT_HTTP),
+            a.injected_mismatch.load(Relaxed),
+        )
+    } else {
+        String::new()
+    };
     format!(
         "counters: syscalls={} records={} ringbuf_drops={} conn_table_drops={} entry_time_missed={} \
          exchanges={} spans={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
-         parse_failures={} muted_connections={}",
+         parse_failures={} muted_connections={}{injection}",
         k.get(c::DATA_SYSCALLS),
         a.records.load(Relaxed),
         k.get(c::RINGBUF_FULL),

@@ -61,17 +61,38 @@ fn connection(s: &JSpan) -> Option<String> {
 
 #[test]
 fn every_request_is_one_exact_trace_across_four_hosts() {
+    four_hosts(false);
+}
+
+/// The same with `--inject-context` on every agent: the headers the probes insert (into the
+/// first request of each new connection) must change no tree, no edge and no status.
+#[test]
+fn every_request_is_one_exact_trace_with_context_injected() {
+    four_hosts(true);
+}
+
+fn four_hosts(inject: bool) {
     require_root();
     let tracer = Path::new(env!("CARGO_BIN_EXE_tracer"));
     let collector = collector_bin();
+    let mut agent_args = vec![(
+        "service".to_owned(),
+        vec!["--clock-shift-ms".to_owned(), SHIFT_MS.to_string()],
+    )];
+    if inject {
+        for host in ["client", "proxy", "service", "data"] {
+            agent_args.push((host.to_owned(), vec!["--inject-context".to_owned()]));
+        }
+    }
     let opts = Options {
         tracer: tracer.to_path_buf(),
         collector,
-        scratch: temp_dir("topology"),
-        agent_args: vec![(
-            "service".to_owned(),
-            vec!["--clock-shift-ms".to_owned(), SHIFT_MS.to_string()],
-        )],
+        scratch: temp_dir(if inject {
+            "topology-inject"
+        } else {
+            "topology"
+        }),
+        agent_args,
         echo_logs: true,
     };
     let mut topo = Topology::start(&opts);
@@ -376,4 +397,26 @@ fn every_request_is_one_exact_trace_across_four_hosts() {
             .join("\n")
     );
     assert_eq!(score.complete, score.requests);
+    if inject {
+        // The headers were there: the first request of each client connection carried one,
+        // and the client's span names its ids.
+        let injected = score
+            .found
+            .iter()
+            .filter(|f| {
+                f.spans[0]
+                    .as_ref()
+                    .is_some_and(|s| s.str_tag("tracer.context.injected") == Some("traceparent"))
+            })
+            .count();
+        assert_eq!(
+            injected, CLIENTS,
+            "client spans with an injected traceparent"
+        );
+        let client_log = &logs.iter().find(|(h, _)| h == "client").unwrap().1;
+        assert!(
+            client_log.contains(&format!("context_injected={CLIENTS} ")),
+            "the client's agent counts {CLIENTS} injections:\n{client_log}"
+        );
+    }
 }

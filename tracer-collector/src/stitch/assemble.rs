@@ -114,7 +114,20 @@ pub(crate) fn assemble(g: Gathered) -> Stitched {
         paired.insert(c);
         clock_pairs.push((c, s));
         if parent[s] == Parent::Span(c) {
-            continue; // the agent linked them already (both ends on its host)
+            // The agent linked them already: both ends on its host (tcp-seq), or from the
+            // caller's header (the agents' own `--inject-context`, or an SDK's), which the
+            // sequence numbers now confirm: that, the exact evidence, is what the link says.
+            let from_header = matches!(
+                attr(&spans[s], "tracer.link.source"),
+                Some("traceparent" | "b3")
+            );
+            if from_header && source == Source::TcpSeq {
+                links[s] = Some(Link {
+                    source,
+                    replaced: None,
+                });
+            }
+            continue;
         }
         if reaches(&parent, c, s) {
             warnings.push(format!(

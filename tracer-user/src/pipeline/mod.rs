@@ -12,14 +12,14 @@ use std::{
     time::Duration,
 };
 
-use tracer_common::{data_flags, ConnTuple};
+use tracer_common::{data_flags, inject_flags, ConnTuple, InjectedRecord};
 
 use self::outbox::Outbox;
 pub use self::{filters::Filters, outbox::Sink};
 use crate::{
     context::Trust,
     export::ExportResource,
-    link::{ConnView, Linker},
+    link::{ConnView, Injection, Linker},
     loss::LossWatch,
     pairing::{Chunk, ConnId, ConnMap, Exchange, Observer, Pairer, RequestStart, Role, SpanKey},
     probes::{self, Connections},
@@ -66,6 +66,9 @@ pub struct Pipeline {
     clock_shift_ns: i128,
     exchanges: Vec<Exchange>,
     linker: Linker,
+    /// `traceparent` insertions the probes reported, until their connection's data record
+    /// (the next one of the same syscall; records of other CPUs may come between).
+    injections: ConnMap<InjectedRecord>,
 }
 
 /// What the pairer tells the linker about one record's connection goes through here: the
@@ -89,6 +92,15 @@ impl Observer for LinkObserver<'_> {
     fn answered(&mut self, _conn: ConnId, _role: Role, span: SpanKey) {
         self.linker.answered(span);
     }
+}
+
+/// The ids of an inserted `traceparent`, if its hex is well formed (the probes write it).
+fn injection_of(rec: &InjectedRecord) -> Option<Injection> {
+    Some(Injection {
+        trace_id: crate::context::hex_bytes(&rec.trace_id_hex)?,
+        span_id: crate::context::hex_bytes(&rec.span_id_hex)?,
+        from_served_request: rec.flags & inject_flags::FROM_SERVED_REQUEST != 0,
+    })
 }
 
 /// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
@@ -139,6 +151,7 @@ impl Pipeline {
             clock_shift_ns: 0,
             exchanges: Vec::new(),
             linker: Linker::new(Trust::All),
+            injections: ConnMap::default(),
         }
     }
 
@@ -195,7 +208,7 @@ impl Pipeline {
                 if meta.ignored {
                     return;
                 }
-                let chunk = Chunk {
+                let mut chunk = Chunk {
                     direction: record.direction,
                     ts_enter: h.ts_enter,
                     ts_exit: h.ts_exit,
@@ -203,13 +216,28 @@ impl Pipeline {
                     payload,
                     tid: h.tid,
                     tcp_seq: (record.flags & data_flags::TCP_SEQ != 0).then_some(record.tcp_seq),
+                    inserted: 0,
                 };
+                let injected = !self.injections.is_empty()
+                    && self.injections.remove(&id).is_some_and(|inj| {
+                        let same_call = inj.header.tid == h.tid && inj.header.ts_exit == h.ts_exit;
+                        if same_call {
+                            chunk.inserted = inj.inserted;
+                            if let Some(injection) = injection_of(&inj) {
+                                self.linker.expect_injection(h.tid, h.ts_enter, injection);
+                            }
+                        }
+                        same_call
+                    });
                 let mut observer = LinkObserver {
                     meta,
                     linker: &mut self.linker,
                 };
                 self.pairer
                     .on_chunk(id, &chunk, &mut self.exchanges, &mut observer);
+                if injected {
+                    self.linker.clear_injection();
+                }
                 if self.pairer.is_muted(id) {
                     meta.ignored = true;
                     if let Some(k) = &mut self.kernel_conns {
@@ -219,8 +247,15 @@ impl Pipeline {
                     count(&self.stats.agent.connections_muted);
                 }
             }
+            Some(Record::Injected(rec)) => {
+                let h = &rec.header;
+                self.injections
+                    .insert(conn_id(h.tgid, h.fd, h.conn_id), rec);
+                return;
+            }
             Some(Record::Close { header }) => {
                 let id = conn_id(header.tgid, header.fd, header.conn_id);
+                self.injections.remove(&id);
                 self.pairer
                     .on_close(id, header.ts_exit, &mut self.exchanges);
                 self.flush_exchanges();
@@ -425,6 +460,10 @@ impl Pipeline {
             .agent
             .calls_unattributed
             .store(self.linker.unattributed, Relaxed);
+        self.stats
+            .agent
+            .injected_mismatch
+            .store(self.linker.injected_mismatch, Relaxed);
     }
 
     pub(crate) fn housekeeping(&mut self) {

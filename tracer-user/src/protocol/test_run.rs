@@ -44,6 +44,7 @@ impl Run {
             payload,
             tid: 1,
             tcp_seq: None,
+            inserted: 0,
         };
         self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
     }

@@ -61,6 +61,7 @@ impl Run {
             payload,
             tid: 1,
             tcp_seq: None,
+            inserted: 0,
         };
         self.p.on_chunk(C, &chunk, &mut self.out, &mut ());
     }
@@ -269,6 +270,7 @@ fn requests_carry_the_sequence_number_of_their_first_byte() {
             payload: bytes,
             tid: 1,
             tcp_seq: seq,
+            inserted: 0,
         };
         r.p.on_chunk(C, &chunk, &mut r.out, &mut ());
     };
@@ -739,6 +741,7 @@ fn never_panics_on_random_records() {
             payload,
             tid: (next() % 3) as u32,
             tcp_seq: (next() % 2 == 0).then(|| next() as u32),
+            inserted: 0,
         };
         p.on_chunk(conn, &chunk, &mut out, &mut ());
         match next() % 64 {

@@ -215,6 +215,7 @@ fn detection() {
         payload: &c,
         tid: 1,
         tcp_seq: None,
+        inserted: 0,
     };
     p.on_chunk(C, &chunk, &mut Vec::new(), &mut ());
     assert!(p.is_muted(C));
