@@ -56,6 +56,10 @@ pub mod syscall {
     pub const SENDFILE: u32 = 9;
     pub const SENDMMSG: u32 = 10;
     pub const RECVMMSG: u32 = 11;
+    /// Plaintext from the TLS library (OpenSSL's `SSL_read`/`SSL_read_ex`, uprobes).
+    pub const SSL_READ: u32 = 12;
+    /// Plaintext to the TLS library (`SSL_write`/`SSL_write_ex`).
+    pub const SSL_WRITE: u32 = 13;
 }
 
 /// Per-CPU counters the probes keep; the agent sums them over CPUs.
@@ -82,7 +86,12 @@ pub mod counter {
     pub const INJECT_HEADER_PRESENT: u32 = 8;
     /// Inserting failed (the kernel refused to grow the message): sent unchanged.
     pub const INJECT_FAILED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// TLS plaintext dropped: the library's socket was never seen (its first call on this
+    /// `SSL` object ran on another CPU than the syscall, or before the agent).
+    pub const TLS_SOCKET_UNKNOWN: u32 = 10;
+    /// TLS plaintext records sent.
+    pub const TLS_RECORDS: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// A TCP connection's endpoints. IPv4 addresses use the first 4 bytes of the 16.
@@ -138,6 +147,10 @@ pub mod data_flags {
     /// `tcp_seq` holds the TCP sequence number of the record's first byte. Set on the first
     /// record of each message; the agent counts bytes from there for the rest of the message.
     pub const TCP_SEQ: u32 = 1;
+    /// The payload is plaintext from the TLS library (`syscall::SSL_*`), not the socket's bytes;
+    /// with `TCP_SEQ`, `tcp_seq` counts plaintext bytes in this direction since the connection
+    /// began (both ends count the same bytes), not TCP sequence numbers.
+    pub const TLS: u32 = 2;
 }
 
 /// One data syscall on a tracked TCP connection. `captured` bytes of payload follow it in the
@@ -225,7 +238,16 @@ pub struct ConnState {
     /// The thread counted as serving this connection's request in flight (0: none), so that
     /// the count drops on the thread that raised it (`--inject-context`).
     pub serving_tid: u32,
-    pub _pad: u32,
+    /// Tracked since connect or accept: every byte of it was seen.
+    pub from_start: u32,
+    /// The TLS library's plaintext on this connection, as a stream of its own: the direction of
+    /// its message in progress, its message count and captured bytes, muted by the agent, and
+    /// bytes per direction (`INGRESS`, `EGRESS`) since the connection began.
+    pub tls_direction: u32,
+    pub tls_message_seq: u32,
+    pub tls_message_captured: u32,
+    pub tls_muted: u32,
+    pub tls_offset: [u32; 2],
     /// The kernel's `struct sock *`, to read the TCP sequence numbers at each message start.
     pub sk: u64,
     // The rest is for the agent, when a connection's `ConnRecord` was lost.

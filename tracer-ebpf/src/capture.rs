@@ -148,7 +148,7 @@ pub(crate) fn on_data(
             if NOT_TCP.get_ptr(key).is_some() {
                 return 0;
             }
-            match track(pid_tgid, fd, false) {
+            match track(pid_tgid, fd, false, false) {
                 Some(state) => state,
                 None => return 0,
             }
@@ -189,8 +189,11 @@ pub(crate) fn on_data(
     let mut inserted = 0;
     if injected {
         if let Some(p) = pending(pid_tgid as u32) {
-            report_injection(pid_tgid, fd, state.conn_id, ts_exit, p);
-            inserted = TRACEPARENT_LINE_LEN as u32;
+            // SAFETY: a map value pointer, valid for this run.
+            if unsafe { (*p).injected } != 0 {
+                report_injection(pid_tgid, fd, state.conn_id, ts_exit, p);
+                inserted = TRACEPARENT_LINE_LEN as u32;
+            }
         }
     }
     if message_start {
@@ -340,13 +343,18 @@ pub(crate) fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer
     // whatever the call turns out to be, like the entry time.
     let injected =
         dir == direction::EGRESS && inject_enabled() && pending(pid_tgid as u32).is_some();
+    let regs = SyscallRegs::of(task);
+    // Inside the TLS library: this is the socket its `SSL *` uses (even a read that found no
+    // data says so).
+    if crate::tls::tls_enabled() {
+        crate::tls::note_ssl_socket(pid_tgid, regs.arg(0) as u32);
+    }
     if ret <= 0 {
         if injected {
             forget_pending(pid_tgid as u32);
         }
         return 0;
     }
-    let regs = SyscallRegs::of(task);
     // MSG_PEEK reads without consuming: the same bytes would be seen twice.
     if sc == syscall::RECVFROM && regs.arg(3) & MSG_PEEK != 0 {
         return 0;

@@ -9,7 +9,12 @@ use crate::{capture::*, kernel::*, maps::*};
 /// network namespace) and tells the agent its endpoints. Returns its state if it is tracked
 /// now; remembers an fd that is not one.
 #[inline(always)]
-pub(crate) fn track(pid_tgid: u64, fd: u32, accepted: bool) -> Option<*mut ConnState> {
+pub(crate) fn track(
+    pid_tgid: u64,
+    fd: u32,
+    accepted: bool,
+    from_start: bool,
+) -> Option<*mut ConnState> {
     let tgid = (pid_tgid >> 32) as u32;
     let key = conn_key(tgid, fd);
     let socket = match fd_kind(fd)? {
@@ -25,16 +30,24 @@ pub(crate) fn track(pid_tgid: u64, fd: u32, accepted: bool) -> Option<*mut ConnS
         let _ = NOT_TCP.insert(key, 0, 0);
         return None;
     }
-    let state = ConnState {
-        conn_id: unsafe { bpf_ktime_get_ns() },
-        sk: socket.sk,
-        datagram: u32::from(socket.datagram),
-        accepted: u32::from(accepted),
-        tuple: socket.tuple,
-        comm: current_comm(),
-        ..ConnState::default()
+    // Built in a per-CPU slot, not on the stack: the probes that inline this twice (recvmmsg)
+    // have no room for two copies.
+    let state = NEW_CONN.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; programs do not nest on a CPU. Zeroed in place, then filled.
+    let state = unsafe {
+        core::ptr::write_bytes(state, 0, 1);
+        &mut *state
     };
-    if CONNS.insert(key, state, 0).is_err() {
+    state.conn_id = unsafe { bpf_ktime_get_ns() };
+    state.sk = socket.sk;
+    state.datagram = u32::from(socket.datagram);
+    state.accepted = u32::from(accepted);
+    state.from_start = u32::from(from_start);
+    state.tuple = socket.tuple;
+    state.comm = current_comm();
+    // By reference: a copy of the value would go on the stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    if CONNS.insert(key, &*state, 0).is_err() {
         bump(counter::CONN_TABLE_FULL);
         return None;
     }
@@ -42,13 +55,13 @@ pub(crate) fn track(pid_tgid: u64, fd: u32, accepted: bool) -> Option<*mut ConnS
     match EVENTS.reserve::<ConnRecord>(0) {
         Some(mut entry) => {
             let ts = state.conn_id;
-            let rec = ConnRecord {
-                header: header(kind::CONNECTION, pid_tgid, fd, ts, ts, ts),
-                tuple: state.tuple,
-                comm: state.comm,
-            };
-            // SAFETY: a reserved record of the right size.
-            unsafe { *entry.as_mut_ptr() = rec };
+            let rec = entry.as_mut_ptr();
+            // SAFETY: a reserved record of the right size, filled field by field.
+            unsafe {
+                (*rec).header = header(kind::CONNECTION, pid_tgid, fd, ts, ts, ts);
+                (*rec).tuple = state.tuple;
+                (*rec).comm = state.comm;
+            }
             entry.submit(wake_flags(core::mem::size_of::<ConnRecord>() as u64));
             bump(counter::RECORDS_SENT);
         }

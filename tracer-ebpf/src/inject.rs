@@ -3,9 +3,10 @@
 //! downstream service, whether traced by an agent or instrumented with an OpenTelemetry SDK,
 //! continues the caller's trace.
 //!
-//! - `track_outgoing` (sock_ops, on the cgroup v2 root) puts each outgoing TCP connection of the
-//!   traced namespace into `OUTGOING` once it is established; `inject_context` (sk_msg, on that
-//!   map) then sees its first message, and takes the connection out of the map at once. A
+//! - `track_outgoing` (sock_ops, on the cgroup v2 root; an object of its own, outgoing.rs, as its
+//!   sockhash needs CAP_NET_ADMIN) puts each outgoing TCP connection of the traced namespace
+//!   into `OUTGOING` once it is established; `inject_context` (sk_msg, on that map) then sees
+//!   its first message, and the connection leaves the map as that message goes out. A
 //!   socket in a sockmap gets the kernel's `tcp_bpf` operations, whose `FIONREAD` counts only
 //!   what a verdict program queued (none here): measured, nginx reading a proxied 20 MB
 //!   response stalled after 24 KB while its upstream connection was in the map. Out of the
@@ -23,110 +24,20 @@
 //!   is drawn here and reported (`PENDING`, then an `InjectedRecord` from the exit probe), so
 //!   the agent's client span and the header name the same span.
 use aya_ebpf::{
-    bindings::{
-        sk_action::SK_PASS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
-    },
+    bindings::sk_action::SK_PASS,
     helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_map_delete_elem,
-        bpf_msg_pop_data, bpf_msg_pull_data, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_msg_pop_data, bpf_msg_pull_data,
+        bpf_probe_read_kernel,
     },
-    macros::{sk_msg, sock_ops},
-    programs::{SkMsgContext, SockOpsContext},
+    macros::sk_msg,
+    programs::SkMsgContext,
 };
 use tracer_common::{counter, inject_flags, ConnState, ConnTuple, TRACEPARENT_LINE_LEN};
 
-use crate::maps::*;
-
-const AF_INET6: u32 = 10;
+use crate::{flow::*, maps::*};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 const LINE_PREFIX: &[u8; 16] = b"traceparent: 00-";
-
-/// An IPv6 address from a program's context, one 32-bit load at a time: the verifier refuses
-/// the byte-wise copy the compiler would make of the array.
-#[inline(always)]
-fn words(a: &[u32; 4]) -> [u32; 4] {
-    // SAFETY: aligned fields of the context.
-    unsafe {
-        [
-            core::ptr::read_volatile(&a[0]),
-            core::ptr::read_volatile(&a[1]),
-            core::ptr::read_volatile(&a[2]),
-            core::ptr::read_volatile(&a[3]),
-        ]
-    }
-}
-
-#[sock_ops]
-pub fn track_outgoing(ctx: SockOpsContext) -> u32 {
-    if !inject_enabled() {
-        return 1;
-    }
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let want = inject_netns_cookie();
-            // SAFETY: the helper takes the program's context.
-            if want != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != want {
-                return 1;
-            }
-            let key = flow_of_ops(&ctx);
-            // A closed connection's entry goes only when the LRU ages it: a new one with the
-            // same endpoints starts afresh.
-            let _ = SEEN.remove(key);
-            // SAFETY: the context pointer is valid for this run.
-            if OUTGOING.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
-                // Called back as each segment is built: the first with data is the end of
-                // the connection's time in the map.
-                let _ =
-                    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-            }
-        }
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
-            // SAFETY: the context pointer is valid for this run.
-            if unsafe { (*ctx.ops).skb_len } == 0 {
-                // A pure ACK (the handshake's last): the first message is still to come.
-                return 1;
-            }
-            // The first data goes out: sk_msg has seen it, the socket leaves the map and gets
-            // its own operations back (`FIONREAD` among them) before any response comes.
-            let key = flow_of_ops(&ctx);
-            // SAFETY: the map and a key of its type; sock_ops may delete from a sockmap.
-            unsafe {
-                bpf_map_delete_elem(
-                    (&raw const OUTGOING).cast_mut().cast(),
-                    (&raw const key).cast(),
-                )
-            };
-            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-        }
-        _ => {}
-    }
-    1
-}
-
-/// A connection's endpoints from a sock_ops context, as `FlowKey` has them.
-#[inline(always)]
-fn flow_of_ops(ctx: &SockOpsContext) -> FlowKey {
-    // SAFETY: the context pointer is valid for this run.
-    let ops = unsafe { &*ctx.ops };
-    let mut key = FlowKey {
-        family: ops.family,
-        local_port: ops.local_port,
-        remote_port: ops.remote_port,
-        _pad: 0,
-        local: [0; 4],
-        remote: [0; 4],
-    };
-    if ops.family == AF_INET6 {
-        key.local = words(&ops.local_ip6);
-        key.remote = words(&ops.remote_ip6);
-    } else {
-        key.local[0] = ops.local_ip4;
-        key.remote[0] = ops.remote_ip4;
-    }
-    key
-}
 
 #[sk_msg]
 pub fn inject_context(ctx: SkMsgContext) -> u32 {
@@ -153,9 +64,9 @@ pub fn inject_finish(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-/// True for the first message sent on the connection since it was established (marked in
-/// `SEEN`: a large first send may reach the program in several parts). The connection leaves
-/// `OUTGOING` as that message's first segment is built (`track_outgoing`).
+/// True for the first part of the first message sent on the connection: the socket is in the
+/// map only until its first send goes out (`track_outgoing` in outgoing.rs), and `PENDING`
+/// marks the later parts of that send, which the kernel may hand over one by one.
 #[inline(always)]
 fn first_message(ctx: &SkMsgContext) -> bool {
     let msg = ctx.msg;
@@ -166,7 +77,8 @@ fn first_message(ctx: &SkMsgContext) -> bool {
         return false;
     };
     // SAFETY: the context pointer is valid for this run; the scratch slot is per CPU.
-    let (md, key) = unsafe { (&*msg, &mut (*scratch).key) };
+    let (md, pending) = unsafe { (&*msg, &mut (*scratch).pending) };
+    let key = &mut pending.key;
     key.family = md.family;
     key.local_port = md.local_port;
     key.remote_port = md.remote_port;
@@ -178,11 +90,18 @@ fn first_message(ctx: &SkMsgContext) -> bool {
         key.local = [md.local_ip4, 0, 0, 0];
         key.remote = [md.remote_ip4, 0, 0, 0];
     }
-    let key = &*key;
-    if SEEN.get_ptr(key).is_some() {
-        return false;
+    // SAFETY: no preconditions.
+    let tid = unsafe { bpf_get_current_pid_tgid() } as u32;
+    if let Some(p) = PENDING.get_ptr(tid) {
+        // SAFETY: a map value pointer, valid for this run.
+        if unsafe { (*p).key } == pending.key {
+            return false;
+        }
     }
-    let _ = SEEN.insert(key, 1, 0);
+    pending.injected = 0;
+    // By reference: a copy of the value would go on the stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let _ = PENDING.insert(tid, &*pending, 0);
     true
 }
 
@@ -431,6 +350,7 @@ fn insert_traceparent(ctx: &SkMsgContext, tid: u32, line_end: u32) {
         unsafe { *out.add(k) = line[k] };
         k += 1;
     }
+    pending.injected = 1;
     // By reference: the value would be copied to the stack, which has no room for it.
     #[allow(clippy::needless_borrows_for_generic_args)]
     let _ = PENDING.insert(tid, &*pending, 0);

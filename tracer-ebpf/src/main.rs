@@ -23,9 +23,11 @@
 
 mod capture;
 mod conns;
+mod flow;
 mod inject;
 mod kernel;
 mod maps;
+mod tls;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
@@ -179,7 +181,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     if let Some((task, pid_tgid)) = caller() {
         let fd = SyscallRegs::of(task).arg(0) as u32;
-        track(pid_tgid, fd, false);
+        track(pid_tgid, fd, false, true);
     }
     0
 }
@@ -191,7 +193,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if let Some((_, pid_tgid)) = caller() {
-        track(pid_tgid, ret as u32, true);
+        track(pid_tgid, ret as u32, true, true);
     }
     0
 }

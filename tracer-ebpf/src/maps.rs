@@ -2,7 +2,7 @@
 //! accessors the programs use on them.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use tracer_common::{counter, ConnState, DataRecord, KernelOffsets, MAX_CAPTURE};
 
@@ -23,11 +23,6 @@ pub(crate) static NETNS_FILTER: u32 = 0;
 /// injector (`inject.rs`) inserts `traceparent` into outgoing HTTP/1 requests.
 #[no_mangle]
 pub(crate) static INJECT: u32 = 0;
-
-/// The network namespace (its cookie) whose outgoing connections the injector may change; 0 for
-/// every namespace. Set with `--netns`, so that one agent per namespace touches only its own.
-#[no_mangle]
-pub(crate) static INJECT_NETNS_COOKIE: u64 = 0;
 
 /// Whose incoming `traceparent` the injector carries on to the calls made while serving the
 /// request: 0 nobody, 1 everybody, 2 the networks in `TRUSTED_NETS` (`--trust-context`).
@@ -65,6 +60,10 @@ pub(crate) static ENTRY_TIMES: PerCpuArray<EntryTime> = PerCpuArray::with_max_en
 /// programs run with preemption off and never nest on a CPU (as for `ENTRY_TIMES`).
 #[map]
 pub(crate) static SCRATCH: PerCpuArray<DataWithPayload> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where `track` builds a new connection's state before inserting it.
+#[map]
+pub(crate) static NEW_CONN: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
 
 /// `counter::*`, per CPU.
 #[map]
@@ -108,29 +107,7 @@ pub(crate) fn netns_filter() -> u32 {
     unsafe { core::ptr::read_volatile(&NETNS_FILTER) }
 }
 
-/// Outgoing TCP connections established while the agent runs (`--inject-context`) and not
-/// yet sent on; the injector runs on their first message, which takes them out. Connections
-/// that existed before are never in it, so never altered.
-#[map]
-pub(crate) static OUTGOING: SockHash<FlowKey> = SockHash::with_max_entries(65536, 0);
-
-/// Outgoing connections whose first message the injector has seen (a large first send may
-/// reach it in several parts), by endpoints: sk_msg programs cannot read a socket cookie.
-#[map]
-pub(crate) static SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(65536, 0);
-
-/// A connection's endpoints as both sock_ops and sk_msg contexts give them: IPv4 in the first
-/// word, the local port in host order, the remote one in network order.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct FlowKey {
-    pub(crate) family: u32,
-    pub(crate) local_port: u32,
-    pub(crate) remote_port: u32,
-    pub(crate) _pad: u32,
-    pub(crate) local: [u32; 4],
-    pub(crate) remote: [u32; 4],
-}
+pub(crate) use crate::flow::FlowKey;
 
 /// Per thread: the server requests it is serving (read, not yet answered) and the trace the
 /// latest one belongs to, for the calls it makes meanwhile.
@@ -141,7 +118,8 @@ pub(crate) static THREADS: LruHashMap<u32, ThreadContext> = LruHashMap::with_max
 #[map]
 pub(crate) static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// An injection the exit probe of the same syscall reports (by thread id).
+/// A first send in progress and its injection, which the exit probe of the same syscall
+/// reports and forgets (by thread id).
 #[map]
 pub(crate) static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(4096, 0);
 
@@ -174,13 +152,20 @@ pub(crate) struct ThreadContext {
     pub(crate) trace_hex: [u8; 32],
 }
 
+/// A thread's first send on a new outgoing connection, from its sk_msg run(s) to the exit
+/// probe of the syscall: marks the connection as seen (a large send reaches sk_msg in several
+/// parts, of which only the first may be a head) and, if a line was inserted, its ids.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct Pending {
+    pub(crate) key: FlowKey,
     pub(crate) trace_hex: [u8; 32],
     pub(crate) span_hex: [u8; 16],
     pub(crate) offset: u32,
     pub(crate) flags: u32,
+    /// A line was inserted (the rest is meaningful).
+    pub(crate) injected: u32,
+    pub(crate) _pad: u32,
 }
 
 #[repr(C)]
@@ -188,7 +173,6 @@ pub(crate) struct InjectScratch {
     pub(crate) head: [u8; HEAD_WINDOW],
     pub(crate) line: [u8; 72],
     // Here rather than on the stack, which the unrolled loops of the injector fill.
-    pub(crate) key: FlowKey,
     pub(crate) pending: Pending,
     pub(crate) scan: HeadScan,
     pub(crate) found: Found,
@@ -221,11 +205,6 @@ pub(crate) const MAX_LINES: u32 = 32;
 #[inline(always)]
 pub(crate) fn inject_enabled() -> bool {
     unsafe { core::ptr::read_volatile(&INJECT) != 0 }
-}
-
-#[inline(always)]
-pub(crate) fn inject_netns_cookie() -> u64 {
-    unsafe { core::ptr::read_volatile(&INJECT_NETNS_COOKIE) }
 }
 
 #[inline(always)]

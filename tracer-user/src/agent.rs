@@ -106,6 +106,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             max_connections: 65536,
             netns,
             inject,
+            tls: !args.no_tls,
         },
     )?;
     let ring = probes.take_ring_buffer()?;
@@ -235,6 +236,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             if last_housekeeping.elapsed() > Duration::from_secs(30) {
                 pipeline.housekeeping();
+                probes.rescan_tls();
                 last_housekeeping = Instant::now();
             }
             if args.stats && last_stats.elapsed() > Duration::from_secs(10) {

@@ -282,6 +282,7 @@ fn probe_checks(report: &mut Report) {
         max_connections: 1024,
         netns: 0,
         inject: None,
+        tls: false,
     };
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {

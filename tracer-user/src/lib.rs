@@ -25,4 +25,5 @@ pub mod ring;
 pub mod settings;
 pub mod spans;
 pub mod stats;
+pub mod tls;
 pub mod wire;

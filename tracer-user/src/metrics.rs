@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 24] = [
+    let rows: [(&str, &str, u64); 26] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -51,6 +51,16 @@ pub fn render(stats: &Stats) -> String {
             "tracer_payload_read_failed_total",
             "Records sent without payload (user memory not readable)",
             k.get(c::PAYLOAD_READ_FAILED),
+        ),
+        (
+            "tracer_tls_records_total",
+            "TLS plaintext records from the uprobes on libssl",
+            k.get(c::TLS_RECORDS),
+        ),
+        (
+            "tracer_tls_socket_unknown_total",
+            "TLS plaintext dropped: the library's socket was never seen (its first call ran on another CPU than its syscall, or began before the agent)",
+            k.get(c::TLS_SOCKET_UNKNOWN),
         ),
         (
             "tracer_context_injected_total",

@@ -15,6 +15,11 @@ use crate::ring::Ring;
 /// The probes, built by build.rs from `tracer-ebpf`.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
+/// The context injector's sock_ops half (`tracer-ebpf/src/outgoing.rs`): an object of its
+/// own, loaded only with `--inject-context`, since its sockhash needs CAP_NET_ADMIN.
+static OUTGOING_PROBES: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-outgoing"));
+
 /// Every tracepoint we attach, in the `syscalls` category (stable since Linux 4.x). Reads need
 /// only their exit; writes also their entry, for the time a request starts.
 pub const TRACEPOINTS: &[&str] = &[
@@ -57,6 +62,8 @@ pub struct LoadOptions {
     pub netns: u32,
     /// `--inject-context`: insert `traceparent` into outgoing HTTP/1 requests.
     pub inject: Option<InjectOptions>,
+    /// Read TLS plaintext through uprobes on the TLS libraries (`--no-tls` turns it off).
+    pub tls: bool,
 }
 
 /// What the context injector needs to know (see tracer-ebpf's `inject.rs`).
@@ -90,7 +97,12 @@ pub fn cgroup2_root() -> anyhow::Result<std::path::PathBuf> {
 /// The loaded, attached probes. Dropping it detaches every program.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The injector's sock_ops object (`--inject-context`), attached while it lives.
+    #[allow(dead_code)]
+    outgoing: Option<Ebpf>,
     pub attached: usize,
+    /// The TLS libraries with uprobes (none without TLS tracing).
+    pub tls: Option<crate::tls::TlsLibraries>,
 }
 
 /// Checks what the probes need and says what to do about anything missing.
@@ -195,7 +207,7 @@ pub fn kernel_release() -> String {
 }
 
 /// Loads a program, turning a verifier rejection into a message with the log's end.
-fn verified<T>(name: &str, r: Result<T, ProgramError>) -> anyhow::Result<T> {
+pub(crate) fn verified<T>(name: &str, r: Result<T, ProgramError>) -> anyhow::Result<T> {
     match r {
         Ok(v) => Ok(v),
         Err(ProgramError::LoadError {
@@ -214,7 +226,7 @@ fn verified<T>(name: &str, r: Result<T, ProgramError>) -> anyhow::Result<T> {
 /// Loads and attaches the context injector: sock_ops on the cgroup v2 root puts outgoing
 /// connections into `OUTGOING`, sk_msg on that map inserts the header. Returns the programs
 /// attached.
-fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<usize> {
+fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(usize, Ebpf)> {
     if !inject.trusted.is_empty() {
         let mut nets: LpmTrie<_, [u8; 20], u8> = ebpf
             .map_mut("TRUSTED_NETS")
@@ -250,7 +262,18 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<us
         .context("JUMP map missing")?
         .try_into()?;
     jump.set(0, &finish_fd, 0).context("filling JUMP")?;
-    let map = ebpf.map("OUTGOING").context("OUTGOING map missing")?;
+    let mut outgoing_ebpf = EbpfLoader::new()
+        .override_global("INJECT_NETNS_COOKIE", &inject.netns_cookie, true)
+        .load(OUTGOING_PROBES)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--inject-context: creating the sockhash failed ({e}); it needs CAP_NET_ADMIN \
+                 besides what the agent needs otherwise"
+            )
+        })?;
+    let map = outgoing_ebpf
+        .map("OUTGOING")
+        .context("OUTGOING map missing")?;
     // Keyed by the endpoints (`FlowKey` in the probes: 48 bytes).
     let outgoing: SockHash<_, [u8; 48]> = map.try_into()?;
     let outgoing_fd = outgoing
@@ -267,7 +290,7 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<us
     let root = cgroup2_root()?;
     let cgroup = std::fs::File::open(&root)
         .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
-    let ops: &mut SockOps = ebpf
+    let ops: &mut SockOps = outgoing_ebpf
         .program_mut("track_outgoing")
         .context("program track_outgoing missing from the probes object")?
         .try_into()?;
@@ -276,7 +299,7 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<us
     // "Single" here still lets several agents (one per namespace) attach.
     ops.attach(&cgroup, CgroupAttachMode::Single)
         .with_context(|| format!("attaching track_outgoing to the cgroup {}", root.display()))?;
-    Ok(2)
+    Ok((2, outgoing_ebpf))
 }
 
 /// The last lines of a verifier log: the rejection reason is at the end.
@@ -289,17 +312,14 @@ impl Probes {
     pub fn load(offsets: &KernelOffsets, opts: &LoadOptions) -> anyhow::Result<Probes> {
         let agent_tgid = std::process::id();
         let inject = u32::from(opts.inject.is_some());
-        let (cookie, trust) = opts
-            .inject
-            .as_ref()
-            .map_or((0, 0), |i| (i.netns_cookie, i.trust));
+        let trust = opts.inject.as_ref().map_or(0, |i| i.trust);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
             .override_global("NETNS_FILTER", &opts.netns, true)
             .override_global("INJECT", &inject, true)
-            .override_global("INJECT_NETNS_COOKIE", &cookie, true)
             .override_global("TRUST_CONTEXT", &trust, true)
+            .override_global("TLS", &u32::from(opts.tls), true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
@@ -330,10 +350,34 @@ impl Probes {
                 .with_context(|| format!("attaching to the tracepoint syscalls:{name}"))?;
             attached += 1;
         }
+        let mut outgoing = None;
         if let Some(inject) = &opts.inject {
-            attached += attach_injector(&mut ebpf, inject)?;
+            let (n, object) = attach_injector(&mut ebpf, inject)?;
+            attached += n;
+            outgoing = Some(object);
         }
-        Ok(Probes { ebpf, attached })
+        let tls = if opts.tls {
+            crate::tls::TlsLibraries::load(&mut ebpf)?;
+            let mut libraries = crate::tls::TlsLibraries::default();
+            libraries.rescan(&mut ebpf);
+            Some(libraries)
+        } else {
+            None
+        };
+        Ok(Probes {
+            ebpf,
+            outgoing,
+            attached,
+            tls,
+        })
+    }
+
+    /// Attaches the TLS uprobes to libraries that appeared since the last look (new
+    /// containers, programs with their own libssl).
+    pub fn rescan_tls(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            tls.rescan(&mut self.ebpf);
+        }
     }
 
     /// Each program's instructions processed by the verifier (Linux 5.16+; none before), the
@@ -405,13 +449,22 @@ impl Connections {
         (state.conn_id == conn_id).then_some(state)
     }
 
-    /// Tells the probes to stop sending records for this connection.
-    pub fn mute(&mut self, tgid: u32, fd: u32, conn_id: u64) {
+    /// Tells the probes to stop sending records for this connection: the syscalls' (`tls`
+    /// false) or the TLS library's plaintext (`tls` true), which are two streams to the agent.
+    pub fn mute(&mut self, tgid: u32, fd: u32, conn_id: u64, tls: bool) {
         let key = conn_key(tgid, fd);
         if let Ok(mut state) = self.0.get(&key, 0) {
             // The fd may have been reused by a newer connection since: leave that one alone.
-            if state.conn_id == conn_id && state.muted == 0 {
-                state.muted = 1;
+            if state.conn_id != conn_id {
+                return;
+            }
+            let flag = if tls {
+                &mut state.tls_muted
+            } else {
+                &mut state.muted
+            };
+            if *flag == 0 {
+                *flag = 1;
                 let _ = self.0.insert(key, state, 0);
             }
         }

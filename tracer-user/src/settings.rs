@@ -156,6 +156,13 @@ pub struct AgentArgs {
     #[serde(default)]
     pub inject_context: bool,
 
+    /// Do not read TLS plaintext. By default the agent puts uprobes on the OpenSSL libraries
+    /// (libssl.so) processes load, and parses what `SSL_read`/`SSL_write` carry as it parses
+    /// plaintext connections. See docs/USER_GUIDE.md, "TLS".
+    #[arg(long)]
+    #[serde(default)]
+    pub no_tls: bool,
+
     /// Shifts every timestamp this agent reports by this many milliseconds. For testing the
     /// collector's clock-skew correction; never useful in production.
     #[arg(long, hide = true, allow_hyphen_values = true)]
@@ -228,6 +235,7 @@ impl AgentArgs {
             host_id: self.host_id.or(file.host_id),
             trust_context: self.trust_context.or(file.trust_context),
             inject_context: self.inject_context || file.inject_context,
+            no_tls: self.no_tls || file.no_tls,
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,
         })

@@ -38,9 +38,18 @@ pub struct Endpoints {
     /// server (`remote>local#`) of this connection would write it.
     edge_as_client: String,
     edge_as_server: String,
+    /// The spans come from the TLS library's plaintext (`url.scheme` is `https`).
+    pub tls: bool,
 }
 
 impl Endpoints {
+    /// The same endpoints, for the connection's TLS plaintext.
+    #[must_use]
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
         let mut ends = Endpoints {
             local,
@@ -51,6 +60,7 @@ impl Endpoints {
             client_address_at: 0,
             edge_as_client: edge_prefix(local, remote),
             edge_as_server: edge_prefix(remote, local),
+            tls: false,
         };
         let mut encoded = Vec::with_capacity(160);
         connection_attributes(&ends, false, |k, v| encode_attribute(&mut encoded, k, v));
@@ -243,7 +253,7 @@ impl Span {
     /// constant ones, then its connection's.
     pub fn attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         self.request_attributes(&mut f);
-        protocol::constant_attributes(self.exchange.detail.protocol(), &mut f);
+        protocol::constant_attributes(self.exchange.detail.protocol(), self.ends.tls, &mut f);
         connection_attributes(&self.ends, self.server_side(), &mut f);
     }
 
@@ -321,6 +331,7 @@ impl Span {
         self.request_attributes(|k, v| encode_attribute(out, k, v));
         out.extend_from_slice(protocol::encoded_constant_attributes(
             self.exchange.detail.protocol(),
+            self.ends.tls,
             encode_attribute,
         ));
         out.extend_from_slice(self.ends.encoded(self.server_side()));

@@ -41,6 +41,8 @@ struct ConnMeta {
     ends: Arc<Endpoints>,
     comm: [u8; 16],
     ignored: bool,
+    /// The TLS library's plaintext of the connection: a stream of its own (`data_flags::TLS`).
+    tls: bool,
     last_seen: u64,
     /// The resource of this connection's spans, found on its first span (a connection keeps
     /// its process and its role).
@@ -101,6 +103,12 @@ fn injection_of(rec: &InjectedRecord) -> Option<Injection> {
         span_id: crate::context::hex_bytes(&rec.span_id_hex)?,
         from_served_request: rec.flags & inject_flags::FROM_SERVED_REQUEST != 0,
     })
+}
+
+/// The id of a connection's TLS plaintext stream (its `ConnId` with the top bit flipped: the
+/// pairer and the linker see it as a connection of its own).
+fn tls_conn_id(base: ConnId) -> ConnId {
+    base ^ (1 << 63)
 }
 
 /// One id per connection: the probes' (tgid, fd, first-seen time) folded into 64 bits.
@@ -186,7 +194,12 @@ impl Pipeline {
             }
             Some(Record::Data { record, payload }) => {
                 let h = &record.header;
-                let id = conn_id(h.tgid, h.fd, h.conn_id);
+                let base = conn_id(h.tgid, h.fd, h.conn_id);
+                let tls = record.flags & data_flags::TLS != 0;
+                let id = if tls { tls_conn_id(base) } else { base };
+                if tls && !self.conns.contains_key(&id) {
+                    self.track_tls(base, h.tgid, h.fd, h.conn_id);
+                }
                 let meta = match self.conns.get_mut(&id) {
                     Some(meta) => meta,
                     None => {
@@ -241,7 +254,7 @@ impl Pipeline {
                 if self.pairer.is_muted(id) {
                     meta.ignored = true;
                     if let Some(k) = &mut self.kernel_conns {
-                        k.mute(meta.tgid, meta.fd, meta.kernel_conn_id);
+                        k.mute(meta.tgid, meta.fd, meta.kernel_conn_id, meta.tls);
                     }
                     self.pairer.forget(id);
                     count(&self.stats.agent.connections_muted);
@@ -256,10 +269,12 @@ impl Pipeline {
             Some(Record::Close { header }) => {
                 let id = conn_id(header.tgid, header.fd, header.conn_id);
                 self.injections.remove(&id);
-                self.pairer
-                    .on_close(id, header.ts_exit, &mut self.exchanges);
+                for id in [id, tls_conn_id(id)] {
+                    self.pairer
+                        .on_close(id, header.ts_exit, &mut self.exchanges);
+                    self.conns.remove(&id);
+                }
                 self.flush_exchanges();
-                self.conns.remove(&id);
                 return;
             }
             None => {
@@ -267,6 +282,38 @@ impl Pipeline {
             }
         }
         self.flush_exchanges();
+    }
+
+    /// Starts following the TLS plaintext of connection `base`: the same process, ends and
+    /// verdict of the filters, marked TLS.
+    fn track_tls(&mut self, base: ConnId, tgid: u32, fd: u32, kernel_conn_id: u64) {
+        if !self.conns.contains_key(&base) {
+            // Its connection record was lost (ring full): the probes still know it.
+            let known = (self.kernel_conns.as_ref()).and_then(|k| k.get(tgid, fd, kernel_conn_id));
+            let Some(state) = known else {
+                return;
+            };
+            self.track(tgid, fd, kernel_conn_id, &state.tuple, &state.comm);
+        }
+        let Some(meta) = self.conns.get(&base) else {
+            return;
+        };
+        let (local, remote, comm, last_seen) =
+            (meta.ends.local, meta.ends.remote, meta.comm, meta.last_seen);
+        // The filters' verdict, not the ciphertext's: that one is muted as TLS.
+        let process = self.processes.get(tgid, &comm);
+        let plain = ConnMeta {
+            tgid,
+            fd,
+            kernel_conn_id,
+            ends: Arc::new(Endpoints::new(local, remote).tls()),
+            comm,
+            ignored: !self.filters.wants(&process, local, remote),
+            tls: true,
+            last_seen,
+            resource: None,
+        };
+        self.conns.insert(tls_conn_id(base), plain);
     }
 
     /// Starts following a connection the probes announced: decides whether it is wanted, and
@@ -287,7 +334,7 @@ impl Pipeline {
             // Ask the probes to stop, once (a map update is a syscall); the records already
             // in the ring are skipped in `handle`.
             if let Some(k) = &mut self.kernel_conns {
-                k.mute(tgid, fd, kernel_conn_id);
+                k.mute(tgid, fd, kernel_conn_id, false);
             }
         }
         let id = conn_id(tgid, fd, kernel_conn_id);
@@ -300,6 +347,7 @@ impl Pipeline {
                 ends: Arc::new(Endpoints::new(local, remote)),
                 comm: *comm,
                 ignored,
+                tls: false,
                 // The probes' connection id is the time they first saw it.
                 last_seen: kernel_conn_id,
                 resource: None,

@@ -262,10 +262,10 @@ pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>
     }
 }
 
-/// The attributes every span of `protocol` has.
-pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
+/// The attributes every span of `protocol` has (over TLS if `tls`).
+pub fn constant_attributes(protocol: Protocol, tls: bool, f: impl FnMut(&str, Value<'_>)) {
     match protocol {
-        Protocol::Http1 => http::constant_attributes(f),
+        Protocol::Http1 => http::constant_attributes(tls, f),
         Protocol::Redis => redis::constant_attributes(f),
         Protocol::Postgres => postgres::constant_attributes(f),
         Protocol::Mysql => mysql::constant_attributes(f),
@@ -273,16 +273,17 @@ pub fn constant_attributes(protocol: Protocol, f: impl FnMut(&str, Value<'_>)) {
     }
 }
 
-/// [`constant_attributes`], encoded once per protocol by `encode`.
+/// [`constant_attributes`], encoded once per protocol and TLS by `encode`.
 pub fn encoded_constant_attributes(
     protocol: Protocol,
+    tls: bool,
     encode: fn(&mut Vec<u8>, &str, Value<'_>),
 ) -> &'static [u8] {
-    static ENCODED: [OnceLock<Vec<u8>>; Protocol::ALL.len()] =
-        [const { OnceLock::new() }; Protocol::ALL.len()];
-    ENCODED[protocol as usize].get_or_init(|| {
+    static ENCODED: [OnceLock<Vec<u8>>; 2 * Protocol::ALL.len()] =
+        [const { OnceLock::new() }; 2 * Protocol::ALL.len()];
+    ENCODED[2 * protocol as usize + usize::from(tls)].get_or_init(|| {
         let mut out = Vec::new();
-        constant_attributes(protocol, |k, v| encode(&mut out, k, v));
+        constant_attributes(protocol, tls, |k, v| encode(&mut out, k, v));
         out
     })
 }

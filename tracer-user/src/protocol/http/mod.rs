@@ -571,8 +571,8 @@ impl Detail {
 /// `network.protocol.name` is left out as the HTTP semantic conventions ask ("if not http"),
 /// and `network.transport` (opt-in; always `tcp` here) too: each costs ~30 bytes a span at the
 /// agent, on the wire and in the collector's store.
-pub fn constant_attributes(mut f: impl FnMut(&str, Value<'_>)) {
-    f("url.scheme", Value::Str("http"));
+pub fn constant_attributes(tls: bool, mut f: impl FnMut(&str, Value<'_>)) {
+    f("url.scheme", Value::Str(if tls { "https" } else { "http" }));
     f("network.protocol.version", Value::Str("1.1"));
 }
 
