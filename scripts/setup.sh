@@ -118,6 +118,14 @@ else
   say "mysql-connector-python: present"
 fi
 
+# grpcio: a real gRPC server and client (h2c) for the HTTP/2 protocol's test.
+if ! "$VENV/bin/python" -c 'import grpc' 2>/dev/null; then
+  say "installing grpcio into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'grpcio==1.76.0'
+else
+  say "grpcio: present"
+fi
+
 # rotel: a real OTLP relay (not written here) that the collector's fan-out test forwards through.
 if ! "$VENV/bin/python" -c 'import rotel' 2>/dev/null; then
   say "installing rotel (an OTLP relay) into $VENV"

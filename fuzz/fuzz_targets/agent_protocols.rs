@@ -3,7 +3,9 @@
 //! panic, a hang or unbounded memory.
 //!
 //! The input is cut into records: a header byte (bit 0: direction; bits 1-3: how many of the
-//! record's bytes were not captured, in 100s), then a length byte, then that many bytes.
+//! record's bytes were not captured, in 100s), then a length byte, then that many bytes. An
+//! input whose first byte is odd starts with an HTTP/2 client preface, so that the fuzzer
+//! reaches the frame and HPACK parsers without having to find 24 exact bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use tracer_common::direction::{EGRESS, INGRESS};
@@ -17,6 +19,21 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let mut rest = data;
     let mut t = 0u64;
+    if data.first().is_some_and(|b| b & 1 == 1) {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let chunk = Chunk {
+            direction: EGRESS,
+            ts_enter: 1,
+            ts_exit: 2,
+            len: PREFACE.len() as u64,
+            payload: PREFACE,
+            tid: 1,
+            tcp_seq: None,
+            inserted: 0,
+        };
+        pairer.on_chunk(1, &chunk, &mut out, &mut ());
+        rest = &data[1..];
+    }
     while let [head, len, tail @ ..] = rest {
         let take = usize::from(*len).min(tail.len());
         let (payload, next) = tail.split_at(take);

@@ -38,32 +38,124 @@ pub(crate) enum Buffer {
     Mmsg(u64),
 }
 
+/// Iovecs of a vectored syscall whose bytes are captured, in order (a writev of an HTTP/2
+/// server's frames, DNS over TCP's length and message): more than the first, and the agent
+/// sees a stream with holes where frame headers were.
+pub(crate) const IOVECS_CAPTURED: u64 = 32;
+
 #[inline(always)]
-pub(crate) fn first_iovec(iov: u64) -> (u64, u64) {
+pub(crate) fn iovec(iov: u64, k: u64) -> (u64, u64) {
     // struct iovec { void *iov_base; size_t iov_len; }
-    let v: [u64; 2] = unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }.unwrap_or([0, 0]);
+    let v: [u64; 2] =
+        unsafe { bpf_probe_read_user((iov + 16 * k) as *const [u64; 2]) }.unwrap_or([0, 0]);
     (v[0], v[1])
 }
 
-/// The user buffer of a data syscall and its size, from the syscall's arguments. Read at exit:
-/// the kernel writes back into a `msghdr` only its lengths and flags, never `msg_iov`.
+/// Where a data syscall's bytes are in user memory.
+#[derive(Clone, Copy)]
+pub(crate) enum Source {
+    /// One buffer and its size.
+    Flat(u64, u64),
+    /// An array of iovecs and how many.
+    Vector(u64, u64),
+}
+
+/// The user buffers of a data syscall, from its arguments. Read at exit: the kernel writes
+/// back into a `msghdr` only its lengths and flags, never `msg_iov`.
 #[inline(always)]
-pub(crate) fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> (u64, u64) {
+pub(crate) fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> Source {
+    // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov;
+    //                      size_t msg_iovlen; ... }
+    let msghdr = |at: u64| {
+        let v: [u64; 2] =
+            unsafe { bpf_probe_read_user((at + 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
+        Source::Vector(v[0], v[1])
+    };
     match buffer {
-        Buffer::Plain => (regs.arg(1), regs.arg(2)),
-        Buffer::Iovec => first_iovec(regs.arg(1)),
-        Buffer::Msghdr => {
-            // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
-            let iov: u64 =
-                unsafe { bpf_probe_read_user((regs.arg(1) + 16) as *const u64) }.unwrap_or(0);
-            first_iovec(iov)
+        Buffer::Plain => Source::Flat(regs.arg(1), regs.arg(2)),
+        Buffer::Iovec => Source::Vector(regs.arg(1), regs.arg(2)),
+        Buffer::Msghdr => msghdr(regs.arg(1)),
+        // A datagram of a stub resolver's batch: one buffer (and each buffer copied costs the
+        // verifier a walk of everything after, twice in these programs).
+        Buffer::Mmsg(n) => match msghdr(regs.arg(1) + n * MMSGHDR_SIZE) {
+            Source::Vector(iov, count) => Source::Vector(iov, if count > 1 { 1 } else { count }),
+            flat => flat,
+        },
+        Buffer::None => Source::Flat(0, 0),
+    }
+}
+
+/// Copies up to `n` (<= `MAX_CAPTURE`) bytes from `source` to `dst`; returns how many.
+#[inline(always)]
+pub(crate) unsafe fn copy_payload(dst: *mut u8, source: Source, n: u64) -> Option<u32> {
+    let mut off = 0u64;
+    let (iov, count) = match source {
+        Source::Flat(buf, len) => {
+            if buf == 0 {
+                return Some(0);
+            }
+            let take = bound(if n < len { n } else { len });
+            if take == 0 {
+                return Some(0);
+            }
+            // SAFETY: `take` <= MAX_CAPTURE bytes into the scratch slot.
+            return (unsafe { read_user_raw(dst.cast(), take, buf as *const _) } == 0)
+                .then_some(take);
         }
-        Buffer::Mmsg(n) => {
-            let msghdr = regs.arg(1) + n * MMSGHDR_SIZE;
-            let iov: u64 = unsafe { bpf_probe_read_user((msghdr + 16) as *const u64) }.unwrap_or(0);
-            first_iovec(iov)
+        Source::Vector(iov, count) => (iov, count),
+    };
+    let mut k = 0u64;
+    while k < IOVECS_CAPTURED {
+        // `off >= MAX_CAPTURE` first: a constant comparison Linux 6.1's verifier can decide,
+        // where it cannot decide `off >= n` and walked an impossible branch (an offset known
+        // to be both >= 512 and <= 511), rejecting the copy after it.
+        if k >= count || off >= MAX_CAPTURE as u64 || off >= n {
+            break;
         }
-        Buffer::None => (0, 0),
+        let (base, len) = iovec(iov, k);
+        let left = n - off;
+        let want = if len < left { len } else { left };
+        // Through memory, then bounded: the compiler otherwise folds the bound into the
+        // arithmetic above, in signed operations the verifier cannot follow.
+        // SAFETY: a local.
+        let take = bound(unsafe { core::ptr::read_volatile(&want) });
+        if take > 0 && base != 0 {
+            // `off` < MAX_CAPTURE and `take` <= MAX_CAPTURE: within the slot's 2 * MAX_CAPTURE.
+            let at = (off as usize) & (MAX_CAPTURE - 1);
+            // SAFETY: as above.
+            if unsafe { read_user_raw(dst.add(at).cast(), take, base as *const _) } != 0 {
+                return if off > 0 { Some(off as u32) } else { None };
+            }
+        }
+        off += u64::from(take);
+        k += 1;
+    }
+    Some(off as u32)
+}
+
+/// `v`, copied by a helper: neither the verifier nor the compiler knows the result.
+#[inline(always)]
+fn opaque_u32(v: u32) -> u32 {
+    let mut out = 0u32;
+    // SAFETY: 4 bytes from a local into a local.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            (&raw mut out).cast(),
+            4,
+            (&raw const v).cast(),
+        )
+    };
+    out
+}
+
+/// A length restated for the verifier as at most `MAX_CAPTURE`.
+#[inline(always)]
+fn bound(len: u64) -> u32 {
+    let len = (len as u32) & (2 * MAX_CAPTURE as u32 - 1);
+    if len > MAX_CAPTURE as u32 {
+        MAX_CAPTURE as u32
+    } else {
+        len
     }
 }
 
@@ -221,13 +313,9 @@ pub(crate) fn on_data(
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let (buf, buf_len) = buffer_of(regs, buffer);
-    // How much payload to copy: what moved, within the first buffer, within this record, within
-    // the message's budget.
+    let source = buffer_of(regs, buffer);
+    // How much payload to copy: what moved, within this record, within the message's budget.
     let mut n = ret as u64;
-    if n > buf_len {
-        n = buf_len;
-    }
     let budget = MESSAGE_CAPTURE_BUDGET.saturating_sub(state.message_captured) as u64;
     if n > budget {
         n = budget;
@@ -244,21 +332,16 @@ pub(crate) fn on_data(
         (*rec).record.syscall = sc;
         (*rec).record.len = ret as u64;
         (*rec).record.message_seq = state.message_seq;
-        let mut captured = 0u32;
-        if n > 0 && buf != 0 {
-            // The mask restates the bound for the verifier (n <= MAX_CAPTURE already).
-            let len = (n as u32) & (2 * MAX_CAPTURE as u32 - 1);
-            let len = if len > MAX_CAPTURE as u32 {
-                MAX_CAPTURE as u32
-            } else {
-                len
-            };
-            if read_user_raw((*rec).data.as_mut_ptr().cast(), len, buf as *const _) == 0 {
-                captured = len;
-            } else {
+        let captured = match copy_payload((*rec).data.as_mut_ptr(), source, n) {
+            Some(c) => c,
+            None => {
                 bump(counter::PAYLOAD_READ_FAILED);
+                0
             }
-        }
+        };
+        // Through a helper: the verifier knows nothing of what it copied, so what follows is
+        // walked once, not once for each way the iovec loop can end.
+        let captured = opaque_u32(captured);
         (*rec).record.captured = captured;
         // Restated for the verifier: the size is within the scratch slot.
         let captured = captured & (2 * MAX_CAPTURE as u32 - 1);

@@ -32,7 +32,9 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use tracer_common::{counter, inject_flags, ConnState, ConnTuple, TRACEPARENT_LINE_LEN};
+use tracer_common::{
+    counter, inject_flags, ConnState, ConnTuple, MAX_CAPTURE, TRACEPARENT_LINE_LEN,
+};
 
 use crate::{flow::*, maps::*};
 
@@ -444,7 +446,7 @@ fn trusted(tuple: &ConnTuple) -> bool {
 /// 8 bytes of `data` at `p`, as a little-endian number, letters lowercased (and some other
 /// bytes changed alike; what is compared against has only letters, '-' and ':' there).
 #[inline(always)]
-fn lower8_at(data: &[u8; 512], p: usize) -> u64 {
+fn lower8_at(data: &[u8; 2 * MAX_CAPTURE], p: usize) -> u64 {
     let p = p & 511;
     if p + 8 > 512 {
         return 0;
@@ -459,7 +461,12 @@ fn lower8_at(data: &[u8; 512], p: usize) -> u64 {
 /// continue that trace. One flat search, then one parse: loops inside the search multiplied
 /// the verifier's work past its limit.
 #[inline(always)]
-pub(crate) fn adopt_incoming(t: *mut ThreadContext, state: &ConnState, data: &[u8; 512], n: u32) {
+pub(crate) fn adopt_incoming(
+    t: *mut ThreadContext,
+    state: &ConnState,
+    data: &[u8; 2 * MAX_CAPTURE],
+    n: u32,
+) {
     if !trusted(&state.tuple) {
         return;
     }

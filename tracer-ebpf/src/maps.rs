@@ -73,7 +73,9 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(cou
 #[repr(C)]
 pub(crate) struct DataWithPayload {
     pub(crate) record: DataRecord,
-    pub(crate) data: [u8; MAX_CAPTURE],
+    /// Twice the capture: a copy at an offset below `MAX_CAPTURE` of at most `MAX_CAPTURE`
+    /// bytes stays inside, which the verifier can check (the iovecs' copies).
+    pub(crate) data: [u8; 2 * MAX_CAPTURE],
 }
 
 #[repr(C)]

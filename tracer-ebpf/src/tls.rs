@@ -262,6 +262,38 @@ fn on_return(ret: i64, sc: u32) -> u32 {
     0
 }
 
+/// `SSL_do_handshake`, `SSL_accept`, `SSL_connect`: the handshake's own syscalls name the
+/// socket too. Without them, a first `SSL_read` served from what the handshake read ahead
+/// (an HTTP/2 preface sent with the client's Finished) made no syscall, and its plaintext was
+/// dropped for want of a socket.
+#[uprobe]
+pub fn ssl_handshake(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(ssl) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    if let Some(slot) = IN_SSL.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *slot = InSsl { pid_tgid, ssl } };
+    }
+    0
+}
+
+/// The handshake returned: the thread's later syscalls are not the library's.
+#[uretprobe]
+pub fn ssl_handshake_ret(_ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(slot) = IN_SSL.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            if (*slot).pid_tgid == pid_tgid {
+                (*slot).pid_tgid = 0;
+            }
+        }
+    }
+    0
+}
+
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
     on_entry(&ctx, direction::EGRESS, false)

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tracer_user::{agent, client, doctor, replay, settings};
 
 #[derive(Parser)]
-#[command(name = "tracer", version, about = "Traces every request on this host with eBPF (HTTP/1, Redis, PostgreSQL, MySQL, DNS), no code changes; queries the collector", long_about = None)]
+#[command(name = "tracer", version, about = "Traces every request on this host with eBPF (HTTP/1, HTTP/2, gRPC, Redis, PostgreSQL, MySQL, DNS; TLS through OpenSSL), no code changes; queries the collector", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

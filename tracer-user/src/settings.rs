@@ -73,7 +73,7 @@ pub struct AgentArgs {
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
 
-    /// Protocols to read, comma-separated (`http`, `redis`, `postgresql`, `mysql`, `dns`); a connection none of them recognises is
+    /// Protocols to read, comma-separated (`http`, `http2`, `redis`, `postgresql`, `mysql`, `dns`); a connection none of them recognises is
     /// muted (no spans, counted). [default: all of them]
     #[arg(long, value_name = "LIST")]
     pub protocols: Option<String>,

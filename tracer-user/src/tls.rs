@@ -33,6 +33,12 @@ const PROBES: &[(&str, &str)] = &[
     ("ssl_read_ret", "SSL_read"),
     ("ssl_read_ex", "SSL_read_ex"),
     ("ssl_read_ret", "SSL_read_ex"),
+    ("ssl_handshake", "SSL_do_handshake"),
+    ("ssl_handshake_ret", "SSL_do_handshake"),
+    ("ssl_handshake", "SSL_accept"),
+    ("ssl_handshake_ret", "SSL_accept"),
+    ("ssl_handshake", "SSL_connect"),
+    ("ssl_handshake_ret", "SSL_connect"),
 ];
 
 /// Where distributions keep the system libssl: attached even before a process maps it.

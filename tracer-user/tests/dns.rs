@@ -141,8 +141,9 @@ fn dns_queries_become_spans() {
         // getaddrinfo: A and AAAA in one sendmmsg.
         row(CLIENT, "DNS A", "db.test", "NOERROR", 1, "udp", 0),
         row(CLIENT, "DNS AAAA", "db.test", "NOERROR", 1, "udp", 0),
-        // dig +tcp: dnsmasq's side. (dig's own is not seen: it writes the length and the
-        // message as two buffers of one writev, and the probes capture a writev's first.)
+        // dig +tcp, both sides: dig writes the length and the message as two buffers of one
+        // writev (the probes capture a vectored write's buffers in order).
+        row(CLIENT, "DNS AAAA", "db.test", "NOERROR", 1, "tcp", 0),
         row(SERVER, "DNS AAAA", "db.test", "NOERROR", 1, "tcp", 0),
         // dnsmasq's side of the UDP queries, on its unconnected socket.
         row(SERVER, "DNS A", "svc.test", "NOERROR", 1, "udp", 0),

@@ -1,4 +1,4 @@
-//! Walking length-prefixed messages (PostgreSQL's, MySQL's packets) in a byte stream of which
+//! Walking length-prefixed messages (PostgreSQL's, MySQL's packets, HTTP/2 frames) in a byte stream of which
 //! only a prefix of each message was captured: headers must have been captured, bodies are
 //! skipped by length, and the first bytes of a body are kept when the protocol asks for them.
 
@@ -11,6 +11,8 @@ pub(crate) enum Frame {
     Untyped,
     /// MySQL: a 3-byte little-endian length of the payload, then a sequence number.
     MysqlPacket,
+    /// HTTP/2: a 3-byte big-endian length of the payload, a type, flags and a stream id.
+    H2,
 }
 
 /// A message longer than this is not one of the protocol's (PostgreSQL's own limit is 1 GiB;
@@ -20,6 +22,7 @@ const MAX_MESSAGE: u64 = 1 << 30;
 impl Frame {
     fn header_len(self) -> usize {
         match self {
+            Frame::H2 => 9,
             Frame::Typed => 5,
             Frame::Untyped | Frame::MysqlPacket => 4,
         }
@@ -38,6 +41,10 @@ impl Frame {
                 let len = u64::from(u32::from_le_bytes([h[0], h[1], h[2], 0]));
                 return Some((h[3], len));
             }
+            Frame::H2 => {
+                let len = u64::from(u32::from_be_bytes([0, h[0], h[1], h[2]]));
+                return Some((h[3], len));
+            }
         };
         // PostgreSQL's length counts its own four bytes.
         (4..MAX_MESSAGE).contains(&body).then_some((kind, body - 4))
@@ -49,8 +56,14 @@ impl Frame {
 pub(crate) enum Event {
     /// A message begins `at` bytes into the record.
     Start { at: u64 },
-    /// A whole message: its kind, the kept prefix of its body, its size with the header.
-    Done { kind: u8, body: Vec<u8>, bytes: u64 },
+    /// A whole message: its kind, the kept prefix of its body, its size with the header, and
+    /// its header (HTTP/2's flags and stream id are there).
+    Done {
+        kind: u8,
+        body: Vec<u8>,
+        bytes: u64,
+        head: [u8; 9],
+    },
     /// A header was not captured, or is not the protocol's: where messages are is lost.
     /// `rest`: the record's bytes from there on.
     Lost { rest: u64 },
@@ -62,7 +75,7 @@ pub(crate) struct Framer {
     /// The next message is untyped (PostgreSQL's first, and the startup after a refused SSL
     /// request).
     untyped_next: bool,
-    header: [u8; 5],
+    header: [u8; 9],
     have: usize,
     in_body: bool,
     kind: u8,
@@ -78,7 +91,7 @@ impl Framer {
         Framer {
             frame,
             untyped_next: false,
-            header: [0; 5],
+            header: [0; 9],
             have: 0,
             in_body: false,
             kind: 0,
@@ -158,6 +171,7 @@ impl Framer {
                     kind: self.kind,
                     body: std::mem::take(&mut self.body),
                     bytes: self.bytes,
+                    head: self.header,
                 });
             }
         }

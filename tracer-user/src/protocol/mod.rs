@@ -13,6 +13,7 @@
 
 pub mod dns;
 mod framing;
+pub mod h2;
 pub mod http;
 pub mod mysql;
 pub mod postgres;
@@ -35,6 +36,7 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
+    Http2,
     Redis,
     Postgres,
     Mysql,
@@ -43,7 +45,8 @@ pub enum Protocol {
 
 impl Protocol {
     /// Every protocol, in the order detection tries them.
-    pub const ALL: [Protocol; 5] = [
+    pub const ALL: [Protocol; 6] = [
+        Protocol::Http2,
         Protocol::Http1,
         Protocol::Redis,
         Protocol::Postgres,
@@ -55,6 +58,7 @@ impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Http1 => "http",
+            Protocol::Http2 => "http2",
             Protocol::Redis => "redis",
             Protocol::Postgres => "postgresql",
             Protocol::Mysql => "mysql",
@@ -112,6 +116,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
         }
         let d = match p {
             Protocol::Http1 => http::detect(probe, direction),
+            Protocol::Http2 => h2::detect(probe, direction),
             Protocol::Redis => redis::detect(probe, direction),
             Protocol::Postgres => postgres::detect(probe, direction),
             Protocol::Mysql => mysql::detect(probe, direction),
@@ -133,6 +138,7 @@ pub(crate) fn detect(protocols: Protocols, probe: &[u8], direction: u32) -> Dete
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Session {
     Http(http::Session),
+    Http2(Box<h2::Session>),
     Redis(Box<redis::Session>),
     Postgres(Box<postgres::Session>),
     Mysql(Box<mysql::Session>),
@@ -145,6 +151,7 @@ impl Session {
     pub(crate) fn start(protocol: Protocol, role: Role, buffered: Vec<u8>, start: Mark) -> Self {
         match protocol {
             Protocol::Http1 => Session::Http(http::Session::start(role, buffered, start)),
+            Protocol::Http2 => Session::Http2(Box::new(h2::Session::start(role, buffered, start))),
             Protocol::Redis => {
                 Session::Redis(Box::new(redis::Session::start(role, buffered, start)))
             }
@@ -162,6 +169,7 @@ impl Session {
     pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> bool {
         match self {
             Session::Http(s) => s.on_chunk(chunk, cx),
+            Session::Http2(s) => s.on_chunk(chunk, cx),
             Session::Redis(s) => s.on_chunk(chunk, cx),
             Session::Postgres(s) => s.on_chunk(chunk, cx),
             Session::Mysql(s) => s.on_chunk(chunk, cx),
@@ -173,6 +181,7 @@ impl Session {
     pub(crate) fn direction_changed(&mut self, last_dir: u32, cx: &mut Cx) {
         match self {
             Session::Http(s) => s.direction_changed(last_dir, cx),
+            Session::Http2(s) => s.direction_changed(last_dir, cx),
             Session::Redis(s) => s.direction_changed(last_dir, cx),
             Session::Postgres(s) => s.direction_changed(last_dir, cx),
             Session::Mysql(s) => s.direction_changed(last_dir, cx),
@@ -184,6 +193,7 @@ impl Session {
     pub(crate) fn idle(&mut self, conn: ConnId, out: &mut Vec<Exchange>) {
         match self {
             Session::Http(s) => s.idle(conn, out),
+            Session::Http2(s) => s.idle(conn, out),
             Session::Redis(s) => s.idle(conn, out),
             Session::Postgres(s) => s.idle(conn, out),
             Session::Mysql(s) => s.idle(conn, out),
@@ -196,6 +206,7 @@ impl Session {
     pub(crate) fn flush(&mut self, conn: ConnId, give_up_ns: u64, out: &mut Vec<Exchange>) {
         match self {
             Session::Http(s) => s.flush(conn, give_up_ns, out),
+            Session::Http2(s) => s.flush(conn, give_up_ns, out),
             Session::Redis(s) => s.flush(conn, give_up_ns, out),
             Session::Postgres(s) => s.flush(conn, give_up_ns, out),
             Session::Mysql(s) => s.flush(conn, give_up_ns, out),
@@ -208,6 +219,7 @@ impl Session {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Detail {
     Http(http::Detail),
+    Http2(Box<h2::Detail>),
     // Boxed: an exchange moves a few times on its way to the exporter, and these are two to
     // three times HTTP's size (which moves inline).
     Redis(Box<redis::Detail>),
@@ -220,6 +232,7 @@ impl Detail {
     pub fn protocol(&self) -> Protocol {
         match self {
             Detail::Http(_) => Protocol::Http1,
+            Detail::Http2(_) => Protocol::Http2,
             Detail::Redis(_) => Protocol::Redis,
             Detail::Postgres(_) => Protocol::Postgres,
             Detail::Mysql(_) => Protocol::Mysql,
@@ -231,6 +244,7 @@ impl Detail {
     pub fn name_into(&self, out: &mut String) {
         match self {
             Detail::Http(d) => d.name_into(out),
+            Detail::Http2(d) => d.name_into(out),
             Detail::Redis(d) => d.name_into(out),
             Detail::Postgres(d) => d.name_into(out),
             Detail::Mysql(d) => d.name_into(out),
@@ -242,6 +256,7 @@ impl Detail {
     pub fn status(&self, server_side: bool) -> (StatusCode, &'static str) {
         match self {
             Detail::Http(d) => d.status(server_side),
+            Detail::Http2(d) => d.status(server_side),
             Detail::Redis(d) => d.status(server_side),
             Detail::Postgres(d) => d.status(server_side),
             Detail::Mysql(d) => d.status(server_side),
@@ -255,6 +270,7 @@ impl Detail {
 pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>)) {
     match &ex.detail {
         Detail::Http(d) => d.attributes(ex, ends, f),
+        Detail::Http2(d) => d.attributes(ex, ends, f),
         Detail::Redis(d) => d.attributes(ex, ends, f),
         Detail::Postgres(d) => d.attributes(ex, ends, f),
         Detail::Mysql(d) => d.attributes(ex, ends, f),
@@ -266,6 +282,7 @@ pub fn attributes(ex: &Exchange, ends: &Endpoints, f: impl FnMut(&str, Value<'_>
 pub fn constant_attributes(protocol: Protocol, tls: bool, f: impl FnMut(&str, Value<'_>)) {
     match protocol {
         Protocol::Http1 => http::constant_attributes(tls, f),
+        Protocol::Http2 => h2::constant_attributes(tls, f),
         Protocol::Redis => redis::constant_attributes(f),
         Protocol::Postgres => postgres::constant_attributes(f),
         Protocol::Mysql => mysql::constant_attributes(f),

@@ -173,6 +173,7 @@ impl Session {
                         kind: seq,
                         body,
                         bytes,
+                        ..
                     } => {
                         speaking = self.client_packet(seq, &body, bytes, chunk, cx);
                         self.command_start = None;
@@ -202,6 +203,7 @@ impl Session {
                             kind: seq,
                             body,
                             bytes,
+                            ..
                         } => {
                             self.add_response_bytes(bytes);
                             self.server_packet(seq, &body, chunk.ts_exit, cx);

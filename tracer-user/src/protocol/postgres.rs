@@ -213,7 +213,9 @@ impl Session {
                             self.cycle_start = Some(Mark::at(chunk, cx.record_seq, at));
                         }
                     }
-                    Msg::Done { kind, body, bytes } => {
+                    Msg::Done {
+                        kind, body, bytes, ..
+                    } => {
                         self.client_message(kind, &body, bytes, chunk, cx);
                     }
                     Msg::Lost { .. } => {
@@ -247,7 +249,9 @@ impl Session {
             for e in events.drain(..) {
                 match e {
                     Msg::Start { .. } => {}
-                    Msg::Done { kind, body, bytes } => {
+                    Msg::Done {
+                        kind, body, bytes, ..
+                    } => {
                         self.add_response_bytes(bytes);
                         self.server_message(kind, &body, chunk.ts_exit, cx);
                     }

@@ -77,7 +77,7 @@ impl RequestText {
     }
 
     /// As `new`, from the bytes on the wire (invalid UTF-8 is replaced).
-    fn from_bytes(
+    pub(crate) fn from_bytes(
         method: &[u8],
         path: &[u8],
         host: Option<&[u8]>,
