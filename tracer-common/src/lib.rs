@@ -137,8 +137,8 @@ pub struct RecordHeader {
 pub struct ConnRecord {
     pub header: RecordHeader,
     pub tuple: ConnTuple,
-    /// The thread's command name: the agent's fallback for a process that exited before it
-    /// could read /proc (curl, short scripts).
+    /// The process's command name (its main thread's): the agent's fallback for a process that
+    /// exited before it could read /proc (curl, short scripts).
     pub comm: [u8; 16],
 }
 
@@ -295,6 +295,11 @@ pub struct KernelOffsets {
     /// `tcp_sock.write_seq` and `.copied_seq` (a TCP `struct sock *` is a `tcp_sock *`).
     pub tcp_write_seq: u32,
     pub tcp_copied_seq: u32,
+    /// `task_struct.group_leader` and `.comm`: the process's name (its main thread's), for a
+    /// process that exits before the agent reads /proc; a thread's own name (a runtime's worker,
+    /// `event_engine`, `isc-net-0000`) is no service name.
+    pub task_group_leader: u32,
+    pub task_comm: u32,
     /// Non-zero once the agent has filled the table; the probes do nothing before that.
     pub valid: u32,
     pub _pad: u32,
@@ -324,6 +329,8 @@ impl KernelOffsets {
         net_ns_inum: 0,
         tcp_write_seq: 0,
         tcp_copied_seq: 0,
+        task_group_leader: 0,
+        task_comm: 0,
         valid: 0,
         _pad: 0,
     };

@@ -206,13 +206,34 @@ pub(crate) fn fd_kind(fd: u32) -> Option<FdKind> {
     }
 }
 
+/// The calling process's command name: its main thread's (`current->group_leader->comm`), so a
+/// runtime's worker thread (grpcio's `event_engine`, dig's `isc-net-0000`) does not name the
+/// service of a process that exits before the agent reads /proc. The calling thread's own name
+/// if that cannot be read.
+#[inline(always)]
+pub(crate) fn current_comm() -> [u8; 16] {
+    let o = offsets();
+    // SAFETY: bounded kernel reads at offsets from BTF.
+    unsafe {
+        let task = bpf_get_current_task();
+        if let Some(leader) = read_at::<u64>(task, o.task_group_leader) {
+            if leader != 0 {
+                if let Some(comm) = read_at::<[u64; 2]>(leader, o.task_comm) {
+                    return core::mem::transmute::<[u64; 2], [u8; 16]>(comm);
+                }
+            }
+        }
+    }
+    thread_comm()
+}
+
 /// The calling thread's command name, read into 8-byte-aligned storage. aya's
 /// `bpf_get_current_comm()` zeroes a byte array with a call to `memset`, a BPF-to-BPF call whose
 /// frame Linux 6.1's verifier adds, rounded up to 32 bytes, to the caller's 488: "combined stack
 /// size of 2 calls is 544. Too large", and no probe loaded on Debian 12's kernel (`cargo xtask
 /// kernels`). Zeroing two u64s is two stores.
 #[inline(always)]
-pub(crate) fn current_comm() -> [u8; 16] {
+fn thread_comm() -> [u8; 16] {
     let mut comm = [0u64; 2];
     // SAFETY: the helper writes at most the 16 bytes it is given.
     unsafe { current_comm_raw(comm.as_mut_ptr().cast(), 16) };

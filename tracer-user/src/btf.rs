@@ -251,6 +251,8 @@ pub fn kernel_offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         net_ns_inum: off("net", "ns")? + off("ns_common", "inum")?,
         tcp_write_seq: off("tcp_sock", "write_seq")?,
         tcp_copied_seq: off("tcp_sock", "copied_seq")?,
+        task_group_leader: off("task_struct", "group_leader")?,
+        task_comm: off("task_struct", "comm")?,
         valid: 1,
         _pad: 0,
     })
