@@ -276,25 +276,30 @@ fn an_sdk_instrumented_service_joins_the_callers_trace() {
     }
 
     // Per request: the caller's SERVER span (agent), its CLIENT span to the SDK service
-    // (agent), and the SDK's own SERVER span.
+    // (agent), and the SDK's own SERVER span. Waited for as a chain: curl's own calls are
+    // injected too, so a count of injected spans can be reached before the caller's arrive.
     let mut spans = Vec::new();
-    wait_for(
-        "the SDK's and the agent's spans",
-        Duration::from_secs(20),
-        || {
-            spans = receiver.spans();
-            spans
-                .iter()
-                .filter(|s| s.span.name == "sdk-handler")
-                .count()
-                >= 3
-                && spans
-                    .iter()
-                    .filter(|s| s.str_attr("tracer.context.injected").is_some())
-                    .count()
-                    >= 3
-        },
-    );
+    let has = |spans: &[Received], id: &[u8]| spans.iter().any(|s| s.span.span_id == id);
+    let chained = |spans: &[Received]| {
+        let sdk: Vec<&Received> = spans
+            .iter()
+            .filter(|s| s.span.name == "sdk-handler")
+            .collect();
+        sdk.len() >= 3
+            && sdk.iter().all(|s| {
+                spans.iter().any(|c| {
+                    c.span.span_id == s.span.parent_span_id && has(spans, &c.span.parent_span_id)
+                })
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        spans = receiver.spans();
+        if chained(&spans) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let log = agent.stop();
     for sdk in spans.iter().filter(|s| s.span.name == "sdk-handler") {
         let call = spans
