@@ -36,6 +36,8 @@ pub struct IngestStats {
     /// Requests that waited too long for room in the bytes-in-flight budget (429).
     pub rejected_busy: AtomicU64,
     pub store_failures: AtomicU64,
+    /// Spans stored with `tracer.truncated = true` (attributes, values or the name cut).
+    pub spans_truncated: AtomicU64,
 }
 
 pub struct Ingest {
@@ -114,9 +116,18 @@ impl Ingest {
     /// Stores converted spans; the error is (HTTP status, message).
     async fn store(&self, spans: Vec<SpanRecord>) -> Result<(), (StatusCode, String)> {
         let count = spans.len() as u64;
+        // The mark comes last among a span's attributes (`convert`).
+        let truncated = spans
+            .iter()
+            .filter(|s| {
+                s.attributes
+                    .last()
+                    .is_some_and(|kv| kv.key == convert::TRUNCATED_KEY)
+            })
+            .count() as u64;
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || store.write(&spans)).await;
-        self.stored(count, result)
+        self.stored((count, truncated), result)
     }
 
     /// Decodes an OTLP protobuf body and stores its spans, borrowing them from the body (see
@@ -127,13 +138,24 @@ impl Ingest {
         let result = tokio::task::spawn_blocking(move || {
             let decoded = decode::decode(&body)?;
             let count = decoded.len() as u64;
-            Ok((count, decoded.with_spans(|spans| store.write_refs(spans))))
+            Ok(decoded.with_spans(|spans| {
+                // The mark comes last among a span's attributes (`decode`).
+                let truncated = spans
+                    .iter()
+                    .filter(|s| {
+                        s.attributes
+                            .last()
+                            .is_some_and(|kv| kv.key == convert::TRUNCATED_KEY)
+                    })
+                    .count() as u64;
+                ((count, truncated), store.write_refs(spans))
+            }))
         })
         .await;
         match result {
-            Ok(Ok((count, stored))) => {
+            Ok(Ok((counts, stored))) => {
                 let ok = stored.is_ok();
-                let result = self.stored(count, Ok(stored));
+                let result = self.stored(counts, Ok(stored));
                 if let (true, Some(body)) = (ok, forward) {
                     self.forward.forward(&body);
                 }
@@ -147,19 +169,20 @@ impl Ingest {
                 ))
             }
             Ok(Err(decode::Error::Invalid(e))) => Err(self.invalid_span(e)),
-            Err(e) => self.stored(0, Err(e)),
+            Err(e) => self.stored((0, 0), Err(e)),
         }
     }
 
-    /// Counts and logs what the store said about `count` spans.
+    /// Counts and logs what the store said about `count` spans, `truncated` of them marked.
     fn stored(
         &self,
-        count: u64,
+        (count, truncated): (u64, u64),
         result: Result<Result<(), StoreError>, tokio::task::JoinError>,
     ) -> Result<(), (StatusCode, String)> {
         match result {
             Ok(Ok(())) => {
                 self.stats.spans_accepted.fetch_add(count, Relaxed);
+                self.stats.spans_truncated.fetch_add(truncated, Relaxed);
                 self.stats.requests_accepted.fetch_add(1, Relaxed);
                 Ok(())
             }
@@ -574,7 +597,11 @@ fn grpc_error(code: i32, message: &str) -> Response {
 }
 
 /// `GET /metrics` (Prometheus text) on the query port: what ingest accepted and refused, and why.
-pub fn metrics_router(ingest: Arc<Ingest>, connections: Arc<ConnectionStats>) -> Router {
+pub fn metrics_router(
+    ingest: Arc<Ingest>,
+    connections: Arc<ConnectionStats>,
+    traces_truncated: Arc<AtomicU64>,
+) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -636,6 +663,16 @@ pub fn metrics_router(ingest: Arc<Ingest>, connections: Arc<ConnectionStats>) ->
                         "tracer_collector_store_failures_total",
                         "Batches the store could not save (503, client retries)",
                         &s.store_failures,
+                    ),
+                    (
+                        "tracer_collector_spans_truncated_total",
+                        "Spans stored with tracer.truncated = true: attributes past 128, values past 4 KiB or a name past 512 bytes cut",
+                        &s.spans_truncated,
+                    ),
+                    (
+                        "tracer_collector_traces_truncated_total",
+                        "Traces answered without all their spans: one answer's span or size limit (--max-trace-spans, --max-trace-mib)",
+                        &*traces_truncated,
                     ),
                 ];
                 let mut out = String::new();

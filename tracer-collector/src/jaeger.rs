@@ -1,6 +1,13 @@
 //! The Jaeger HTTP query API (`/api/...`) with Jaeger's JSON shapes, so the Jaeger UI, Grafana's
 //! Jaeger data source and our own UI and CLI all work against the collector.
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::SystemTime,
+};
 
 use axum::{
     extract::{Path, Query, RawQuery, State},
@@ -16,6 +23,17 @@ use crate::stitch::{self, Stitched};
 
 pub struct Api {
     pub store: Arc<dyn SpanStore>,
+    /// What one answer holds at most (`--max-trace-spans`, `--max-trace-mib`).
+    pub limits: stitch::Limits,
+    /// Traces answered without all their spans (`/metrics`).
+    pub traces_truncated: Arc<AtomicU64>,
+}
+
+impl Api {
+    fn count_truncated<'a>(&self, traces: impl IntoIterator<Item = &'a Stitched>) {
+        let n = traces.into_iter().filter(|t| t.truncated).count() as u64;
+        self.traces_truncated.fetch_add(n, Relaxed);
+    }
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -358,7 +376,9 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
 async fn find_traces(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> ApiResult {
     let q = trace_query(raw.as_deref().unwrap_or(""))?;
     let store = api.store.clone();
-    let traces = blocking(move || stitch::search(&*store, &q, stitch::Limits::default())).await?;
+    let limits = api.limits;
+    let traces = blocking(move || stitch::search(&*store, &q, limits)).await?;
+    api.count_truncated(&traces);
     let data: Vec<Value> = traces.iter().map(trace_json).collect();
     let n = data.len();
     Ok(envelope(json!(data), n))
@@ -379,9 +399,11 @@ pub fn parse_trace_id(s: &str) -> Result<TraceId, ApiError> {
 async fn get_trace(State(api): State<Arc<Api>>, Path(id): Path<String>) -> ApiResult {
     let trace_id = parse_trace_id(&id)?;
     let store = api.store.clone();
-    let trace = blocking(move || stitch::trace(&*store, &trace_id, stitch::Limits::default()))
+    let limits = api.limits;
+    let trace = blocking(move || stitch::trace(&*store, &trace_id, limits))
         .await?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("trace {id} not found")))?;
+    api.count_truncated([&trace]);
     Ok(envelope(json!([trace_json(&trace)]), 1))
 }
 

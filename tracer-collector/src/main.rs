@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
-use tracer_collector::{config_file, ingest, jaeger, query_guard, tls, ui};
+use tracer_collector::{config_file, ingest, jaeger, query_guard, stitch, tls, ui};
 use tracer_store::{Retention, SpanStore, SqliteStore};
 
 #[derive(Parser, Debug)]
@@ -60,9 +60,17 @@ struct Args {
     /// Delete spans older than this (e.g. 72h, 7d). `0` keeps them forever.
     #[arg(long, default_value = "7d")]
     retention_age: String,
-    /// Delete the oldest spans while the store is larger than this many MiB. `0`: no limit.
+    /// Delete the spans that arrived first while the store (database and write-ahead log) is
+    /// larger than this many MiB. `0`: no limit.
     #[arg(long, default_value_t = 10 * 1024)]
     retention_mib: u64,
+    /// Spans one answer of the query API holds at most: a trace's first spans to arrive, a
+    /// search's traces together. The answer says when it was cut.
+    #[arg(long, default_value_t = 50_000)]
+    max_trace_spans: usize,
+    /// The same limit in MiB of span data (attributes, events, names).
+    #[arg(long, default_value_t = 64)]
+    max_trace_mib: usize,
     /// Memory that export requests being read and decoded may take together, in MiB; beyond
     /// it requests wait up to 2 s, then are told to retry (429). Bounds the collector's size
     /// whatever clients send.
@@ -243,11 +251,24 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             args.query_addr
         );
     }
+    let traces_truncated = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let query_router = jaeger::router(Arc::new(jaeger::Api {
         store: store.clone(),
+        limits: stitch::Limits {
+            answer: tracer_store::TraceLimit {
+                max_spans: args.max_trace_spans.max(1),
+                max_bytes: args.max_trace_mib.max(1) << 20,
+            },
+            ..stitch::Limits::default()
+        },
+        traces_truncated: traces_truncated.clone(),
     }))
     .merge(ui::router())
-    .merge(ingest::metrics_router(ingest.clone(), limits.stats.clone()))
+    .merge(ingest::metrics_router(
+        ingest.clone(),
+        limits.stats.clone(),
+        traces_truncated,
+    ))
     .layer(axum::middleware::from_fn_with_state(
         guard,
         query_guard::guard,
@@ -320,9 +341,11 @@ async fn retention_loop(store: Arc<dyn SpanStore>, policy: Retention) {
         tick.tick().await;
         let (store, policy) = (store.clone(), policy.clone());
         match tokio::task::spawn_blocking(move || store.enforce_retention(&policy)).await {
-            Ok(Ok(r)) if r.deleted_spans > 0 => {
-                log::info!("retention: deleted {} spans", r.deleted_spans)
-            }
+            Ok(Ok(r)) if r.deleted_spans > 0 || r.pruned_operations > 0 => log::info!(
+                "retention: deleted {} spans; dropped {} operation names left without spans",
+                r.deleted_spans,
+                r.pruned_operations
+            ),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => log::error!("retention failed: {e}"),
             Err(e) => log::error!("retention task failed: {e}"),

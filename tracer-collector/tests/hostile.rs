@@ -280,3 +280,157 @@ async fn idle_and_excess_connections_cannot_starve_clients() {
             >= 50
     );
 }
+
+/// POSTs `req` as OTLP/HTTP protobuf with the token; the status.
+async fn export(
+    c: &Collector,
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> u16 {
+    reqwest::Client::new()
+        .post(c.http_url())
+        .header("content-type", "application/x-protobuf")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(req.encode_to_vec())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// One trace id can hold any number of spans, and a span 128 attributes of 4 KiB: one answer of
+/// the query API holds at most --max-trace-spans spans and --max-trace-mib of span data, the
+/// first to arrive, says so and is counted; a search's traces share that limit. Spans cut at
+/// ingest are counted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giant_traces_are_answered_in_part_and_counted() {
+    let c = Collector::start(
+        "hostile-giant",
+        &[
+            "--token",
+            TOKEN,
+            "--max-trace-spans",
+            "2000",
+            "--max-trace-mib",
+            "1",
+        ],
+    );
+    let now = now_nanos();
+    // Trace 0x0a: 5,000 small spans in five batches, each the child of the one before.
+    let long = [0x0a; 16];
+    for b in 0..5u64 {
+        let batch: Vec<_> = (0..1000u64)
+            .map(|i| {
+                let n = b * 1000 + i;
+                let mut s = span(long, 0, None, "GET /a", now, n, 1);
+                s.span_id = (n + 1).to_be_bytes().to_vec();
+                if n > 0 {
+                    s.parent_span_id = n.to_be_bytes().to_vec();
+                }
+                s
+            })
+            .collect();
+        assert_eq!(export(&c, &request("giant", batch)).await, 200);
+    }
+    let started = Instant::now();
+    let (status, body) = c.get(&format!("/api/traces/{}", hex::encode(long))).await;
+    eprintln!("a 5,000-span trace answered in {:?}", started.elapsed());
+    assert_eq!(status, 200);
+    let t = &body["data"][0];
+    let spans = t["spans"].as_array().unwrap();
+    assert_eq!(spans.len(), 2000);
+    // The first to arrive: span ids 1..=2000.
+    assert!(spans
+        .iter()
+        .all(|s| u64::from_str_radix(s["spanID"].as_str().unwrap(), 16).unwrap() <= 2000));
+    let said = t["warnings"].to_string();
+    assert!(
+        said.contains("this trace has 5000 spans; the first 2000 to arrive are shown"),
+        "{said}"
+    );
+    assert_eq!(t["incomplete"], true);
+    assert_eq!(c.metric("tracer_collector_traces_truncated_total").await, 1);
+
+    // Trace 0x0b: 20 spans of 100 attributes of 1 KiB (~2 MiB of span data) against 1 MiB.
+    let wide = [0x0b; 16];
+    let batch: Vec<_> = (0..20u8)
+        .map(|i| {
+            let mut s = span(wide, i + 1, None, "GET /b", now, u64::from(i), 1);
+            s.attributes = (0..100)
+                .map(|k| kv(&format!("k{k}"), support::s(&"v".repeat(1024))))
+                .collect();
+            s
+        })
+        .collect();
+    assert_eq!(export(&c, &request("giant", batch)).await, 200);
+    let (_, body) = c.get(&format!("/api/traces/{}", hex::encode(wide))).await;
+    let n = body["data"][0]["spans"].as_array().unwrap().len();
+    assert!((5..20).contains(&n), "{n} spans of ~100 KiB in 1 MiB");
+    assert_eq!(c.metric("tracer_collector_traces_truncated_total").await, 2);
+
+    // A search finding both: 2,000 spans at most, all traces together.
+    let (status, body) = c.get("/api/traces?service=giant&limit=20").await;
+    assert_eq!(status, 200);
+    let traces = body["data"].as_array().unwrap();
+    let total: usize = traces
+        .iter()
+        .map(|t| t["spans"].as_array().unwrap().len())
+        .sum();
+    assert!(total <= 2000, "{total} spans in one search answer");
+    assert!(c.metric("tracer_collector_traces_truncated_total").await >= 3);
+
+    // A span of 200 attributes is cut to 128 at ingest, marked and counted.
+    let mut s = span([0x0c; 16], 1, None, "GET /c", now, 0, 1);
+    s.attributes = (0..200)
+        .map(|k| kv(&format!("k{k}"), support::s("v")))
+        .collect();
+    assert_eq!(export(&c, &request("giant", vec![s])).await, 200);
+    assert_eq!(c.metric("tracer_collector_spans_truncated_total").await, 1);
+}
+
+/// Operation names whose spans retention deleted are gone from the list (and the store) after
+/// the next retention pass, which a start runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_names_without_spans_are_dropped() {
+    let mut c = Collector::start(
+        "hostile-op-prune",
+        &["--token", TOKEN, "--retention-age", "1d"],
+    );
+    // The fresh name first: the old ones then fill the service's 1,000 and the overflow.
+    let kept = span([0x0d; 16], 1, None, "GET /kept", now_nanos(), 0, 1);
+    assert_eq!(export(&c, &request("minted", vec![kept])).await, 200);
+    let old = now_nanos() - 3 * 86_400_000_000_000;
+    let names: Vec<_> = (0..1100u64)
+        .map(|i| {
+            let mut trace = [0u8; 16];
+            trace[..8].copy_from_slice(&(i + 1).to_be_bytes());
+            span(trace, 1, None, &format!("GET /x/{i}/y"), old, 0, 1)
+        })
+        .collect();
+    assert_eq!(export(&c, &request("minted", names)).await, 200);
+    let (_, ops) = c.get("/api/services/minted/operations").await;
+    assert_eq!(
+        ops["data"].as_array().unwrap().len(),
+        1001,
+        "1,000 and the overflow"
+    );
+    // Retention runs every minute and once at start.
+    c.kill9();
+    c.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, ops) = c.get("/api/services/minted/operations").await;
+        if ops["data"] == serde_json::json!(["GET /kept"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still listed: {}", ops["data"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.log
+            .lock()
+            .unwrap()
+            .contains("dropped 1000 operation names"),
+        "retention says what it dropped"
+    );
+}

@@ -1035,7 +1035,7 @@ mod library {
         }
         let limits = Limits {
             max_traces: 3,
-            max_spans: 20_000,
+            ..Limits::default()
         };
         let cut = stitch::trace(&store, &[1; 16], limits).unwrap().unwrap();
         assert_eq!(cut.members, vec![[1; 16], [2; 16], [3; 16]]);
@@ -1046,8 +1046,8 @@ mod library {
         );
         assert!(cut.incomplete());
         let limits = Limits {
-            max_traces: 64,
             max_spans: 4,
+            ..Limits::default()
         };
         let cut = stitch::trace(&store, &[1; 16], limits).unwrap().unwrap();
         assert!(cut.spans.len() <= 4, "{}", cut.spans.len());

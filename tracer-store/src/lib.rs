@@ -183,6 +183,40 @@ pub struct SpanRecord {
     pub scope_version: String,
 }
 
+impl SpanRecord {
+    /// About what the span takes in memory and in a JSON answer, its shared resource aside:
+    /// what [`TraceLimit::max_bytes`] counts.
+    pub fn approx_bytes(&self) -> usize {
+        fn attrs(a: &[KeyValue]) -> usize {
+            a.iter()
+                .map(|kv| {
+                    32 + kv.key.len()
+                        + match &kv.value {
+                            AttrValue::Str(s) | AttrValue::Json(s) => s.len(),
+                            _ => 8,
+                        }
+                })
+                .sum()
+        }
+        128 + self.service.len()
+            + self.operation.len()
+            + self.status_message.len()
+            + self.scope_name.len()
+            + self.scope_version.len()
+            + attrs(&self.attributes)
+            + self
+                .events
+                .iter()
+                .map(|e| 32 + e.name.len() + attrs(&e.attributes))
+                .sum::<usize>()
+            + self
+                .links
+                .iter()
+                .map(|l| 48 + attrs(&l.attributes))
+                .sum::<usize>()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SpanEventRef<'a> {
     pub time_unix_nano: u64,
@@ -416,17 +450,51 @@ pub struct DependencyLink {
     pub p95_duration_nano: u64,
 }
 
+/// How much of one trace a read returns at most: the spans that arrived first, until either
+/// limit is reached. A client can put any number of spans under one trace id, and each span up
+/// to 128 attributes of 4 KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceLimit {
+    pub max_spans: usize,
+    /// Of [`SpanRecord::approx_bytes`], summed.
+    pub max_bytes: usize,
+}
+
+impl TraceLimit {
+    pub const NONE: TraceLimit = TraceLimit {
+        max_spans: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+}
+
+/// What [`SpanStore::trace_limited`] read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LimitedTrace {
+    /// By start time, like [`SpanStore::trace`].
+    pub spans: Vec<SpanRecord>,
+    /// Set when the trace has more spans than `spans`.
+    pub truncated: bool,
+    /// The trace's spans as indexed when `truncated` (it may count a few that retention has
+    /// deleted since), else `spans.len()`.
+    pub total: usize,
+    /// [`SpanRecord::approx_bytes`] of `spans`, summed.
+    pub bytes: usize,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Retention {
     /// Spans that started longer ago than this are deleted.
     pub max_age: Option<std::time::Duration>,
-    /// Oldest spans are deleted until the store is at most this large.
+    /// The spans that arrived first are deleted until the store (its database and write-ahead
+    /// log files) is at most this large.
     pub max_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RetentionReport {
     pub deleted_spans: u64,
+    /// Operation names dropped because none of their spans is left.
+    pub pruned_operations: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -476,6 +544,31 @@ pub trait SpanStore: Send + Sync + 'static {
     fn operations(&self, service: &str, kind: Option<i32>) -> Result<Vec<Operation>, StoreError>;
     /// Every span of one trace, by start time; empty if unknown.
     fn trace(&self, trace_id: &TraceId) -> Result<Vec<SpanRecord>, StoreError>;
+    /// The first spans of one trace to arrive, within `limit`, by start time. The default
+    /// reads the whole trace and keeps its first spans by start.
+    fn trace_limited(
+        &self,
+        trace_id: &TraceId,
+        limit: TraceLimit,
+    ) -> Result<LimitedTrace, StoreError> {
+        let mut spans = self.trace(trace_id)?;
+        let total = spans.len();
+        let (mut bytes, mut keep) = (0, 0);
+        for s in &spans {
+            if keep >= limit.max_spans || bytes >= limit.max_bytes {
+                break;
+            }
+            bytes += s.approx_bytes();
+            keep += 1;
+        }
+        spans.truncate(keep);
+        Ok(LimitedTrace {
+            spans,
+            truncated: keep < total,
+            total,
+            bytes,
+        })
+    }
     fn find_traces(&self, query: &TraceQuery) -> Result<Vec<Vec<SpanRecord>>, StoreError>;
     /// The ids of the traces [`SpanStore::find_traces`] would return, in the same order,
     /// without loading them.

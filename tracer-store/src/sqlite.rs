@@ -79,10 +79,17 @@
 //!
 //! # Retention
 //!
-//! Oldest spans first (by the start index), 5,000 per transaction so ingest is never blocked
+//! By age, the spans that started before the cutoff (by the start index); by size, the spans
+//! that arrived first (by row id: start times are the client's to choose, and by them spans
+//! dated ahead of the clock were deleted last). 5,000 per transaction so ingest is never blocked
 //! for long, deleting their tag and edge index entries too (recomputed from the bodies); trace index
 //! runs go once all their spans are gone. Freed pages are returned to the file system with
-//! `incremental_vacuum` (the database is created with `auto_vacuum=INCREMENTAL`).
+//! `incremental_vacuum` (the database is created with `auto_vacuum=INCREMENTAL`), and the WAL,
+//! which keeps its largest size until a checkpoint truncates it, counts against the size limit.
+//! Each operation row counts its spans (in the transactions that insert and delete them);
+//! operations left with none are dropped, from the table and the catalog. A batch encoded with
+//! the id of an operation dropped meanwhile is not committed but encoded again (the catalog's
+//! epoch says when to check).
 use std::{
     collections::HashMap,
     fs::File,
@@ -288,6 +295,24 @@ fn insert_many(
     Ok(())
 }
 
+/// Adds `(operation id, spans)` to the operations' span counts (negative to subtract), one
+/// statement per distinct operation.
+fn add_operation_spans(tx: &Connection, mut counts: Vec<(i64, i64)>) -> rusqlite::Result<()> {
+    counts.sort_unstable();
+    let mut st = tx.prepare_cached("UPDATE operations SET spans = spans + ?2 WHERE id = ?1")?;
+    let mut i = 0;
+    while i < counts.len() {
+        let op = counts[i].0;
+        let mut n = 0;
+        while i < counts.len() && counts[i].0 == op {
+            n += counts[i].1;
+            i += 1;
+        }
+        st.execute(params![op, n])?;
+    }
+    Ok(())
+}
+
 /// Wraps a database error with what was being done.
 fn ctx<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Database(format!("{what}: {e}"))
@@ -385,6 +410,16 @@ struct EncodedBatch {
     tags: Vec<i64>,
     /// Edge index entries of all rows, back to back.
     edges: Vec<EdgeEntry>,
+    /// The catalog's epoch when the batch was encoded ([`Catalog::epoch`]).
+    epoch: u64,
+}
+
+/// What became of a batch handed to the group commit.
+enum Committed {
+    Stored,
+    /// Not written: an operation it names was pruned after it was encoded. Encoding it again
+    /// gives the name a new id.
+    Stale,
 }
 
 struct Row {
@@ -407,7 +442,7 @@ struct Queue {
     pending: Vec<(u64, EncodedBatch)>,
     next_ticket: u64,
     leader: bool,
-    results: HashMap<u64, Result<(), StoreError>>,
+    results: HashMap<u64, Result<Committed, StoreError>>,
 }
 
 impl SqliteStore {
@@ -755,7 +790,7 @@ impl Inner {
 
     /// Group commit: the caller that finds no commit running becomes the leader and commits
     /// every batch waiting, its own included; the others sleep until a commit has theirs.
-    fn write(&self, batch: EncodedBatch) -> Result<(), StoreError> {
+    fn write(&self, batch: EncodedBatch) -> Result<Committed, StoreError> {
         let mut q = lock(&self.queue);
         let ticket = q.next_ticket;
         q.next_ticket += 1;
@@ -793,18 +828,38 @@ impl Inner {
         }
     }
 
-    fn commit_group(&self, group: &[(u64, EncodedBatch)]) -> Vec<(u64, Result<(), StoreError>)> {
+    fn commit_group(
+        &self,
+        group: &[(u64, EncodedBatch)],
+    ) -> Vec<(u64, Result<Committed, StoreError>)> {
         let mut w = lock(&self.writer);
+        // Pruning runs under the writer lock too, so nothing is pruned between this check and
+        // the commit.
+        let (group, stale): (Vec<_>, Vec<_>) = {
+            let cat = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            group.iter().partition(|(_, b)| {
+                b.epoch == cat.epoch() || b.rows.iter().all(|r| cat.has_operation(r.operation_id))
+            })
+        };
+        let mut out: Vec<(u64, Result<Committed, StoreError>)> = stale
+            .iter()
+            .map(|(t, _)| (*t, Ok(Committed::Stale)))
+            .collect();
+        if group.is_empty() {
+            return out;
+        }
         let batches: Vec<&EncodedBatch> = group.iter().map(|(_, b)| b).collect();
         match self.commit(&mut w, &batches) {
-            Ok(()) => group.iter().map(|(t, _)| (*t, Ok(()))).collect(),
-            Err(e) if group.len() == 1 => vec![(group[0].0, Err(e))],
+            Ok(()) => out.extend(group.iter().map(|(t, _)| (*t, Ok(Committed::Stored)))),
+            Err(e) if group.len() == 1 => out.push((group[0].0, Err(e))),
             // One caller's bad batch must not fail the others: retry them one by one.
-            Err(_) => group
-                .iter()
-                .map(|(t, b)| (*t, self.commit(&mut w, &[b])))
-                .collect(),
+            Err(_) => out.extend(
+                group
+                    .iter()
+                    .map(|(t, b)| (*t, self.commit(&mut w, &[b]).map(|()| Committed::Stored))),
+            ),
         }
+        out
     }
 
     fn commit(&self, w: &mut Writer, batches: &[&EncodedBatch]) -> Result<(), StoreError> {
@@ -905,6 +960,16 @@ impl Inner {
                 },
             )
             .map_err(ctx("storing edges"))?;
+            // Each operation's span count, for pruning names whose spans are all gone. A
+            // batch has few distinct operations; consecutive spans mostly share one.
+            let mut per_op: Vec<(i64, i64)> = Vec::new();
+            for (r, _, _) in &new {
+                match per_op.last_mut() {
+                    Some((op, n)) if *op == r.operation_id => *n += 1,
+                    _ => per_op.push((r.operation_id, 1)),
+                }
+            }
+            add_operation_spans(&tx, per_op).map_err(ctx("counting operations"))?;
         }
         tx.prepare_cached("UPDATE meta SET value = value + ?1 WHERE key = 'span_count'")
             .and_then(|mut st| st.execute([stored.len() as i64]))
@@ -934,22 +999,31 @@ impl Inner {
         Ok(())
     }
 
-    /// Deletes up to `limit` of the oldest spans (those starting before `before`, if given)
-    /// with their tag index entries, in one transaction, and drops the trace index runs that
-    /// only point at deleted spans. Returns how many spans.
-    fn delete_oldest(&self, before: Option<i64>, limit: usize) -> Result<usize, StoreError> {
+    /// Deletes up to `limit` of the `which` oldest spans with their tag and edge index
+    /// entries, in one transaction, and drops the trace index runs that only point at deleted
+    /// spans. Returns how many spans.
+    fn delete_oldest(&self, which: Oldest, limit: usize) -> Result<usize, StoreError> {
         let mut w = lock(&self.writer);
         let tx = w
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(ctx("starting a retention step"))?;
-        let victims = query::tagged_spans(
-            self,
-            &tx,
-            "SELECT id, start, status, resource_id, body FROM spans INDEXED BY spans_by_start
-             WHERE start < ?1 ORDER BY start LIMIT ?2",
-            params![before.unwrap_or(i64::MAX), limit as i64],
-        )?;
+        let victims = match which {
+            Oldest::StartedBefore(cutoff) => query::tagged_spans(
+                self,
+                &tx,
+                "SELECT id, start, status, resource_id, body FROM spans INDEXED BY spans_by_start
+                 WHERE start < ?1 ORDER BY start LIMIT ?2",
+                params![cutoff, limit as i64],
+            )?,
+            Oldest::Arrived => query::tagged_spans(
+                self,
+                &tx,
+                "SELECT id, start, status, resource_id, body FROM spans ORDER BY id LIMIT ?1",
+                params![limit as i64],
+            )?,
+        };
+        let mut per_op: Vec<(i64, i64)> = Vec::with_capacity(victims.len());
         {
             let mut del_tag = tx
                 .prepare_cached(
@@ -962,7 +1036,7 @@ impl Inner {
                 )
                 .map_err(ctx("deleting edges"))?;
             let mut del = tx
-                .prepare_cached("DELETE FROM spans WHERE id = ?1")
+                .prepare_cached("DELETE FROM spans WHERE id = ?1 RETURNING operation_id")
                 .map_err(ctx("deleting spans"))?;
             for v in &victims {
                 let (id, start) = (v.id, v.start);
@@ -976,9 +1050,13 @@ impl Inner {
                         .execute(params![e.bucket, e.seq, id])
                         .map_err(ctx("deleting edges"))?;
                 }
-                del.execute([id]).map_err(ctx("deleting spans"))?;
+                let op: i64 = del
+                    .query_row([id], |r| r.get(0))
+                    .map_err(ctx("deleting spans"))?;
+                per_op.push((op, -1));
             }
         }
+        add_operation_spans(&tx, per_op).map_err(ctx("counting operations"))?;
         // Runs go whole, once every span in their id range is gone; until then lookups skip
         // their stale entries. Checked per run (a handful), not by the oldest live id: one
         // span with a skewed far-future start would otherwise pin every later run.
@@ -1043,6 +1121,41 @@ impl Inner {
         Ok(())
     }
 
+    /// Drops the operations none of whose spans are left, from the table and the catalog; a
+    /// batch encoded before with one of them is then encoded again ([`Committed::Stale`]).
+    /// Returns how many.
+    fn prune_operations(&self) -> Result<usize, StoreError> {
+        let mut w = lock(&self.writer);
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(ctx("starting to prune operations"))?;
+        let gone: Vec<(i64, i64, String, i32)> = tx
+            .prepare_cached(
+                "DELETE FROM operations WHERE spans <= 0 RETURNING id, service_id, name, kind",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect()
+            })
+            .map_err(ctx("pruning operations"))?;
+        tx.commit().map_err(ctx("pruning operations"))?;
+        if !gone.is_empty() {
+            self.catalog
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .prune_operations(&gone);
+        }
+        Ok(gone.len())
+    }
+
+    /// Bytes of the write-ahead log file (0 if there is none).
+    fn wal_bytes(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::metadata(wal).map_or(0, |m| m.len())
+    }
+
     /// Bytes the database uses: its pages minus the free ones (the WAL is not counted).
     fn used_bytes(&self, c: &Connection) -> Result<u64, StoreError> {
         let q = |p: &str| -> Result<i64, StoreError> {
@@ -1061,12 +1174,23 @@ impl Inner {
     }
 }
 
+/// Which spans retention deletes first.
+#[derive(Clone, Copy)]
+enum Oldest {
+    /// By start time, those starting before this (Unix ns): the age limit.
+    StartedBefore(i64),
+    /// By arrival (row id): the size limit. Start times are the client's to choose; by them,
+    /// spans dated ahead of the collector's clock were deleted last and pushed out everyone
+    /// else's.
+    Arrived,
+}
+
 /// Hands results to the waiting callers even if the commit panicked, so no caller waits
 /// forever for a leader that is gone.
 struct LeaderGuard<'a> {
     inner: &'a Inner,
     tickets: Vec<u64>,
-    results: Vec<(u64, Result<(), StoreError>)>,
+    results: Vec<(u64, Result<Committed, StoreError>)>,
 }
 
 impl Drop for LeaderGuard<'_> {
@@ -1095,6 +1219,7 @@ fn encode_batch(cat: &Catalog, spans: &[SpanRef<'_>], missing: &mut Missing) -> 
         bodies: Vec::with_capacity(spans.len() * 192),
         tags: Vec::new(),
         edges: Vec::new(),
+        epoch: cat.epoch(),
     };
     let Missing {
         strings,
@@ -1211,8 +1336,17 @@ impl SpanStore for SqliteStore {
         if spans.is_empty() {
             return Ok(());
         }
-        let batch = self.inner.encode(spans)?;
-        self.inner.write(batch)
+        // Stale only if retention pruned one of the batch's operations between its encoding and
+        // its commit (at most once a retention pass): encoding again is then enough.
+        for _ in 0..8 {
+            let batch = self.inner.encode(spans)?;
+            if let Committed::Stored = self.inner.write(batch)? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Database(
+            "operations kept being pruned while this batch was written".into(),
+        ))
     }
 
     fn services(&self) -> Result<Vec<String>, StoreError> {
@@ -1254,6 +1388,15 @@ impl SpanStore for SqliteStore {
             .with_reader(|c| query::load_trace(&self.inner, c, trace_id))
     }
 
+    fn trace_limited(
+        &self,
+        trace_id: &TraceId,
+        limit: crate::TraceLimit,
+    ) -> Result<crate::LimitedTrace, StoreError> {
+        self.inner
+            .with_reader(|c| query::load_trace_limited(&self.inner, c, trace_id, limit))
+    }
+
     fn find_traces(&self, q: &TraceQuery) -> Result<Vec<Vec<SpanRecord>>, StoreError> {
         self.inner
             .with_reader(|c| query::find_traces(&self.inner, c, q))
@@ -1290,9 +1433,10 @@ impl SpanStore for SqliteStore {
                 .map_or(0, |d| d.as_nanos() as u64);
             let cutoff = now.saturating_sub(age.as_nanos().min(u128::from(u64::MAX)) as u64);
             loop {
-                let n = self
-                    .inner
-                    .delete_oldest(Some(cutoff as i64), DELETE_CHUNK)?;
+                let n = self.inner.delete_oldest(
+                    Oldest::StartedBefore(cutoff.min(i64::MAX as u64) as i64),
+                    DELETE_CHUNK,
+                )?;
                 deleted += n as u64;
                 if n < DELETE_CHUNK {
                     break;
@@ -1311,18 +1455,26 @@ impl SpanStore for SqliteStore {
                 // (random trace ids) free nothing, so the loop measures again after each step.
                 let per_span = (used / count).max(1);
                 let want = ((used - max) / per_span).clamp(1, DELETE_CHUNK as u64) as usize;
-                let n = self.inner.delete_oldest(None, want)?;
+                let n = self.inner.delete_oldest(Oldest::Arrived, want)?;
                 deleted += n as u64;
                 if n == 0 {
                     break;
                 }
             }
         }
-        if deleted > 0 {
+        // The WAL is on disk too: it keeps its largest size until a checkpoint truncates it
+        // (so that commits overwrite rather than grow it), which the size limit must count.
+        let over = policy.max_bytes.is_some_and(|max| {
+            let file = std::fs::metadata(&self.inner.path).map_or(0, |m| m.len());
+            file + self.inner.wal_bytes() > max
+        });
+        if deleted > 0 || over {
             self.inner.shrink()?;
         }
+        let pruned = self.inner.prune_operations()?;
         Ok(RetentionReport {
             deleted_spans: deleted,
+            pruned_operations: pruned as u64,
         })
     }
 

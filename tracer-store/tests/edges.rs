@@ -253,18 +253,21 @@ fn a_version_2_store_gets_its_spans_edges_indexed() {
             ])
             .unwrap();
     }
-    // Version 3 is version 2 plus the edge index: taking the index away gives the exact
-    // layout a version-2 build wrote.
+    // Version 3 is version 2 plus the edge index, and version 4 adds the operations' span
+    // counts: taking both away gives the exact layout a version-2 build wrote.
     rusqlite::Connection::open(path.join("spans.db"))
         .unwrap()
-        .execute_batch("DROP TABLE edge_index; PRAGMA user_version = 2;")
+        .execute_batch(
+            "DROP TABLE edge_index; ALTER TABLE operations DROP COLUMN spans;
+             PRAGMA user_version = 2;",
+        )
         .unwrap();
     let store = SqliteStore::open(&path).unwrap();
     let version: u32 = rusqlite::Connection::open(path.join("spans.db"))
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert_eq!(
         ids(&store.edge_spans(EdgeKey::Exact(E1), t0).unwrap()),
         vec![([1; 16], [10; 8]), ([2; 16], [20; 8])]

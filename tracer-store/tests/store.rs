@@ -719,7 +719,7 @@ fn a_version_1_store_is_upgraded() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let trace = store.trace(&[4; 16]).unwrap();
     assert_eq!(trace.len(), 2);
     let root = &trace[0];
@@ -765,6 +765,20 @@ fn a_version_1_store_is_upgraded() {
     drop(store);
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.trace(&[4; 16]).unwrap().len(), 3);
+    // The operations' span counts (version 4) start from the converted spans.
+    assert_eq!(operation_counts(&path), [(1, 2), (2, 1)]);
+}
+
+/// `(operation id, span count)` as stored, by id.
+fn operation_counts(path: &Path) -> Vec<(i64, i64)> {
+    rusqlite::Connection::open(path.join("spans.db"))
+        .unwrap()
+        .prepare("SELECT id, spans FROM operations ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 #[test]
@@ -778,7 +792,7 @@ fn a_store_from_a_newer_version_is_refused() {
     match SqliteStore::open(&path) {
         Err(StoreError::NewerSchema {
             found: 99,
-            known: 3,
+            known: 4,
         }) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a newer schema must be refused"),
@@ -996,4 +1010,246 @@ fn operation_names_per_service_are_capped() {
     store.write(&batch(2000, 2010)).unwrap();
     assert_eq!(store.operations("web", None).unwrap().len(), 1001);
     assert_eq!(store.operations_overflowed(), 10);
+}
+
+/// `n` spans of 400-byte attributes starting at `start`, in traces numbered from `first`
+/// (`[tag; 12] ++ number`).
+fn padded(tag: u8, first: u32, n: u32, start: u64) -> Vec<SpanRecord> {
+    (first..first + n)
+        .map(|i| {
+            let mut s = span(tag, 1, None, "svc", "op", start + u64::from(i), 10);
+            s.trace_id[12..].copy_from_slice(&i.to_be_bytes());
+            s.attributes.push(text("pad", &"x".repeat(400)));
+            s
+        })
+        .collect()
+}
+
+fn padded_id(tag: u8, i: u32) -> [u8; 16] {
+    let mut t = [tag; 16];
+    t[12..].copy_from_slice(&i.to_be_bytes());
+    t
+}
+
+/// The size limit deletes the spans that arrived first, whatever their start times say: a
+/// client dating its spans ahead of the clock once kept them while everyone else's went.
+#[test]
+fn the_size_limit_evicts_by_arrival_not_by_start_time() {
+    let path = dir("by-arrival");
+    let store = SqliteStore::open_with(&path, &small_runs()).unwrap();
+    let t = now();
+    // First the "future" spans (20 h ahead, inside what the collector accepts), then as many
+    // real ones.
+    for chunk in padded(0xf0, 0, 3000, t + 20 * 3_600_000_000_000).chunks(1000) {
+        store.write(chunk).unwrap();
+    }
+    for chunk in padded(0x0a, 0, 3000, t).chunks(1000) {
+        store.write(chunk).unwrap();
+    }
+    store.write_trace_index_run().unwrap();
+    let before = store.stats().unwrap();
+    let r = store
+        .enforce_retention(&Retention {
+            max_age: None,
+            max_bytes: Some(before.bytes * 2 / 3),
+        })
+        .unwrap();
+    // Exactly the first to arrive went: every "future" span before any real one.
+    let kept = |tag: u8| {
+        (0..3000)
+            .filter(|i| !store.trace(&padded_id(tag, *i)).unwrap().is_empty())
+            .collect::<Vec<u32>>()
+    };
+    let (future, real) = (kept(0xf0), kept(0x0a));
+    let gone = r.deleted_spans as u32;
+    assert!(gone >= 2000, "{r:?}");
+    if gone <= 3000 {
+        assert_eq!(future, (gone..3000).collect::<Vec<_>>());
+        assert_eq!(real.len(), 3000);
+    } else {
+        assert!(future.is_empty());
+        assert_eq!(real, (gone - 3000..3000).collect::<Vec<_>>());
+    }
+}
+
+/// The database file and its write-ahead log together stay within the size limit after a
+/// retention pass, even when the spans alone fit and nothing is deleted.
+#[test]
+fn the_size_limit_counts_the_write_ahead_log() {
+    let path = dir("wal-size");
+    let store = SqliteStore::open(&path).unwrap();
+    for chunk in padded(0x0b, 0, 4000, now()).chunks(500) {
+        store.write(chunk).unwrap();
+    }
+    let on_disk = || {
+        let len = |f: &str| std::fs::metadata(path.join(f)).map_or(0, |m| m.len());
+        (len("spans.db"), len("spans.db-wal"))
+    };
+    let used = store.stats().unwrap().bytes;
+    // Room for the spans with a tenth to spare, not for their copy in the log as well.
+    let cap = used + used / 10;
+    let (db, wal) = on_disk();
+    assert!(
+        db + wal > cap,
+        "the test needs a log: {db} + {wal} vs {cap}"
+    );
+    let r = store
+        .enforce_retention(&Retention {
+            max_age: None,
+            max_bytes: Some(cap),
+        })
+        .unwrap();
+    assert_eq!(r.deleted_spans, 0, "the spans themselves fit");
+    let (db, wal) = on_disk();
+    assert!(db + wal <= cap, "{db} + {wal} bytes on disk, limit {cap}");
+    assert_eq!(store.stats().unwrap().spans, 4000);
+    assert_eq!(store.trace(&padded_id(0x0b, 3999)).unwrap().len(), 1);
+}
+
+/// Names whose spans retention deleted are dropped: from the list, after a reopen, and from
+/// a full service's count, so new names get a place of their own again.
+#[test]
+fn operations_whose_spans_are_gone_are_pruned() {
+    let d = dir("op-prune");
+    let old = now() - 3 * 86_400_000_000_000;
+    let t = now();
+    let named = |from: usize, to: usize, start: u64| -> Vec<SpanRecord> {
+        (from..to)
+            .map(|i| {
+                let mut s = span(2, 1, None, "web", &format!("GET /x/{i}/y"), start, 1000);
+                s.trace_id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                s
+            })
+            .collect()
+    };
+    let age = Retention {
+        max_age: Some(Duration::from_secs(86_400)),
+        max_bytes: None,
+    };
+    {
+        let store = SqliteStore::open(&d).unwrap();
+        // One name kept fresh, then 999 names and the overflow, all dated three days ago.
+        store
+            .write(&[span(3, 1, None, "web", "GET /kept", t, 10)])
+            .unwrap();
+        store.write(&named(0, 1100, old)).unwrap();
+        assert_eq!(store.operations("web", None).unwrap().len(), 1001);
+        let r = store.enforce_retention(&age).unwrap();
+        assert_eq!((r.deleted_spans, r.pruned_operations), (1100, 1000));
+        let names: Vec<String> = store
+            .operations("web", None)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(names, ["GET /kept"]);
+        // Room again: new names are names, not the overflow.
+        store.write(&named(5000, 5010, t)).unwrap();
+        assert_eq!(store.operations("web", None).unwrap().len(), 11);
+        let found = store
+            .find_traces(&TraceQuery {
+                service: Some("web".into()),
+                operation: Some("GET /x/5005/y".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        // A second pass has nothing more to drop.
+        assert_eq!(store.enforce_retention(&age).unwrap().pruned_operations, 0);
+    }
+    let store = SqliteStore::open(&d).unwrap();
+    assert_eq!(store.operations("web", None).unwrap().len(), 11);
+    // A name seen again after being dropped is a new operation with a count of its own.
+    store.write(&named(0, 1, t)).unwrap();
+    assert_eq!(store.operations("web", None).unwrap().len(), 12);
+    let counts = operation_counts(&d);
+    assert_eq!(counts.len(), 12);
+    assert!(counts.iter().all(|(_, n)| *n == 1), "{counts:?}");
+}
+
+/// Writers and retention at once: batches encoded while their operation is being dropped are
+/// encoded again, never stored under a name that is gone.
+#[test]
+fn pruning_while_writing_loses_no_span_and_no_name() {
+    let d = dir("op-prune-race");
+    let store = Arc::new(SqliteStore::open(&d).unwrap());
+    let old = now() - 3 * 86_400_000_000_000;
+    let age = Retention {
+        max_age: Some(Duration::from_secs(86_400)),
+        max_bytes: None,
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pruner = {
+        let (store, stop, age) = (store.clone(), stop.clone(), age.clone());
+        std::thread::spawn(move || {
+            let mut pruned = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                pruned += store.enforce_retention(&age).unwrap().pruned_operations;
+                // A pass holds the writer for a few ms (checkpoint, fsync): let writes in.
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            pruned
+        })
+    };
+    let writers: Vec<_> = (0..3u8)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                for round in 0..150u32 {
+                    // A name first given only to old spans (the pruner drops it once they are
+                    // deleted), then to a fresh one, which may have been encoded with the id
+                    // being dropped.
+                    let name = format!("op {w}/{round}");
+                    let at = |k: u8, start: u64| {
+                        let mut s = span(w, k, None, "svc", &name, start, 5);
+                        s.trace_id[8..12].copy_from_slice(&round.to_be_bytes());
+                        s
+                    };
+                    store
+                        .write(&(1..4).map(|k| at(k, old)).collect::<Vec<_>>())
+                        .unwrap();
+                    let fresh = at(0, now());
+                    store.write(std::slice::from_ref(&fresh)).unwrap();
+                    kept.push((fresh.trace_id, name.clone()));
+                }
+                kept
+            })
+        })
+        .collect();
+    let kept: Vec<([u8; 16], String)> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pruned = pruner.join().unwrap();
+    assert!(pruned > 0, "names were dropped while the writers ran");
+    // Every fresh span is there under its own name (a span whose operation row is gone would
+    // not load at all). Old spans the pruner had not reached yet may share the trace.
+    for (trace, name) in &kept {
+        let spans = store.trace(trace).unwrap();
+        let fresh: Vec<_> = spans.iter().filter(|s| s.span_id == [0; 8]).collect();
+        assert_eq!(fresh.len(), 1, "{trace:?}");
+        assert_eq!(&fresh[0].operation, name);
+    }
+    // The stored counts are exact: what the spans table says, for every operation left.
+    let c = rusqlite::Connection::open(d.join("spans.db")).unwrap();
+    let wrong: i64 = c
+        .query_row(
+            "SELECT count(*) FROM operations o
+             WHERE o.spans != (SELECT count(*) FROM spans s WHERE s.operation_id = o.id)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(wrong, 0);
+    let orphans: i64 = c
+        .query_row(
+            "SELECT count(*) FROM spans WHERE operation_id NOT IN (SELECT id FROM operations)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(orphans, 0);
 }

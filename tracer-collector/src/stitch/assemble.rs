@@ -29,6 +29,8 @@ pub struct Stitched {
     pub incomplete_reasons: Vec<String>,
     /// The stored traces it is made of.
     pub members: Vec<TraceId>,
+    /// Spans were left out: a limit of one answer was reached (`incomplete_reasons` says which).
+    pub truncated: bool,
 }
 
 impl Stitched {
@@ -181,6 +183,7 @@ pub(crate) fn assemble(g: Gathered) -> Stitched {
             ));
         }
     }
+    let truncated = g.truncated.is_some();
     if let Some(t) = g.truncated {
         reasons.push(t.clone());
         warnings.push(t);
@@ -262,5 +265,6 @@ pub(crate) fn assemble(g: Gathered) -> Stitched {
         warnings,
         incomplete_reasons: reasons,
         members: g.members,
+        truncated,
     }
 }

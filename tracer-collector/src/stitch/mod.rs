@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use tracer_store::{
     edge_keys, kind, AttrValue, EdgeKey, KeyValue, SpanId, SpanRecord, SpanStore, StoreError,
-    TraceId, TraceQuery,
+    TraceId, TraceLimit, TraceQuery,
 };
 
 mod assemble;
@@ -28,6 +28,11 @@ pub struct Limits {
     pub max_traces: usize,
     /// Spans in one stitched trace at most (a trace that would pass it is not pulled in).
     pub max_spans: usize,
+    /// What is read of the stored trace asked for (its first spans to arrive), and what one
+    /// search answers with at most, all its traces together: a client can put any number of
+    /// spans under one trace id, and a trace of 16,000 spans once took seconds and hundreds of
+    /// MiB to answer.
+    pub answer: TraceLimit,
 }
 
 impl Default for Limits {
@@ -35,6 +40,10 @@ impl Default for Limits {
         Limits {
             max_traces: 64,
             max_spans: 20_000,
+            answer: TraceLimit {
+                max_spans: 50_000,
+                max_bytes: 64 << 20,
+            },
         }
     }
 }
@@ -45,11 +54,26 @@ pub fn trace(
     id: &TraceId,
     limits: Limits,
 ) -> Result<Option<Stitched>, StoreError> {
-    let first = store.trace(id)?;
-    if first.is_empty() {
+    let first = store.trace_limited(id, limits.answer)?;
+    if first.spans.is_empty() {
         return Ok(None);
     }
-    let mut stitched = assemble::assemble(gather(store, *id, first, limits)?);
+    let cut = first.truncated.then(|| {
+        format!(
+            "truncated: this trace has {} spans; the first {} to arrive are shown (one answer \
+             holds {} spans or {} MiB at most)",
+            first.total,
+            first.spans.len(),
+            limits.answer.max_spans,
+            limits.answer.max_bytes >> 20
+        )
+    });
+    let budget = limits.answer.max_bytes.saturating_sub(first.bytes);
+    let mut gathered = gather(store, *id, first.spans, limits, budget)?;
+    if cut.is_some() {
+        gathered.truncated = cut;
+    }
+    let mut stitched = assemble::assemble(gathered);
     mark_losses(store, &mut stitched)?;
     Ok(Some(stitched))
 }
@@ -147,6 +171,8 @@ pub fn search(
     let want = query.limit.max(1);
     let cap = (want * SEARCHED_PER_RESULT).max(MIN_SEARCHED_TRACES);
     let mut out: Vec<Stitched> = Vec::new();
+    // What is left of the answer's size: each trace gets the rest.
+    let mut left = limits.answer;
     // Stored traces already part of a result (or looked at), and the results' own ids.
     let mut covered: HashSet<TraceId> = HashSet::new();
     let mut ids_out: HashSet<TraceId> = HashSet::new();
@@ -160,13 +186,34 @@ pub fn search(
             if !covered.insert(*id) {
                 continue;
             }
-            let Some(t) = trace(store, id, limits)? else {
+            let Some(mut t) = trace(
+                store,
+                id,
+                Limits {
+                    answer: left,
+                    ..limits
+                },
+            )?
+            else {
                 continue; // deleted since it was found
             };
             covered.extend(t.members.iter().copied());
             if ids_out.insert(t.trace_id) {
+                left.max_spans = left.max_spans.saturating_sub(t.spans.len());
+                left.max_bytes = left
+                    .max_bytes
+                    .saturating_sub(t.spans.iter().map(|s| s.span.approx_bytes()).sum());
+                let full = left.max_spans == 0 || left.max_bytes == 0;
+                if full && out.len() + 1 < want {
+                    t.warnings.push(format!(
+                        "the search stopped at this trace: its answer held {} spans or {} MiB, \
+                         the most one answer holds; narrow the search for more",
+                        limits.answer.max_spans,
+                        limits.answer.max_bytes >> 20
+                    ));
+                }
                 out.push(t);
-                if out.len() == want {
+                if out.len() == want || full {
                     return Ok(out);
                 }
             }
@@ -254,6 +301,8 @@ pub(crate) struct Gathered {
 struct Gatherer<'s> {
     store: &'s dyn SpanStore,
     limits: Limits,
+    /// [`SpanRecord::approx_bytes`] traces pulled in may still take.
+    bytes_left: usize,
     spans: Vec<SpanRecord>,
     index: HashMap<SpanKey, usize>,
     members: Vec<TraceId>,
@@ -283,16 +332,23 @@ impl Gatherer<'_> {
             ));
             return Ok(false);
         }
-        let spans = self.store.trace(&t)?;
-        if self.spans.len() + spans.len() > self.limits.max_spans {
+        let room = TraceLimit {
+            max_spans: self.limits.max_spans.saturating_sub(self.spans.len()),
+            max_bytes: self.bytes_left,
+        };
+        let linked = self.store.trace_limited(&t, room)?;
+        if linked.truncated {
             self.truncated = Some(format!(
-                "truncated: the linked traces have more than {} spans; the rest are not shown",
-                self.limits.max_spans
+                "truncated: the linked traces have more than {} spans (or {} MiB); the rest are \
+                 not shown",
+                self.limits.max_spans,
+                self.limits.answer.max_bytes >> 20
             ));
             return Ok(false);
         }
+        self.bytes_left -= linked.bytes.min(self.bytes_left);
         self.members.push(t);
-        self.add_spans(spans);
+        self.add_spans(linked.spans);
         Ok(true)
     }
 }
@@ -304,10 +360,12 @@ fn gather(
     id: TraceId,
     first: Vec<SpanRecord>,
     limits: Limits,
+    bytes_left: usize,
 ) -> Result<Gathered, StoreError> {
     let mut g = Gatherer {
         store,
         limits,
+        bytes_left,
         spans: Vec::with_capacity(first.len()),
         index: HashMap::new(),
         members: vec![id],

@@ -35,6 +35,11 @@ pub(super) struct Catalog {
     services: FastMap<String, i64>,
     /// (service id, kind) -> name -> operation id.
     operations: FastMap<(i64, i32), FastMap<String, i64>>,
+    /// Every operation id in `operations`, committed or pending.
+    operation_ids: foldhash::HashSet<i64>,
+    /// Counts the prunings of operations (see [`Catalog::prune_operations`]): a batch encoded
+    /// under an older epoch may name an operation that is gone.
+    epoch: u64,
     resources: FastMap<Vec<u8>, i64>,
     next_service: i64,
     next_operation: i64,
@@ -146,6 +151,7 @@ impl Catalog {
                 .entry((r.get(1).map_err(sql)?, r.get(3).map_err(sql)?))
                 .or_default()
                 .insert(r.get(2).map_err(sql)?, id);
+            c.operation_ids.insert(id);
             c.next_operation = c.next_operation.max(id);
         }
         c.next_resource = conn
@@ -233,6 +239,7 @@ impl Catalog {
             let id = self.next_operation;
             self.next_operation += 1;
             ops.insert(name.clone(), id);
+            self.operation_ids.insert(id);
             self.pending.operations.push((id, svc, name, kind));
         }
         for blob in m.resources {
@@ -247,6 +254,32 @@ impl Catalog {
             self.resources.insert(blob.clone(), id);
             self.pending.resources.push((id, blob));
         }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether operation `id` still exists (ids are never handed out twice in a process).
+    pub fn has_operation(&self, id: i64) -> bool {
+        self.operation_ids.contains(&id)
+    }
+
+    /// Forgets operations whose rows retention deleted: `(id, service id, name, kind)`. A later
+    /// span of the same name gets a new id.
+    pub fn prune_operations(&mut self, gone: &[(i64, i64, String, i32)]) {
+        for (id, service, name, kind) in gone {
+            if let Some(ops) = self.operations.get_mut(&(*service, *kind)) {
+                if ops.get(name) == Some(id) {
+                    ops.remove(name);
+                }
+                if ops.is_empty() {
+                    self.operations.remove(&(*service, *kind));
+                }
+            }
+            self.operation_ids.remove(id);
+        }
+        self.epoch += 1;
     }
 
     pub fn pending(&self) -> &Pending {

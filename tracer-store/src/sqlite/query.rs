@@ -11,7 +11,8 @@ use super::{
     searchable_tag, EdgeEntry, Inner,
 };
 use crate::{
-    kind, status, DependencyLink, KeyValue, SpanId, SpanRecord, StoreError, TraceId, TraceQuery,
+    kind, status, DependencyLink, KeyValue, LimitedTrace, SpanId, SpanRecord, StoreError, TraceId,
+    TraceLimit, TraceQuery,
 };
 
 /// Candidate spans a search examines at most when they need checking beyond what the driving
@@ -96,16 +97,33 @@ pub(super) fn load_trace(
     c: &Connection,
     trace_id: &TraceId,
 ) -> Result<Vec<SpanRecord>, StoreError> {
+    Ok(load_trace_limited(inner, c, trace_id, TraceLimit::NONE)?.spans)
+}
+
+/// The trace's spans in arrival order (row ids rise with arrival) until `limit`, then sorted
+/// by start: only the row ids of the rest are read.
+pub(super) fn load_trace_limited(
+    inner: &Inner,
+    c: &Connection,
+    trace_id: &TraceId,
+    limit: TraceLimit,
+) -> Result<LimitedTrace, StoreError> {
     let rows = trace_rows(inner, c, trace_id)?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut order = Vec::with_capacity(rows.len());
-    for id in rows {
+    let mut out = Vec::with_capacity(rows.len().min(limit.max_spans).min(65_536));
+    let mut order = Vec::with_capacity(out.capacity());
+    let (mut bytes, mut truncated) = (0, false);
+    for &id in &rows {
+        if out.len() >= limit.max_spans || bytes >= limit.max_bytes {
+            truncated = true;
+            break;
+        }
         let Some(span) = span_at(inner, c, id)? else {
             continue; // deleted by retention since it was indexed
         };
         if span.trace_id != *trace_id {
             continue; // a stale index entry
         }
+        bytes += span.approx_bytes();
         order.push((span.start_unix_nano, id));
         out.push(span);
     }
@@ -113,7 +131,13 @@ pub(super) fn load_trace(
     let mut idx: Vec<usize> = (0..out.len()).collect();
     idx.sort_by_key(|i| order[*i]);
     let mut slots: Vec<Option<SpanRecord>> = out.into_iter().map(Some).collect();
-    Ok(idx.into_iter().filter_map(|i| slots[i].take()).collect())
+    let spans: Vec<SpanRecord> = idx.into_iter().filter_map(|i| slots[i].take()).collect();
+    Ok(LimitedTrace {
+        total: if truncated { rows.len() } else { spans.len() },
+        spans,
+        truncated,
+        bytes,
+    })
 }
 
 /// The span in row `id`, if it still exists.

@@ -91,6 +91,15 @@ const MIGRATIONS: &[&[Step]] = &[
         ),
         Step::Code(index_v2_edges),
     ],
+    // 4: each operation's span count, so that retention can drop the names whose spans are
+    // all gone (a client reaching a traced server can mint names at will).
+    &[Step::Sql(
+        "ALTER TABLE operations ADD COLUMN spans INTEGER NOT NULL DEFAULT 0;
+         CREATE TEMP TABLE v4_counts(op INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+         INSERT INTO v4_counts SELECT operation_id, count(*) FROM spans GROUP BY operation_id;
+         UPDATE operations SET spans = coalesce((SELECT n FROM v4_counts WHERE op = operations.id), 0);
+         DROP TABLE v4_counts;",
+    )],
 ];
 
 /// The schema version this build writes.
