@@ -461,6 +461,16 @@ fn the_service_map_joins_parents_and_children_written_in_any_order() {
     store
         .write(&[span(4, 1, None, "edge", "GET", t0 + 1_000_000_400, 1)])
         .unwrap();
+    // A call the caller's span calls an error (a CLIENT span with a 4xx) and the callee's does
+    // not: an error on the map too.
+    let mut caller = span(6, 1, None, "edge", "GET /missing", t0 + 500, 2_000);
+    caller.status_code = status::ERROR;
+    store
+        .write(&[
+            caller,
+            span(6, 2, Some(1), "front", "GET /missing", t0 + 510, 1_000),
+        ])
+        .unwrap();
     // Outside the window: not counted.
     store
         .write(&[span(
@@ -504,10 +514,11 @@ fn the_service_map_joins_parents_and_children_written_in_any_order() {
         [
             ("cron", "back", 1, 0),
             ("edge", "back", 1, 0),
+            ("edge", "front", 1, 1),
             ("front", "back", 21, 4)
         ]
     );
-    let fb = &deps[2];
+    let fb = &deps[3];
     // Durations: 1 µs (first trace) and 1..=20 µs.
     assert_eq!(fb.avg_duration_nano, (1_000 + 210_000) / 21);
     // Nearest rank: the 20th of 21 sorted durations.

@@ -562,15 +562,17 @@ pub(super) fn dependencies(
             end.saturating_add(SKEW)
         ])
         .map_err(ctx(what))?;
-    let mut services: HashMap<(TraceId, SpanId), i64> = HashMap::new();
+    // Each span's service, and whether the span is an error: a call is an error on the map if
+    // either end says so (a CLIENT span with a 4xx is an error on the caller's side only).
+    let mut services: HashMap<(TraceId, SpanId), (i64, bool)> = HashMap::new();
     let mut by_start: VecDeque<(i64, TraceId, SpanId)> = VecDeque::new();
     let mut waiting: VecDeque<Child> = VecDeque::new();
     let mut unresolved: Vec<Child> = Vec::new();
     let mut edges: HashMap<(i64, i64), (u64, Vec<u64>)> = HashMap::new();
-    let mut add_edge = |parent: i64, c: &Child| {
+    let mut add_edge = |(parent, parent_error): (i64, bool), c: &Child| {
         if parent != c.service {
             let e = edges.entry((parent, c.service)).or_default();
-            e.0 += u64::from(c.status == status::ERROR);
+            e.0 += u64::from(parent_error || c.status == status::ERROR);
             e.1.push(c.duration as u64);
         }
     };
@@ -609,7 +611,8 @@ pub(super) fn dependencies(
         let trace_id = trace_id_of(blob(r, 1).map_err(ctx(what))?)?;
         let span_id = blob8(blob(r, 2).map_err(ctx(what))?)?;
         let service: i64 = r.get(4).map_err(ctx(what))?;
-        services.insert((trace_id, span_id), service);
+        let error = r.get::<_, i32>(6).map_err(ctx(what))? == status::ERROR;
+        services.insert((trace_id, span_id), (service, error));
         by_start.push_back((now, trace_id, span_id));
         if now >= from && now <= end {
             if let Some(client) = stitched.get(&r.get::<_, i64>(7).map_err(ctx(what))?) {
@@ -640,9 +643,9 @@ pub(super) fn dependencies(
     drop(services);
     if !unresolved.is_empty() {
         let mut st = c
-            .prepare_cached("SELECT trace_id, span_id, service_id FROM spans WHERE id = ?1")
+            .prepare_cached("SELECT trace_id, span_id, service_id, status FROM spans WHERE id = ?1")
             .map_err(ctx(what))?;
-        let mut by_trace: HashMap<TraceId, HashMap<SpanId, i64>> = HashMap::new();
+        let mut by_trace: HashMap<TraceId, HashMap<SpanId, (i64, bool)>> = HashMap::new();
         for child in &unresolved {
             let spans = match by_trace.entry(child.trace_id) {
                 Entry::Occupied(e) => e.into_mut(),
@@ -653,7 +656,8 @@ pub(super) fn dependencies(
                         if let Some(r) = found.next().map_err(ctx(what))? {
                             if blob(r, 0).map_err(ctx(what))? == &child.trace_id[..] {
                                 let s = blob8(blob(r, 1).map_err(ctx(what))?)?;
-                                spans.insert(s, r.get(2).map_err(ctx(what))?);
+                                let error = r.get::<_, i32>(3).map_err(ctx(what))? == status::ERROR;
+                                spans.insert(s, (r.get(2).map_err(ctx(what))?, error));
                             }
                         }
                     }
@@ -702,12 +706,16 @@ pub(super) fn dependencies(
 /// one CLIENT and one SERVER span around them, with the CLIENT span's service: the pairs the
 /// stitcher links (its NAT fallback is not counted here). Keys carried by more than one span of
 /// a kind are left out, as the stitcher leaves them unlinked.
-fn stitched_parents(c: &Connection, from: i64, end: i64) -> Result<HashMap<i64, i64>, StoreError> {
+fn stitched_parents(
+    c: &Connection,
+    from: i64,
+    end: i64,
+) -> Result<HashMap<i64, (i64, bool)>, StoreError> {
     let what = "pairing the ends of requests for the service map";
     let window = crate::EDGE_WINDOW_NANO as i64;
     let mut st = c
         .prepare_cached(
-            "SELECT e.edge, e.kind, e.span, s.service_id, s.start
+            "SELECT e.edge, e.kind, e.span, s.service_id, s.start, s.status
              FROM edge_index e CROSS JOIN spans s ON s.id = e.span
              WHERE e.bucket BETWEEN ?1 AND ?2 AND e.edge IS NOT NULL",
         )
@@ -718,11 +726,12 @@ fn stitched_parents(c: &Connection, from: i64, end: i64) -> Result<HashMap<i64, 
             edge_bucket(end.saturating_add(window) as u64),
         ])
         .map_err(ctx(what))?;
-    /// Per key: CLIENT spans seen, their service; SERVER spans seen, the row and its start.
+    /// Per key: CLIENT spans seen, their service and error; SERVER spans seen, the row and its
+    /// start.
     #[derive(Default)]
     struct Ends {
         clients: u32,
-        client_service: i64,
+        client_service: (i64, bool),
         servers: u32,
         server: (i64, i64),
     }
@@ -733,7 +742,7 @@ fn stitched_parents(c: &Connection, from: i64, end: i64) -> Result<HashMap<i64, 
         match get(1)? as i32 {
             kind::CLIENT => {
                 e.clients += 1;
-                e.client_service = get(3)?;
+                e.client_service = (get(3)?, get(5)? as i32 == status::ERROR);
             }
             kind::SERVER => {
                 e.servers += 1;
