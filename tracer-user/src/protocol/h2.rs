@@ -88,7 +88,11 @@ impl Side {
     fn new() -> Self {
         Side {
             framer: Framer::new(Frame::H2),
-            hpack: hpack::Decoder::new(),
+            hpack: {
+                let mut d = hpack::Decoder::new();
+                d.set_max_table_size(4096);
+                d
+            },
             frame_mark: Mark::default(),
             block: Vec::new(),
             block_stream: 0,
@@ -119,6 +123,68 @@ pub(crate) struct Session {
     to_client: Side,
     streams: HashMap<u32, Stream>,
     events: Vec<Event>,
+}
+
+/// The largest dynamic table a peer may ask for (RFC 7541's default is 4 KiB); more is
+/// refused, so that a connection cannot make the agent keep megabytes of headers.
+const MAX_HPACK_TABLE: usize = 64 * 1024;
+
+/// An HPACK integer with an `n`-bit prefix at the start of `buf`: (value, bytes), or `None`.
+fn hpack_integer(buf: &[u8], n: u32) -> Option<(usize, usize)> {
+    let mask = (1usize << n) - 1;
+    let mut value = usize::from(*buf.first()?) & mask;
+    if value < mask {
+        return Some((value, 1));
+    }
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        value += usize::from(b & 127) << (7 * (i - 1));
+        if b & 128 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Whether a header block's representations are all complete (integers and strings within the
+/// block) and any table size update is bounded. The `hpack` crate panics on a truncated size
+/// update (found by fuzzing), and would grow its table as far as a peer asks.
+fn hpack_well_formed(block: &[u8]) -> bool {
+    let string = |at: usize| -> Option<usize> {
+        let (len, used) = hpack_integer(block.get(at..)?, 7)?;
+        let end = at.checked_add(used)?.checked_add(len)?;
+        (end <= block.len()).then_some(end)
+    };
+    let mut at = 0;
+    while at < block.len() {
+        let first = block[at];
+        let rest = &block[at..];
+        let next = if first & 0x80 != 0 {
+            hpack_integer(rest, 7).map(|(_, used)| at + used)
+        } else if first & 0x20 != 0 && first & 0x40 == 0 {
+            // Dynamic table size update.
+            match hpack_integer(rest, 5) {
+                Some((size, used)) if size <= MAX_HPACK_TABLE => Some(at + used),
+                _ => None,
+            }
+        } else {
+            // A literal: an index (6 bits with incremental indexing, else 4), a name string if
+            // the index is 0, then the value string.
+            let prefix = if first & 0x40 != 0 { 6 } else { 4 };
+            hpack_integer(rest, prefix).and_then(|(index, used)| {
+                let name_end = if index == 0 {
+                    string(at + used)?
+                } else {
+                    at + used
+                };
+                string(name_end)
+            })
+        };
+        match next {
+            Some(n) if n > at => at = n,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A decoded header block: (name, value) pairs.
@@ -279,6 +345,9 @@ impl Session {
                 side.block.extend_from_slice(fragment);
                 if flags & END_HEADERS == 0 {
                     return true;
+                }
+                if !hpack_well_formed(&side.block) {
+                    return false;
                 }
                 let mut headers: Headers = Vec::new();
                 let decoded = side.hpack.decode_with_cb(&side.block, |n, v| {
@@ -517,4 +586,27 @@ impl Detail {
 pub fn constant_attributes(tls: bool, mut f: impl FnMut(&str, Value<'_>)) {
     f("url.scheme", Value::Str(if tls { "https" } else { "http" }));
     f("network.protocol.version", Value::Str("2"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_header_blocks_are_refused_before_the_decoder_sees_them() {
+        // A size update whose integer runs off the block: the crate would panic.
+        assert!(!hpack_well_formed(&[0x3f]));
+        assert!(!hpack_well_formed(&[0x3f, 0xff, 0xff]));
+        // A size update past the bound.
+        assert!(!hpack_well_formed(&[0x3f, 0xe1, 0xff, 0x07]));
+        // A literal whose value string is longer than the block.
+        assert!(!hpack_well_formed(&[0x40, 0x01, b'a', 0x05, b'x']));
+        // Indexed fields and a complete literal are fine; so is an update to 4 KiB.
+        assert!(hpack_well_formed(&[
+            0x82, 0x84, 0x40, 0x01, b'a', 0x01, b'b'
+        ]));
+        assert!(hpack_well_formed(&[0x3f, 0xe1, 0x1f]));
+        let mut d = hpack::Decoder::new();
+        assert!(d.decode(&[0x82, 0x84]).is_ok());
+    }
 }
