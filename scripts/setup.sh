@@ -126,6 +126,14 @@ else
   say "grpcio: present"
 fi
 
+# hypercorn: an HTTP/2 server that also takes h2c by Upgrade, for the HTTP/2 protocol's test.
+if ! "$VENV/bin/python" -c 'import hypercorn, requests' 2>/dev/null; then
+  say "installing hypercorn and requests into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'hypercorn==0.18.0' 'requests==2.34.2'
+else
+  say "hypercorn: present"
+fi
+
 # rotel: a real OTLP relay (not written here) that the collector's fan-out test forwards through.
 if ! "$VENV/bin/python" -c 'import rotel' 2>/dev/null; then
   say "installing rotel (an OTLP relay) into $VENV"

@@ -1,6 +1,7 @@
 //! HTTP/2 and gRPC, traced for real: nginx from apt with `http2` on a cleartext port (h2c with
 //! prior knowledge) and on a TLS port (h2 chosen by ALPN, read through the TLS uprobes), called
-//! by curl; and a gRPC server and client from PyPI (grpcio, no generated code) with a unary
+//! by curl; hypercorn from PyPI, which also takes h2c by `Upgrade` from HTTP/1.1 (what
+//! `curl --http2` asks of an `http://` URL); and a gRPC server and client from PyPI (grpcio, no generated code) with a unary
 //! call, a unary call the server answers NOT_FOUND, and a server-streaming call. Every request
 //! must be one CLIENT and one SERVER span with method and path (or gRPC service and method),
 //! status, HTTP version 2, and the same `tracer.tcp.edge` on both ends.
@@ -134,6 +135,19 @@ fn http2_requests_and_grpc_calls_become_spans_on_both_sides() {
     wait_for("the gRPC server", Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", grpc_port)).is_ok()
     });
+    let upgrade = free_port();
+    let _hypercorn = Proc(
+        Command::new(&venv)
+            .args(["-m", "hypercorn", "asgi_h2c:app", "--bind"])
+            .arg(format!("127.0.0.1:{upgrade}"))
+            .current_dir(peers_dir())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the venv's python (scripts/setup.sh installs hypercorn)"),
+    );
+    wait_for("hypercorn", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", upgrade)).is_ok()
+    });
     let receiver = OtlpReceiver::start(free_port());
     let agent = Agent::start(&[
         "--endpoint",
@@ -144,6 +158,8 @@ fn http2_requests_and_grpc_calls_become_spans_on_both_sides() {
         &h2.to_string(),
         "--port",
         &grpc_port.to_string(),
+        "--port",
+        &upgrade.to_string(),
         "--metrics-addr",
         "off",
         "--batch-timeout-ms",
@@ -169,6 +185,21 @@ fn http2_requests_and_grpc_calls_become_spans_on_both_sides() {
             assert!(out.status.success(), "curl {args:?}: {out:?}");
         }
     }
+    for path in ["/h2c/ok", "/h2c/missing"] {
+        // Upgrade from HTTP/1.1, then prior knowledge.
+        for flag in ["--http2", "--http2-prior-knowledge"] {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_version}", flag])
+                .arg(format!("http://127.0.0.1:{upgrade}{path}"))
+                .output()
+                .expect("curl");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "2",
+                "curl {flag} {path}"
+            );
+        }
+    }
     let out = Command::new(&venv)
         .arg(peers_dir().join("grpc_peer.py"))
         .args(["client", &grpc_port.to_string()])
@@ -187,13 +218,24 @@ fn http2_requests_and_grpc_calls_become_spans_on_both_sides() {
         ("demo.Greeter/SayHello", 5),
         ("demo.Greeter/Count", 0),
     ]);
+    let want_upgrade = pairs(&[
+        ("GET /h2c/ok", 200),
+        ("GET /h2c/ok", 200),
+        ("GET /h2c/missing", 404),
+        ("GET /h2c/missing", 404),
+    ]);
     let mut spans = Vec::new();
     wait_for("the HTTP/2 and gRPC spans", Duration::from_secs(20), || {
         spans = receiver.spans();
-        spans.len() >= 2 * want_http.len() + want_grpc.len()
+        spans.len() >= 2 * want_http.len() + want_grpc.len() + want_upgrade.len()
     });
     let log = agent.stop();
-    for (port, want) in [(h2c, &want_http), (h2, &want_http), (grpc_port, &want_grpc)] {
+    for (port, want) in [
+        (h2c, &want_http),
+        (h2, &want_http),
+        (grpc_port, &want_grpc),
+        (upgrade, &want_upgrade),
+    ] {
         let (got, paired) = summary(&spans, port);
         assert_eq!(&got, want, "spans on port {port}");
         assert!(paired, "client and server edges pair up on port {port}");

@@ -272,9 +272,12 @@ impl Pipeline {
                 for id in [id, tls_conn_id(id)] {
                     self.pairer
                         .on_close(id, header.ts_exit, &mut self.exchanges);
+                }
+                // Before the connections' facts go: the exchanges the close ended need them.
+                self.flush_exchanges();
+                for id in [id, tls_conn_id(id)] {
                     self.conns.remove(&id);
                 }
-                self.flush_exchanges();
                 return;
             }
             None => {
@@ -599,5 +602,22 @@ mod tests {
         assert_eq!(stats.agent.exchanges.load(Relaxed), 1);
         assert_eq!(stats.agent.spans.load(Relaxed), 1);
         assert_eq!(stats.agent.undecodable_records.load(Relaxed), 0);
+
+        // A response whose end only the close tells (no length): its span still has the
+        // connection's facts when the close reports it.
+        data(&mut pipeline, direction::EGRESS, 50, request);
+        data(
+            &mut pipeline,
+            direction::INGRESS,
+            60,
+            b"HTTP/1.0 200 OK\r\n\r\nbody",
+        );
+        assert_eq!(stats.agent.spans.load(Relaxed), 1);
+        let close = tracer_common::CloseRecord {
+            header: header(kind::CLOSE, 70),
+        };
+        pipeline.handle(AlignedRecord::new(&close, &[]).bytes());
+        assert_eq!(stats.agent.exchanges.load(Relaxed), 2);
+        assert_eq!(stats.agent.spans.load(Relaxed), 2);
     }
 }

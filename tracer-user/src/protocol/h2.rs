@@ -10,8 +10,9 @@
 //! with the END_STREAM of the response, or RST_STREAM. gRPC (a `content-type` of
 //! `application/grpc`) is named by its method and takes its status from the trailers.
 //!
-//! Not read: a connection upgraded from HTTP/1.1 (`Upgrade: h2c`, rare), and one already open
-//! when the agent started (its HPACK tables are unknown): no preface, so no span.
+//! A connection upgraded from HTTP/1.1 (`Upgrade: h2c` answered by 101) is read from the 101
+//! on: the request that asked for it is stream 1. Not read: a connection already open when the
+//! agent started (its HPACK tables are unknown): no preface, so no span.
 use std::collections::HashMap;
 
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
@@ -19,7 +20,7 @@ use tracer_common::direction::EGRESS;
 
 use super::{
     framing::{Event, Frame, Framer},
-    http::{self, head::RequestText},
+    http::{self, head::RequestText, UpgradedRequest},
     Detection, Protocol,
 };
 use crate::{
@@ -113,6 +114,8 @@ struct Stream {
     grpc_status: Option<u32>,
     answered: bool,
     reset: bool,
+    /// Exit of the last record that carried the response's frames (0 before any).
+    last_response_ns: u64,
 }
 
 pub(crate) struct Session {
@@ -215,6 +218,35 @@ impl Session {
         s
     }
 
+    /// A connection that switched from HTTP/1.1 (`Upgrade: h2c`): the client's preface comes
+    /// next, and the request that asked for the upgrade waits for its response on stream 1.
+    pub(crate) fn upgraded(role: Role, stream_1: Option<UpgradedRequest>) -> Self {
+        let mut s = Session::start(role, Vec::new(), Mark::default());
+        if let Some(r) = stream_1 {
+            s.streams.insert(
+                1,
+                Stream {
+                    grpc: false,
+                    start: Mark {
+                        ns: r.start_ns,
+                        seq: r.tcp_seq,
+                        tid: 0,
+                    },
+                    request: r.request,
+                    span: r.span,
+                    request_bytes: r.request_bytes,
+                    response_bytes: 0,
+                    status: None,
+                    grpc_status: None,
+                    answered: false,
+                    reset: false,
+                    last_response_ns: 0,
+                },
+            );
+        }
+        s
+    }
+
     pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> bool {
         let to_server = (self.role == Role::Client) == (chunk.direction == EGRESS);
         let mut skip = 0u64;
@@ -297,6 +329,7 @@ impl Session {
                         s.request_bytes += payload;
                     } else {
                         s.response_bytes += payload;
+                        s.last_response_ns = chunk.ts_exit;
                     }
                 }
                 if flags & END_STREAM != 0 && !to_server {
@@ -428,6 +461,7 @@ impl Session {
                     grpc_status: None,
                     answered: false,
                     reset: false,
+                    last_response_ns: 0,
                 },
             );
             return;
@@ -436,6 +470,7 @@ impl Session {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
+        s.last_response_ns = chunk.ts_exit;
         if let Some(status) = header(headers, b":status") {
             s.status = std::str::from_utf8(status)
                 .ok()
@@ -500,11 +535,19 @@ impl Session {
     /// Responses end with END_STREAM: silence ends nothing.
     pub(crate) fn idle(&mut self, _conn: ConnId, _out: &mut Vec<Exchange>) {}
 
+    /// Streams still open end here: those whose response began end with its last frame (a
+    /// client that read the whole body by its length may close before the END_STREAM that
+    /// follows it), the others at `give_up_ns`.
     pub(crate) fn flush(&mut self, conn: ConnId, give_up_ns: u64, out: &mut Vec<Exchange>) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
             if let Some(s) = self.streams.remove(&id) {
-                out.push(self.exchange(conn, s, give_up_ns));
+                let end_ns = if s.last_response_ns > 0 {
+                    s.last_response_ns
+                } else {
+                    give_up_ns
+                };
+                out.push(self.exchange(conn, s, end_ns));
             }
         }
     }
@@ -591,6 +634,71 @@ pub fn constant_attributes(tls: bool, mut f: impl FnMut(&str, Value<'_>)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::test_run::Run;
+    use tracer_common::direction::INGRESS;
+
+    fn frame(kind: u8, flags: u8, stream: u32, body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn an_h2c_upgrade_reports_the_request_with_its_http2_response() {
+        let mut r = Run::new();
+        r.rec(
+            EGRESS,
+            b"GET /up/7 HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+        );
+        // The server's SETTINGS in the same record as the 101.
+        let mut switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                           Upgrade: h2c\r\n\r\n"
+            .to_vec();
+        switch.extend(frame(4, 0, 0, &[]));
+        r.rec(INGRESS, &switch);
+        let mut preface = PREFACE.to_vec();
+        preface.extend(frame(4, 0, 0, &[]));
+        r.rec(EGRESS, &preface);
+        assert!(r.out.is_empty(), "nothing for the 101 itself");
+        let mut response = frame(4, 1, 0, &[]);
+        // `:status: 200` is index 8 of the static table.
+        response.extend(frame(HEADERS, END_HEADERS, 1, &[0x88]));
+        response.extend(frame(DATA, END_STREAM, 1, b"hi"));
+        r.rec(INGRESS, &response);
+        assert_eq!(r.out.len(), 1, "{:?}", r.out);
+        let ex = &r.out[0];
+        let crate::protocol::Detail::Http2(d) = &ex.detail else {
+            panic!("not an HTTP/2 span: {ex:?}");
+        };
+        assert_eq!(
+            (
+                d.http.request.method(),
+                d.http.request.path(),
+                d.http.status
+            ),
+            ("GET", "/up/7", Some(200))
+        );
+        assert_eq!(ex.response_bytes, 2);
+        assert_eq!((ex.start_ns, ex.end_ns), (10, 45));
+    }
+
+    #[test]
+    fn a_stream_the_client_closes_before_end_stream_ends_with_its_last_frame() {
+        let mut r = Run::new();
+        let mut request = PREFACE.to_vec();
+        // `:method GET`, `:path /`.
+        request.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x82, 0x84]));
+        r.rec(EGRESS, &request);
+        r.rec(INGRESS, &frame(HEADERS, END_HEADERS, 1, &[0x88]));
+        r.rec(INGRESS, &frame(DATA, 0, 1, b"whole"));
+        assert!(r.out.is_empty());
+        r.p.on_close(crate::protocol::test_run::C, 1_000, &mut r.out);
+        assert_eq!(r.out.len(), 1);
+        assert_eq!((r.out[0].end_ns, r.out[0].response_bytes), (35, 5));
+    }
 
     #[test]
     fn malformed_header_blocks_are_refused_before_the_decoder_sees_them() {

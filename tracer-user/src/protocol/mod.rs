@@ -168,7 +168,32 @@ impl Session {
     /// Feeds a record; false when the connection stops speaking the protocol.
     pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> bool {
         match self {
-            Session::Http(s) => s.on_chunk(chunk, cx),
+            Session::Http(s) => match s.on_chunk(chunk, cx) {
+                http::Flow::Speaking => true,
+                http::Flow::Stopped => false,
+                http::Flow::H2c { stream_1, consumed } => {
+                    let role = s.role();
+                    *self = Session::Http2(Box::new(h2::Session::upgraded(role, stream_1)));
+                    if consumed >= chunk.len {
+                        return true;
+                    }
+                    // The record's bytes after the 101 are the first of HTTP/2.
+                    let rest = Chunk {
+                        payload: chunk
+                            .captured()
+                            .get(consumed as usize..)
+                            .unwrap_or_default(),
+                        len: chunk.len - consumed,
+                        tcp_seq: chunk.tcp_seq.map(|s| s.wrapping_add(consumed as u32)),
+                        ..*chunk
+                    };
+                    let record_seq = cx.record_seq;
+                    cx.record_seq = record_seq.map(|s| s.wrapping_add(consumed as u32));
+                    let speaking = self.on_chunk(&rest, cx);
+                    cx.record_seq = record_seq;
+                    speaking
+                }
+            },
             Session::Http2(s) => s.on_chunk(chunk, cx),
             Session::Redis(s) => s.on_chunk(chunk, cx),
             Session::Postgres(s) => s.on_chunk(chunk, cx),

@@ -155,6 +155,8 @@ pub struct ResponseHead {
     /// The server will close the connection after this response: `Connection: close`, or
     /// HTTP/1.0 without `Connection: keep-alive`.
     pub close: bool,
+    /// `Upgrade: h2c`: with a 101, the connection goes on in HTTP/2.
+    pub upgrade_h2c: bool,
 }
 
 /// Parses the request head at the start of `buf`; bytes after the head are ignored.
@@ -254,6 +256,7 @@ fn response(buf: &[u8]) -> Step<ResponseHead> {
         chunked: fields.chunked,
         head_len,
         close: fields.close || (line.minor == 0 && !fields.keep_alive),
+        upgrade_h2c: fields.upgrade_h2c,
     })
 }
 
@@ -376,6 +379,7 @@ struct Fields<'a> {
     chunked: bool,
     close: bool,
     keep_alive: bool,
+    upgrade_h2c: bool,
     traceparent: Option<&'a [u8]>,
     b3: Option<&'a [u8]>,
     b3_trace_id: Option<&'a [u8]>,
@@ -418,6 +422,8 @@ impl<'a> Fields<'a> {
                 self.close |= token.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            self.upgrade_h2c = trim(value).eq_ignore_ascii_case(b"h2c");
         }
         Ok(())
     }

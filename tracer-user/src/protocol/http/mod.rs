@@ -170,12 +170,17 @@ impl Session {
         }
     }
 
-    /// Returns false when the connection stops speaking HTTP/1.x (an upgrade, a tunnel).
-    pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> bool {
+    pub(crate) fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Whether the connection still speaks HTTP/1.x after this record (not after an upgrade or
+    /// a tunnel), or goes on in HTTP/2.
+    pub(crate) fn on_chunk(&mut self, chunk: &Chunk, cx: &mut Cx) -> Flow {
         let role = self.role;
         if chunk.direction == role.request_direction() {
             self.request_record(role, chunk, cx);
-            true
+            Flow::Speaking
         } else {
             self.response_record(role, chunk, cx)
         }
@@ -262,15 +267,15 @@ impl Session {
         }
     }
 
-    /// Returns false when the response switches the connection to another protocol.
-    fn response_record(&mut self, role: Role, chunk: &Chunk, cx: &mut Cx) -> bool {
+    /// Whether the connection still speaks HTTP/1.x after this response record.
+    fn response_record(&mut self, role: Role, chunk: &Chunk, cx: &mut Cx) -> Flow {
         let payload = chunk.captured();
         let len = chunk.len;
         let end_ns = chunk.ts_exit;
         let mut pos = 0u64;
         while pos < len {
             match &mut self.resp {
-                RespState::Resync => return true,
+                RespState::Resync => return Flow::Speaking,
                 RespState::Length(remaining) => {
                     let take = (*remaining).min(len - pos);
                     *remaining -= take;
@@ -310,22 +315,46 @@ impl Session {
                     match step {
                         HeadStep::Done { head, consumed } => {
                             pos += consumed as u64;
+                            if head.status == 101 && head.upgrade_h2c {
+                                return self.upgrade_to_h2c(pos);
+                            }
                             if !self.start_response(role, &head, end_ns, cx) {
-                                return false;
+                                return Flow::Stopped;
                             }
                         }
-                        HeadStep::NeedMore => return true,
+                        HeadStep::NeedMore => return Flow::Speaking,
                         HeadStep::Failed => {
                             cx.failed();
                             self.response_lost();
                             self.resp = RespState::Resync;
-                            return true;
+                            return Flow::Speaking;
                         }
                     }
                 }
             }
         }
-        true
+        Flow::Speaking
+    }
+
+    /// A 101 to `Upgrade: h2c` whose head ended `consumed` bytes into its record: the request
+    /// it answers becomes stream 1 of the HTTP/2 connection that follows (RFC 7540, 3.2), whose
+    /// response says its status. Nothing is reported for the 101 itself.
+    fn upgrade_to_h2c(&mut self, consumed: u64) -> Flow {
+        // The request must be whole (its body sent) and the only one waiting: HTTP/2 frames
+        // follow it directly.
+        if !matches!(self.req, ReqState::Head) || self.pending.len() != 1 {
+            return Flow::Stopped;
+        }
+        let stream_1 = self.pending.pop_front().and_then(|p| {
+            Some(UpgradedRequest {
+                request: p.info?,
+                span: p.span,
+                start_ns: p.start_ns,
+                tcp_seq: p.tcp_seq,
+                request_bytes: p.bytes,
+            })
+        });
+        Flow::H2c { stream_1, consumed }
     }
 
     fn push_request(&mut self, role: Role, head: RequestHead, cx: &mut Cx) {
@@ -505,6 +534,27 @@ impl Session {
             active.last_ns = ts;
         }
     }
+}
+
+/// What the connection speaks after a record.
+pub(crate) enum Flow {
+    Speaking,
+    /// Another protocol (an upgrade, a tunnel), or lost.
+    Stopped,
+    /// HTTP/2 from `consumed` bytes into the record on (`Upgrade: h2c`).
+    H2c {
+        stream_1: Option<UpgradedRequest>,
+        consumed: u64,
+    },
+}
+
+/// The HTTP/1.1 request that asked for `Upgrade: h2c`: its response comes on stream 1.
+pub(crate) struct UpgradedRequest {
+    pub request: RequestText,
+    pub span: SpanKey,
+    pub start_ns: u64,
+    pub tcp_seq: Option<u32>,
+    pub request_bytes: u64,
 }
 
 /// What the span of an HTTP exchange says: the request's head and the response's status.
