@@ -16,7 +16,7 @@ use crate::{
     export,
     loss::LossWatch,
     metrics,
-    pipeline::{Filters, Pipeline, Sink},
+    pipeline::{Filters, Pipeline, Sampler, Sink},
     priority,
     probes::{self, Counters, LoadOptions, Probes},
     recording, resource,
@@ -131,6 +131,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
     pipeline.configure(&args, trust, protocols);
+    pipeline.sample = args.sample_share()?.map(Sampler::new);
     if let Some(path) = &args.netns {
         pipeline.host.ips = resource::host_ips_in(path)?;
     }

@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 26] = [
+    let rows: [(&str, &str, u64); 27] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -108,6 +108,11 @@ pub fn render(stats: &Stats) -> String {
             a.exchanges.load(Relaxed),
         ),
         ("tracer_spans_total", "Spans built", a.spans.load(Relaxed)),
+        (
+            "tracer_spans_unsampled_total",
+            "Spans built and counted in the RED metrics but not exported: their trace was not sampled (--sample)",
+            a.spans_unsampled.load(Relaxed),
+        ),
         (
             "tracer_spans_exported_total",
             "Spans the collector acknowledged",

@@ -55,6 +55,7 @@ impl RedMetrics {
         // The histograms are HTTP's (http.server.request.duration...).
         let status = match &span.exchange.detail {
             crate::protocol::Detail::Http(http) => http.status.unwrap_or(0),
+            crate::protocol::Detail::Http2(h2) if h2.grpc.is_none() => h2.http.status.unwrap_or(0),
             _ => return,
         };
         let server = span.server_side();

@@ -156,6 +156,15 @@ pub struct AgentArgs {
     #[serde(default)]
     pub inject_context: bool,
 
+    /// Export the spans of this share of traces (0 to 1; default 1, every trace). The RED
+    /// metrics still count every request. A trace is kept when the low 64 bits of its id fall
+    /// below the share (the OpenTelemetry SDKs' TraceIdRatioBased rule), so every agent and SDK
+    /// with the same share keeps the same traces: whole where the trace id travels between
+    /// hosts (an SDK's `traceparent`, or `--inject-context`); otherwise each host decides its
+    /// part of a trace alone. See docs/USER_GUIDE.md, "Sampling".
+    #[arg(long, value_name = "SHARE")]
+    pub sample: Option<f64>,
+
     /// Do not read TLS plaintext. By default the agent puts uprobes on the OpenSSL libraries
     /// (libssl.so) processes load, and parses what `SSL_read`/`SSL_write` carry as it parses
     /// plaintext connections. See docs/USER_GUIDE.md, "TLS".
@@ -235,10 +244,20 @@ impl AgentArgs {
             host_id: self.host_id.or(file.host_id),
             trust_context: self.trust_context.or(file.trust_context),
             inject_context: self.inject_context || file.inject_context,
+            sample: self.sample.or(file.sample),
             no_tls: self.no_tls || file.no_tls,
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,
         })
+    }
+
+    /// The share of traces `--sample` keeps, checked: `None` keeps every trace.
+    pub fn sample_share(&self) -> anyhow::Result<Option<f64>> {
+        match self.sample {
+            None => Ok(None),
+            Some(share) if (0.0..=1.0).contains(&share) => Ok((share < 1.0).then_some(share)),
+            Some(share) => bail!("--sample {share}: the share of traces to keep is from 0 to 1"),
+        }
     }
 
     /// The protocols `--protocols` names; all of them by default.

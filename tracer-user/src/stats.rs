@@ -17,6 +17,8 @@ pub struct AgentStats {
     pub unknown_connection_records: AtomicU64,
     pub exchanges: AtomicU64,
     pub spans: AtomicU64,
+    /// Spans built but not exported: their trace was not sampled (`--sample`).
+    pub spans_unsampled: AtomicU64,
     pub connections_muted: AtomicU64,
     pub parse_failures: AtomicU64,
     /// Switches of the agent from idle-only to normal priority (see priority.rs).
@@ -71,7 +73,7 @@ pub fn summary(stats: &Stats) -> String {
     };
     format!(
         "counters: syscalls={} records={} ringbuf_drops={} conn_table_drops={} entry_time_missed={} \
-         exchanges={} spans={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
+         exchanges={} spans={} unsampled={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
          parse_failures={} muted_connections={}{injection}",
         k.get(c::DATA_SYSCALLS),
         a.records.load(Relaxed),
@@ -80,6 +82,7 @@ pub fn summary(stats: &Stats) -> String {
         k.get(c::ENTRY_TIME_MISSED),
         a.exchanges.load(Relaxed),
         a.spans.load(Relaxed),
+        a.spans_unsampled.load(Relaxed),
         e.spans_sent.load(Relaxed),
         e.dropped(),
         e.dropped_queue_full.load(Relaxed),

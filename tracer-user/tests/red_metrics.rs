@@ -1,6 +1,7 @@
 //! The RED metrics on the agent's /metrics: every request nginx answers, counted by service,
 //! route and status in `http_server_request_duration_seconds` (and curl's side in the client
-//! histogram), with the counts equal to the requests made.
+//! histogram), with the counts equal to the requests made, whether their spans are exported or
+//! left out by `--sample`.
 mod support;
 
 use std::{process::Command, time::Duration};
@@ -78,6 +79,61 @@ fn every_request_is_counted_by_route_and_status() {
             "docs/grafana-dashboard.json uses {name}, which the agent does not serve"
         );
     }
+    drop(agent);
+}
+
+/// With `--sample 0` no span leaves the agent, and the histograms still count every request.
+#[test]
+fn unsampled_requests_are_still_counted() {
+    require_root();
+    let port = free_port();
+    let _nginx = start_nginx(port, free_port());
+    let receiver = OtlpReceiver::start(free_port());
+    let metrics = free_port();
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--port",
+        &port.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics}"),
+        "--batch-timeout-ms",
+        "100",
+        "--sample",
+        "0",
+    ]);
+    for _ in 0..4 {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                &format!("http://127.0.0.1:{port}/ok"),
+            ])
+            .status()
+            .unwrap();
+    }
+    let ok = r#"http_server_request_duration_seconds_count{service_name="nginx",http_request_method="GET",http_route="/ok",http_response_status_code="200"}"#;
+    let mut text = String::new();
+    wait_for(
+        "the requests in the histograms",
+        Duration::from_secs(10),
+        || {
+            text = scrape(metrics);
+            value(&text, ok) == Some(4)
+        },
+    );
+    assert_eq!(
+        value(&text, "tracer_spans_unsampled_total"),
+        Some(8),
+        "{text}"
+    );
+    // Past the batch timeout: anything sent would have arrived.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        receiver.spans().is_empty(),
+        "an unsampled span was exported"
+    );
     drop(agent);
 }
 

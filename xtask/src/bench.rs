@@ -5,7 +5,9 @@
 //! 1. **nginx under wrk on loopback**, agent off then agent on (full pipeline: probes, parsing,
 //!    export to a running collector), alternating untraced / traced at each load level, for
 //!    `--rounds` rounds of `--seconds` each. Load levels: saturation (wrk as fast as it can, 50
-//!    connections), paced at 10k and 20k req/s (the budget is zero drops at 20k req/s), and one
+//!    connections), saturation over TLS (the same nginx on a TLS port, wrk over `https://`, both
+//!    on the system OpenSSL: the agent reads the plaintext through its uprobes on libssl, and
+//!    mutes the ciphertext), paced at 10k and 20k req/s (the budget is zero drops at 20k req/s), and one
 //!    connection in a closed loop (each request sent when the last response is in): with no
 //!    schedule and no queueing, its latency difference is what tracing adds to one request's
 //!    path, where the paced levels' medians move by tens of µs between runs of the same build.
@@ -13,7 +15,10 @@
 //!    its fixed costs (timers, wake-ups) weigh most.
 //!    At saturation, 10k and one connection there is a third run: the agent exporting to a
 //!    sink in the bench process that reads each request and discards it (`otlp_sink.rs`),
-//!    standing in for a collector on another machine, as deployed. The collector otherwise
+//!    standing in for a collector on another machine, as deployed. At saturation, two more
+//!    such runs export 10% and 1% of traces (`--sample`): what leaving spans out saves, while
+//!    the RED metrics still count every request (the count of nginx's requests they report is
+//!    printed beside wrk's, which leaves out the few in flight when it stops). The collector otherwise
 //!    shares the 2 cores with nginx and wrk, and its CPU would be counted as the agent's cost.
 //!    Per run: throughput, latency p50/p99, and for traced runs the agent's CPU time per request
 //!    and peak memory, the collector's CPU time per request (it shares the same cores, so part
@@ -151,15 +156,40 @@ fn collector(bin: &Path, data: &Path) -> anyhow::Result<(Killed, u16, u16)> {
     Ok((start_ready(cmd, "tracer-collector: ready")?, http, query))
 }
 
-fn nginx(dir: &Path, port: u16) -> anyhow::Result<Killed> {
+/// The benchmarked nginx: one worker answering `/ok` on a plain port and on a TLS port (a
+/// self-signed certificate made for the run; TLS 1.3, the default).
+struct Nginx {
+    _process: Killed,
+    port: u16,
+    tls_port: u16,
+}
+
+fn nginx(dir: &Path) -> anyhow::Result<Nginx> {
     std::fs::create_dir_all(dir)?;
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl (apt install openssl)")?;
+    if !made.success() {
+        bail!("openssl could not make the TLS level's certificate");
+    }
+    let (port, tls_port) = (free_port(), free_port());
     let d = dir.display();
     let conf = format!(
         "daemon off; master_process on; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log error;\n\
          events {{ worker_connections 1024; }}\n\
          http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}/b; proxy_temp_path {d}/p;\n\
          fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
-         server {{ listen 127.0.0.1:{port}; location = /ok {{ return 200 \"ok\\n\"; }} }} }}\n"
+         server {{ listen 127.0.0.1:{port}; location = /ok {{ return 200 \"ok\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:{tls_port} ssl; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n\
+         location = /ok {{ return 200 \"ok\\n\"; }} }} }}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
     let child = Command::new("/usr/sbin/nginx")
@@ -168,8 +198,14 @@ fn nginx(dir: &Path, port: u16) -> anyhow::Result<Killed> {
         .arg("-p")
         .arg(dir)
         .spawn()?;
+    let process = Killed(child);
     wait_port(port)?;
-    Ok(Killed(child))
+    wait_port(tls_port)?;
+    Ok(Nginx {
+        _process: process,
+        port,
+        tls_port,
+    })
 }
 
 /// A load level of the nginx runs.
@@ -177,6 +213,9 @@ fn nginx(dir: &Path, port: u16) -> anyhow::Result<Killed> {
 enum Level {
     /// wrk as fast as it goes.
     Saturated,
+    /// wrk as fast as it goes, over TLS: the agent reads the plaintext through its uprobes on
+    /// libssl, which both wrk and nginx use.
+    SaturatedTls,
     /// A target rate in requests per second.
     Paced(u32),
     /// One connection, a request as soon as the last response is in.
@@ -187,6 +226,7 @@ impl Level {
     fn name(self) -> String {
         match self {
             Level::Saturated => "saturated".into(),
+            Level::SaturatedTls => "sat. HTTPS".into(),
             Level::Paced(r) => format!("paced {}k", r / 1000),
             Level::OneConnection => "1 conn".into(),
         }
@@ -195,7 +235,7 @@ impl Level {
     /// How wrk runs at this level, the same for the traced and the untraced runs.
     fn connections(self) -> u32 {
         match self {
-            Level::Saturated => 50,
+            Level::Saturated | Level::SaturatedTls => 50,
             Level::Paced(rate) => rate.div_ceil(RATE_PER_CONNECTION).max(8),
             Level::OneConnection => 1,
         }
@@ -211,6 +251,9 @@ enum Mode {
     /// The agent exports to a sink that only reads the requests (`otlp_sink.rs`): the collector
     /// as deployed, on another machine, so the run shows what the traced machine pays.
     CollectorElsewhere,
+    /// As `CollectorElsewhere`, exporting this percentage of traces (`--sample`); the RED
+    /// metrics still count every request.
+    Sampled(u8),
 }
 
 impl Mode {
@@ -219,6 +262,21 @@ impl Mode {
             Mode::Untraced => "untraced",
             Mode::Traced => "traced",
             Mode::CollectorElsewhere => "traced, collector elsewhere",
+            Mode::Sampled(10) => "10% of traces, elsewhere",
+            Mode::Sampled(1) => "1% of traces, elsewhere",
+            Mode::Sampled(_) => "sampled, elsewhere",
+        }
+    }
+
+    /// The mode's name in the table's collector column.
+    fn column(self) -> &'static str {
+        match self {
+            Mode::Untraced => "-",
+            Mode::Traced => "same cores",
+            Mode::CollectorElsewhere => "elsewhere",
+            Mode::Sampled(10) => "10%, elsew.",
+            Mode::Sampled(1) => "1%, elsew.",
+            Mode::Sampled(_) => "sampled",
         }
     }
 
@@ -229,6 +287,14 @@ impl Mode {
             Level::Paced(20_000) => &[Mode::Untraced, Mode::Traced],
             // What a lightly loaded host pays: the agent's fixed costs (timers, wake-ups).
             Level::Paced(1_000) => &[Mode::Untraced, Mode::CollectorElsewhere],
+            // What exporting fewer spans saves where the agent works hardest.
+            Level::Saturated => &[
+                Mode::Untraced,
+                Mode::Traced,
+                Mode::CollectorElsewhere,
+                Mode::Sampled(10),
+                Mode::Sampled(1),
+            ],
             _ => &[Mode::Untraced, Mode::Traced, Mode::CollectorElsewhere],
         }
     }
@@ -282,19 +348,22 @@ fn parse_latency(s: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * mul
 }
 
-fn wrk(port: u16, seconds: u64, level: Level, dir: &Path) -> anyhow::Result<Wrk> {
+fn wrk(nginx: &Nginx, seconds: u64, level: Level, dir: &Path) -> anyhow::Result<Wrk> {
     let rate = match level {
         Level::Paced(rate) => Some(rate),
         _ => None,
     };
-    wrk_load(port, "/ok", seconds, level.connections(), rate, dir)
+    let url = match level {
+        Level::SaturatedTls => format!("https://127.0.0.1:{}/ok", nginx.tls_port),
+        _ => format!("http://127.0.0.1:{}/ok", nginx.port),
+    };
+    wrk_load(&url, seconds, level.connections(), rate, dir)
 }
 
-/// wrk on `http://127.0.0.1:{port}{path}` with one thread and `connections` keep-alive
-/// connections, closed-loop or paced at `rate` requests a second (the lua schedule above).
+/// wrk on `url` with one thread and `connections` keep-alive connections, closed-loop or paced
+/// at `rate` requests a second (the lua schedule above).
 pub(crate) fn wrk_load(
-    port: u16,
-    path: &str,
+    url: &str,
     seconds: u64,
     connections: u32,
     rate: Option<u32>,
@@ -309,10 +378,7 @@ pub(crate) fn wrk_load(
         std::fs::write(&script, PACE_LUA.replace("RATE", &rate.to_string()))?;
         cmd.arg("-s").arg(script);
     }
-    let out = cmd
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .output()
-        .context("running wrk")?;
+    let out = cmd.arg(url).output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut w = Wrk::default();
     for line in text.lines() {
@@ -375,8 +441,27 @@ pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
 
 /// GET a Prometheus endpoint and return one metric's value.
 pub(crate) fn metric(port: u16, name: &str) -> u64 {
+    metrics_text(port)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The sum of every series of `name` (`name{labels} value`).
+fn metric_sum(port: u16, name: &str) -> u64 {
+    metrics_text(port)
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|rest| rest.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
+fn metrics_text(port: u16) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return 0;
+        return String::new();
     };
     let _ = write!(
         s,
@@ -384,12 +469,7 @@ pub(crate) fn metric(port: u16, name: &str) -> u64 {
     );
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{name} "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    body
 }
 
 struct Run {
@@ -405,6 +485,10 @@ struct Run {
     export_drops: u64,
     spans_built: u64,
     spans_exported: u64,
+    /// Left out by `--sample`.
+    spans_unsampled: u64,
+    /// Requests nginx served by the RED metrics (`http_server_request_duration_seconds_count`).
+    red_server_requests: u64,
     collector_spans: u64,
 }
 
@@ -424,6 +508,7 @@ pub(crate) fn drain(metrics_port: u16) {
     while start.elapsed() < Duration::from_secs(15) {
         let built = metric(metrics_port, "tracer_spans_total");
         let done = metric(metrics_port, "tracer_spans_exported_total")
+            + metric(metrics_port, "tracer_spans_unsampled_total")
             + metric(metrics_port, "tracer_export_dropped_queue_full_total")
             + metric(metrics_port, "tracer_export_dropped_rejected_total");
         if done >= built {
@@ -456,8 +541,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let nginx_port = free_port();
-    let nginx = nginx(&work.join("nginx"), nginx_port)?;
+    let nginx = nginx(&work.join("nginx"))?;
     let (collector, http, query) = collector(bin, &work.join("store"))?;
     let collector_pid = collector.0.id();
     let (sink_port, sink) = otlp_sink::start()?;
@@ -465,6 +549,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
 
     let levels = [
         Level::Saturated,
+        Level::SaturatedTls,
         Level::Paced(10_000),
         Level::Paced(20_000),
         Level::OneConnection,
@@ -476,13 +561,16 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         for &level in &levels {
             for &mode in Mode::for_level(level) {
                 let export_port = match mode {
-                    Mode::CollectorElsewhere => sink_port,
+                    Mode::CollectorElsewhere | Mode::Sampled(_) => sink_port,
                     _ => http,
                 };
                 let agent = if mode != Mode::Untraced {
-                    let mut cmd = agent_command(bin, export_port, nginx_port);
+                    let mut cmd = agent_command(bin, export_port, &nginx);
                     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
                         .args(&args.agent_args);
+                    if let Mode::Sampled(percent) = mode {
+                        cmd.args(["--sample", &(f64::from(percent) / 100.0).to_string()]);
+                    }
                     Some(start_ready(cmd, "tracer: ready")?)
                 } else {
                     None
@@ -492,7 +580,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     .as_ref()
                     .map_or(0.0, |a| threads_cpu_seconds(a.0.id()));
                 let collector_cpu0 = cpu_seconds(collector_pid);
-                let w = wrk(nginx_port, args.seconds, level, work)?;
+                let w = wrk(&nginx, args.seconds, level, work)?;
                 let mut run = Run {
                     level,
                     mode,
@@ -505,6 +593,8 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                     export_drops: 0,
                     spans_built: 0,
                     spans_exported: 0,
+                    spans_unsampled: 0,
+                    red_server_requests: 0,
                     collector_spans: 0,
                 };
                 if let Some(a) = &agent {
@@ -524,6 +614,9 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                             + metric(metrics_port, "tracer_export_dropped_rejected_total");
                     run.spans_built = metric(metrics_port, "tracer_spans_total");
                     run.spans_exported = metric(metrics_port, "tracer_spans_exported_total");
+                    run.spans_unsampled = metric(metrics_port, "tracer_spans_unsampled_total");
+                    run.red_server_requests =
+                        metric_sum(metrics_port, "http_server_request_duration_seconds_count");
                     if mode == Mode::Traced {
                         run.collector_spans =
                             metric(query, "tracer_collector_spans_accepted_total")
@@ -533,7 +626,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 drop(agent);
                 let target = match level {
                     Level::Paced(t) => format!(" (target {t})"),
-                    Level::Saturated | Level::OneConnection => String::new(),
+                    Level::Saturated | Level::SaturatedTls | Level::OneConnection => String::new(),
                 };
                 eprintln!(
                     "round {} {:<10} {:<27} {:>7.0} req/s{target:<15} p50 {:>6.1} us  p99 {:>7.1} us{}",
@@ -572,8 +665,8 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let replay = replay_cost(bin, work, nginx_port, http, args.seconds)?;
-    let idle_ms_per_s = idle_cost(bin, nginx_port, http, args)?;
+    let replay = replay_cost(bin, work, &nginx, http, args.seconds)?;
+    let idle_ms_per_s = idle_cost(bin, &nginx, http, args)?;
     drop(nginx);
     drop(collector);
 
@@ -627,13 +720,15 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 level.name(),
                 match level {
                     Level::Paced(t) => t.to_string(),
-                    Level::Saturated | Level::OneConnection => "-".to_owned(),
+                    Level::Saturated | Level::SaturatedTls | Level::OneConnection => {
+                        "-".to_owned()
+                    }
                 },
                 level.connections(),
                 rps(level, untraced),
                 p50(level, untraced),
                 p99(level, untraced),
-                if mode == traced { "same cores" } else { "elsewhere" },
+                mode.column(),
                 rps(level, mode),
                 p50(level, mode),
                 p99(level, mode),
@@ -651,22 +746,24 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
          collector's utime + stime; \"elsewhere\": the agent exports to a sink that reads and discards, as if the \
          collector ran on another machine)"
     );
-    for mode in [traced, elsewhere] {
-        let sat = Level::Saturated;
-        println!(
-            "{}{:.3}  ({:.0} vs {:.0} req/s)",
-            label(&format!(
-                "throughput at saturation, traced / untraced{}",
-                if mode == traced {
-                    ""
-                } else {
-                    ", collector elsewhere"
-                }
-            )),
-            rps(sat, mode) / rps(sat, untraced),
-            rps(sat, mode),
-            rps(sat, untraced)
-        );
+    for (sat, over) in [(Level::Saturated, ""), (Level::SaturatedTls, " over TLS")] {
+        for &mode in &Mode::for_level(sat)[1..] {
+            println!(
+                "{}{:.3}  ({:.0} vs {:.0} req/s; agent {:.2} us a request)",
+                label(&format!(
+                    "throughput at saturation{over}, traced / untraced{}",
+                    match mode {
+                        Mode::Traced => String::new(),
+                        Mode::CollectorElsewhere => ", collector elsewhere".to_owned(),
+                        _ => format!(", {}", mode.name()),
+                    }
+                )),
+                rps(sat, mode) / rps(sat, untraced),
+                rps(sat, mode),
+                rps(sat, untraced),
+                pick(sat, mode, &|r| r.agent_cpu_us_per_req),
+            );
+        }
     }
     for &level in &levels {
         let Level::Paced(target) = level else {
@@ -794,18 +891,30 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             // counts what it accepted; the sink does not decode, so there the agent's count of
             // acknowledged spans stands for it.
             let (delivered, at) = match mode {
-                Mode::CollectorElsewhere => (sum(&|r| r.spans_exported), "at the sink"),
+                Mode::CollectorElsewhere | Mode::Sampled(_) => {
+                    (sum(&|r| r.spans_exported), "at the sink")
+                }
                 _ => (sum(&|r| r.collector_spans), "at the collector"),
             };
-            let unaccounted =
-                sum(&|r| r.spans_built) as i64 - delivered as i64 - sum(&|r| r.export_drops) as i64;
+            let unsampled = sum(&|r| r.spans_unsampled);
+            let unaccounted = sum(&|r| r.spans_built) as i64
+                - delivered as i64
+                - unsampled as i64
+                - sum(&|r| r.export_drops) as i64;
             println!(
-                "  {:<10} {:<11} requests {}, spans built {}, {at} {delivered} (unaccounted \
-                 {unaccounted}); drops: ring buffer {}, connection table {}, export {}",
+                "  {:<10} {:<11} requests {} (RED metrics: nginx served {}), spans built {}, \
+                 {at} {delivered}{} (unaccounted {unaccounted}); drops: ring buffer {}, \
+                 connection table {}, export {}",
                 level.name(),
-                if mode == traced { "" } else { "(elsewhere)" },
+                mode.column(),
                 sum(&|r| r.wrk.requests),
+                sum(&|r| r.red_server_requests),
                 sum(&|r| r.spans_built),
+                if unsampled > 0 {
+                    format!(", unsampled {unsampled}")
+                } else {
+                    String::new()
+                },
                 sum(&|r| r.ringbuf_drops),
                 sum(&|r| r.table_drops),
                 sum(&|r| r.export_drops),
@@ -856,24 +965,25 @@ struct Replay {
 
 const REPLAY_SECONDS: u64 = 3;
 
-/// `tracer agent` tracing nginx on `nginx_port` and exporting to `export_port` on this host,
+/// `tracer agent` tracing nginx's two ports and exporting to `export_port` on this host,
 /// logging warnings only.
-fn agent_command(bin: &Path, export_port: u16, nginx_port: u16) -> Command {
+fn agent_command(bin: &Path, export_port: u16, nginx: &Nginx) -> Command {
     let mut cmd = Command::new(bin.join("tracer"));
     cmd.args([
         "agent",
         "--endpoint",
         &format!("http://127.0.0.1:{export_port}"),
     ])
-    .args(["--port", &nginx_port.to_string()])
+    .args(["--port", &nginx.port.to_string()])
+    .args(["--port", &nginx.tls_port.to_string()])
     .env("RUST_LOG", "warn");
     cmd
 }
 
 /// The agent's CPU with nothing to trace, in ms a second: its timers and the priority
 /// watchdog, what a quiet host of a fleet pays.
-fn idle_cost(bin: &Path, nginx_port: u16, http: u16, args: &BenchArgs) -> anyhow::Result<f64> {
-    let mut cmd = agent_command(bin, http, nginx_port);
+fn idle_cost(bin: &Path, nginx: &Nginx, http: u16, args: &BenchArgs) -> anyhow::Result<f64> {
+    let mut cmd = agent_command(bin, http, nginx);
     cmd.args(["--metrics-addr", "off"]).args(&args.agent_args);
     let agent = start_ready(cmd, "tracer: ready")?;
     // Past the start-up work and the drain timer's back-off.
@@ -905,18 +1015,18 @@ pub(crate) fn threads_cpu_seconds(pid: u32) -> f64 {
 fn replay_cost(
     bin: &Path,
     work: &Path,
-    nginx_port: u16,
+    nginx: &Nginx,
     collector_http: u16,
     seconds: u64,
 ) -> anyhow::Result<Replay> {
     let file = work.join("records.bin");
     // --record writes a new file only.
     let _ = std::fs::remove_file(&file);
-    let mut cmd = agent_command(bin, collector_http, nginx_port);
+    let mut cmd = agent_command(bin, collector_http, nginx);
     cmd.arg("--record").arg(&file);
     let agent = start_ready(cmd, "tracer: ready")?;
     wrk(
-        nginx_port,
+        nginx,
         REPLAY_SECONDS.min(seconds),
         Level::Paced(10_000),
         work,
@@ -926,7 +1036,7 @@ fn replay_cost(
     let out = Command::new(bin.join("tracer"))
         .arg("replay")
         .arg(&file)
-        .args(["--port", &nginx_port.to_string(), "--repeat", "3"])
+        .args(["--port", &nginx.port.to_string(), "--repeat", "3"])
         .output()
         .context("running tracer replay")?;
     // The records hold payload prefixes of the traffic.
@@ -981,6 +1091,61 @@ struct KernelCost {
     /// Records the ring buffer dropped during the traced runs (should be 0: a drop makes the
     /// traced figure look cheaper than it is).
     ringbuf_drops: u64,
+    /// Per `SSL_read` call (on a session that was never connected, so the call itself does
+    /// almost nothing), on − off: the price of the TLS uprobes' entry and return traps, which
+    /// every call of a process using libssl pays. `None` without libssl.so.3.
+    ssl_call_ns: Option<f64>,
+}
+
+const SSL_CALLS: u32 = 100_000;
+
+/// Nanoseconds per `SSL_read` on an unconnected session, on a thread pinned to `cpu`, calling
+/// the system libssl (dlopen), or `None` if it is not there.
+fn ssl_read_loop(cpu: usize) -> Option<f64> {
+    std::thread::spawn(move || ssl_read_calls(cpu))
+        .join()
+        .ok()
+        .flatten()
+}
+
+fn ssl_read_calls(cpu: usize) -> Option<f64> {
+    type NoArg = unsafe extern "C" fn() -> *mut libc::c_void;
+    type OneArg = unsafe extern "C" fn(*mut libc::c_void) -> *mut libc::c_void;
+    type Read = unsafe extern "C" fn(*mut libc::c_void, *mut u8, i32) -> i32;
+    // SAFETY: dlopen/dlsym with NUL-terminated names; each symbol is cast to its C signature
+    // (OpenSSL 3's public API); the session is used only for SSL_read, which fails at once on
+    // a session with no connection.
+    unsafe {
+        let lib = libc::dlopen(c"libssl.so.3".as_ptr(), libc::RTLD_NOW);
+        if lib.is_null() {
+            return None;
+        }
+        let sym = |name: &std::ffi::CStr| libc::dlsym(lib, name.as_ptr());
+        let (method, ctx_new, ssl_new, read) = (
+            sym(c"TLS_client_method"),
+            sym(c"SSL_CTX_new"),
+            sym(c"SSL_new"),
+            sym(c"SSL_read"),
+        );
+        if [method, ctx_new, ssl_new, read].iter().any(|p| p.is_null()) {
+            return None;
+        }
+        let method: NoArg = std::mem::transmute(method);
+        let ctx_new: OneArg = std::mem::transmute(ctx_new);
+        let ssl_new: OneArg = std::mem::transmute(ssl_new);
+        let read: Read = std::mem::transmute(read);
+        let ssl = ssl_new(ctx_new(method()));
+        if ssl.is_null() {
+            return None;
+        }
+        pin_thread(cpu);
+        let mut buf = [0u8; 64];
+        let start = Instant::now();
+        for _ in 0..SSL_CALLS {
+            read(ssl, buf.as_mut_ptr(), buf.len() as i32);
+        }
+        Some(start.elapsed().as_nanos() as f64 / f64::from(SSL_CALLS))
+    }
 }
 
 const UNTRACED_CALLS: u32 = 500_000;
@@ -1131,6 +1296,13 @@ fn print_kernel_cost(syscall: &KernelCost) {
         syscall.getppid_ns,
         syscall.file_write_ns
     );
+    if let Some(ns) = syscall.ssl_call_ns {
+        println!(
+            "{}{ns:.0} ns  (an SSL_read that does nothing, with the uprobes on its entry and \
+             return, minus without)",
+            label("TLS uprobes per OpenSSL call")
+        );
+    }
 }
 
 /// Total run time of the agent's probe programs (`bpftool prog show`), nanoseconds.
@@ -1204,6 +1376,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
     let (mut warm_off, mut warm_on) = (vec![], vec![]);
     let (mut getppid_off, mut getppid_on, mut write_off, mut write_on) =
         (vec![], vec![], vec![], vec![]);
+    let (mut ssl_off, mut ssl_on) = (vec![], vec![]);
     let mut ringbuf_drops = 0;
     // The agent exports to a collector, both on the other CPU: `--stdout` (JSON per span) could
     // not keep up with the ping-pong, and a dropped record makes a traced call look cheaper.
@@ -1215,6 +1388,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         getppid_off.push(syscall_loop(ping_cpu, false)?);
         write_off.push(syscall_loop(ping_cpu, true)?);
         warm_off.push(one_thread_exchange(ping_cpu)?);
+        ssl_off.extend(ssl_read_loop(ping_cpu));
         let metrics_port = free_port();
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "0"])
@@ -1229,6 +1403,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         // (possibly a hyperthread of the same core) would slow these runs and inflate them.
         getppid_on.push(syscall_loop(ping_cpu, false)?);
         write_on.push(syscall_loop(ping_cpu, true)?);
+        ssl_on.extend(ssl_read_loop(ping_cpu));
         ignored.push(ping_pong(false, ping_cpu)?);
         traced.push(ping_pong(true, ping_cpu)?);
         warm_on.push(one_thread_exchange(ping_cpu)?);
@@ -1264,6 +1439,8 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         getppid_ns: median(getppid_on) - median(getppid_off),
         file_write_ns: median(write_on) - median(write_off),
         ringbuf_drops,
+        ssl_call_ns: (!ssl_on.is_empty() && !ssl_off.is_empty())
+            .then(|| median(ssl_on) - median(ssl_off)),
     })
 }
 

@@ -330,8 +330,9 @@ impl Setup<'_> {
                 .context("starting the service")?,
         );
         wait_port(port)?;
+        let url = format!("http://127.0.0.1:{port}/work");
         let (connections, rate) = (load.connections(), load.rate());
-        let warm = wrk_load(port, "/work", WARM_UP_SECONDS, connections, rate, self.work)?;
+        let warm = wrk_load(&url, WARM_UP_SECONDS, connections, rate, self.work)?;
         let pids = [service.0.id(), self.data.0.id()];
         let cpu = || -> f64 {
             pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>()
@@ -340,7 +341,7 @@ impl Setup<'_> {
                     .map_or(0.0, |a| threads_cpu_seconds(a.0.id()))
         };
         let cpu0 = cpu();
-        let w = wrk_load(port, "/work", seconds, connections, rate, self.work)?;
+        let w = wrk_load(&url, seconds, connections, rate, self.work)?;
         let cpu_used = cpu() - cpu0;
         let service_mib = peak_rss_mib(service.0.id());
         let agent_mib = agent.as_ref().map_or(0.0, |a| peak_rss_mib(a.0.id()));

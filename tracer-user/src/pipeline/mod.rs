@@ -71,6 +71,30 @@ pub struct Pipeline {
     /// `traceparent` insertions the probes reported, until their connection's data record
     /// (the next one of the same syscall; records of other CPUs may come between).
     injections: ConnMap<InjectedRecord>,
+    /// `--sample`: which traces' spans are exported (all without it).
+    pub(crate) sample: Option<Sampler>,
+}
+
+/// Keeps the traces whose id's low 64 bits fall below a share of 2^64: the rule of the
+/// OpenTelemetry SDKs' `TraceIdRatioBased` sampler, so that agents and SDKs with the same share
+/// keep the same traces, and every span of a kept trace is kept wherever its id is known.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sampler {
+    bound: u64,
+}
+
+impl Sampler {
+    pub(crate) fn new(share: f64) -> Self {
+        // `as` saturates: a share of 1 would be 2^64.
+        Sampler {
+            bound: (share * 2f64.powi(64)) as u64,
+        }
+    }
+
+    pub(crate) fn keeps(self, trace_id: &[u8; 16]) -> bool {
+        let low = u64::from_be_bytes(trace_id[8..].try_into().unwrap_or_default());
+        low < self.bound
+    }
 }
 
 /// What the pairer tells the linker about one record's connection goes through here: the
@@ -160,6 +184,7 @@ impl Pipeline {
             exchanges: Vec::new(),
             linker: Linker::new(Trust::All),
             injections: ConnMap::default(),
+            sample: None,
         }
     }
 
@@ -403,8 +428,14 @@ impl Pipeline {
             (i128::from(mono) + offset).max(0) as u64
         });
         count(&self.stats.agent.spans);
-        self.out.send(resource, &span);
-        // After `send`, which left the span's name in `out.name`.
+        if self.sample.is_none_or(|s| s.keeps(&span.trace_id)) {
+            // `send` leaves the span's name in `out.name`.
+            self.out.send(resource, &span);
+        } else {
+            count(&self.stats.agent.spans_unsampled);
+            span.name_into(&mut self.out.name);
+        }
+        // Every request, sampled or not.
         self.stats.red.record(resource, &span, &self.out.name);
     }
 
@@ -619,5 +650,65 @@ mod tests {
         pipeline.handle(AlignedRecord::new(&close, &[]).bytes());
         assert_eq!(stats.agent.exchanges.load(Relaxed), 2);
         assert_eq!(stats.agent.spans.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn the_sampler_keeps_the_sdks_traces() {
+        let id = |low: u64| {
+            let mut t = [0xffu8; 16];
+            t[8..].copy_from_slice(&low.to_be_bytes());
+            t
+        };
+        let half = Sampler::new(0.5);
+        assert!(half.keeps(&id(0)) && half.keeps(&id((1 << 63) - 1)));
+        assert!(!half.keeps(&id(1 << 63)) && !half.keeps(&id(u64::MAX)));
+        assert!(!Sampler::new(0.0).keeps(&id(0)));
+        let tenth = Sampler::new(0.1);
+        let kept = (0..10_000u64)
+            .filter(|i| tenth.keeps(&id(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+            .count();
+        assert!((900..1100).contains(&kept), "{kept}");
+    }
+
+    /// Unsampled spans are not exported but still counted, and still in the RED metrics.
+    #[test]
+    fn unsampled_spans_are_counted_not_sent() {
+        let stats = Arc::new(Stats::default());
+        let mut pipeline = Pipeline::new(
+            Vec::new(),
+            Filters::only_ports(vec![]),
+            Sink::discard(),
+            stats.clone(),
+        );
+        pipeline.sample = Some(Sampler::new(0.0));
+        let mut conn = ConnRecord {
+            header: header(kind::CONNECTION, 5),
+            comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        conn.tuple.family = libc::AF_INET as u16;
+        conn.tuple.remote_port = 80;
+        pipeline.handle(AlignedRecord::new(&conn, &[]).bytes());
+        data(
+            &mut pipeline,
+            direction::EGRESS,
+            30,
+            b"GET /a HTTP/1.1\r\n\r\n",
+        );
+        data(
+            &mut pipeline,
+            direction::INGRESS,
+            40,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        pipeline.flush_outbox();
+        assert_eq!(stats.agent.spans.load(Relaxed), 1);
+        assert_eq!(stats.agent.spans_unsampled.load(Relaxed), 1);
+        let mut metrics = String::new();
+        stats.red.render(&mut metrics);
+        assert!(
+            metrics.contains("http_client_request_duration_seconds_count{"),
+            "{metrics}"
+        );
     }
 }
