@@ -2,7 +2,7 @@
 bytes), over h2c: the HTTP/2 test's real gRPC peer.
 Usage: grpc_peer.py server PORT | grpc_peer.py client PORT
 The server's demo.Greeter has SayHello (unary; the name "missing" answers NOT_FOUND) and
-Count (server streaming: three messages).
+Count (server streaming: three messages); the client calls each, then five SayHello at once.
 """
 import sys
 import time
@@ -48,4 +48,7 @@ else:
             print(e.code().name)
         stream = channel.unary_stream("/demo.Greeter/Count")
         print(",".join(m.decode() for m in stream(b"", timeout=5)))
+        # Five calls in flight at once: interleaved streams on the one connection.
+        calls = [hello.future(b"n%d" % i, timeout=5) for i in range(5)]
+        print(",".join(c.result().decode() for c in calls))
         time.sleep(0.2)

@@ -1,8 +1,9 @@
 //! HTTP/2 and gRPC, traced for real: nginx from apt with `http2` on a cleartext port (h2c with
 //! prior knowledge) and on a TLS port (h2 chosen by ALPN, read through the TLS uprobes), called
 //! by curl; hypercorn from PyPI, which also takes h2c by `Upgrade` from HTTP/1.1 (what
-//! `curl --http2` asks of an `http://` URL); and a gRPC server and client from PyPI (grpcio, no generated code) with a unary
-//! call, a unary call the server answers NOT_FOUND, and a server-streaming call. Every request
+//! `curl --http2` asks of an `http://` URL); and a gRPC server and client from PyPI (grpcio, no
+//! generated code) on one connection: a unary call, a unary call the server answers NOT_FOUND,
+//! a server-streaming call, and five unary calls at once (interleaved streams). Every request
 //! must be one CLIENT and one SERVER span with method and path (or gRPC service and method),
 //! status, HTTP version 2, and the same `tracer.tcp.edge` on both ends.
 mod support;
@@ -207,7 +208,7 @@ fn http2_requests_and_grpc_calls_become_spans_on_both_sides() {
         .expect("the gRPC client");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "hello world\nNOT_FOUND\n0,1,2\n",
+        "hello world\nNOT_FOUND\n0,1,2\nhello n0,hello n1,hello n2,hello n3,hello n4\n",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -217,6 +218,12 @@ fn http2_requests_and_grpc_calls_become_spans_on_both_sides() {
         ("demo.Greeter/SayHello", 0),
         ("demo.Greeter/SayHello", 5),
         ("demo.Greeter/Count", 0),
+        // The five concurrent calls.
+        ("demo.Greeter/SayHello", 0),
+        ("demo.Greeter/SayHello", 0),
+        ("demo.Greeter/SayHello", 0),
+        ("demo.Greeter/SayHello", 0),
+        ("demo.Greeter/SayHello", 0),
     ]);
     let want_upgrade = pairs(&[
         ("GET /h2c/ok", 200),
