@@ -646,8 +646,13 @@ pub fn metrics_router(
                     ),
                     (
                         "tracer_collector_connections_refused_total",
-                        "Connections closed at once: the port had --max-connections open",
+                        "Connections closed at once: the port had --max-connections open, each answered with a success",
                         &c.refused,
+                    ),
+                    (
+                        "tracer_collector_connections_evicted_total",
+                        "Connections closed to make room at --max-connections: the oldest never answered with a success",
+                        &c.evicted,
                     ),
                     (
                         "tracer_collector_connections_timed_out_total",

@@ -1,14 +1,16 @@
 //! Serving a router over plain TCP or TLS (rustls), HTTP/1.1 and HTTP/2 on the same port, so
-//! OTLP/HTTP and OTLP/gRPC share listeners; with a cap on open connections, timeouts for silent
-//! ones and for TLS handshakes, and a back-off when accepting fails.
+//! OTLP/HTTP and OTLP/gRPC share listeners; with a cap on open connections (at which the oldest
+//! connection never answered with a success makes room), timeouts for silent ones and for TLS
+//! handshakes, and a back-off when accepting fails.
 use std::{
+    collections::BTreeMap,
     future::Future as _,
     net::SocketAddr,
     path::Path,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
     },
     task::{Context, Poll},
     time::Duration,
@@ -25,7 +27,7 @@ use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpListener,
-    sync::Semaphore,
+    sync::{Notify, Semaphore},
 };
 use tokio_rustls::{rustls::ServerConfig, TlsAcceptor};
 
@@ -66,8 +68,12 @@ pub struct Limits {
 
 #[derive(Default, Debug)]
 pub struct ConnectionStats {
-    /// Connections closed at once: the port had `max_connections` open.
+    /// Connections closed at once: the port had `max_connections` open, all of them answered
+    /// with a success at least once.
     pub refused: AtomicU64,
+    /// Connections closed to make room for a new one: the oldest that had never been answered
+    /// with a success (idle, slow, or without the token) when the port was full.
+    pub evicted: AtomicU64,
     /// Connections closed for silence (idle, or a head or body that stopped coming).
     pub timed_out: AtomicU64,
     /// TLS handshakes that failed or did not finish within `HANDSHAKE_TIMEOUT`.
@@ -101,6 +107,46 @@ pub fn raise_file_limit() -> u64 {
     }
 }
 
+/// The connections of a port not yet answered with a success (2xx), oldest first. When the
+/// port is full, the oldest of them is closed to make room: connections that say nothing, send
+/// slowly or lack the token cannot lock out the clients that are being served, which only
+/// connections answered with a success (with the token, where one is required) can do.
+#[derive(Default)]
+struct Unproven {
+    next: u64,
+    open: BTreeMap<u64, Arc<Notify>>,
+}
+
+impl Unproven {
+    fn add(this: &Mutex<Self>) -> (u64, Arc<Notify>) {
+        let mut u = this.lock().unwrap_or_else(|e| e.into_inner());
+        u.next += 1;
+        let (id, notify) = (u.next, Arc::new(Notify::new()));
+        u.open.insert(id, notify.clone());
+        (id, notify)
+    }
+
+    fn remove(this: &Mutex<Self>, id: u64) {
+        this.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .remove(&id);
+    }
+
+    /// Tells the oldest to close; false if there is none.
+    fn evict_oldest(this: &Mutex<Self>) -> bool {
+        let oldest = this
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .pop_first();
+        oldest.map(|(_, notify)| notify.notify_one()).is_some()
+    }
+}
+
+/// How long a new connection waits for the room an eviction makes.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
+
 /// Serves `router` on `listener` until the process ends: HTTP/1.1 and HTTP/2, over TLS when
 /// `tls` is set, within `limits`.
 pub async fn serve(
@@ -111,6 +157,7 @@ pub async fn serve(
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let unproven = Arc::new(Mutex::new(Unproven::default()));
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -126,52 +173,110 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            limits.stats.refused.fetch_add(1, Relaxed);
-            drop(stream);
-            continue;
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let (acceptor, stats, idle) = (acceptor.clone(), limits.stats.clone(), limits.idle);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let result = match acceptor {
-                None => serve_connection(IdleTimeout::new(stream, idle), service).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            serve_connection(IdleTimeout::new(stream, idle), service).await
-                        }
-                        Ok(Err(e)) => {
-                            stats.handshake_failures.fetch_add(1, Relaxed);
-                            log::debug!("TLS handshake with {peer} failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            stats.handshake_failures.fetch_add(1, Relaxed);
-                            return;
-                        }
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) if Unproven::evict_oldest(&unproven) => {
+                limits.stats.evicted.fetch_add(1, Relaxed);
+                match tokio::time::timeout(EVICTION_WAIT, open.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        limits.stats.refused.fetch_add(1, Relaxed);
+                        continue;
                     }
                 }
-            };
-            if let Err(e) = result {
-                if is_timeout(e.as_ref()) {
-                    stats.timed_out.fetch_add(1, Relaxed);
-                }
-                log::debug!("connection from {peer}: {e}");
             }
+            Err(_) => {
+                limits.stats.refused.fetch_add(1, Relaxed);
+                drop(stream);
+                continue;
+            }
+        };
+        let (id, evicted) = Unproven::add(&unproven);
+        let proven = Arc::new(AtomicBool::new(false));
+        let registry = unproven.clone();
+        let service = TowerToHyperService::new(<Router as tower::ServiceExt<
+            hyper::Request<hyper::body::Incoming>,
+        >>::map_response(
+            router.clone(),
+            move |response: axum::response::Response| {
+                if response.status().is_success() && !proven.swap(true, Relaxed) {
+                    Unproven::remove(&registry, id);
+                }
+                response
+            },
+        ));
+        let (acceptor, stats, idle) = (acceptor.clone(), limits.stats.clone(), limits.idle);
+        let registry = unproven.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                () = serve_one(stream, peer, acceptor, service, stats, idle) => {}
+                () = evicted.notified() => {}
+            }
+            Unproven::remove(&registry, id);
         });
+    }
+}
+
+/// One accepted connection, TLS handshake included, to its end.
+async fn serve_one<S>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    service: TowerToHyperService<S>,
+    stats: Arc<ConnectionStats>,
+    idle: Duration,
+) where
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let result = match acceptor {
+        None => serve_connection(IdleTimeout::new(stream, idle), service).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(IdleTimeout::new(stream, idle), service).await,
+                Ok(Err(e)) => {
+                    stats.handshake_failures.fetch_add(1, Relaxed);
+                    log::debug!("TLS handshake with {peer} failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    stats.handshake_failures.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        if is_timeout(e.as_ref()) {
+            stats.timed_out.fetch_add(1, Relaxed);
+        }
+        log::debug!("connection from {peer}: {e}");
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn serve_connection<S>(
+async fn serve_connection<S, Svc>(
     io: IdleTimeout<S>,
-    service: TowerToHyperService<Router>,
+    service: TowerToHyperService<Svc>,
 ) -> Result<(), BoxError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
 {
     let mut builder = Builder::new(TokioExecutor::new());
     builder

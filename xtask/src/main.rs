@@ -57,6 +57,15 @@ enum Cmd {
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
         agent_args: Vec<String>,
     },
+    /// The collector under realistic exports and queries while every hostile-input attack runs
+    /// at once (tracer-collector/tests/soak.rs, release build): prints its peak memory, the
+    /// slowest legitimate export and query, and every acknowledged span counted in the store;
+    /// fails if a documented bound is broken. The test suite runs the same soak for 20 s.
+    Soak {
+        /// How long the soak runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// The agent on other kernels: boots each kernel of the matrix (Debian's cloud kernels) in
     /// QEMU on a busybox initramfs, runs the agent against busybox httpd and wget there (and on
     /// the host's kernel in a network namespace), and prints kernel x (probes load, HTTP spans,
@@ -277,6 +286,20 @@ fn main() -> anyhow::Result<()> {
                     bin_dir: root().join("target/debug"),
                 },
             )
+        }
+        Cmd::Soak { minutes } => {
+            setup()?;
+            run(Command::new("cargo")
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "tracer-collector",
+                    "--test",
+                    "soak",
+                ])
+                .args(["--", "--nocapture"])
+                .env("TRACER_SOAK_SECONDS", (minutes * 60).to_string()))
         }
         Cmd::Bench {
             rounds,
