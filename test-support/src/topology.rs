@@ -95,6 +95,25 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// rotel's binary (an OTLP relay from PyPI, not written here), installed into `.venv` by
+/// `scripts/setup.sh`.
+pub fn rotel() -> PathBuf {
+    let out = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import rotel, os; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+        ])
+        .output()
+        .expect("the .venv python (run scripts/setup.sh)");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success() && Path::new(&path).exists(),
+        "rotel is not installed in .venv: run scripts/setup.sh\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path.into()
+}
+
 /// How the service host's program handles a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {

@@ -11,24 +11,7 @@ use std::{
 
 use prost::Message as _;
 use support::*;
-
-/// rotel's binary, installed into .venv by scripts/setup.sh.
-fn rotel() -> std::path::PathBuf {
-    let out = Command::new(repo_root().join(".venv/bin/python"))
-        .args([
-            "-c",
-            "import rotel, os; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
-        ])
-        .output()
-        .expect("the .venv python (run scripts/setup.sh)");
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        out.status.success() && std::path::Path::new(&path).exists(),
-        "rotel is not installed in .venv: run scripts/setup.sh\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path.into()
-}
+use tracer_test_support::topology::rotel;
 
 fn batch(
     trace: u8,

@@ -113,13 +113,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let counters: Counters = probes.take_counters()?;
     let kernel_conns = probes.take_connections()?;
 
-    let stats = Arc::new(Stats::default());
-    let (sink, exporter) = if args.stdout {
-        (Sink::Stdout, None)
+    let also_configs = args.also_export_configs(&export_config)?;
+    let mut stats = Stats::default();
+    let mut exporters = Vec::new();
+    let sink = if args.stdout {
+        Sink::Stdout
     } else {
         let (tx, handle) = export::spawn(export_config.clone(), stats.export.clone())?;
-        (Sink::Otlp(tx), Some(handle))
+        exporters.push(handle);
+        let mut also = Vec::new();
+        for config in also_configs {
+            let endpoint_stats = Arc::new(export::ExportStats::default());
+            stats
+                .also_exports
+                .push((export::endpoint_label(&config.url), endpoint_stats.clone()));
+            log::info!("also exporting to {}", export::endpoint_label(&config.url));
+            let (other, handle) = export::spawn(config, endpoint_stats)?;
+            exporters.push(handle);
+            also.push(other);
+        }
+        Sink::Otlp(tx, also)
     };
+    let stats = Arc::new(stats);
     let export_addrs = if args.stdout {
         Vec::new()
     } else {
@@ -259,7 +274,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let sink = pipeline.take_sink();
     drop(pipeline);
     drop(sink);
-    if let Some(handle) = exporter {
+    for handle in exporters {
         let _ = handle.await;
     }
     log::info!("{}", summary(&stats));

@@ -417,6 +417,18 @@ impl QueueBound {
 }
 
 impl SpanSender {
+    /// A copy of `batch` for this exporter's queue (from its own pool): the same encoded spans
+    /// go to every endpoint.
+    pub fn copy_of(&self, batch: &SpanBatch) -> SpanBatch {
+        let mut copy = match &batch.resource {
+            Some(r) => self.recycler.batch(r),
+            None => SpanBatch::default(),
+        };
+        copy.bytes.extend_from_slice(&batch.bytes);
+        copy.lens.extend_from_slice(&batch.lens);
+        copy
+    }
+
     /// Whether a batch of a few spans would be queued now (the agent's own `tracer.loss` spans
     /// wait for room rather than be dropped and reported as a loss in turn).
     pub fn has_room(&self) -> bool {
@@ -1015,6 +1027,19 @@ fn percent_decode(s: &str) -> String {
 /// The traces URL for an `OTEL_EXPORTER_OTLP_ENDPOINT`-style base URL (spec: append `/v1/traces`).
 pub fn traces_url(base: &str) -> String {
     format!("{}/v1/traces", base.trim_end_matches('/'))
+}
+
+/// An endpoint's URL as the metrics name it: without credentials (`user:password@`) or a query.
+pub fn endpoint_label(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]

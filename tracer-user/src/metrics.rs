@@ -185,8 +185,43 @@ pub fn render(stats: &Stats) -> String {
             a.links[source.index()].load(Relaxed)
         ));
     }
+    render_also_exports(stats, &mut out);
     stats.red.render(&mut out);
     out
+}
+
+/// The `--also-export` endpoints' counters, labelled by endpoint (the unlabelled export
+/// counters are the collector's).
+fn render_also_exports(stats: &Stats, out: &mut String) {
+    if stats.also_exports.is_empty() {
+        return;
+    }
+    out.push_str(
+        "# HELP tracer_also_export_spans_total Spans an --also-export endpoint acknowledged\n\
+         # TYPE tracer_also_export_spans_total counter\n",
+    );
+    for (endpoint, e) in &stats.also_exports {
+        out.push_str(&format!(
+            "tracer_also_export_spans_total{{endpoint=\"{endpoint}\"}} {}\n",
+            e.spans_sent.load(Relaxed)
+        ));
+    }
+    out.push_str(
+        "# HELP tracer_also_export_dropped_total Spans dropped for an --also-export endpoint, by cause\n\
+         # TYPE tracer_also_export_dropped_total counter\n",
+    );
+    for (endpoint, e) in &stats.also_exports {
+        for (cause, n) in [
+            ("queue_full", &e.dropped_queue_full),
+            ("rejected", &e.dropped_rejected),
+            ("shutdown", &e.dropped_shutdown),
+        ] {
+            out.push_str(&format!(
+                "tracer_also_export_dropped_total{{endpoint=\"{endpoint}\",cause=\"{cause}\"}} {}\n",
+                n.load(Relaxed)
+            ));
+        }
+    }
 }
 
 /// Connections served at once. A scrape is one short request: more than this many at a time

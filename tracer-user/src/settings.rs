@@ -31,6 +31,19 @@ pub struct AgentArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS")]
     pub headers: Option<String>,
 
+    /// Also export every span to this OTLP/HTTP base URL (repeatable; spans go to
+    /// <url>/v1/traces), e.g. an OpenTelemetry Collector, Tempo or Jaeger beside the collector.
+    /// Each endpoint has its own queue, retries and drop counters: one that is down or slow
+    /// never holds back or drops the others' spans. The collector's token and headers are not
+    /// sent there; see --also-export-headers.
+    #[arg(long = "also-export", value_name = "URL")]
+    pub also_export: Vec<String>,
+
+    /// Request headers for the --also-export endpoints, `key=value,...` (e.g. a vendor's API
+    /// key).
+    #[arg(long, value_name = "HEADERS")]
+    pub also_export_headers: Option<String>,
+
     /// Body encoding. [default: http/protobuf]
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
     pub protocol: Option<ExportProtocol>,
@@ -219,6 +232,8 @@ impl AgentArgs {
             endpoint: self.endpoint.or(file.endpoint),
             traces_endpoint: self.traces_endpoint.or(file.traces_endpoint),
             headers: self.headers.or(file.headers),
+            also_export: vec_or(self.also_export, file.also_export),
+            also_export_headers: self.also_export_headers.or(file.also_export_headers),
             protocol: self.protocol.or(file.protocol),
             compression: self.compression.or(file.compression),
             token: self.token.or(file.token),
@@ -331,6 +346,28 @@ impl AgentArgs {
             ca_cert: self.ca_cert.clone(),
             shutdown_timeout: Duration::from_secs(5),
         })
+    }
+
+    /// The `--also-export` endpoints' settings: the collector's batching, queue and encoding,
+    /// their own URL and headers.
+    pub fn also_export_configs(&self, primary: &ExportConfig) -> anyhow::Result<Vec<ExportConfig>> {
+        let headers = match &self.also_export_headers {
+            Some(h) => export::parse_headers(h).context("invalid --also-export-headers")?,
+            None => Vec::new(),
+        };
+        self.also_export
+            .iter()
+            .map(|base| {
+                if !(base.starts_with("http://") || base.starts_with("https://")) {
+                    bail!("--also-export {base:?} must start with http:// or https://");
+                }
+                Ok(ExportConfig {
+                    url: export::traces_url(base),
+                    headers: headers.clone(),
+                    ..primary.clone()
+                })
+            })
+            .collect()
     }
 
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {

@@ -51,6 +51,8 @@ pub struct Stats {
     pub kernel: std::sync::Mutex<probes::KernelCounters>,
     /// Every request's duration by service, route and status (`red.rs`).
     pub red: crate::red::RedMetrics,
+    /// The `--also-export` endpoints' exporters: (metrics label, counters).
+    pub also_exports: Vec<(String, Arc<ExportStats>)>,
 }
 
 /// One line with every counter: what was seen, sent, and lost where.
@@ -90,5 +92,15 @@ pub fn summary(stats: &Stats) -> String {
         e.dropped_shutdown.load(Relaxed),
         a.parse_failures.load(Relaxed),
         a.connections_muted.load(Relaxed),
-    )
+    ) + &stats
+        .also_exports
+        .iter()
+        .map(|(url, e)| {
+            format!(
+                " also_export[{url}]: sent={} dropped={}",
+                e.spans_sent.load(Relaxed),
+                e.dropped()
+            )
+        })
+        .collect::<String>()
 }

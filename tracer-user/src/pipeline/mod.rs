@@ -486,7 +486,7 @@ impl Pipeline {
     pub(crate) fn report_losses(&mut self, loss: &mut LossWatch, kernel: &probes::KernelCounters) {
         let now = self.unix_now();
         let can_send = match &self.out.sink {
-            Sink::Otlp(tx) => tx.has_room(),
+            Sink::Otlp(tx, _) => tx.has_room(),
             Sink::Stdout | Sink::Discard(..) => true,
         };
         let Some((span, encoded)) = loss.check(kernel, &self.stats, now, can_send) else {

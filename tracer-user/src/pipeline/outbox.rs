@@ -8,7 +8,8 @@ use crate::{
 };
 
 pub enum Sink {
-    Otlp(SpanSender),
+    /// The collector, then any other endpoints (`--also-export`), each with its own queue.
+    Otlp(SpanSender, Vec<SpanSender>),
     Stdout,
     /// `tracer replay`: each drain's spans are laid out into a request as the exporter would
     /// (heads around the batches), then dropped.
@@ -40,7 +41,7 @@ impl Outbox {
     /// which was 4% of the agent's time).
     pub(crate) fn send(&mut self, resource: &Arc<ExportResource>, span: &Span) {
         let recycler = match &self.sink {
-            Sink::Otlp(tx) => &tx.recycler,
+            Sink::Otlp(tx, _) => &tx.recycler,
             Sink::Discard(_, _, recycler) => recycler,
             Sink::Stdout => {
                 println!("{}", stdout_line(&resource.proto, &span.to_proto()));
@@ -72,7 +73,7 @@ impl Outbox {
         encoded: &[u8],
     ) {
         let recycler = match &self.sink {
-            Sink::Otlp(tx) => &tx.recycler,
+            Sink::Otlp(tx, _) => &tx.recycler,
             Sink::Discard(_, _, recycler) => recycler,
             Sink::Stdout => {
                 println!("{}", stdout_line(&resource.proto, span));
@@ -94,7 +95,12 @@ impl Outbox {
 
     fn hand_over(&mut self, batch: SpanBatch) {
         match &mut self.sink {
-            Sink::Otlp(tx) => tx.send(batch),
+            Sink::Otlp(tx, also) => {
+                for other in also.iter() {
+                    other.send(other.copy_of(&batch));
+                }
+                tx.send(batch);
+            }
             Sink::Discard(encoder, heads, recycler) => {
                 heads.clear();
                 let pieces = encoder.layout(std::slice::from_ref(&batch), heads);
