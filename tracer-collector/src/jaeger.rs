@@ -82,13 +82,16 @@ fn str_tag(key: &str, value: &str) -> Value {
     json!({"key": key, "type": "string", "value": value})
 }
 
-/// Jaeger's `warnings`: a list, or null when there are none.
-fn warnings_json(w: &[String]) -> Value {
-    if w.is_empty() {
-        Value::Null
-    } else {
-        json!(w)
+/// Sets `key` to `list` unless it is empty: Jaeger's optional lists (`omitempty`) are left out
+/// when empty, never null.
+fn set_list(obj: &mut Value, key: &str, list: Vec<Value>) {
+    if !list.is_empty() {
+        obj[key] = Value::Array(list);
     }
+}
+
+fn warnings(w: &[String]) -> Vec<Value> {
+    w.iter().map(|s| json!(s)).collect()
 }
 
 /// One stitched trace in Jaeger's shape: spans plus a process table (one per service +
@@ -165,19 +168,20 @@ pub fn trace_json(trace: &Stitched) -> Value {
                 json!({"timestamp": e.time_unix_nano / 1000, "fields": fields})
             })
             .collect();
-        out_spans.push(json!({
+        let mut span = json!({
             "traceID": hex::encode(s.trace_id),
             "spanID": hex::encode(s.span_id),
             "operationName": s.operation,
-            "references": references,
             "startTime": s.start_unix_nano / 1000,
             "duration": s.duration_nano / 1000,
-            "tags": tags,
-            "logs": logs,
             "processID": format!("p{}", idx + 1),
-            "warnings": warnings_json(&stitched.warnings),
             "flags": 1,
-        }));
+        });
+        set_list(&mut span, "references", references);
+        set_list(&mut span, "tags", tags);
+        set_list(&mut span, "logs", logs);
+        set_list(&mut span, "warnings", warnings(&stitched.warnings));
+        out_spans.push(span);
     }
     let processes: serde_json::Map<String, Value> = processes
         .iter()
@@ -188,20 +192,20 @@ pub fn trace_json(trace: &Stitched) -> Value {
                 .filter(|kv| kv.key != "service.name")
                 .map(tag)
                 .collect();
-            (
-                format!("p{}", i + 1),
-                json!({"serviceName": svc, "tags": tags}),
-            )
+            let mut process = json!({ "serviceName": svc });
+            set_list(&mut process, "tags", tags);
+            (format!("p{}", i + 1), process)
         })
         .collect();
-    json!({
+    let mut out = json!({
         "traceID": hex::encode(trace.trace_id),
         "spans": out_spans,
         "processes": processes,
-        "warnings": warnings_json(&trace.warnings),
         "incomplete": trace.incomplete(),
         "incompleteReasons": trace.incomplete_reasons,
-    })
+    });
+    set_list(&mut out, "warnings", warnings(&trace.warnings));
+    out
 }
 
 async fn services(State(api): State<Arc<Api>>) -> ApiResult {
@@ -426,8 +430,11 @@ async fn dependencies(
     let (end_ns, lookback_ns) = (nanos(end_ms, "endTs")?, nanos(lookback_ms, "lookback")?);
     let store = api.store.clone();
     let links = blocking(move || store.dependencies(end_ns, lookback_ns)).await?;
+    // Jaeger's `service` parameter: the links it takes part in.
+    let service = q.get("service").filter(|s| !s.is_empty());
     let data: Vec<Value> = links
         .iter()
+        .filter(|l| service.is_none_or(|s| l.parent == *s || l.child == *s))
         .map(|l| {
             json!({
                 "parent": l.parent,

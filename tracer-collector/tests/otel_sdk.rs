@@ -113,7 +113,8 @@ fn check_trace(trace: &Value, service: &str) {
     assert_eq!(tag(t, "cart.skus")["value"], r#"["a1","b2"]"#);
     assert_eq!(tag(t, "span.kind")["value"], "server");
     assert_eq!(tag(t, "otel.scope.name")["value"], "shop.checkout");
-    assert!(root["references"].as_array().unwrap().is_empty());
+    // A root has no references: left out, as Jaeger leaves empty lists out.
+    assert!(root.get("references").is_none(), "{root}");
 
     let c = &child["tags"];
     assert_eq!(tag(c, "payment.provider")["value"], "acme");

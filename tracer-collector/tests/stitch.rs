@@ -200,7 +200,9 @@ impl Trace {
             .unwrap()
             .iter()
             .map(|sp| {
-                let refs = sp["references"].as_array().unwrap();
+                // Left out when empty, as Jaeger does.
+                let no_refs = Vec::new();
+                let refs = sp["references"].as_array().unwrap_or(&no_refs);
                 assert!(refs.len() <= 1, "one parent at most: {sp}");
                 let parent = refs.first().map(|r| {
                     assert_eq!(r["traceID"], json["traceID"], "parents are in the trace");
@@ -208,8 +210,8 @@ impl Trace {
                 });
                 let tags = sp["tags"]
                     .as_array()
-                    .unwrap()
-                    .iter()
+                    .into_iter()
+                    .flatten()
                     .map(|t| (t["key"].as_str().unwrap().to_owned(), t["value"].clone()))
                     .collect();
                 let warnings = sp["warnings"]
