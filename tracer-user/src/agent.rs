@@ -114,6 +114,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let kernel_conns = probes.take_connections()?;
 
     let also_configs = args.also_export_configs(&export_config)?;
+    let also_urls: Vec<String> = also_configs.iter().map(|c| c.url.clone()).collect();
     let mut stats = Stats::default();
     let mut exporters = Vec::new();
     let sink = if args.stdout {
@@ -135,11 +136,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Sink::Otlp(tx, also)
     };
     let stats = Arc::new(stats);
-    let export_addrs = if args.stdout {
-        Vec::new()
-    } else {
-        resolve_endpoint(&export_config.url).await
-    };
+    // Every endpoint's traffic is left out, or a receiver on this host (a relay taking
+    // --also-export) would trace each export as a request, whose span is exported in turn.
+    let mut export_addrs = Vec::new();
+    if !args.stdout {
+        for url in std::iter::once(&export_config.url).chain(&also_urls) {
+            export_addrs.extend(resolve_endpoint(url).await);
+        }
+    }
     if let Some(addr) = metrics_addr {
         metrics::serve(addr, stats.clone()).await?;
     }

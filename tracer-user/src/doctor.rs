@@ -112,6 +112,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     probe_checks(&mut report);
     feature_checks(&mut report);
     collector_check(&mut report, &args).await;
+    also_export_checks(&mut report, &args).await;
     clock_check(&mut report);
     println!(
         "tracer doctor: {} on {}, kernel {}",
@@ -421,20 +422,8 @@ async fn collector_check(report: &mut Report, args: &AgentArgs) {
             return;
         }
     };
-    let (content_type, body): (&str, &[u8]) = match config.protocol {
-        export::Protocol::HttpProtobuf => ("application/x-protobuf", b""),
-        export::Protocol::HttpJson => ("application/json", b"{}"),
-    };
-    let mut request = client
-        .post(&config.url)
-        .timeout(Duration::from_secs(5))
-        .header("content-type", content_type)
-        .body(body);
-    for (k, v) in &config.headers {
-        request = request.header(k, v);
-    }
     let url = &config.url;
-    match request.send().await {
+    match empty_export(&client, &config).await {
         Ok(r) if r.status().is_success() => report.add(
             "collector",
             Verdict::Ok,
@@ -465,6 +454,68 @@ async fn collector_check(report: &mut Report, args: &AgentArgs) {
             format!("cannot reach {url}: {}", root_cause(&e)),
             "start the collector (tracer-collector) or point --endpoint at it",
         ),
+    }
+}
+
+/// Posts a valid, empty `ExportTraceServiceRequest` to `config`'s URL with its headers.
+async fn empty_export(
+    client: &reqwest::Client,
+    config: &export::ExportConfig,
+) -> reqwest::Result<reqwest::Response> {
+    let (content_type, body): (&str, &[u8]) = match config.protocol {
+        export::Protocol::HttpProtobuf => ("application/x-protobuf", b""),
+        export::Protocol::HttpJson => ("application/json", b"{}"),
+    };
+    let mut request = client
+        .post(&config.url)
+        .timeout(Duration::from_secs(5))
+        .header("content-type", content_type)
+        .body(body);
+    for (k, v) in &config.headers {
+        request = request.header(k, v);
+    }
+    request.send().await
+}
+
+/// The same empty export to each `--also-export` endpoint, with its own headers. One that fails
+/// is a warning: the agent runs and exports to the others, and counts what this one drops.
+async fn also_export_checks(report: &mut Report, args: &AgentArgs) {
+    if args.stdout || args.also_export.is_empty() {
+        return;
+    }
+    let configs = match args
+        .export_config()
+        .and_then(|primary| args.also_export_configs(&primary))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            report.add("also-export", Verdict::Fail, format!("{e:#}"));
+            return;
+        }
+    };
+    for config in configs {
+        let url = export::endpoint_label(&config.url);
+        let outcome = match export::http_client(&config) {
+            Ok(client) => match empty_export(&client, &config).await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("{url} answered HTTP {}", r.status().as_u16())),
+                Err(e) => Err(format!("cannot reach {url}: {}", root_cause(&e))),
+            },
+            Err(e) => Err(format!("{url}: {e:#}")),
+        };
+        match outcome {
+            Ok(()) => report.add(
+                "also-export",
+                Verdict::Ok,
+                format!("{url} accepted an empty export"),
+            ),
+            Err(why) => report.add_fix(
+                "also-export",
+                Verdict::Warn,
+                why,
+                "the agent still exports to the collector; this endpoint's losses are counted (tracer_also_export_dropped_total); check its URL and --also-export-headers",
+            ),
+        }
     }
 }
 

@@ -355,19 +355,23 @@ impl AgentArgs {
             Some(h) => export::parse_headers(h).context("invalid --also-export-headers")?,
             None => Vec::new(),
         };
-        self.also_export
-            .iter()
-            .map(|base| {
-                if !(base.starts_with("http://") || base.starts_with("https://")) {
-                    bail!("--also-export {base:?} must start with http:// or https://");
-                }
-                Ok(ExportConfig {
-                    url: export::traces_url(base),
-                    headers: headers.clone(),
-                    ..primary.clone()
-                })
-            })
-            .collect()
+        let mut configs: Vec<ExportConfig> = Vec::new();
+        for base in &self.also_export {
+            if !(base.starts_with("http://") || base.starts_with("https://")) {
+                bail!("--also-export {base:?} must start with http:// or https://");
+            }
+            let url = export::traces_url(base);
+            // The same endpoint twice would get every span twice.
+            if url == primary.url || configs.iter().any(|c| c.url == url) {
+                bail!("--also-export {base:?}: {url} is already an endpoint");
+            }
+            configs.push(ExportConfig {
+                url,
+                headers: headers.clone(),
+                ..primary.clone()
+            });
+        }
+        Ok(configs)
     }
 
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
@@ -484,5 +488,44 @@ mod tests {
         .with_config_file()
         .unwrap_err();
         assert!(format!("{err:#}").contains("endpont"), "{err:#}");
+    }
+
+    /// Other endpoints get their own headers, never the collector's token, and no endpoint
+    /// twice (it would get every span twice).
+    #[test]
+    fn also_export_endpoints_have_their_own_headers_and_are_distinct() {
+        let args = AgentArgs {
+            endpoint: Some("http://collector:4318".into()),
+            token: Some("secret".into()),
+            also_export: vec!["http://relay:4318/".into(), "https://vendor.example".into()],
+            also_export_headers: Some("x-api-key=k".into()),
+            ..Default::default()
+        };
+        let primary = args.export_config().unwrap();
+        let also = args.also_export_configs(&primary).unwrap();
+        let urls: Vec<&str> = also.iter().map(|c| c.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "http://relay:4318/v1/traces",
+                "https://vendor.example/v1/traces"
+            ]
+        );
+        for c in &also {
+            assert_eq!(c.headers, [("x-api-key".to_owned(), "k".to_owned())]);
+        }
+        for twice in [
+            vec!["http://collector:4318".to_owned()],
+            vec![
+                "http://relay:4318".to_owned(),
+                "http://relay:4318/".to_owned(),
+            ],
+        ] {
+            let args = AgentArgs {
+                also_export: twice,
+                ..Default::default()
+            };
+            assert!(args.also_export_configs(&primary).is_err());
+        }
     }
 }

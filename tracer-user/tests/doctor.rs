@@ -69,7 +69,42 @@ fn line<'a>(report: &'a str, check: &str) -> (&'a str, &'a str) {
 fn doctor_passes_here_and_loads_the_probes_for_real() {
     require_root();
     let (_collector, url) = collector("passes");
-    let (ok, report) = doctor(&[], &["--endpoint", &url, "--token", TOKEN]);
+    // The same collector by another name, with its token as this endpoint's own header, and
+    // an endpoint that is down: a warning, not a failure (the agent runs without it).
+    let also = url.replace("127.0.0.1", "localhost");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let also_headers = format!("authorization=Bearer%20{TOKEN}");
+    let (ok, report) = doctor(
+        &[],
+        &[
+            "--endpoint",
+            &url,
+            "--token",
+            TOKEN,
+            "--also-export",
+            &also,
+            "--also-export",
+            &dead,
+            "--also-export-headers",
+            &also_headers,
+        ],
+    );
+    let also_lines: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("also-export"))
+        .collect();
+    assert!(
+        also_lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("ok") && l.contains("accepted an empty export")),
+        "{report}"
+    );
+    assert!(
+        also_lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("warn") && l.contains("cannot reach")),
+        "{report}"
+    );
     for check in [
         "architecture",
         "kernel",

@@ -8,14 +8,6 @@ use std::{process::Command, time::Duration};
 
 use support::*;
 
-fn scrape(port: u16) -> String {
-    let out = Command::new("curl")
-        .args(["-s", "-m", "5", &format!("http://127.0.0.1:{port}/metrics")])
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn value(metrics: &str, series: &str) -> Option<u64> {
     metrics
         .lines()

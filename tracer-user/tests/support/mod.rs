@@ -296,6 +296,15 @@ fn serve_otlp(
     }
 }
 
+/// The agent's `/metrics` text (empty if it does not answer within 5 s).
+pub fn scrape(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The agent binary under test, running until dropped (SIGTERM).
 pub struct Agent {
     pub proc: Proc,
