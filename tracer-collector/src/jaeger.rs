@@ -327,6 +327,11 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
     };
     q.min_duration_nano = dur("minDuration")?;
     q.max_duration_nano = dur("maxDuration")?;
+    if let (Some(min), Some(max)) = (q.min_duration_nano, q.max_duration_nano) {
+        if max < min {
+            return Err(bad("maxDuration must not be less than minDuration"));
+        }
+    }
     let micros = |k: &str| -> Result<Option<u64>, ApiError> {
         get(k)
             .map(|v| {
@@ -340,7 +345,13 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
         Some(s) => s,
         None => {
             let lookback = get("lookback").filter(|l| *l != "custom").unwrap_or("1h");
-            let nanos = parse_duration_nanos(lookback)
+            // The Jaeger UI's choices include days (`2d`, `7d`), which Go durations lack.
+            let days = lookback
+                .strip_suffix('d')
+                .and_then(|d| d.parse::<u64>().ok())
+                .map(|d| d.saturating_mul(86_400_000_000_000));
+            let nanos = days
+                .or_else(|| parse_duration_nanos(lookback))
                 .ok_or_else(|| bad(format!("lookback {lookback:?} is not a duration")))?;
             end.saturating_sub(nanos / 1000)
         }
@@ -377,8 +388,24 @@ pub fn trace_query(raw: &str) -> Result<TraceQuery, ApiError> {
     Ok(q)
 }
 
+/// The `traceID` parameters of a search (the Jaeger UI's lookup of several traces by id).
+fn trace_ids(raw: &str) -> Result<Vec<TraceId>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|e| bad(format!("the query string is not valid: {e}")))?;
+    pairs
+        .iter()
+        .filter(|(k, _)| k == "traceID")
+        .map(|(_, v)| parse_trace_id(v))
+        .collect()
+}
+
 async fn find_traces(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> ApiResult {
-    let q = trace_query(raw.as_deref().unwrap_or(""))?;
+    let raw = raw.as_deref().unwrap_or("");
+    let ids = trace_ids(raw)?;
+    if !ids.is_empty() {
+        return traces_by_id(&api, ids).await;
+    }
+    let q = trace_query(raw)?;
     let store = api.store.clone();
     let limits = api.limits;
     let traces = blocking(move || stitch::search(&*store, &q, limits)).await?;
@@ -387,6 +414,46 @@ async fn find_traces(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Ap
     let n = data.len();
     Ok(envelope(json!(data), n))
 }
+
+/// `/api/traces?traceID=..&traceID=..`: the traces found, and as Jaeger does, one error
+/// `{msg, traceID}` for each that is not (with 200: the others are answered).
+async fn traces_by_id(api: &Arc<Api>, ids: Vec<TraceId>) -> ApiResult {
+    if ids.len() > MAX_TRACE_IDS {
+        return Err(bad(format!(
+            "at most {MAX_TRACE_IDS} traceID parameters at once"
+        )));
+    }
+    let store = api.store.clone();
+    let limits = api.limits;
+    let found = blocking(move || {
+        ids.into_iter()
+            .map(|id| Ok((id, stitch::trace(&*store, &id, limits)?)))
+            .collect::<Result<Vec<_>, tracer_store::StoreError>>()
+    })
+    .await?;
+    let mut data = Vec::new();
+    let mut errors = Vec::new();
+    for (id, trace) in &found {
+        match trace {
+            Some(t) => data.push(trace_json(t)),
+            None => errors.push(json!({"msg": "trace not found", "traceID": hex::encode(id)})),
+        }
+    }
+    api.count_truncated(found.iter().filter_map(|(_, t)| t.as_ref()));
+    let total = data.len();
+    let errors = if errors.is_empty() {
+        Value::Null
+    } else {
+        json!(errors)
+    };
+    Ok(
+        Json(json!({"data": data, "total": total, "limit": 0, "offset": 0, "errors": errors}))
+            .into_response(),
+    )
+}
+
+/// Traces one lookup by id may ask for: each is a full trace read.
+const MAX_TRACE_IDS: usize = 20;
 
 pub fn parse_trace_id(s: &str) -> Result<TraceId, ApiError> {
     let s = s.trim();
@@ -501,6 +568,12 @@ mod tests {
         );
         assert_eq!(q.min_duration_nano, Some(1_000_000));
         assert!(trace_query("minDuration=fast").is_err());
+        assert!(trace_query("minDuration=2ms&maxDuration=1ms").is_err());
+        let q = trace_query("lookback=2d&end=200000000000").unwrap();
+        assert_eq!(
+            q.start_unix_nano,
+            Some(200_000_000_000_000 - 2 * 86_400_000_000_000)
+        );
     }
 
     #[test]

@@ -342,4 +342,53 @@ async fn the_query_api_answers_in_jaeger_s_shapes() {
             .any(|l| l["parent"] == "shop" && l["child"] == "db" && l["callCount"] == 1);
         assert_eq!(shop_db, query != "&service=elsewhere", "{query}: {body}");
     }
+
+    // Grafana's search: start and end in microseconds, `lookback=custom`, tags as JSON.
+    let (start_us, end_us) = (now / 1000 - 60_000_000, now_nanos() / 1000 + 60_000_000);
+    let (status, body) = c
+        .get(&format!(
+            "/api/traces?service=shop&limit=20&start={start_us}&end={end_us}&lookback=custom&minDuration=1ms&maxDuration=1s"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        array(envelope(&body, "Grafana's search"), "traces").len(),
+        1
+    );
+
+    // The Jaeger UI's lookup by ids: the traces found, and an error {msg, traceID} for each
+    // that is not.
+    let missing = "cd".repeat(16);
+    let (status, body) = c
+        .get(&format!("/api/traces?traceID={id}&traceID={missing}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let found = array(envelope(&body, "a lookup by ids"), "traces");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["traceID"], id.as_str());
+    let errors = array(&body["errors"], "errors");
+    assert_eq!(errors.len(), 1, "{body}");
+    keys(&errors[0], "error", &["msg", "traceID"], &["code"]);
+    assert_eq!(errors[0]["traceID"], missing.as_str());
+
+    // Parameters Jaeger refuses with 400 and its error envelope.
+    for query in [
+        "/api/traces?service=shop&limit=many",
+        "/api/traces?service=shop&minDuration=fast",
+        "/api/traces?service=shop&minDuration=2s&maxDuration=1s",
+        "/api/traces?service=shop&start=yesterday",
+        "/api/traces?service=shop&tag=nocolon",
+        "/api/traces?service=shop&tags=notjson",
+        "/api/traces?traceID=not-hex",
+        "/api/dependencies?endTs=now",
+        "/api/dependencies?endTs=1&lookback=long",
+    ] {
+        let (status, body) = c.get(query).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        error_envelope(400, &body, query);
+    }
+    // An unknown endpoint: 404 in the same envelope.
+    let (status, body) = c.get("/api/nothing").await;
+    assert_eq!(status, 404);
+    error_envelope(404, &body, "/api/nothing");
 }
