@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 27] = [
+    let rows: [(&str, &str, u64); 28] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -134,6 +134,11 @@ pub fn render(stats: &Stats) -> String {
             e.dropped_shutdown.load(Relaxed),
         ),
         (
+            "tracer_export_failed_attempts_total",
+            "Export requests that failed and were retried (collector unreachable, 408, 429, 5xx)",
+            e.failed_attempts.load(Relaxed),
+        ),
+        (
             "tracer_parse_failures_total",
             "Messages that could not be parsed",
             a.parse_failures.load(Relaxed),
@@ -204,6 +209,16 @@ fn render_also_exports(stats: &Stats, out: &mut String) {
         out.push_str(&format!(
             "tracer_also_export_spans_total{{endpoint=\"{endpoint}\"}} {}\n",
             e.spans_sent.load(Relaxed)
+        ));
+    }
+    out.push_str(
+        "# HELP tracer_also_export_failed_attempts_total Requests to an --also-export endpoint that failed and were retried\n\
+         # TYPE tracer_also_export_failed_attempts_total counter\n",
+    );
+    for (endpoint, e) in &stats.also_exports {
+        out.push_str(&format!(
+            "tracer_also_export_failed_attempts_total{{endpoint=\"{endpoint}\"}} {}\n",
+            e.failed_attempts.load(Relaxed)
         ));
     }
     out.push_str(

@@ -137,6 +137,12 @@ fn every_span_reaches_every_endpoint_and_a_dead_one_costs_the_others_nothing() {
         )) > 0,
         "{text}"
     );
+    assert!(
+        series(&format!(
+            "tracer_also_export_failed_attempts_total{{{endpoint}}}"
+        )) > 0,
+        "its failed requests, retried, are counted: {text}"
+    );
     drop(agent);
 }
 
