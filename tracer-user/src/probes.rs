@@ -223,10 +223,37 @@ pub(crate) fn verified<T>(name: &str, r: Result<T, ProgramError>) -> anyhow::Res
     }
 }
 
+/// How to grant what `--inject-context` needs.
+const NET_ADMIN_HOW: &str = "Run it as root, or grant the capability (the packaged service: \
+     `systemctl edit tracer-agent`, then under [Service] add AmbientCapabilities=CAP_NET_ADMIN \
+     and CapabilityBoundingSet=CAP_NET_ADMIN).";
+
+/// Whether this process may load sk_msg and sock_ops programs and make a sockhash: the kernel
+/// asks for CAP_NET_ADMIN or CAP_SYS_ADMIN (`bpf_net_capable`).
+fn net_admin_capable() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    match effective {
+        Some(caps) => caps & (1 << CAP_NET_ADMIN | 1 << CAP_SYS_ADMIN) != 0,
+        // Unreadable: let the kernel decide.
+        None => true,
+    }
+}
+
 /// Loads and attaches the context injector: sock_ops on the cgroup v2 root puts outgoing
 /// connections into `OUTGOING`, sk_msg on that map inserts the header. Returns the programs
 /// attached.
 fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(usize, Ebpf)> {
+    // Checked first: the kernel refuses the sk_msg programs with a bare EPERM, which read as a
+    // verifier rejection.
+    if !net_admin_capable() {
+        bail!("--inject-context needs CAP_NET_ADMIN besides what the agent needs otherwise. {NET_ADMIN_HOW}");
+    }
     if !inject.trusted.is_empty() {
         let mut nets: LpmTrie<_, [u8; 20], u8> = ebpf
             .map_mut("TRUSTED_NETS")
@@ -268,7 +295,7 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(u
         .map_err(|e| {
             anyhow::anyhow!(
                 "--inject-context: creating the sockhash failed ({e}); it needs CAP_NET_ADMIN \
-                 besides what the agent needs otherwise"
+                 besides what the agent needs otherwise. {NET_ADMIN_HOW}"
             )
         })?;
     let map = outgoing_ebpf

@@ -72,12 +72,24 @@ fn unit_value(unit: &str, key: &str) -> String {
 fn as_the_unit_says(unit_file: &Path, extra: &[String]) -> Command {
     let unit = std::fs::read_to_string(unit_file).unwrap();
     let user = unit_value(&unit, "User");
+    // Capability lists merge across the unit and its drop-ins, as systemd reads them; an empty
+    // assignment empties the list.
     let setpriv_caps = |key: &str| -> String {
-        let caps = unit_value(&unit, key);
-        caps.split_whitespace()
-            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-            .collect::<Vec<_>>()
-            .join(",")
+        let mut caps: Vec<String> = Vec::new();
+        for value in unit
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        {
+            if value.trim().is_empty() {
+                caps.clear();
+            }
+            caps.extend(
+                value
+                    .split_whitespace()
+                    .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
+            );
+        }
+        caps.join(",")
     };
     let mut cmd = Command::new("setpriv");
     cmd.arg(format!("--reuid={user}"))
@@ -232,6 +244,7 @@ fn packages_install_run_trace_and_purge_cleanly() {
         Duration::from_secs(20),
         || get(&search).contains("\"GET /hello.txt\""),
     );
+    inject_context_needs_net_admin_as_documented(http, traced_port);
     drop((_collector, _agent));
 
     purge();
@@ -255,6 +268,63 @@ fn packages_install_run_trace_and_purge_cleanly() {
     ] {
         assert!(!Path::new(path).exists(), "{path} is left after the purge");
     }
+}
+
+/// `--inject-context` needs CAP_NET_ADMIN, which the packaged unit leaves out: the agent stops
+/// and says how to add it; added as agent.toml says (a drop-in), the agent starts.
+fn inject_context_needs_net_admin_as_documented(http: u16, port: u16) {
+    let unit = Path::new("/lib/systemd/system/tracer-agent.service");
+    let args = [
+        format!("--endpoint=http://127.0.0.1:{http}"),
+        format!("--port={port}"),
+        "--metrics-addr=off".into(),
+        "--inject-context".into(),
+    ];
+    let mut child = as_the_unit_says(unit, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the packaged agent");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the agent ran with --inject-context without CAP_NET_ADMIN");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    for said in ["CAP_NET_ADMIN", "systemctl edit tracer-agent"] {
+        assert!(stderr.contains(said), "no {said:?} in:\n{stderr}");
+    }
+
+    let agent_toml = std::fs::read_to_string("/etc/tracer/agent.toml").unwrap();
+    let drop_in: String = agent_toml
+        .lines()
+        .skip_while(|l| !l.contains("systemctl edit tracer-agent"))
+        .skip(1)
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+        .collect();
+    assert!(drop_in.starts_with("[Service]\n"), "{drop_in}");
+    let edited = temp_dir("packages-unit").join("tracer-agent.service");
+    std::fs::write(
+        &edited,
+        std::fs::read_to_string(unit).unwrap() + "\n" + &drop_in,
+    )
+    .unwrap();
+    let agent = Daemon::start(
+        as_the_unit_says(&edited, &args),
+        "agent with CAP_NET_ADMIN",
+        "tracer: ready",
+        true,
+    );
+    drop(agent);
 }
 
 /// The long flags `--help` lists, without `--help`, `--version` and `--config`.

@@ -83,7 +83,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::{otlp_sink, sdk_bench};
+use crate::{breakdown, otlp_sink, sdk_bench};
 
 pub struct BenchArgs {
     pub rounds: usize,
@@ -94,6 +94,8 @@ pub struct BenchArgs {
     pub agent_args: Vec<String>,
     /// Run only the comparison with the OpenTelemetry SDK (`sdk_bench.rs`).
     pub sdk_only: bool,
+    /// Run only the account of a traced request's time at saturation (`breakdown.rs`).
+    pub breakdown_only: bool,
 }
 
 pub(crate) struct Killed(pub Child);
@@ -103,6 +105,18 @@ impl Drop for Killed {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
     }
+}
+
+/// The pid of nginx's one worker process (a child of the master the bench started).
+pub(crate) fn nginx_worker(nginx: &Nginx) -> anyhow::Result<u32> {
+    let master = nginx._process.0.id();
+    let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+        .context("reading nginx's worker pid")?;
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("nginx has no worker process")
 }
 
 pub(crate) fn free_port() -> u16 {
@@ -158,9 +172,9 @@ fn collector(bin: &Path, data: &Path) -> anyhow::Result<(Killed, u16, u16)> {
 
 /// The benchmarked nginx: one worker answering `/ok` on a plain port and on a TLS port (a
 /// self-signed certificate made for the run; TLS 1.3, the default).
-struct Nginx {
+pub(crate) struct Nginx {
     _process: Killed,
-    port: u16,
+    pub(crate) port: u16,
     tls_port: u16,
 }
 
@@ -332,6 +346,8 @@ pub(crate) struct Wrk {
     pub requests: u64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// wrk's own CPU time (user + system), seconds.
+    pub cpu_seconds: f64,
 }
 
 fn parse_latency(s: &str) -> f64 {
@@ -378,9 +394,12 @@ pub(crate) fn wrk_load(
         std::fs::write(&script, PACE_LUA.replace("RATE", &rate.to_string()))?;
         cmd.arg("-s").arg(script);
     }
-    let out = cmd.arg(url).output().context("running wrk")?;
+    let (out, cpu_seconds) = output_and_cpu(cmd.arg(url)).context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut w = Wrk::default();
+    let mut w = Wrk {
+        cpu_seconds,
+        ..Wrk::default()
+    };
     for line in text.lines() {
         let t = line.trim();
         if let Some(v) = t.strip_prefix("Requests/sec:") {
@@ -406,6 +425,33 @@ pub(crate) fn wrk_load(
     Ok(w)
 }
 
+/// Runs `cmd` to its end like `Command::output`, and returns the CPU time (user + system) it
+/// used, from `wait4`'s resource usage.
+fn output_and_cpu(cmd: &mut Command) -> std::io::Result<(std::process::Output, f64)> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    // wrk writes little, and only at its end: reading one pipe after the other cannot block it.
+    child.stdout.take().map(|mut o| o.read_to_end(&mut stdout));
+    child.stderr.take().map(|mut e| e.read_to_end(&mut stderr));
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, writing into locals.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    use std::os::unix::process::ExitStatusExt as _;
+    Ok((
+        std::process::Output {
+            status: std::process::ExitStatus::from_raw(status),
+            stdout,
+            stderr,
+        },
+        secs(ru.ru_utime) + secs(ru.ru_stime),
+    ))
+}
+
 /// utime + stime of a process, in seconds.
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -418,7 +464,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// User + system CPU time of this process (all threads), in seconds.
-fn own_cpu_seconds() -> f64 {
+pub(crate) fn own_cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid out-pointer.
@@ -525,7 +571,9 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = if args.sdk_only {
+    let result = if args.breakdown_only {
+        breakdown_only(&bin, &work, args)
+    } else if args.sdk_only {
         sdk_bench::sdk_bench(root, &bin, &work, args.rounds, args.seconds)
     } else if args.kernel_only {
         kernel_cost(&bin, &work).map(|k| {
@@ -538,6 +586,21 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     };
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+fn breakdown_only(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let nginx = nginx(&work.join("nginx"))?;
+    let (sink_port, sink) = otlp_sink::start()?;
+    breakdown::measure(
+        bin,
+        work,
+        &nginx,
+        (sink_port, &sink),
+        args.rounds,
+        args.seconds,
+    )?
+    .print();
+    Ok(())
 }
 
 fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
@@ -665,6 +728,14 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let breakdown = breakdown::measure(
+        bin,
+        work,
+        &nginx,
+        (sink_port, &sink),
+        args.rounds,
+        args.seconds,
+    )?;
     let replay = replay_cost(bin, work, &nginx, http, args.seconds)?;
     let idle_ms_per_s = idle_cost(bin, &nginx, http, args)?;
     drop(nginx);
@@ -953,6 +1024,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     println!("(store query latency: cargo bench -p tracer-store)");
+    breakdown.print();
     Ok(())
 }
 
@@ -968,15 +1040,21 @@ const REPLAY_SECONDS: u64 = 3;
 /// `tracer agent` tracing nginx's two ports and exporting to `export_port` on this host,
 /// logging warnings only.
 fn agent_command(bin: &Path, export_port: u16, nginx: &Nginx) -> Command {
+    agent_tracing(bin, export_port, &[nginx.port, nginx.tls_port])
+}
+
+/// The agent tracing `ports`, exporting to `export_port` on this host.
+pub(crate) fn agent_tracing(bin: &Path, export_port: u16, ports: &[u16]) -> Command {
     let mut cmd = Command::new(bin.join("tracer"));
     cmd.args([
         "agent",
         "--endpoint",
         &format!("http://127.0.0.1:{export_port}"),
     ])
-    .args(["--port", &nginx.port.to_string()])
-    .args(["--port", &nginx.tls_port.to_string()])
     .env("RUST_LOG", "warn");
+    for port in ports {
+        cmd.args(["--port", &port.to_string()]);
+    }
     cmd
 }
 

@@ -7,6 +7,7 @@ use std::{
 };
 
 mod bench;
+mod breakdown;
 mod kernels;
 mod otlp_sink;
 mod sdk_bench;
@@ -52,6 +53,10 @@ enum Cmd {
         /// and Node.js services: untraced, traced by the agent, instrumented by the SDK).
         #[arg(long, conflicts_with = "kernel_only")]
         sdk_only: bool,
+        /// Only the account of a traced request's time at saturation (untraced, probes
+        /// ignoring every connection, records without export, every span exported).
+        #[arg(long, conflicts_with_all = ["kernel_only", "sdk_only"])]
+        breakdown_only: bool,
         /// An extra argument for every traced agent (repeatable), e.g.
         /// `--agent-arg=--priority --agent-arg=adaptive`.
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -306,6 +311,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             kernel_only,
             sdk_only,
+            breakdown_only,
             agent_args,
         } => {
             setup()?;
@@ -318,6 +324,7 @@ fn main() -> anyhow::Result<()> {
                     kernel_only,
                     agent_args,
                     sdk_only,
+                    breakdown_only,
                 },
             )
         }
