@@ -26,6 +26,10 @@
 //!    drops (ring buffer, in-flight and connection tables), export drops, spans built and spans
 //!    the collector acknowledged. After each traced run the bench waits until the agent has
 //!    exported or counted as dropped every span it built, so the counts add up.
+//!    Then **where a traced request's time goes at saturation** (`breakdown.rs`, alone with
+//!    `--breakdown-only`): untraced, probes ignoring every connection, records without export,
+//!    every span exported, with the 2 CPUs' time a request split among nginx, wrk, the agent,
+//!    the sink, the rest of the machine and idle.
 //!    Then **the agent's pipeline alone**: 3 s at 10k req/s recorded with `tracer agent
 //!    --record`, replayed 3 times by `tracer replay` (pairing, spans, OTLP encoding; no probes,
 //!    ring buffer or export, warm caches), next to the live agent's CPU at 10k req/s. Then the

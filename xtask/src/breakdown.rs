@@ -22,8 +22,8 @@ use std::{path::Path, sync::atomic::Ordering::Relaxed, sync::Arc, time::Instant}
 
 use crate::{
     bench::{
-        agent_tracing, drain, free_port, median, nginx_worker, own_cpu_seconds, start_ready,
-        threads_cpu_seconds, wrk_load, Nginx,
+        agent_tracing, drain, free_port, median, metric, nginx_worker, own_cpu_seconds,
+        start_ready, threads_cpu_seconds, wrk_load, Nginx,
     },
     otlp_sink::SinkCounts,
 };
@@ -67,6 +67,8 @@ struct Account {
     sink: f64,
     other: f64,
     idle: f64,
+    /// Records the probes could not put in the ring (full), when the agent serves metrics.
+    ring_drops: u64,
 }
 
 impl Account {
@@ -153,6 +155,7 @@ pub(crate) fn measure(
                 sink: per_req(own_cpu_seconds() - sink0),
                 other: 0.0,
                 idle: per_req(idle1 - idle0),
+                ring_drops: 0,
             };
             // What the processes above do not account for: kernel threads and their softirqs,
             // other daemons. Busy time from /proc/stat, minus theirs.
@@ -161,7 +164,7 @@ pub(crate) fn measure(
             eprintln!(
                 "breakdown round {} {:<36} {:>7.0} req/s  CPU us a request: nginx {:.2} wrk {:.2} \
                  agent {:.2} sink {:.2} other {:.2} idle {:.2}; {sink_mib:.0} MiB to the sink in \
-                 {wall:.1} s",
+                 {wall:.1} s{}",
                 round + 1,
                 step.name(),
                 a.rps,
@@ -170,10 +173,17 @@ pub(crate) fn measure(
                 a.agent,
                 a.sink,
                 a.other,
-                a.idle
+                a.idle,
+                if a.ring_drops > 0 {
+                    format!("; {} records DROPPED by the ring", a.ring_drops)
+                } else {
+                    String::new()
+                }
             );
             if let Some(metrics) = metrics {
                 drain(metrics);
+                // A throughput bought by dropping records would not be one.
+                a.ring_drops = metric(metrics, "tracer_ringbuf_dropped_total");
             }
             drop(agent);
             runs.push((step, a));
@@ -217,13 +227,23 @@ impl Breakdown {
          requests =="
         );
         println!(
-            "{:<36} {:>9} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6}",
-            "", "req/s", "ratio", "nginx", "wrk", "agent", "sink", "other", "idle", "total"
+            "{:<36} {:>9} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} | {:>10}",
+            "",
+            "req/s",
+            "ratio",
+            "nginx",
+            "wrk",
+            "agent",
+            "sink",
+            "other",
+            "idle",
+            "total",
+            "ring drops"
         );
         for step in STEPS {
             let rps = pick(step, &|a| a.rps);
             println!(
-            "{:<36} {:>9.0} {:>6.3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} | {:>6.2}",
+            "{:<36} {:>9.0} {:>6.3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} | {:>6.2} | {:>10}",
             step.name(),
             rps,
             ratio(step),
@@ -234,13 +254,18 @@ impl Breakdown {
             pick(step, &|a| a.other),
             pick(step, &|a| a.idle),
             pick(step, &|a| a.total()),
+            runs.iter()
+                .filter(|(s, _)| *s == step)
+                .map(|(_, a)| a.ring_drops)
+                .sum::<u64>(),
         );
         }
         println!(
             "(CPU microseconds a request. nginx and wrk include the probe programs their syscalls \
          run; \"other\" is the rest of the machine (kernel threads, softirqs); \"idle\" is CPU \
          time nobody used: throughput lost while one process waits for the other, not CPU \
-             spent.)"
+             spent. Ring drops: records lost in all rounds, which would make a throughput \
+             look better than it is.)"
         );
     }
 }
