@@ -62,42 +62,8 @@ fn filters(args: &AgentArgs, export_addrs: Vec<SocketAddr>) -> Filters {
     }
 }
 
-/// How long the drain works before it offers its CPU to a traced process waiting for it.
-///
-/// At saturation on 2 cores, nginx and wrk each keep one busy and the agent (boosted to normal
-/// priority, see priority.rs) takes its time from one of them for a whole scheduler slice
-/// (milliseconds): the other runs out of work and waits, idle. `cargo xtask bench`'s breakdown
-/// measured ~1.5 µs of idle CPU for each µs the agent used. Handing the CPU back every ~30 µs
-/// (a `sched_yield`, which returns at once when nobody waits) keeps each interruption shorter
-/// than the backlog the other process has to work through, but only while the ring holds
-/// little (`YIELD_BELOW`): yielding whatever the backlog let the agent fall behind, and the
-/// probes dropped a quarter of the records at saturation (which first looked like +14%
-/// throughput). Measured with the condition, nginx under wrk exporting every span, 9 alternated
-/// rounds of 5 s, no record dropped either way: 73-81k req/s without, 75-87k with (higher in 7
-/// rounds of 9, median +8%).
-const YIELD_EVERY: Duration = Duration::from_micros(30);
-/// Records handled between looks at the clock (~16 µs of work at saturation).
-const YIELD_CHECK_RECORDS: u32 = 32;
-/// The drain yields only while less than this share of the ring waits (1/16: half of what
-/// boosts the agent's priority), so a backlog is worked off at full speed.
-const YIELD_BELOW: u64 = 16;
-
 fn drain(ring: &mut Ring, pipeline: &mut Pipeline) {
-    let mut handled = 0u32;
-    let mut since = Instant::now();
-    let yield_below = ring.size() / YIELD_BELOW;
-    ring.drain(|record, waiting| {
-        pipeline.handle(record);
-        handled += 1;
-        if waiting < yield_below
-            && handled.is_multiple_of(YIELD_CHECK_RECORDS)
-            && since.elapsed() >= YIELD_EVERY
-        {
-            // SAFETY: no arguments; it only lets the scheduler run someone else first.
-            unsafe { libc::sched_yield() };
-            since = Instant::now();
-        }
-    });
+    ring.drain(|record| pipeline.handle(record));
     pipeline.flush_outbox();
 }
 

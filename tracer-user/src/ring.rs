@@ -146,11 +146,6 @@ impl Ring {
     }
 
     /// A view of how full the ring is, for another thread.
-    /// The ring's size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     pub fn fill(&self) -> RingFill {
         RingFill {
             consumer: self.consumer.clone(),
@@ -159,16 +154,13 @@ impl Ring {
         }
     }
 
-    /// Hands every committed record to `f`, in order, with the bytes still waiting behind it
-    /// (as of this batch's look at the producer position), and returns how many records there
-    /// were. Stops at the first record still being written (the next drain picks it up) and
-    /// after one ring's worth of bytes, so a producer faster than `f` cannot keep the caller
-    /// here forever.
-    pub fn drain(&mut self, mut f: impl FnMut(&[u8], u64)) -> usize {
+    /// Hands every committed record to `f`, in order, and returns how many there were. Stops at
+    /// the first record still being written (the next drain picks it up) and after one ring's
+    /// worth of bytes, so a producer faster than `f` cannot keep the caller here forever.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let start = self.pos;
         let mut published = self.pos;
         let mut records = 0;
-        let mut latest = self.pos;
         // SAFETY: the data pages follow the producer page; twice `size` bytes are mapped.
         let data = unsafe { self.producer.ptr.as_ptr().add(self.data_offset) };
         'batch: loop {
@@ -176,7 +168,6 @@ impl Ring {
             if end == self.pos {
                 break;
             }
-            latest = latest.max(end);
             while self.pos != end {
                 let at = (self.pos & (self.size - 1)) as usize;
                 // SAFETY: `at` is within the first mapping of the data pages; record headers
@@ -198,12 +189,7 @@ impl Ring {
                             len as usize,
                         )
                     };
-                    // The producers' position, read again every few records: within a
-                    // long batch `end` falls behind what they have written since.
-                    if records % WAITING_REFRESH_RECORDS == 0 {
-                        latest = self.producer_pos().load(Ordering::Relaxed).max(end);
-                    }
-                    f(record, latest - self.pos);
+                    f(record);
                     records += 1;
                 }
                 self.pos += step;
@@ -222,10 +208,6 @@ impl Ring {
         records
     }
 }
-
-/// Records handed to the caller between two reads of the producers' position for the bytes
-/// waiting: a read is a cache line the producers keep writing, so not every record.
-const WAITING_REFRESH_RECORDS: usize = 32;
 
 /// How far ahead of the record being handled the drain asks for the ring's bytes. The records
 /// were written by the probes on whichever CPU made the syscall, so the first read of each one
