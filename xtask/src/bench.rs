@@ -79,7 +79,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -100,6 +100,8 @@ pub struct BenchArgs {
     pub sdk_only: bool,
     /// Run only the account of a traced request's time at saturation (`breakdown.rs`).
     pub breakdown_only: bool,
+    /// A second agent build for the breakdown's A/B step (`--compare-bin`).
+    pub compare_bin: Option<PathBuf>,
 }
 
 pub(crate) struct Killed(pub Child);
@@ -597,6 +599,7 @@ fn breakdown_only(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<(
     let (sink_port, sink) = otlp_sink::start()?;
     breakdown::measure(
         bin,
+        args.compare_bin.as_deref(),
         work,
         &nginx,
         (sink_port, &sink),
@@ -734,6 +737,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     let breakdown = breakdown::measure(
         bin,
+        args.compare_bin.as_deref(),
         work,
         &nginx,
         (sink_port, &sink),

@@ -37,14 +37,9 @@ enum Step {
     ProbesIgnoring,
     Unexported,
     Exported,
+    /// As `Exported`, with the build given to `--compare-bin`.
+    ExportedByOtherBuild,
 }
-
-const STEPS: [Step; 4] = [
-    Step::Untraced,
-    Step::ProbesIgnoring,
-    Step::Unexported,
-    Step::Exported,
-];
 
 impl Step {
     fn name(self) -> &'static str {
@@ -53,6 +48,7 @@ impl Step {
             Step::ProbesIgnoring => "probes, every connection ignored",
             Step::Unexported => "records parsed, no span exported",
             Step::Exported => "every span exported (to the sink)",
+            Step::ExportedByOtherBuild => "the same, by the --compare-bin build",
         }
     }
 }
@@ -69,6 +65,8 @@ struct Account {
     idle: f64,
     /// Records the probes could not put in the ring (full), when the agent serves metrics.
     ring_drops: u64,
+    /// Times the agent left idle-only priority because records piled up (`priority.rs`).
+    boosts: u64,
 }
 
 impl Account {
@@ -98,13 +96,17 @@ fn machine_cpu_seconds() -> (f64, f64) {
 
 /// The runs of `measure`, printed by `print`.
 pub(crate) struct Breakdown {
+    steps: Vec<Step>,
     runs: Vec<(Step, Account)>,
     rounds: usize,
     seconds: u64,
 }
 
+/// `other`: a second agent build to run as a fifth step, for an A/B of two builds under the
+/// same alternation (this VM's speed drifts too much for two separate runs to compare).
 pub(crate) fn measure(
     bin: &Path,
+    other: Option<&Path>,
     work: &Path,
     nginx: &Nginx,
     (sink_port, sink): (u16, &Arc<SinkCounts>),
@@ -113,9 +115,18 @@ pub(crate) fn measure(
 ) -> anyhow::Result<Breakdown> {
     let worker = nginx_worker(nginx)?;
     let url = format!("http://127.0.0.1:{}/ok", nginx.port);
+    let mut steps = vec![
+        Step::Untraced,
+        Step::ProbesIgnoring,
+        Step::Unexported,
+        Step::Exported,
+    ];
+    if other.is_some() {
+        steps.push(Step::ExportedByOtherBuild);
+    }
     let mut runs: Vec<(Step, Account)> = Vec::new();
     for round in 0..rounds {
-        for step in STEPS {
+        for &step in &steps {
             // The agent, and its metrics port to wait on for the export to finish.
             let (agent, metrics) = match step {
                 Step::Untraced => (None, None),
@@ -126,8 +137,12 @@ pub(crate) fn measure(
                     cmd.args(["--metrics-addr", "off"]);
                     (Some(start_ready(cmd, "tracer: ready")?), None)
                 }
-                Step::Unexported | Step::Exported => {
-                    let mut cmd = agent_tracing(bin, sink_port, &[nginx.port]);
+                Step::Unexported | Step::Exported | Step::ExportedByOtherBuild => {
+                    let build = match (step, other) {
+                        (Step::ExportedByOtherBuild, Some(other)) => other,
+                        _ => bin,
+                    };
+                    let mut cmd = agent_tracing(build, sink_port, &[nginx.port]);
                     let metrics = free_port();
                     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
                     if step == Step::Unexported {
@@ -156,15 +171,22 @@ pub(crate) fn measure(
                 other: 0.0,
                 idle: per_req(idle1 - idle0),
                 ring_drops: 0,
+                boosts: 0,
             };
             // What the processes above do not account for: kernel threads and their softirqs,
             // other daemons. Busy time from /proc/stat, minus theirs.
             a.other = (per_req(busy1 - busy0) - a.nginx - a.wrk - a.agent - a.sink).max(0.0);
+            if let Some(metrics) = metrics {
+                drain(metrics);
+                // A throughput bought by dropping records would not be one.
+                a.ring_drops = metric(metrics, "tracer_ringbuf_dropped_total");
+                a.boosts = metric(metrics, "tracer_agent_priority_boosts_total");
+            }
             let sink_mib = (sink.bytes.load(Relaxed) - sink_bytes0) as f64 / (1 << 20) as f64;
             eprintln!(
                 "breakdown round {} {:<36} {:>7.0} req/s  CPU us a request: nginx {:.2} wrk {:.2} \
                  agent {:.2} sink {:.2} other {:.2} idle {:.2}; {sink_mib:.0} MiB to the sink in \
-                 {wall:.1} s{}",
+                 {wall:.1} s; {} priority boosts{}",
                 round + 1,
                 step.name(),
                 a.rps,
@@ -174,22 +196,19 @@ pub(crate) fn measure(
                 a.sink,
                 a.other,
                 a.idle,
+                a.boosts,
                 if a.ring_drops > 0 {
                     format!("; {} records DROPPED by the ring", a.ring_drops)
                 } else {
                     String::new()
                 }
             );
-            if let Some(metrics) = metrics {
-                drain(metrics);
-                // A throughput bought by dropping records would not be one.
-                a.ring_drops = metric(metrics, "tracer_ringbuf_dropped_total");
-            }
             drop(agent);
             runs.push((step, a));
         }
     }
     Ok(Breakdown {
+        steps,
         runs,
         rounds,
         seconds,
@@ -227,7 +246,7 @@ impl Breakdown {
          requests =="
         );
         println!(
-            "{:<36} {:>9} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} | {:>10}",
+            "{:<36} {:>9} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} | {:>10} {:>8}",
             "",
             "req/s",
             "ratio",
@@ -238,12 +257,13 @@ impl Breakdown {
             "other",
             "idle",
             "total",
-            "ring drops"
+            "ring drops",
+            "boosts/s"
         );
-        for step in STEPS {
+        for &step in &self.steps {
             let rps = pick(step, &|a| a.rps);
             println!(
-            "{:<36} {:>9.0} {:>6.3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} | {:>6.2} | {:>10}",
+            "{:<36} {:>9.0} {:>6.3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} | {:>6.2} | {:>10} {:>8.1}",
             step.name(),
             rps,
             ratio(step),
@@ -258,6 +278,7 @@ impl Breakdown {
                 .filter(|(s, _)| *s == step)
                 .map(|(_, a)| a.ring_drops)
                 .sum::<u64>(),
+            pick(step, &|a| a.boosts as f64) / seconds as f64,
         );
         }
         println!(
@@ -265,7 +286,8 @@ impl Breakdown {
          run; \"other\" is the rest of the machine (kernel threads, softirqs); \"idle\" is CPU \
          time nobody used: throughput lost while one process waits for the other, not CPU \
              spent. Ring drops: records lost in all rounds, which would make a throughput \
-             look better than it is.)"
+             look better than it is. Boosts: times a second the agent left idle-only priority because \
+             records piled up, see tracer-user/src/priority.rs.)"
         );
     }
 }

@@ -57,6 +57,11 @@ enum Cmd {
         /// ignoring every connection, records without export, every span exported).
         #[arg(long, conflicts_with_all = ["kernel_only", "sdk_only"])]
         breakdown_only: bool,
+        /// The directory of another build of `tracer` to run in the breakdown as a fifth step (every span
+        /// exported), alternated with the others in each round: an A/B of two builds on a
+        /// machine whose speed drifts between separate runs.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel_only", "sdk_only"])]
+        compare_bin: Option<PathBuf>,
         /// An extra argument for every traced agent (repeatable), e.g.
         /// `--agent-arg=--priority --agent-arg=adaptive`.
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -312,6 +317,7 @@ fn main() -> anyhow::Result<()> {
             kernel_only,
             sdk_only,
             breakdown_only,
+            compare_bin,
             agent_args,
         } => {
             setup()?;
@@ -325,6 +331,7 @@ fn main() -> anyhow::Result<()> {
                     agent_args,
                     sdk_only,
                     breakdown_only,
+                    compare_bin,
                 },
             )
         }
