@@ -214,7 +214,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_housekeeping = Instant::now();
     let mut last_counters = Instant::now();
-    let mut losses = LossWatch::new(pipeline.unix_now());
+    let mut losses = LossWatch::new(pipeline.unix_now(), 1 + also_urls.len());
     let mut last_stats = Instant::now();
     loop {
         let woken = tokio::select! {

@@ -485,20 +485,29 @@ impl Pipeline {
     /// Reports what was lost since the last call as a `tracer.loss` span of the agent's own.
     pub(crate) fn report_losses(&mut self, loss: &mut LossWatch, kernel: &probes::KernelCounters) {
         let now = self.unix_now();
-        let can_send = match &self.out.sink {
-            Sink::Otlp(tx, _) => tx.has_room(),
-            Sink::Stdout | Sink::Discard(..) => true,
+        let lost = {
+            let sink = &self.out.sink;
+            let can_send = |endpoint: usize| match sink {
+                Sink::Otlp(tx, also) => match endpoint {
+                    0 => tx.has_room(),
+                    i => also.get(i - 1).is_some_and(|other| other.has_room()),
+                },
+                Sink::Stdout | Sink::Discard(..) => true,
+            };
+            loss.check(kernel, &self.stats, now, can_send)
         };
-        let Some((span, encoded)) = loss.check(kernel, &self.stats, now, can_send) else {
+        if lost.is_empty() {
             return;
-        };
+        }
         let process = self.processes.get(std::process::id(), b"tracer");
         let resource = Arc::new(ExportResource::new(resource::resource(
             &self.host,
             &process,
             "tracer-agent",
         )));
-        self.out.send_encoded(&resource, &span, &encoded);
+        for (endpoint, span, encoded) in lost {
+            self.out.send_encoded(endpoint, &resource, &span, &encoded);
+        }
     }
 
     /// This agent's identity and link settings (`--host-name`, `--host-id`, `--trust-context`,

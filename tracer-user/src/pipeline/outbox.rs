@@ -66,8 +66,10 @@ impl Outbox {
     }
 
     /// Sends one of the agent's own spans, already encoded (rare: the `tracer.loss` spans).
+    /// `endpoint`: 0 the collector, then each `--also-export` in order.
     pub(crate) fn send_encoded(
         &mut self,
+        endpoint: usize,
         resource: &Arc<ExportResource>,
         span: &opentelemetry_proto::tonic::trace::v1::Span,
         encoded: &[u8],
@@ -82,7 +84,18 @@ impl Outbox {
         };
         let mut batch = recycler.batch(resource);
         batch.push_encoded(encoded);
-        self.hand_over(batch);
+        match &mut self.sink {
+            Sink::Otlp(tx, also) => match endpoint {
+                0 => tx.send(batch),
+                i => {
+                    if let Some(other) = also.get(i - 1) {
+                        other.send(other.copy_of(&batch));
+                    }
+                    tx.recycler.return_batches(std::iter::once(batch));
+                }
+            },
+            _ => self.hand_over(batch),
+        }
     }
 
     pub(crate) fn flush(&mut self) {
