@@ -252,7 +252,11 @@ fn the_collector_behind_also_export_gets_every_span_while_the_primary_is_down() 
     let log = agent.stderr.lock().unwrap().clone();
     // The agent's own tracer.loss spans report each endpoint's losses to that endpoint (and
     // the kernel's to all): the collector lost nothing, so it was sent none.
-    assert_eq!(stored_spans(query, "tracer-agent"), 0, "loss spans at the collector");
+    assert_eq!(
+        stored_spans(query, "tracer-agent"),
+        0,
+        "loss spans at the collector"
+    );
     // Every span the down endpoint was given (the traffic's, and its own loss reports, at most
     // one a second) is counted as dropped, for a full queue or at shutdown.
     assert_eq!(summary_count(&log, "spans_sent"), 0);
