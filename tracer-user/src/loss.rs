@@ -24,12 +24,10 @@ use crate::{
 pub const LOSS_SPAN_NAME: &str = "tracer.loss";
 
 /// Losses since the last look, from the counters.
-#[derive(Default)]
 pub struct LossWatch {
-    /// Records lost in the kernel (ring buffer full, connection table full), at the last look.
-    records: u64,
-    /// Per endpoint (the collector first, then each `--also-export`): spans lost on the way
-    /// (export queue full, rejected), and the records total it was last told about.
+    /// Per endpoint (the collector first, then each `--also-export`): the totals of spans lost
+    /// on the way (export queue full, rejected) and of records lost in the kernel (ring buffer
+    /// full, connection table full) it was last told about.
     endpoints: Vec<EndpointLoss>,
 }
 
@@ -48,7 +46,6 @@ impl LossWatch {
             ..Default::default()
         };
         LossWatch {
-            records: 0,
             endpoints: vec![start; endpoints.max(1)],
         }
     }
@@ -67,26 +64,24 @@ impl LossWatch {
     ) -> Vec<(usize, Span, Vec<u8>)> {
         use std::sync::atomic::Ordering::Relaxed;
         use tracer_common::counter as c;
-        self.records = self.records.max(
-            kernel.get(c::RINGBUF_FULL)
-                + kernel.get(c::CONN_TABLE_FULL)
-                + stats.agent.unknown_connection_records.load(Relaxed),
-        );
+        let records = kernel.get(c::RINGBUF_FULL)
+            + kernel.get(c::CONN_TABLE_FULL)
+            + stats.agent.unknown_connection_records.load(Relaxed);
         let export_stats =
             std::iter::once(&stats.export).chain(stats.also_exports.iter().map(|(_, e)| e));
         let mut spans_out = Vec::new();
         for (endpoint, (seen, export)) in self.endpoints.iter_mut().zip(export_stats).enumerate() {
-            let spans =
-                export.dropped_queue_full.load(Relaxed) + export.dropped_rejected.load(Relaxed);
             if !can_send(endpoint) {
                 continue;
             }
+            let spans =
+                export.dropped_queue_full.load(Relaxed) + export.dropped_rejected.load(Relaxed);
             let (new_records, new_spans) = (
-                self.records.saturating_sub(seen.records),
+                records.saturating_sub(seen.records),
                 spans.saturating_sub(seen.spans),
             );
             let since = std::mem::replace(&mut seen.since_unix_ns, now_unix_ns);
-            (seen.records, seen.spans) = (self.records, spans);
+            (seen.records, seen.spans) = (records, spans);
             if new_records == 0 && new_spans == 0 {
                 continue;
             }

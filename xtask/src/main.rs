@@ -57,9 +57,9 @@ enum Cmd {
         /// ignoring every connection, records without export, every span exported).
         #[arg(long, conflicts_with_all = ["kernel_only", "sdk_only"])]
         breakdown_only: bool,
-        /// The directory of another build of `tracer` to run in the breakdown as a fifth step (every span
-        /// exported), alternated with the others in each round: an A/B of two builds on a
-        /// machine whose speed drifts between separate runs.
+        /// The directory of another build of `tracer` to run in the breakdown as a fifth step
+        /// (every span exported), alternated with the others in each round: an A/B of two
+        /// builds on a machine whose speed drifts between separate runs.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel_only", "sdk_only"])]
         compare_bin: Option<PathBuf>,
         /// An extra argument for every traced agent (repeatable), e.g.
