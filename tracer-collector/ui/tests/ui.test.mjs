@@ -295,13 +295,15 @@ const RANK = { low: 1, medium: 2, high: 3 };
 const firstTag = (tags, key) => { const t = (tags || []).find((x) => x.key === key); return t ? t.value : undefined; };
 
 // The rows of the waterfall as the test reads them.
+// textContent, not innerText: rows are `content-visibility: auto`, and the text of a row the
+// browser skipped as off-screen reads as empty through innerText (it failed that way in CI).
 const readRows = (page) => page.$$eval('.waterfall .span-row', (els) => els.map((e) => {
   const b = e.querySelector('.link-badge');
   const c = e.querySelector('.clock-badge');
   const h = e.querySelector('.sr-host');
   return { id: e.dataset.spanId, depth: Number(e.dataset.depth), parent: e.dataset.parentId || '', detached: e.classList.contains('detached'),
-    badge: b ? { source: b.dataset.source, confidence: b.dataset.confidence, by: b.dataset.by, text: b.innerText } : null,
-    shift: c ? Number(c.dataset.shiftUs) : null, host: h ? h.innerText.trim() : null };
+    badge: b ? { source: b.dataset.source, confidence: b.dataset.confidence, by: b.dataset.by, text: b.textContent } : null,
+    shift: c ? Number(c.dataset.shiftUs) : null, host: h ? h.textContent.trim() : null };
 }));
 
 async function provenanceChecks(page, opts, shot, noPageErrors) {
