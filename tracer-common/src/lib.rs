@@ -261,6 +261,12 @@ pub const fn conn_key(tgid: u32, fd: u32) -> u64 {
     ((tgid as u64) << 32) | fd as u64
 }
 
+/// How many bytes of `struct socket` the probes read in one go (its `type` and `sk` are at 4
+/// and 24 on every kernel since 2.6), and of `struct sock_common` from `skc_daddr` (IPv4
+/// addresses, ports and family: 0 to 18). The agent refuses a kernel where they are not.
+pub const SOCKET_HEAD: usize = 32;
+pub const SOCK_HEAD: usize = 24;
+
 /// Offsets into kernel structures, read by the agent from the running kernel's BTF and written
 /// into the probes as a read-only global before loading. This is how the probes follow
 /// `task -> files -> fdtable -> file -> socket -> sock` on any kernel without CO-RE support in

@@ -220,8 +220,9 @@ pub(crate) fn wake_flags(size: u64) -> u64 {
     }
 }
 
-/// A data syscall returned `ret`: if its socket is a tracked (or new) TCP connection, send what
-/// moved.
+/// A data syscall returned `ret`: if its socket is a tracked (or new, when `may_track`) TCP
+/// connection, send what moved. A batch's later messages (sendmmsg, recvmmsg) do not track: the
+/// first did if the socket is one, and the verifier walks each inlined copy of `track` again.
 #[inline(always)]
 pub(crate) fn on_data(
     pid_tgid: u64,
@@ -230,6 +231,7 @@ pub(crate) fn on_data(
     (sc, dir, buffer): (u32, u32, Buffer),
     ts_enter: Option<u64>,
     injected: bool,
+    may_track: bool,
 ) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = regs.arg(0) as u32;
@@ -237,7 +239,7 @@ pub(crate) fn on_data(
     let state = match CONNS.get_ptr_mut(key) {
         Some(state) => state,
         None => {
-            if NOT_TCP.get_ptr(key).is_some() {
+            if !may_track || NOT_TCP.get_ptr(key).is_some() {
                 return 0;
             }
             match track(pid_tgid, fd, false, false) {
@@ -442,7 +444,15 @@ pub(crate) fn on_exit(ctx: &TracePointContext, sc: u32, dir: u32, buffer: Buffer
     if sc == syscall::RECVFROM && regs.arg(3) & MSG_PEEK != 0 {
         return 0;
     }
-    let r = on_data(pid_tgid, regs, ret, (sc, dir, buffer), ts_enter, injected);
+    let r = on_data(
+        pid_tgid,
+        regs,
+        ret,
+        (sc, dir, buffer),
+        ts_enter,
+        injected,
+        true,
+    );
     if injected {
         forget_pending(pid_tgid as u32);
     }

@@ -165,6 +165,7 @@ fn on_mmsg_exit(ctx: &TracePointContext, sc: u32, dir: u32) -> u32 {
                 (sc, dir, Buffer::Mmsg(n)),
                 ts_enter,
                 false,
+                n == 0,
             );
         }
     }

@@ -32,6 +32,11 @@ pub enum BtfError {
     FieldNotFound { struct_name: String, field: String },
     #[error("field `{struct_name}.{field}` is a bitfield or not byte-aligned")]
     Bitfield { struct_name: String, field: String },
+    #[error(
+        "this kernel lays out `{0}` unlike any Linux the probes know (they read its first fields \
+         in one go); please report the kernel version"
+    )]
+    Layout(&'static str),
 }
 
 fn malformed<T>(msg: impl Into<String>) -> Result<T, BtfError> {
@@ -228,7 +233,7 @@ pub fn kernel_offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     // The probes hold a `struct sock *`; `sock_common` is embedded in it.
     let common = off("sock", "__sk_common")?;
     let sk = |f: &str| off("sock_common", f).map(|o| o + common);
-    Ok(KernelOffsets {
+    let o = KernelOffsets {
         task_pid: off("task_struct", "pid")?,
         task_tgid: off("task_struct", "tgid")?,
         task_files: off("task_struct", "files")?,
@@ -255,7 +260,34 @@ pub fn kernel_offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_comm: off("task_struct", "comm")?,
         valid: 1,
         _pad: 0,
-    })
+    };
+    check_heads(&o)?;
+    Ok(o)
+}
+
+/// The probes read `struct socket`'s `type` and `sk` in one read of its first `SOCKET_HEAD`
+/// bytes, and `sock_common`'s IPv4 addresses, ports and family in one of `SOCK_HEAD` bytes from
+/// `skc_daddr` (see tracer-ebpf's kernel.rs): true of every Linux since 2.6, checked here.
+fn check_heads(o: &KernelOffsets) -> Result<(), BtfError> {
+    use tracer_common::{SOCKET_HEAD, SOCK_HEAD};
+    let fits = |at: u32, size: usize, head: usize| at as usize + size <= head;
+    if !(fits(o.socket_type, 2, SOCKET_HEAD) && fits(o.socket_sk, 8, SOCKET_HEAD)) {
+        return Err(BtfError::Layout("struct socket"));
+    }
+    let rel = |f: u32| f.checked_sub(o.sock_daddr).unwrap_or(u32::MAX);
+    let sock_fields = [
+        (o.sock_family, 2),
+        (o.sock_num, 2),
+        (o.sock_dport, 2),
+        (o.sock_rcv_saddr, 4),
+    ];
+    if !sock_fields
+        .iter()
+        .all(|&(f, size)| rel(f) != u32::MAX && fits(rel(f), size, SOCK_HEAD))
+    {
+        return Err(BtfError::Layout("struct sock_common"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -363,6 +395,19 @@ mod tests {
             zeros,
             ["fdtable_max_fds: 0", "inode_mode: 0", "sock_daddr: 0"]
         );
+        // Where the probes' one-read heads expect them (a kernel that moved them is refused).
+        check_heads(&o).unwrap();
+        let moved = KernelOffsets {
+            sock_family: o.sock_daddr + 24,
+            ..o
+        };
+        let e = check_heads(&moved).unwrap_err().to_string();
+        assert!(e.contains("`struct sock_common`"), "{e}");
+        let moved = KernelOffsets { socket_sk: 32, ..o };
+        assert!(check_heads(&moved)
+            .unwrap_err()
+            .to_string()
+            .contains("`struct socket`"));
         let btf = Btf::from_file(Path::new(VMLINUX)).unwrap();
         let e = btf.field_offset("sock_common", "skc_reuse").unwrap_err();
         assert!(e.to_string().contains("bitfield"), "{e}");
