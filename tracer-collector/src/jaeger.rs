@@ -168,12 +168,17 @@ pub fn trace_json(trace: &Stitched) -> Value {
                 json!({"timestamp": e.time_unix_nano / 1000, "fields": fields})
             })
             .collect();
+        // Start and end each rounded down to the microsecond, the duration their difference:
+        // rounding the duration on its own could end a span up to 1 µs after a parent that
+        // ends after it in nanoseconds (seen in tests/topology.rs's containment check).
+        let start_us = s.start_unix_nano / 1000;
+        let end_us = s.start_unix_nano.saturating_add(s.duration_nano) / 1000;
         let mut span = json!({
             "traceID": hex::encode(s.trace_id),
             "spanID": hex::encode(s.span_id),
             "operationName": s.operation,
-            "startTime": s.start_unix_nano / 1000,
-            "duration": s.duration_nano / 1000,
+            "startTime": start_us,
+            "duration": end_us - start_us,
             "processID": format!("p{}", idx + 1),
             "flags": 1,
         });
@@ -539,6 +544,8 @@ pub fn router(api: Arc<Api>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stitch::StitchedSpan;
+    use tracer_store::SpanRecord;
 
     #[test]
     fn durations_parse_like_jaeger() {
@@ -574,6 +581,49 @@ mod tests {
             q.start_unix_nano,
             Some(200_000_000_000_000 - 2 * 86_400_000_000_000)
         );
+    }
+
+    #[test]
+    fn a_child_inside_its_parent_in_nanoseconds_is_inside_in_microseconds() {
+        let span = |id: u8, start_unix_nano: u64, duration_nano: u64| StitchedSpan {
+            span: SpanRecord {
+                trace_id: [1; 16],
+                span_id: [id; 8],
+                parent_span_id: (id == 2).then_some([1; 8]),
+                service: "svc".into(),
+                operation: "op".into(),
+                kind: 2,
+                start_unix_nano,
+                duration_nano,
+                status_code: 0,
+                status_message: String::new(),
+                attributes: Vec::new(),
+                resource: Arc::new(Vec::new()),
+                events: Vec::new(),
+                links: Vec::new(),
+                scope_name: String::new(),
+                scope_version: String::new(),
+            },
+            warnings: Vec::new(),
+        };
+        // The parent ends at 1,001,998 ns, the child at 1,001,000: each duration rounded down
+        // on its own ended the parent at 1,000 µs and the child at 1,001.
+        let trace = Stitched {
+            trace_id: [1; 16],
+            spans: vec![span(1, 999_999, 1_999), span(2, 1_000_000, 1_000)],
+            warnings: Vec::new(),
+            incomplete_reasons: Vec::new(),
+            members: Vec::new(),
+            truncated: false,
+        };
+        let json = trace_json(&trace);
+        let ends: Vec<u64> = json["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["startTime"].as_u64().unwrap() + s["duration"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ends, [1_001, 1_001], "{json}");
     }
 
     #[test]

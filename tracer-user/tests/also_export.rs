@@ -143,6 +143,19 @@ fn every_span_reaches_every_endpoint_and_a_dead_one_costs_the_others_nothing() {
         )) > 0,
         "its failed requests, retried, are counted: {text}"
     );
+    // The Grafana dashboard's `--also-export` panels ask for series that exist.
+    let dashboard = dashboard_metrics();
+    let also: Vec<_> = dashboard
+        .iter()
+        .filter(|m| m.starts_with("tracer_also_export_"))
+        .collect();
+    assert_eq!(also.len(), 3, "{dashboard:?}");
+    for name in also {
+        assert!(
+            text.lines().any(|l| l.starts_with(name.as_str())),
+            "docs/grafana-dashboard.json uses {name}, which the agent does not serve"
+        );
+    }
     drop(agent);
 }
 

@@ -394,3 +394,23 @@ pub fn local_port(stream: &TcpStream) -> u16 {
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// The metric names docs/grafana-dashboard.json's queries use.
+pub fn dashboard_metrics() -> Vec<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana-dashboard.json");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| {
+            w.starts_with("tracer_")
+                || w.starts_with("http_server_")
+                || w.starts_with("http_client_")
+        })
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() > 10, "{names:?}");
+    names
+}
