@@ -368,6 +368,28 @@ impl Setup<'_> {
     }
 }
 
+/// The realistic level's goals (issue 20): throughput with the agent at least 0.99 of
+/// untraced, and at most 20 µs added to the median latency at the paced rate.
+const RATIO_GOAL: f64 = 0.99;
+const P50_ADDED_GOAL_US: f64 = 20.0;
+
+/// Whether a goal is shown by a few rounds, each measured against its own untraced run: met or
+/// missed only when every round agrees. On this project's VM a paced run's median moves by
+/// ~10% from one run to the next (~0.2 ms on 1.8 ms, the same service process or a fresh one),
+/// so a median of rounds that straddle the goal says nothing about it.
+fn goal_verdict(rounds: &[f64], meets: impl Fn(f64) -> bool) -> String {
+    let met = rounds.iter().filter(|&&v| meets(v)).count();
+    match met {
+        _ if rounds.is_empty() => "no rounds".into(),
+        m if m == rounds.len() => "met in every round".into(),
+        0 => "missed in every round".into(),
+        m => format!(
+            "met in {m} of {} rounds, not decided by this run",
+            rounds.len()
+        ),
+    }
+}
+
 /// Signals the service and waits (up to 15 s) for it to exit, exports flushed.
 fn stop(service: &mut Killed, signal: i32) -> anyhow::Result<()> {
     // SAFETY: signalling our own child.
@@ -472,12 +494,12 @@ fn print_table(samples: &[Sample], rounds: usize) {
             if let Load::Paced(_) = load {
                 let agent = of(Tracing::Agent, &|s| s.wrk.p50_us) - base_p50;
                 let sdk = of(Tracing::Sdk, &|s| s.wrk.p50_us) - base_p50;
-                let agent_rounds = listed(
-                    rounds_against_untraced(Tracing::Agent, &|t, u| t.wrk.p50_us - u.wrk.p50_us),
-                    &|v| format!("{v:+.0}"),
-                );
+                let added_rounds =
+                    rounds_against_untraced(Tracing::Agent, &|t, u| t.wrk.p50_us - u.wrk.p50_us);
+                let goal = goal_verdict(&added_rounds, |v| v <= P50_ADDED_GOAL_US);
+                let agent_rounds = listed(added_rounds, &|v| format!("{v:+.0}"));
                 verdicts.push(format!(
-                    "{}: at {}, the agent adds {agent:+.0} µs to p50 (rounds: {agent_rounds}; goal ≤ 20), the SDK {sdk:+.0} µs ({})",
+                    "{}: at {}, the agent adds {agent:+.0} µs to p50 (rounds: {agent_rounds}; goal ≤ {P50_ADDED_GOAL_US:.0}: {goal}), the SDK {sdk:+.0} µs ({})",
                     runtime.name(),
                     load.name(),
                     if agent > 0.5 {
@@ -488,12 +510,12 @@ fn print_table(samples: &[Sample], rounds: usize) {
                 ));
             } else {
                 let ratio = |t: Tracing| of(t, &|s| s.wrk.rps) / base_rps;
-                let agent_rounds = listed(
-                    rounds_against_untraced(Tracing::Agent, &|t, u| t.wrk.rps / u.wrk.rps),
-                    &|v| format!("{v:.3}"),
-                );
+                let ratio_rounds =
+                    rounds_against_untraced(Tracing::Agent, &|t, u| t.wrk.rps / u.wrk.rps);
+                let goal = goal_verdict(&ratio_rounds, |v| v >= RATIO_GOAL);
+                let agent_rounds = listed(ratio_rounds, &|v| format!("{v:.3}"));
                 verdicts.push(format!(
-                    "{}: saturated throughput ratio {:.3} with the agent (rounds: {agent_rounds}; goal ≥ 0.99), {:.3} with the SDK",
+                    "{}: saturated throughput ratio {:.3} with the agent (rounds: {agent_rounds}; goal ≥ {RATIO_GOAL}: {goal}), {:.3} with the SDK",
                     runtime.name(),
                     ratio(Tracing::Agent),
                     ratio(Tracing::Sdk),
@@ -504,5 +526,24 @@ fn print_table(samples: &[Sample], rounds: usize) {
     println!();
     for v in verdicts {
         println!("{v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_goal_is_decided_only_when_every_round_agrees() {
+        let p50 = |v: f64| v <= P50_ADDED_GOAL_US;
+        assert_eq!(goal_verdict(&[10.0, -5.0, 19.0], p50), "met in every round");
+        assert_eq!(goal_verdict(&[40.0, 21.0], p50), "missed in every round");
+        assert_eq!(
+            goal_verdict(&[10.0, -560.0, 980.0, 400.0], p50),
+            "met in 2 of 4 rounds, not decided by this run"
+        );
+        assert_eq!(goal_verdict(&[], p50), "no rounds");
+        let ratio = |v: f64| v >= RATIO_GOAL;
+        assert_eq!(goal_verdict(&[0.99, 1.2], ratio), "met in every round");
     }
 }
