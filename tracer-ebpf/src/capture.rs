@@ -133,21 +133,6 @@ pub(crate) unsafe fn copy_payload(dst: *mut u8, source: Source, n: u64) -> Optio
     Some(off as u32)
 }
 
-/// `v`, copied by a helper: neither the verifier nor the compiler knows the result.
-#[inline(always)]
-fn opaque_u32(v: u32) -> u32 {
-    let mut out = 0u32;
-    // SAFETY: 4 bytes from a local into a local.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-            (&raw mut out).cast(),
-            4,
-            (&raw const v).cast(),
-        )
-    };
-    out
-}
-
 /// A length restated for the verifier as at most `MAX_CAPTURE`.
 #[inline(always)]
 fn bound(len: u64) -> u32 {
@@ -341,10 +326,10 @@ pub(crate) fn on_data(
                 0
             }
         };
-        // Through a helper: the verifier knows nothing of what it copied, so what follows is
-        // walked once, not once for each way the iovec loop can end.
-        let captured = opaque_u32(captured);
+        // Through the map value: the verifier keeps no track of what a map value holds, so
+        // what follows is walked once, not once for each way the iovec loop can end.
         (*rec).record.captured = captured;
+        let captured = core::ptr::read_volatile(&raw const (*rec).record.captured);
         // Restated for the verifier: the size is within the scratch slot.
         let captured = captured & (2 * MAX_CAPTURE as u32 - 1);
         let captured = if captured > MAX_CAPTURE as u32 {
