@@ -171,14 +171,22 @@ fn redis_commands_become_client_and_server_spans() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(cli_spans, as_owned(&expected_cli), "{log}");
-    let py_service = by_service
-        .keys()
-        .find(|(service, kind)| service.starts_with("python") && *kind == CLIENT)
-        .cloned()
-        .unwrap_or_else(|| panic!("no redis-py spans: {:?}", by_service.keys()));
+    // The two runs are one program, but a run that exits before the agent reads its /proc
+    // entry is named by its command name (`python`, from the venv's link) rather than its
+    // executable (`python3.11`): docs/USER_GUIDE.md. Each run's spans are whole either way.
+    let py_spans: Vec<Summary> = by_service
+        .iter()
+        .filter(|((service, kind), _)| service.starts_with("python") && *kind == CLIENT)
+        .flat_map(|(_, spans)| spans.iter().cloned())
+        .collect();
+    assert!(
+        !py_spans.is_empty(),
+        "no redis-py spans: {:?}",
+        by_service.keys()
+    );
     let mut twice = as_owned(&expected_py);
     twice.extend(as_owned(&expected_py));
-    assert_eq!(by_service[&py_service], twice);
+    assert_eq!(py_spans, twice);
     // redis-server's side: every command, in its order of arrival per connection.
     let server = by_service
         .get(&("redis-server".into(), SERVER))
