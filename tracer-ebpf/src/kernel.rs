@@ -91,10 +91,14 @@ impl Task {
         // SAFETY: field offsets of task_struct from the running kernel's BTF (read_volatile:
         // the agent rewrites the zero initialiser before load).
         unsafe {
-            let pid = core::ptr::read_volatile(&raw const OFFSETS.task_pid) as usize;
-            let tgid = core::ptr::read_volatile(&raw const OFFSETS.task_tgid) as usize;
-            let pid = core::ptr::read_volatile(self.0.add(pid).cast::<u32>());
-            let tgid = core::ptr::read_volatile(self.0.add(tgid).cast::<u32>());
+            let pid: u32 = field(
+                self.0,
+                core::ptr::read_volatile(&raw const OFFSETS.task_pid),
+            );
+            let tgid: u32 = field(
+                self.0,
+                core::ptr::read_volatile(&raw const OFFSETS.task_tgid),
+            );
             (u64::from(tgid) << 32) | u64::from(pid)
         }
     }
@@ -144,13 +148,6 @@ unsafe fn field<T>(base: *const u8, off: u32) -> T {
     unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) }
 }
 
-/// Bytes `[at, at + N)` of a structure the probes only hold as a number (a `struct file *`
-/// read from the fd array is no BTF pointer): one helper call for several neighbouring fields.
-#[inline(always)]
-unsafe fn block<const N: usize>(base: u64, at: u32) -> Option<[u8; N]> {
-    unsafe { bpf_probe_read_kernel((base + at as u64) as *const [u8; N]).ok() }
-}
-
 /// The `T` at `off` inside `b`. The agent refuses a kernel whose fields are not where these
 /// reads expect them (`btf::kernel_offsets`); the check here is for the verifier.
 #[inline(always)]
@@ -167,7 +164,8 @@ fn within<T: Copy, const N: usize>(b: &[u8; N], off: u32) -> Option<T> {
 #[inline(always)]
 unsafe fn socket_type_and_sk(socket: u64) -> Option<(u16, u64)> {
     let o = offsets();
-    let b: [u8; SOCKET_HEAD] = unsafe { block(socket, 0)? };
+    // One helper read for both fields (`read_at` of the whole head).
+    let b: [u8; SOCKET_HEAD] = unsafe { read_at(socket, 0)? };
     Some((within(&b, o.socket_type)?, within(&b, o.socket_sk)?))
 }
 
@@ -177,7 +175,7 @@ unsafe fn socket_type_and_sk(socket: u64) -> Option<(u16, u64)> {
 unsafe fn sock_head(sk: u64) -> Option<ConnTuple> {
     let o = offsets();
     let rel = |f: u32| f.wrapping_sub(o.sock_daddr);
-    let b: [u8; SOCK_HEAD] = unsafe { block(sk, o.sock_daddr)? };
+    let b: [u8; SOCK_HEAD] = unsafe { read_at(sk, o.sock_daddr)? };
     let mut t = ConnTuple {
         family: within(&b, rel(o.sock_family))?,
         local_port: within(&b, rel(o.sock_num))?,

@@ -274,17 +274,17 @@ fn check_heads(o: &KernelOffsets) -> Result<(), BtfError> {
     if !(fits(o.socket_type, 2, SOCKET_HEAD) && fits(o.socket_sk, 8, SOCKET_HEAD)) {
         return Err(BtfError::Layout("struct socket"));
     }
-    let rel = |f: u32| f.checked_sub(o.sock_daddr).unwrap_or(u32::MAX);
     let sock_fields = [
         (o.sock_family, 2),
         (o.sock_num, 2),
         (o.sock_dport, 2),
         (o.sock_rcv_saddr, 4),
     ];
-    if !sock_fields
-        .iter()
-        .all(|&(f, size)| rel(f) != u32::MAX && fits(rel(f), size, SOCK_HEAD))
-    {
+    let in_head = |&(f, size): &(u32, usize)| {
+        f.checked_sub(o.sock_daddr)
+            .is_some_and(|rel| fits(rel, size, SOCK_HEAD))
+    };
+    if !sock_fields.iter().all(in_head) {
         return Err(BtfError::Layout("struct sock_common"));
     }
     Ok(())

@@ -488,10 +488,7 @@ impl Pipeline {
         let lost = {
             let sink = &self.out.sink;
             let can_send = |endpoint: usize| match sink {
-                Sink::Otlp(tx, also) => match endpoint {
-                    0 => tx.has_room(),
-                    i => also.get(i - 1).is_some_and(|other| other.has_room()),
-                },
+                Sink::Otlp(..) => sink.endpoint(endpoint).is_some_and(|tx| tx.has_room()),
                 Sink::Stdout | Sink::Discard(..) => true,
             };
             loss.check(kernel, &self.stats, now, can_send)

@@ -25,6 +25,17 @@ impl Sink {
             export::Recycler::default(),
         )
     }
+
+    /// Export endpoint `i` of an OTLP sink: 0 the collector, then each `--also-export` in order.
+    pub(crate) fn endpoint(&self, i: usize) -> Option<&SpanSender> {
+        match self {
+            Sink::Otlp(tx, also) => match i {
+                0 => Some(tx),
+                i => also.get(i - 1),
+            },
+            Sink::Stdout | Sink::Discard(..) => None,
+        }
+    }
 }
 
 /// Spans on their way out: encoded into a batch per resource, and handed to the sink once per
@@ -84,16 +95,13 @@ impl Outbox {
         };
         let mut batch = recycler.batch(resource);
         batch.push_encoded(encoded);
-        match &mut self.sink {
-            Sink::Otlp(tx, also) => match endpoint {
-                0 => tx.send(batch),
-                // A batch from the collector's pool: the pools only recycle buffers.
-                i => {
-                    if let Some(other) = also.get(i - 1) {
-                        other.send(batch);
-                    }
+        match &self.sink {
+            // A batch from the collector's pool for any endpoint: the pools only recycle buffers.
+            Sink::Otlp(..) => {
+                if let Some(tx) = self.sink.endpoint(endpoint) {
+                    tx.send(batch);
                 }
-            },
+            }
             _ => self.hand_over(batch),
         }
     }
