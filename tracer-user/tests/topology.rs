@@ -19,6 +19,10 @@ use tracer_test_support::{
     topology::{self, Arch, Found, JSpan, LoadSpec, Options, Topology, TREE},
 };
 
+/// How far a server span's end may pass its client's on one clock: the write's exit probe runs
+/// after the bytes were delivered, and the reader's read may return first.
+const END_RACE_US: i64 = 20;
+
 /// Each client's requests: r normal, e a 500 from the data service, s a 50 ms data hop.
 const PATTERN: &str = "rsrerr";
 const CLIENTS: usize = 3;
@@ -191,9 +195,13 @@ fn four_hosts(inject: bool) {
                     show(f)
                 ),
             );
-            // Children inside their parents, after the collector's clock correction.
+            // Children inside their parents, after the collector's clock correction. A server
+            // span ends at its last write's exit, which can come a few µs after the client's
+            // read of those bytes returned (docs/ARCHITECTURE.md, "One record per data
+            // syscall"): the end may overhang by that much, the start never.
             check(
-                s[i].start_us >= s[i - 1].start_us && s[i].end_us() <= s[i - 1].end_us(),
+                s[i].start_us >= s[i - 1].start_us
+                    && s[i].end_us() <= s[i - 1].end_us() + END_RACE_US,
                 format!(
                     "{rid}: {} [{}, {}] not inside {} [{}, {}]",
                     s[i].describe(),
