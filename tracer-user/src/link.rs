@@ -527,10 +527,19 @@ impl ClientEdges {
         }
     }
 
-    /// Starts a new generation once a second, dropping the oldest whole.
+    /// Starts a new generation every `CLIENT_EDGE_GENERATION_NS`, dropping the oldest whole.
+    /// The dropped generation's table is cleared and reused: a fresh one regrew through a dozen
+    /// rehashes and page faults each generation at saturation (~3% of the agent's CPU, perf).
+    /// It is shrunk when it had room for over four times what the last generation held, so a
+    /// burst's tables do not stay.
     fn age(&mut self, now_ns: u64) {
         if now_ns.saturating_sub(self.generation_start_ns) >= CLIENT_EDGE_GENERATION_NS {
-            self.finished_before = std::mem::take(&mut self.finished);
+            std::mem::swap(&mut self.finished_before, &mut self.finished);
+            self.finished.clear();
+            let needed = self.finished_before.len();
+            if self.finished.capacity() > 4 * needed.max(1024) {
+                self.finished.shrink_to(needed);
+            }
             self.generation_start_ns = now_ns;
         }
     }
@@ -899,5 +908,54 @@ mod tests {
         assert_eq!(l.len(), 0);
         assert!(l.finish(s).is_none());
         assert!(l.in_flight.is_empty());
+    }
+
+    /// Generations reuse their tables, but a burst's do not stay once traffic falls.
+    #[test]
+    fn client_generations_reuse_and_then_shrink_their_tables() {
+        let mut clients = ClientEdges::default();
+        let edge = |seq: u32| Edge {
+            client: "127.0.0.1:4000".parse().unwrap(),
+            server: "127.0.0.1:80".parse().unwrap(),
+            seq,
+        };
+        let finish_many = |clients: &mut ClientEdges, n: u32| {
+            for seq in 0..n {
+                clients.open.insert(
+                    edge(seq),
+                    ClientEdge {
+                        trace_id: [1; 16],
+                        span_id: [1; 8],
+                    },
+                );
+                clients.finish(edge(seq));
+            }
+        };
+        let mut now = 0;
+        let mut age = |clients: &mut ClientEdges| {
+            now += CLIENT_EDGE_GENERATION_NS;
+            clients.age(now);
+        };
+        finish_many(&mut clients, 50_000);
+        age(&mut clients);
+        finish_many(&mut clients, 50_000);
+        let burst = clients.finished.capacity();
+        age(&mut clients);
+        assert!(clients.finished.is_empty());
+        assert_eq!(
+            clients.finished.capacity(),
+            burst,
+            "the dropped generation's table is reused"
+        );
+        assert!(
+            clients.get(&edge(7)).is_some(),
+            "the last generation is still adoptable"
+        );
+        for _ in 0..3 {
+            finish_many(&mut clients, 10);
+            age(&mut clients);
+        }
+        let held = clients.finished.capacity() + clients.finished_before.capacity();
+        assert!(held < 10_000, "{held} entries' room held after the burst");
     }
 }
