@@ -1392,7 +1392,7 @@ fn print_kernel_cost(syscall: &KernelCost) {
 }
 
 /// Total run time of the agent's probe programs (`bpftool prog show`), nanoseconds.
-fn program_time_ns() -> Option<f64> {
+pub(crate) fn program_time_ns() -> Option<f64> {
     Some(syscall_programs()?.iter().map(|(_, ns)| ns).sum())
 }
 
@@ -1423,6 +1423,25 @@ fn syscall_programs() -> Option<Vec<(String, f64)>> {
         programs.push((name.to_owned(), time));
     }
     Some(programs)
+}
+
+/// The kernel's run-time statistics of BPF programs (`kernel.bpf_stats_enabled`) while this
+/// lives: they cost two clock reads a program run, so they are on only where read.
+pub(crate) struct BpfStats;
+
+impl BpfStats {
+    const SYSCTL: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    /// `None` where the kernel does not let this process turn them on.
+    pub(crate) fn enable() -> Option<BpfStats> {
+        std::fs::write(Self::SYSCTL, "1").ok().map(|()| BpfStats)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::SYSCTL, "0");
+    }
 }
 
 /// Refuses to measure while programs are already attached to syscall tracepoints: an agent left
@@ -1494,8 +1513,7 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
         traced.push(ping_pong(true, ping_cpu)?);
         warm_on.push(one_thread_exchange(ping_cpu)?);
         // Program time on its own run: the statistics add two clock reads per program run.
-        let stats = "/proc/sys/kernel/bpf_stats_enabled";
-        if std::fs::write(stats, "1").is_ok() {
+        if let Some(_stats) = BpfStats::enable() {
             // Per traced syscall; includes the programs' runs for the other processes' calls
             // of the traced syscalls in that time (the agent's own exit early).
             let before = program_time_ns();
@@ -1508,7 +1526,6 @@ fn kernel_cost(bin: &Path, work: &Path) -> anyhow::Result<KernelCost> {
             if let (Some(t0), Some(t1)) = (after, program_time_ns()) {
                 program_warm_ns.push((t1 - t0) / (4.0 * f64::from(PING_ROUND_TRIPS)));
             }
-            let _ = std::fs::write(stats, "0");
         }
         // The probes count a drop when a reserve fails, so the counter is current; the agent
         // publishes it once a second.

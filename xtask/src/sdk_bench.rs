@@ -16,7 +16,10 @@
 //! added. Each run starts a fresh service process (and, traced, a fresh agent), warms it up
 //! for 2 s (imports, JIT, connection pools), then measures. CPU a request is the service's
 //! and the data service's, plus the agent's in its runs; memory is the peak resident size of the
-//! service and of the agent. Spans a request counts what reached the sink, warm-up included,
+//! service and of the agent. In the agent's runs, what tracing costs is also read where it is
+//! spent: the probe programs' run time (the kernel's BPF statistics, on during those runs only)
+//! and the agent's own CPU, each a request; on a service whose latency moves by more from run
+//! to run than the agent adds, these are the figures that do not drown. Spans a request counts what reached the sink, warm-up included,
 //! after the service was stopped (the SDK flushes on exit) or the agent had exported all it
 //! built. The agent traces the service's port and the data service's port: its spans are the
 //! load client's, the service's SERVER and CLIENT, and the data service's SERVER; the SDK's are
@@ -32,8 +35,8 @@ use anyhow::{bail, Context as _};
 
 use crate::{
     bench::{
-        cpu_seconds, drain, free_port, median, metric, peak_rss_mib, start_ready,
-        threads_cpu_seconds, wait_port, wrk_load, Killed, Wrk, RATE_PER_CONNECTION,
+        cpu_seconds, drain, free_port, median, metric, peak_rss_mib, program_time_ns, start_ready,
+        threads_cpu_seconds, wait_port, wrk_load, BpfStats, Killed, Wrk, RATE_PER_CONNECTION,
     },
     otlp_sink::{self, SinkCounts},
     run,
@@ -179,6 +182,10 @@ struct Sample {
     wrk: Wrk,
     /// The service's and the data service's CPU, and the agent's in its runs, µs a request.
     cpu_us_per_req: f64,
+    /// The agent's runs: its own CPU, and the probe programs' run time in every traced
+    /// process (the load client's side too), µs a request, each read where it is spent.
+    agent_us_per_req: Option<f64>,
+    probes_us_per_req: Option<f64>,
     service_mib: f64,
     agent_mib: f64,
     spans_per_req: f64,
@@ -340,9 +347,17 @@ impl Setup<'_> {
                     .as_ref()
                     .map_or(0.0, |a| threads_cpu_seconds(a.0.id()))
         };
-        let cpu0 = cpu();
+        let agent_cpu = || agent.as_ref().map(|a| threads_cpu_seconds(a.0.id()));
+        // The kernel's statistics cost two clock reads a program run (~8 runs a request: a
+        // few hundredths of a percent of these requests), so only the agent's runs pay them.
+        let stats = agent.as_ref().and_then(|_| BpfStats::enable());
+        let probes0 = stats.as_ref().and_then(|_| program_time_ns());
+        let (cpu0, agent0) = (cpu(), agent_cpu());
         let w = wrk_load(&url, seconds, connections, rate, self.work)?;
-        let cpu_used = cpu() - cpu0;
+        let (cpu_used, agent_used) = (cpu() - cpu0, agent_cpu().zip(agent0).map(|(b, a)| b - a));
+        let probes_ns = probes0.zip(program_time_ns()).map(|(a, b)| b - a);
+        drop(stats);
+        let per_req = |x: f64| x / w.requests as f64;
         let service_mib = peak_rss_mib(service.0.id());
         let agent_mib = agent.as_ref().map_or(0.0, |a| peak_rss_mib(a.0.id()));
         stop(&mut service, runtime.stop_signal())?;
@@ -359,7 +374,9 @@ impl Setup<'_> {
             runtime,
             load,
             tracing,
-            cpu_us_per_req: cpu_used * 1e6 / w.requests as f64,
+            cpu_us_per_req: per_req(cpu_used * 1e6),
+            agent_us_per_req: agent_used.map(|s| per_req(s * 1e6)),
+            probes_us_per_req: probes_ns.map(|ns| per_req(ns / 1e3)),
             service_mib,
             agent_mib,
             spans_per_req: (self.sink.spans.load(Relaxed) - spans_before) as f64 / requests,
@@ -411,7 +428,7 @@ fn print_table(samples: &[Sample], rounds: usize) {
         "\n== tracer vs the OpenTelemetry SDK: GET /work (a downstream call + ~0.5 ms of JSON), medians of {rounds} rounds =="
     );
     println!(
-        "{:<12} {:<13} {:>8} {:>6} {:>16} {:>16} {:>15} {:>11} {:>9} {:>9}",
+        "{:<12} {:<13} {:>8} {:>6} {:>16} {:>16} {:>15} {:>10} {:>9} {:>11} {:>9} {:>9}",
         "level",
         "tracing",
         "req/s",
@@ -419,6 +436,8 @@ fn print_table(samples: &[Sample], rounds: usize) {
         "p50 µs (added)",
         "p99 µs (added)",
         "CPU µs/req (+)",
+        "probes µs",
+        "agent µs",
         "service MiB",
         "agent MiB",
         "spans/req"
@@ -461,6 +480,18 @@ fn print_table(samples: &[Sample], rounds: usize) {
             let base_p50 = of(Tracing::Untraced, &|s| s.wrk.p50_us);
             let base_p99 = of(Tracing::Untraced, &|s| s.wrk.p99_us);
             let base_cpu = of(Tracing::Untraced, &|s| s.cpu_us_per_req);
+            // Medians over the runs that have the figure (the agent's).
+            let of_some = |f: &dyn Fn(&Sample) -> Option<f64>| {
+                let values: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.runtime == runtime && s.load == load)
+                    .filter_map(f)
+                    .collect();
+                (!values.is_empty()).then(|| median(values))
+            };
+            let probes = of_some(&|s| s.probes_us_per_req);
+            let agent_own = of_some(&|s| s.agent_us_per_req);
+            let shown = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
             for tracing in Tracing::ALL {
                 let rps = of(tracing, &|s| s.wrk.rps);
                 let p50 = of(tracing, &|s| s.wrk.p50_us);
@@ -473,8 +504,15 @@ fn print_table(samples: &[Sample], rounds: usize) {
                         format!("{v:.0} ({:+.0})", v - base)
                     }
                 };
+                let agent_only = |v: Option<f64>| {
+                    if tracing == Tracing::Agent {
+                        shown(v)
+                    } else {
+                        "-".into()
+                    }
+                };
                 println!(
-                    "{:<12} {:<13} {:>8.0} {:>6.3} {:>16} {:>16} {:>15} {:>11.1} {:>9} {:>9.2}",
+                    "{:<12} {:<13} {:>8.0} {:>6.3} {:>16} {:>16} {:>15} {:>10} {:>9} {:>11.1} {:>9} {:>9.2}",
                     load.name(),
                     tracing.name(),
                     rps,
@@ -482,6 +520,8 @@ fn print_table(samples: &[Sample], rounds: usize) {
                     added(p50, base_p50),
                     added(p99, base_p99),
                     added(cpu, base_cpu),
+                    agent_only(probes),
+                    agent_only(agent_own),
                     of(tracing, &|s| s.service_mib),
                     if tracing == Tracing::Agent {
                         format!("{:.1}", of(tracing, &|s| s.agent_mib))
@@ -490,6 +530,16 @@ fn print_table(samples: &[Sample], rounds: usize) {
                     },
                     of(tracing, &|s| s.spans_per_req),
                 );
+            }
+            // What tracing costs, read where it is spent rather than as a difference of two
+            // noisy totals: the probes in every traced process and the agent's own CPU.
+            if let (Some(p), Some(a)) = (probes, agent_own) {
+                verdicts.push(format!(
+                    "{}: {}, tracing's own CPU a request: probes {p:.1} µs (the load client's side included) + agent {a:.1} µs = {:.1}% of the untraced services' {base_cpu:.0} µs",
+                    runtime.name(),
+                    load.name(),
+                    100.0 * (p + a) / base_cpu,
+                ));
             }
             if let Load::Paced(_) = load {
                 let agent = of(Tracing::Agent, &|s| s.wrk.p50_us) - base_p50;
