@@ -23,7 +23,7 @@ pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
 /// The version of the records' layout, bumped whenever a record type or kind changes.
 /// Recordings (`tracer agent --record`) carry it, so a replay refuses another version's.
-pub const RECORD_LAYOUT: u32 = 4;
+pub const RECORD_LAYOUT: u32 = 5;
 
 /// Direction of the data, seen from the traced process.
 pub mod direction {
@@ -111,7 +111,7 @@ pub struct ConnTuple {
 /// Fields every record starts with; the decoder reads `kind` at offset 0 before anything else.
 ///
 /// Records are kept small: the lines the probes write into the ring are usually cold, and the
-/// agent reads each one from another CPU. The connection's endpoints and command name (56
+/// agent reads each one from another CPU. The connection's endpoints and process names (88
 /// bytes) travel once, in a [`ConnRecord`], instead of in every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -140,7 +140,14 @@ pub struct ConnRecord {
     /// The process's command name (its main thread's): the agent's fallback for a process that
     /// exited before it could read /proc (curl, short scripts).
     pub comm: [u8; 16],
+    /// The file name of the process's executable (`mm->exe_file`), NUL-terminated, cut at
+    /// `EXE_NAME_LEN - 1` bytes; empty if unreadable. With `comm`, it names an exited process as
+    /// /proc would have: a venv's `python` link runs `python3.11`, a busybox applet `busybox`.
+    pub exe: [u8; EXE_NAME_LEN],
 }
+
+/// Bytes of the executable's file name a [`ConnRecord`] carries.
+pub const EXE_NAME_LEN: usize = 32;
 
 /// Flags of a [`DataRecord`].
 pub mod data_flags {
@@ -306,6 +313,12 @@ pub struct KernelOffsets {
     /// `event_engine`, `isc-net-0000`) is no service name.
     pub task_group_leader: u32,
     pub task_comm: u32,
+    /// `task_struct.mm`, `mm_struct.exe_file`, `file.f_path.dentry` and
+    /// `dentry.d_name.name`: the executable's file name, read once per new connection.
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_dentry: u32,
+    pub dentry_name: u32,
     /// Non-zero once the agent has filled the table; the probes do nothing before that.
     pub valid: u32,
     pub _pad: u32,
@@ -337,6 +350,10 @@ impl KernelOffsets {
         tcp_copied_seq: 0,
         task_group_leader: 0,
         task_comm: 0,
+        task_mm: 0,
+        mm_exe_file: 0,
+        file_dentry: 0,
+        dentry_name: 0,
         valid: 0,
         _pad: 0,
     };

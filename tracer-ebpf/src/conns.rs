@@ -61,6 +61,7 @@ pub(crate) fn track(
                 (*rec).header = header(kind::CONNECTION, pid_tgid, fd, ts, ts, ts);
                 (*rec).tuple = state.tuple;
                 (*rec).comm = state.comm;
+                exe_name_into((*rec).exe.as_mut_ptr());
             }
             entry.submit(wake_flags(core::mem::size_of::<ConnRecord>() as u64));
             bump(counter::RECORDS_SENT);

@@ -5,13 +5,14 @@ use aya_ebpf::{
     helpers::{
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_comm as current_comm_raw, bpf_get_current_task_btf, bpf_task_pt_regs,
+            bpf_get_current_comm as current_comm_raw, bpf_get_current_task_btf,
+            bpf_probe_read_kernel_str, bpf_task_pt_regs,
         },
     },
     programs::TracePointContext,
     EbpfContext as _,
 };
-use tracer_common::{ConnTuple, SOCKET_HEAD, SOCK_HEAD};
+use tracer_common::{ConnTuple, EXE_NAME_LEN, SOCKET_HEAD, SOCK_HEAD};
 
 use crate::maps::*;
 
@@ -270,6 +271,27 @@ pub(crate) fn current_comm() -> [u8; 16] {
         }
     }
     thread_comm()
+}
+
+/// Writes the file name of the calling process's executable into `out` (`EXE_NAME_LEN` bytes,
+/// NUL-terminated; zeroed if unreadable): `task->mm->exe_file->f_path.dentry->d_name.name`,
+/// four plain loads through BTF pointers (a faulting one reads 0) and one string read. Once per
+/// new connection, so that an exited process is named as /proc would have named it.
+///
+/// # Safety
+/// `out` must point to `EXE_NAME_LEN` writable bytes.
+#[inline(always)]
+pub(crate) unsafe fn exe_name_into(out: *mut u8) {
+    // SAFETY: offsets from BTF (read one field at a time: a copy of the whole table would go
+    // on the stack), loads through BTF pointers; the helper writes at most `EXE_NAME_LEN` bytes.
+    unsafe {
+        let off = |f: *const u32| core::ptr::read_volatile(f);
+        let mm: *const u8 = field(Task::current().0, off(&raw const OFFSETS.task_mm));
+        let file: *const u8 = field(mm, off(&raw const OFFSETS.mm_exe_file));
+        let dentry: *const u8 = field(file, off(&raw const OFFSETS.file_dentry));
+        let name: *const u8 = field(dentry, off(&raw const OFFSETS.dentry_name));
+        bpf_probe_read_kernel_str(out.cast(), EXE_NAME_LEN as u32, name.cast());
+    }
 }
 
 /// The calling thread's command name, read into 8-byte-aligned storage. aya's

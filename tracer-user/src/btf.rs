@@ -258,6 +258,10 @@ pub fn kernel_offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         tcp_copied_seq: off("tcp_sock", "copied_seq")?,
         task_group_leader: off("task_struct", "group_leader")?,
         task_comm: off("task_struct", "comm")?,
+        task_mm: off("task_struct", "mm")?,
+        mm_exe_file: off("mm_struct", "exe_file")?,
+        file_dentry: off("file", "f_path")? + off("path", "dentry")?,
+        dentry_name: off("dentry", "d_name")? + off("qstr", "name")?,
         valid: 1,
         _pad: 0,
     };

@@ -317,11 +317,16 @@ pub fn container_id_from_cgroup(cgroup: &str) -> Option<String> {
 /// named by that link: when argv[0]'s name is also the process's command name (which `execve`
 /// takes from the path it was given) and the executable's name is not a longer form of it
 /// (`python3.11` started as `python`, by a venv's link, stays `python3.11`).
+///
+/// A process that exited before the agent read /proc is named the same way from what the probes
+/// sent with its first connection: the executable's file name (`kernel_exe`) and the command
+/// name (`thread_comm`, the main thread's), which stands in for argv[0].
 fn executable_name(
     exe_path: &str,
     args: &[String],
     process_comm: &str,
     thread_comm: &str,
+    kernel_exe: &str,
 ) -> String {
     let file_name = |path: &str| {
         path.rsplit('/')
@@ -335,12 +340,24 @@ fn executable_name(
         .and_then(|a0| a0.split_whitespace().next())
         .map(|a0| a0.trim_end_matches(':'))
         .and_then(file_name);
-    let exe = file_name(exe_path);
+    let exe = file_name(exe_path).or_else(|| file_name(kernel_exe));
     if let (Some(exe), Some(arg0)) = (&exe, &arg0) {
         // The kernel keeps 15 bytes of a command name.
         let comm_matches = !process_comm.is_empty() && arg0.starts_with(process_comm);
         if comm_matches && !exe.starts_with(arg0.as_str()) {
             return arg0.clone();
+        }
+    }
+    let comm = if process_comm.is_empty() {
+        thread_comm
+    } else {
+        process_comm
+    };
+    if let (Some(exe), None) = (&exe, &arg0) {
+        // No argv[0]: the command name, which execve took from the path it was given, tells a
+        // link apart the same way.
+        if !comm.is_empty() && !exe.starts_with(comm) {
+            return comm.to_owned();
         }
     }
     exe.or(arg0)
@@ -356,9 +373,9 @@ fn process_start_time(pid: u32) -> Option<u64> {
 }
 
 impl ProcessFacts {
-    /// `comm` is the kernel's command name for the process, used when /proc no longer says
-    /// (the process is exiting).
-    pub fn read(pid: u32, comm: &str) -> Option<ProcessFacts> {
+    /// `names` are what the probes read, used where /proc no longer says (the process is
+    /// exiting).
+    pub fn read(pid: u32, names: &KernelNames) -> Option<ProcessFacts> {
         let start_time = process_start_time(pid)?;
         let executable_path = fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| {
@@ -374,7 +391,13 @@ impl ProcessFacts {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         let process_comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let executable_name = executable_name(&executable_path, &args, process_comm.trim(), comm);
+        let executable_name = executable_name(
+            &executable_path,
+            &args,
+            process_comm.trim(),
+            &names.comm(),
+            &names.exe(),
+        );
         let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .unwrap_or_default()
             .lines()
@@ -408,6 +431,38 @@ impl ProcessFacts {
     }
 }
 
+/// What the probes read of a process with its first connection (`ConnRecord`): its command name
+/// and its executable's file name, NUL-terminated. They name a process that is gone before the
+/// agent can read /proc (curl, short scripts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelNames {
+    pub comm: [u8; 16],
+    pub exe: [u8; tracer_common::EXE_NAME_LEN],
+}
+
+impl KernelNames {
+    /// Names known without the probes (the agent's own, tests); no executable.
+    pub fn comm_only(comm: &str) -> KernelNames {
+        let mut names = KernelNames::default();
+        let n = comm.len().min(names.comm.len() - 1);
+        names.comm[..n].copy_from_slice(&comm.as_bytes()[..n]);
+        names
+    }
+
+    fn comm(&self) -> String {
+        c_string(&self.comm)
+    }
+
+    fn exe(&self) -> String {
+        c_string(&self.exe)
+    }
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
 /// Process facts cached by pid, re-read when the pid was recycled.
 #[derive(Default)]
 pub struct ProcessCache {
@@ -415,22 +470,24 @@ pub struct ProcessCache {
 }
 
 impl ProcessCache {
-    /// Facts of `pid`; `comm` (the kernel's command name) stands in for a process that has
+    /// Facts of `pid`; `names` (what the probes read) stand in for a process that has
     /// already exited.
-    pub fn get(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessFacts> {
+    pub fn get(&mut self, pid: u32, names: &KernelNames) -> Arc<ProcessFacts> {
         if let Some(p) = self.by_pid.get(&pid) {
             return p.clone();
         }
-        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-        let comm = String::from_utf8_lossy(&comm[..end]);
-        let comm = if comm.is_empty() { "unknown" } else { &comm };
-        let facts = Arc::new(
-            ProcessFacts::read(pid, comm).unwrap_or_else(|| ProcessFacts {
+        let facts = Arc::new(ProcessFacts::read(pid, names).unwrap_or_else(|| {
+            let name = executable_name("", &[], "", &names.comm(), &names.exe());
+            ProcessFacts {
                 pid,
-                executable_name: comm.to_owned(),
+                executable_name: if name.is_empty() {
+                    "unknown".into()
+                } else {
+                    name
+                },
                 ..Default::default()
-            }),
-        );
+            }
+        }));
         self.by_pid.insert(pid, facts.clone());
         facts
     }
@@ -547,7 +604,8 @@ mod tests {
                 "/usr/sbin/nginx",
                 &args(&["nginx: worker process"]),
                 "nginx",
-                "nginx"
+                "nginx",
+                ""
             ),
             "nginx"
         );
@@ -557,31 +615,39 @@ mod tests {
                 "",
                 &args(&["/usr/lib/chromium/chromium", "--type=utility"]),
                 "chromium",
-                "Chrome_ChildIOT"
+                "Chrome_ChildIOT",
+                ""
             ),
             "chromium"
         );
         assert_eq!(
-            executable_name("", &args(&["nginx: worker process"]), "", "x"),
+            executable_name("", &args(&["nginx: worker process"]), "", "x", ""),
             "nginx"
         );
         assert_eq!(
-            executable_name("", &[], "chromium", "Chrome_ChildIOT"),
+            executable_name("", &[], "chromium", "Chrome_ChildIOT", ""),
             "chromium"
         );
-        assert_eq!(executable_name("", &[], "", "curl"), "curl");
+        assert_eq!(executable_name("", &[], "", "curl", ""), "curl");
         // Started through a link: the link's name.
         assert_eq!(
             executable_name(
                 "/usr/bin/redis-check-rdb",
                 &args(&["redis-server 127.0.0.1:6379"]),
                 "redis-server",
-                "redis-server"
+                "redis-server",
+                ""
             ),
             "redis-server"
         );
         assert_eq!(
-            executable_name("/usr/bin/busybox", &args(&["wget", "-q"]), "wget", "wget"),
+            executable_name(
+                "/usr/bin/busybox",
+                &args(&["wget", "-q"]),
+                "wget",
+                "wget",
+                ""
+            ),
             "wget"
         );
         // A venv's `python` link to python3.11: the real interpreter's name.
@@ -590,9 +656,40 @@ mod tests {
                 "/usr/bin/python3.11",
                 &args(&["/srv/.venv/bin/python", "app.py"]),
                 "python",
-                "python"
+                "python",
+                ""
             ),
             "python3.11"
+        );
+        // Gone before /proc was read: the probes' command name and executable name it the
+        // same way (the venv's python, a busybox applet, Debian's redis-server link).
+        for (name, comm, exe) in [
+            ("python3.11", "python", "python3.11"),
+            ("wget", "wget", "busybox"),
+            ("redis-server", "redis-server", "redis-check-rdb"),
+            ("curl", "curl", "curl"),
+            (
+                "a-long-program-name",
+                "a-long-program-",
+                "a-long-program-name",
+            ),
+        ] {
+            assert_eq!(
+                executable_name("", &[], "", comm, exe),
+                name,
+                "{comm} {exe}"
+            );
+        }
+        let mut names = KernelNames::comm_only("python");
+        names.exe[..10].copy_from_slice(b"python3.11");
+        let mut cache = ProcessCache::default();
+        let gone = u32::MAX - 7; // above any pid_max
+        assert_eq!(cache.get(gone, &names).executable_name, "python3.11");
+        assert_eq!(
+            ProcessCache::default()
+                .get(gone, &KernelNames::default())
+                .executable_name,
+            "unknown"
         );
     }
 
@@ -615,7 +712,8 @@ mod tests {
 
     #[test]
     fn own_process_facts_are_read() {
-        let me = ProcessFacts::read(std::process::id(), "x").expect("own /proc entry");
+        let me = ProcessFacts::read(std::process::id(), &KernelNames::comm_only("x"))
+            .expect("own /proc entry");
         assert!(!me.executable_name.is_empty());
         assert!(me.command_line.contains(&me.executable_name) || !me.command_line.is_empty());
         let host = HostFacts::read();

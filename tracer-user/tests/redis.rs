@@ -171,19 +171,20 @@ fn redis_commands_become_client_and_server_spans() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(cli_spans, as_owned(&expected_cli), "{log}");
-    // The two runs are one program, but a run that exits before the agent reads its /proc
-    // entry is named by its command name (`python`, from the venv's link) rather than its
-    // executable (`python3.11`): docs/USER_GUIDE.md. Each run's spans are whole either way.
-    let py_spans: Vec<Summary> = by_service
-        .iter()
-        .filter(|((service, kind), _)| service.starts_with("python") && *kind == CLIENT)
-        .flat_map(|(_, spans)| spans.iter().cloned())
+    // The two runs are one program, named by its executable (`python3.11`, not the venv's
+    // `python` link) whether or not it exited before the agent read its /proc entry: the probes
+    // send the executable's name with each new connection.
+    let py_services: Vec<_> = by_service
+        .keys()
+        .filter(|(service, _)| service.starts_with("python"))
         .collect();
-    assert!(
-        !py_spans.is_empty(),
-        "no redis-py spans: {:?}",
+    assert_eq!(
+        py_services,
+        [&("python3.11".to_string(), CLIENT)],
+        "{:?}",
         by_service.keys()
     );
+    let py_spans = by_service[&("python3.11".to_string(), CLIENT)].clone();
     let mut twice = as_owned(&expected_py);
     twice.extend(as_owned(&expected_py));
     assert_eq!(py_spans, twice);

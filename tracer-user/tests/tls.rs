@@ -162,10 +162,10 @@ fn https_requests_become_client_and_server_spans() {
         .iter()
         .map(|&(k, svc, p, st)| (k, svc.to_owned(), p.to_owned(), st))
         .collect();
-    // Python's executable is python3.N, or its command name `python` if it exited before
-    // the agent read /proc: compare the prefix.
+    // Python's executable is python3.N (whether or not it exited before the agent read
+    // /proc): the version is this machine's.
     for g in &mut got {
-        if g.1.starts_with("python") {
+        if g.1.starts_with("python3.") {
             g.1 = "python3".into();
         }
     }

@@ -26,7 +26,7 @@ use crate::{
     protocol::Protocols,
     recording,
     records::{self, Record},
-    resource::{self, HostFacts, ProcessCache, ProcessFacts},
+    resource::{self, HostFacts, KernelNames, ProcessCache, ProcessFacts},
     settings::{AgentArgs, RuleMatch, ServiceRule},
     spans::{self, Endpoints, Span},
     stats::{count, Stats},
@@ -39,7 +39,7 @@ struct ConnMeta {
     fd: u32,
     kernel_conn_id: u64,
     ends: Arc<Endpoints>,
-    comm: [u8; 16],
+    names: KernelNames,
     ignored: bool,
     /// The TLS library's plaintext of the connection: a stream of its own (`data_flags::TLS`).
     tls: bool,
@@ -214,7 +214,11 @@ impl Pipeline {
         match records::decode(bytes) {
             Some(Record::Connection(rec)) => {
                 let h = &rec.header;
-                self.track(h.tgid, h.fd, h.conn_id, &rec.tuple, &rec.comm);
+                let names = KernelNames {
+                    comm: rec.comm,
+                    exe: rec.exe,
+                };
+                self.track(h.tgid, h.fd, h.conn_id, &rec.tuple, &names);
                 return;
             }
             Some(Record::Data { record, payload }) => {
@@ -235,7 +239,11 @@ impl Pipeline {
                             count(&self.stats.agent.unknown_connection_records);
                             return;
                         };
-                        self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &state.comm);
+                        let names = KernelNames {
+                            comm: state.comm,
+                            ..Default::default()
+                        };
+                        self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &names);
                         let Some(meta) = self.conns.get_mut(&id) else {
                             return;
                         };
@@ -321,21 +329,29 @@ impl Pipeline {
             let Some(state) = known else {
                 return;
             };
-            self.track(tgid, fd, kernel_conn_id, &state.tuple, &state.comm);
+            let names = KernelNames {
+                comm: state.comm,
+                ..Default::default()
+            };
+            self.track(tgid, fd, kernel_conn_id, &state.tuple, &names);
         }
         let Some(meta) = self.conns.get(&base) else {
             return;
         };
-        let (local, remote, comm, last_seen) =
-            (meta.ends.local, meta.ends.remote, meta.comm, meta.last_seen);
+        let (local, remote, names, last_seen) = (
+            meta.ends.local,
+            meta.ends.remote,
+            meta.names,
+            meta.last_seen,
+        );
         // The filters' verdict, not the ciphertext's: that one is muted as TLS.
-        let process = self.processes.get(tgid, &comm);
+        let process = self.processes.get(tgid, &names);
         let plain = ConnMeta {
             tgid,
             fd,
             kernel_conn_id,
             ends: Arc::new(Endpoints::new(local, remote).tls()),
-            comm,
+            names,
             ignored: !self.filters.wants(&process, local, remote),
             tls: true,
             last_seen,
@@ -352,11 +368,11 @@ impl Pipeline {
         fd: u32,
         kernel_conn_id: u64,
         tuple: &ConnTuple,
-        comm: &[u8; 16],
+        names: &KernelNames,
     ) {
         let local = records::local_addr(tuple);
         let remote = records::remote_addr(tuple);
-        let process = self.processes.get(tgid, comm);
+        let process = self.processes.get(tgid, names);
         let ignored = !self.filters.wants(&process, local, remote);
         if ignored {
             // Ask the probes to stop, once (a map update is a syscall); the records already
@@ -373,7 +389,7 @@ impl Pipeline {
                 fd,
                 kernel_conn_id,
                 ends: Arc::new(Endpoints::new(local, remote)),
-                comm: *comm,
+                names: *names,
                 ignored,
                 tls: false,
                 // The probes' connection id is the time they first saw it.
@@ -401,8 +417,8 @@ impl Pipeline {
             Some(meta) if matches!(&meta.resource, Some((r, _)) if *r == role) => meta,
             // First span of the connection (one map lookup more, once per connection).
             Some(meta) => {
-                let (tgid, comm, port) = (meta.tgid, meta.comm, meta.ends.local.port());
-                let resource = self.resource_of(tgid, &comm, role, port);
+                let (tgid, names, port) = (meta.tgid, meta.names, meta.ends.local.port());
+                let resource = self.resource_of(tgid, &names, role, port);
                 if let Some(meta) = self.conns.get_mut(&ex.conn) {
                     meta.resource = Some((role, resource));
                 }
@@ -443,11 +459,11 @@ impl Pipeline {
     fn resource_of(
         &mut self,
         tgid: u32,
-        comm: &[u8],
+        names: &KernelNames,
         role: Role,
         local_port: u16,
     ) -> Arc<ExportResource> {
-        let process = self.processes.get(tgid, comm);
+        let process = self.processes.get(tgid, names);
         let local_port = (role == Role::Server).then_some(local_port);
         let service = self.service_name(&process, local_port);
         let key = (process.pid, process.start_time, service);
@@ -496,7 +512,9 @@ impl Pipeline {
         if lost.is_empty() {
             return;
         }
-        let process = self.processes.get(std::process::id(), b"tracer");
+        let process = self
+            .processes
+            .get(std::process::id(), &KernelNames::comm_only("tracer"));
         let resource = Arc::new(ExportResource::new(resource::resource(
             &self.host,
             &process,
