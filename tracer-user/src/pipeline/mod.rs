@@ -53,7 +53,8 @@ pub struct Pipeline {
     pairer: Pairer,
     conns: ConnMap<ConnMeta>,
     processes: ProcessCache,
-    resources: HashMap<(u32, u64, String), Arc<ExportResource>>,
+    /// By process (pid, start time) and which service rule named it (`None`: its executable).
+    resources: HashMap<(u32, u64, Option<usize>), Arc<ExportResource>>,
     pub(crate) host: HostFacts,
     rules: Vec<ServiceRule>,
     filters: Filters,
@@ -188,19 +189,14 @@ impl Pipeline {
         }
     }
 
-    fn service_name(&self, p: &ProcessFacts, local_port: Option<u16>) -> String {
-        for rule in &self.rules {
-            let hit = match &rule.matches {
-                RuleMatch::Exe(e) => &p.executable_name == e,
-                RuleMatch::Pid(pid) => p.pid == *pid,
-                RuleMatch::Cgroup(c) => p.cgroup.contains(c.as_str()),
-                RuleMatch::Port(port) => local_port == Some(*port),
-            };
-            if hit {
-                return rule.service.clone();
-            }
-        }
-        p.executable_name.clone()
+    /// The first service rule that names the process, if any (else its executable names it).
+    fn service_rule(&self, p: &ProcessFacts, local_port: Option<u16>) -> Option<usize> {
+        self.rules.iter().position(|rule| match &rule.matches {
+            RuleMatch::Exe(e) => &p.executable_name == e,
+            RuleMatch::Pid(pid) => p.pid == *pid,
+            RuleMatch::Cgroup(c) => p.cgroup.contains(c.as_str()),
+            RuleMatch::Port(port) => local_port == Some(*port),
+        })
     }
 
     pub(crate) fn handle(&mut self, bytes: &[u8]) {
@@ -465,13 +461,15 @@ impl Pipeline {
     ) -> Arc<ExportResource> {
         let process = self.processes.get(tgid, names);
         let local_port = (role == Role::Server).then_some(local_port);
-        let service = self.service_name(&process, local_port);
-        let key = (process.pid, process.start_time, service);
+        // No allocation to look up: this runs for every new connection.
+        let rule = self.service_rule(&process, local_port);
+        let key = (process.pid, process.start_time, rule);
         if let Some(r) = self.resources.get(&key) {
             return r.clone();
         }
+        let service = rule.map_or(&process.executable_name, |i| &self.rules[i].service);
         let r = Arc::new(ExportResource::new(resource::resource(
-            &self.host, &process, &key.2,
+            &self.host, &process, service,
         )));
         self.resources.insert(key, r.clone());
         r
