@@ -466,7 +466,10 @@ fn c_string(bytes: &[u8]) -> String {
 /// Process facts cached by pid, re-read when the pid was recycled.
 #[derive(Default)]
 pub struct ProcessCache {
-    by_pid: HashMap<u32, Arc<ProcessFacts>>,
+    /// FxHash: pids come from the kernel, and SipHash was a measurable share of a new
+    /// connection's work.
+    by_pid:
+        HashMap<u32, Arc<ProcessFacts>, std::hash::BuildHasherDefault<crate::hashing::FxHasher>>,
 }
 
 impl ProcessCache {

@@ -54,7 +54,11 @@ pub struct Pipeline {
     conns: ConnMap<ConnMeta>,
     processes: ProcessCache,
     /// By process (pid, start time) and which service rule named it (`None`: its executable).
-    resources: HashMap<(u32, u64, Option<usize>), Arc<ExportResource>>,
+    resources: HashMap<
+        (u32, u64, Option<usize>),
+        Arc<ExportResource>,
+        std::hash::BuildHasherDefault<crate::hashing::FxHasher>,
+    >,
     pub(crate) host: HostFacts,
     rules: Vec<ServiceRule>,
     filters: Filters,
@@ -168,7 +172,7 @@ impl Pipeline {
             pairer: Pairer::new(IDLE_TIMEOUT.as_nanos() as u64, Protocols::all()),
             conns: ConnMap::default(),
             processes: ProcessCache::default(),
-            resources: HashMap::new(),
+            resources: HashMap::default(),
             host,
             rules,
             filters,
