@@ -1,7 +1,13 @@
 //! Hashers for the agent's per-record maps. The standard SipHash resists hash flooding, which
 //! these keys cannot cause (they come from the kernel, not from traffic), and it was a
 //! measurable share of the agent's time per record.
-use std::hash::Hasher;
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+};
+
+/// A map hashed with [`FxHasher`].
+pub type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Passes a `u64` key through as its own hash: for keys that are hashes already.
 #[derive(Default)]

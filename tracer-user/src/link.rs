@@ -24,11 +24,11 @@
 //! `traceparent`/B3, else the id is drawn when first needed (its first child, or its export),
 //! which gives a client span seen a little late (records of different CPUs interleave) one more
 //! chance.
-use std::{collections::HashMap, hash::BuildHasherDefault, net::SocketAddr};
+use std::{hash::BuildHasherDefault, net::SocketAddr};
 
 use crate::{
     context::{self, ContextHeader, RemoteContext, Trust},
-    hashing::FxHasher,
+    hashing::{FxHasher, FxMap},
     pairing::{RequestStart, Role, SpanKey},
     spans::random_ids,
 };
@@ -183,8 +183,6 @@ struct ClientEdge {
     trace_id: [u8; 16],
     span_id: [u8; 8],
 }
-
-type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Finished client requests stay adoptable for one to two of these (a server span whose
 /// records come after its client's, on another CPU, within the same drain or the next): they

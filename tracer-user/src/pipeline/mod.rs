@@ -54,11 +54,7 @@ pub struct Pipeline {
     conns: ConnMap<ConnMeta>,
     processes: ProcessCache,
     /// By process (pid, start time) and which service rule named it (`None`: its executable).
-    resources: HashMap<
-        (u32, u64, Option<usize>),
-        Arc<ExportResource>,
-        std::hash::BuildHasherDefault<crate::hashing::FxHasher>,
-    >,
+    resources: crate::hashing::FxMap<(u32, u64, Option<usize>), Arc<ExportResource>>,
     pub(crate) host: HostFacts,
     rules: Vec<ServiceRule>,
     filters: Filters,
