@@ -391,19 +391,48 @@ const RATIO_GOAL: f64 = 0.99;
 const P50_ADDED_GOAL_US: f64 = 20.0;
 
 /// Whether a goal is shown by a few rounds, each measured against its own untraced run: met or
-/// missed only when every round agrees. On this project's VM a paced run's median moves by
+/// missed only when every round agrees, and their spread (largest less smallest) is under
+/// their median's distance from the goal. On this project's VM a paced run's median moves by
 /// ~10% from one run to the next (~0.2 ms on 1.8 ms, the same service process or a fresh one),
-/// so a median of rounds that straddle the goal says nothing about it.
-fn goal_verdict(rounds: &[f64], meets: impl Fn(f64) -> bool) -> String {
+/// and a saturated round can measure 1.2 against its untraced run: rounds that agree by such
+/// margins say nothing about a goal nearer than their spread.
+fn goal_verdict(rounds: &[f64], goal: f64, meets: impl Fn(f64) -> bool) -> String {
+    if rounds.is_empty() {
+        return "no rounds".into();
+    }
     let met = rounds.iter().filter(|&&v| meets(v)).count();
-    match met {
-        _ if rounds.is_empty() => "no rounds".into(),
-        m if m == rounds.len() => "met in every round".into(),
-        0 => "missed in every round".into(),
-        m => format!(
-            "met in {m} of {} rounds, not decided by this run",
-            rounds.len()
-        ),
+    let (low, high) = rounds
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let spread = high - low;
+    let distance = (median(rounds.to_vec()) - goal).abs();
+    let agreed = match met {
+        m if m == rounds.len() => "met in every round",
+        0 => "missed in every round",
+        m => {
+            return format!(
+                "met in {m} of {} rounds, not decided by this run",
+                rounds.len()
+            )
+        }
+    };
+    if spread <= distance {
+        agreed.into()
+    } else {
+        format!(
+            "{agreed}, but the rounds spread by {} (their median is {} from the goal): not decided by this run",
+            short(spread),
+            short(distance)
+        )
+    }
+}
+
+/// A ratio to three decimals, a number of µs to none.
+fn short(v: f64) -> String {
+    if v.abs() < 10.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.0}")
     }
 }
 
@@ -546,7 +575,8 @@ fn print_table(samples: &[Sample], rounds: usize) {
                 let sdk = of(Tracing::Sdk, &|s| s.wrk.p50_us) - base_p50;
                 let added_rounds =
                     rounds_against_untraced(Tracing::Agent, &|t, u| t.wrk.p50_us - u.wrk.p50_us);
-                let goal = goal_verdict(&added_rounds, |v| v <= P50_ADDED_GOAL_US);
+                let goal =
+                    goal_verdict(&added_rounds, P50_ADDED_GOAL_US, |v| v <= P50_ADDED_GOAL_US);
                 let agent_rounds = listed(added_rounds, &|v| format!("{v:+.0}"));
                 verdicts.push(format!(
                     "{}: at {}, the agent adds {agent:+.0} µs to p50 (rounds: {agent_rounds}; goal ≤ {P50_ADDED_GOAL_US:.0}: {goal}), the SDK {sdk:+.0} µs ({})",
@@ -562,7 +592,7 @@ fn print_table(samples: &[Sample], rounds: usize) {
                 let ratio = |t: Tracing| of(t, &|s| s.wrk.rps) / base_rps;
                 let ratio_rounds =
                     rounds_against_untraced(Tracing::Agent, &|t, u| t.wrk.rps / u.wrk.rps);
-                let goal = goal_verdict(&ratio_rounds, |v| v >= RATIO_GOAL);
+                let goal = goal_verdict(&ratio_rounds, RATIO_GOAL, |v| v >= RATIO_GOAL);
                 let agent_rounds = listed(ratio_rounds, &|v| format!("{v:.3}"));
                 verdicts.push(format!(
                     "{}: saturated throughput ratio {:.3} with the agent (rounds: {agent_rounds}; goal ≥ {RATIO_GOAL}: {goal}), {:.3} with the SDK",
@@ -584,16 +614,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_goal_is_decided_only_when_every_round_agrees() {
-        let p50 = |v: f64| v <= P50_ADDED_GOAL_US;
-        assert_eq!(goal_verdict(&[10.0, -5.0, 19.0], p50), "met in every round");
-        assert_eq!(goal_verdict(&[40.0, 21.0], p50), "missed in every round");
+    fn a_goal_is_decided_only_when_every_round_agrees_by_more_than_their_spread() {
+        let p50 = |rounds: &[f64]| goal_verdict(rounds, P50_ADDED_GOAL_US, |v| v <= 20.0);
+        assert_eq!(p50(&[2.0, -5.0, 9.0]), "met in every round");
+        assert_eq!(p50(&[40.0, 51.0]), "missed in every round");
         assert_eq!(
-            goal_verdict(&[10.0, -560.0, 980.0, 400.0], p50),
+            p50(&[10.0, -560.0, 980.0, 400.0]),
             "met in 2 of 4 rounds, not decided by this run"
         );
-        assert_eq!(goal_verdict(&[], p50), "no rounds");
-        let ratio = |v: f64| v >= RATIO_GOAL;
-        assert_eq!(goal_verdict(&[0.99, 1.2], ratio), "met in every round");
+        assert_eq!(
+            p50(&[10.0, -5.0, 19.0]),
+            "met in every round, but the rounds spread by 24 (their median is 10 from the goal): not decided by this run"
+        );
+        assert_eq!(p50(&[]), "no rounds");
+        let ratio = |rounds: &[f64]| goal_verdict(rounds, RATIO_GOAL, |v| v >= RATIO_GOAL);
+        assert_eq!(ratio(&[0.998, 1.003, 1.01]), "met in every round");
+        // The 2026-12-06 run: one round at 1.220 is the untraced run's noise, not a result.
+        assert_eq!(
+            ratio(&[0.990, 1.220, 1.032]),
+            "met in every round, but the rounds spread by 0.230 (their median is 0.042 from the goal): not decided by this run"
+        );
+        assert_eq!(ratio(&[0.953, 0.859, 0.864]), "missed in every round");
     }
 }
