@@ -59,20 +59,20 @@ impl Endpoints {
             buf: [0; ENDS_TEXT_BYTES],
             len: 0,
         };
-        let mut ends = [0; 4];
+        let mut marks = [0; 4];
         text.ip(local.ip());
-        ends[0] = text.len;
+        marks[0] = text.len;
         text.ip(remote.ip());
-        ends[1] = text.len;
+        marks[1] = text.len;
         text.edge_prefix(local, remote);
-        ends[2] = text.len;
+        marks[2] = text.len;
         text.edge_prefix(remote, local);
-        ends[3] = text.len;
+        marks[3] = text.len;
         let mut ends = Endpoints {
             local,
             remote,
             text,
-            ends,
+            ends: marks,
             encoded: Vec::new(),
             client_address_at: 0,
             tls: false,
