@@ -2,7 +2,7 @@
 //!
 //! Host facts are read once; process facts once per process (cached by pid and start time, so a
 //! recycled pid is not mistaken for the old process).
-use std::{collections::HashMap, fs, sync::Arc};
+use std::{fs, sync::Arc};
 
 use opentelemetry_proto::tonic::{
     common::v1::{any_value::Value, AnyValue, KeyValue},
@@ -441,6 +441,23 @@ pub struct KernelNames {
 }
 
 impl KernelNames {
+    /// What a connection record carries.
+    pub fn of_record(rec: &tracer_common::ConnRecord) -> KernelNames {
+        KernelNames {
+            comm: rec.comm,
+            exe: rec.exe,
+        }
+    }
+
+    /// What the probes' connection table keeps (the command name only), for a connection whose
+    /// record was lost.
+    pub fn of_state(state: &tracer_common::ConnState) -> KernelNames {
+        KernelNames {
+            comm: state.comm,
+            ..KernelNames::default()
+        }
+    }
+
     /// Names known without the probes (the agent's own, tests); no executable.
     pub fn comm_only(comm: &str) -> KernelNames {
         let mut names = KernelNames::default();
@@ -468,8 +485,7 @@ fn c_string(bytes: &[u8]) -> String {
 pub struct ProcessCache {
     /// FxHash: pids come from the kernel, and SipHash was a measurable share of a new
     /// connection's work.
-    by_pid:
-        HashMap<u32, Arc<ProcessFacts>, std::hash::BuildHasherDefault<crate::hashing::FxHasher>>,
+    by_pid: crate::hashing::FxMap<u32, Arc<ProcessFacts>>,
 }
 
 impl ProcessCache {

@@ -154,18 +154,9 @@ impl EndsText {
         }
     }
 
-    fn decimal(&mut self, mut n: u16) {
-        let mut digits = [0u8; 5];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+    fn decimal(&mut self, n: u16) {
+        let mut digits = [0u8; 10];
+        self.push(decimal(u32::from(n), &mut digits));
     }
 
     /// As `IpAddr`'s `Display` writes it; IPv4 without the formatting machinery, which was
@@ -227,6 +218,20 @@ impl std::fmt::Write for EndsText {
     }
 }
 
+/// `n` in decimal, written at the end of `digits`.
+fn decimal(mut n: u32, digits: &mut [u8; 10]) -> &[u8] {
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &digits[i..]
+}
+
 /// `tracer.tcp.edge` built on the stack: it changes with every request.
 struct EdgeText {
     buf: [u8; 128],
@@ -243,16 +248,7 @@ impl EdgeText {
         let prefix = &prefix.as_bytes()[..prefix.len().min(t.buf.len() - 10)];
         t.buf[..prefix.len()].copy_from_slice(prefix);
         let mut digits = [0u8; 10];
-        let (mut n, mut i) = (seq, digits.len());
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let number = &digits[i..];
+        let number = decimal(seq, &mut digits);
         t.buf[prefix.len()..prefix.len() + number.len()].copy_from_slice(number);
         t.len = prefix.len() + number.len();
         t

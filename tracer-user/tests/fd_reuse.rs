@@ -17,20 +17,12 @@ use support::*;
 #[test]
 fn a_socket_dup2ed_over_a_file_descriptor_is_traced() {
     require_root();
-    let (nginx_port, unused_upstream, otlp_port) = (free_port(), free_port(), free_port());
-    let _nginx = start_nginx(nginx_port, unused_upstream);
-    let receiver = OtlpReceiver::start(otlp_port);
-    let nginx_s = nginx_port.to_string();
-    let agent = Agent::start(&[
-        "--endpoint",
-        &receiver.endpoint(),
-        "--port",
-        &nginx_s,
-        "--batch-timeout-ms",
-        "100",
-        "--metrics-addr",
-        "off",
-    ]);
+    let TracedNginx {
+        port: nginx_port,
+        receiver,
+        agent,
+        nginx: _nginx,
+    } = traced_nginx();
 
     // Writes on a file fd: the probes classify it as "not TCP" and remember that.
     let dir = temp_dir("fd-reuse");

@@ -386,20 +386,12 @@ fn policy(pid: u32, tid: &str) -> u32 {
 #[test]
 fn by_default_the_agent_idles_while_it_has_room_and_still_delivers() {
     require_root();
-    let (nginx_port, upstream_port, otlp_port) = (free_port(), free_port(), free_port());
-    let _nginx = start_nginx(nginx_port, upstream_port);
-    let receiver = OtlpReceiver::start(otlp_port);
-    let nginx_s = nginx_port.to_string();
-    let agent = Agent::start(&[
-        "--endpoint",
-        &receiver.endpoint(),
-        "--port",
-        &nginx_s,
-        "--batch-timeout-ms",
-        "100",
-        "--metrics-addr",
-        "off",
-    ]);
+    let TracedNginx {
+        port: nginx_port,
+        receiver,
+        agent,
+        nginx: _nginx,
+    } = traced_nginx();
     let pid = agent.proc.0.id();
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
     for _ in 0..20 {

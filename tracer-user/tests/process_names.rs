@@ -13,20 +13,12 @@ use support::*;
 #[test]
 fn programs_gone_before_the_agent_looked_keep_their_running_names() {
     require_root();
-    let (nginx_port, unused_upstream, otlp_port) = (free_port(), free_port(), free_port());
-    let _nginx = start_nginx(nginx_port, unused_upstream);
-    let receiver = OtlpReceiver::start(otlp_port);
-    let nginx_s = nginx_port.to_string();
-    let agent = Agent::start(&[
-        "--endpoint",
-        &receiver.endpoint(),
-        "--port",
-        &nginx_s,
-        "--batch-timeout-ms",
-        "100",
-        "--metrics-addr",
-        "off",
-    ]);
+    let TracedNginx {
+        port: nginx_port,
+        receiver,
+        agent,
+        nginx: _nginx,
+    } = traced_nginx();
 
     let dir = temp_dir("process-names");
     let wget = dir.join("wget");

@@ -210,10 +210,7 @@ impl Pipeline {
         match records::decode(bytes) {
             Some(Record::Connection(rec)) => {
                 let h = &rec.header;
-                let names = KernelNames {
-                    comm: rec.comm,
-                    exe: rec.exe,
-                };
+                let names = KernelNames::of_record(&rec);
                 self.track(h.tgid, h.fd, h.conn_id, &rec.tuple, &names);
                 return;
             }
@@ -235,10 +232,7 @@ impl Pipeline {
                             count(&self.stats.agent.unknown_connection_records);
                             return;
                         };
-                        let names = KernelNames {
-                            comm: state.comm,
-                            ..Default::default()
-                        };
+                        let names = KernelNames::of_state(&state);
                         self.track(h.tgid, h.fd, h.conn_id, &state.tuple, &names);
                         let Some(meta) = self.conns.get_mut(&id) else {
                             return;
@@ -325,10 +319,7 @@ impl Pipeline {
             let Some(state) = known else {
                 return;
             };
-            let names = KernelNames {
-                comm: state.comm,
-                ..Default::default()
-            };
+            let names = KernelNames::of_state(&state);
             self.track(tgid, fd, kernel_conn_id, &state.tuple, &names);
         }
         let Some(meta) = self.conns.get(&base) else {

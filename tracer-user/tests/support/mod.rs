@@ -333,6 +333,38 @@ impl Agent {
     }
 }
 
+/// nginx on a free port traced by the agent, which exports to a receiver every 100 ms and
+/// serves no metrics: where most single-host tests start. nginx's proxied path points at a
+/// free port nothing listens on.
+pub struct TracedNginx {
+    pub port: u16,
+    pub receiver: OtlpReceiver,
+    pub agent: Agent,
+    pub nginx: Proc,
+}
+
+pub fn traced_nginx() -> TracedNginx {
+    let (port, otlp_port) = (free_port(), free_port());
+    let nginx = start_nginx(port, free_port());
+    let receiver = OtlpReceiver::start(otlp_port);
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--port",
+        &port.to_string(),
+        "--batch-timeout-ms",
+        "100",
+        "--metrics-addr",
+        "off",
+    ]);
+    TracedNginx {
+        port,
+        receiver,
+        agent,
+        nginx,
+    }
+}
+
 /// One HTTP/1.1 response read off a stream: status, and the time from the first byte of the
 /// request written to the last byte of the response read, as the client measured it.
 pub struct Timed {
