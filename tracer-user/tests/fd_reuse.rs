@@ -17,12 +17,7 @@ use support::*;
 #[test]
 fn a_socket_dup2ed_over_a_file_descriptor_is_traced() {
     require_root();
-    let TracedNginx {
-        port: nginx_port,
-        receiver,
-        agent,
-        nginx: _nginx,
-    } = traced_nginx();
+    let (nginx_port, receiver, agent, _nginx) = traced_nginx();
 
     // Writes on a file fd: the probes classify it as "not TCP" and remember that.
     let dir = temp_dir("fd-reuse");

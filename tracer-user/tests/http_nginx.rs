@@ -386,12 +386,7 @@ fn policy(pid: u32, tid: &str) -> u32 {
 #[test]
 fn by_default_the_agent_idles_while_it_has_room_and_still_delivers() {
     require_root();
-    let TracedNginx {
-        port: nginx_port,
-        receiver,
-        agent,
-        nginx: _nginx,
-    } = traced_nginx();
+    let (nginx_port, receiver, agent, _nginx) = traced_nginx();
     let pid = agent.proc.0.id();
     let mut conn = TcpStream::connect(addr(nginx_port)).unwrap();
     for _ in 0..20 {

@@ -13,12 +13,7 @@ use support::*;
 #[test]
 fn programs_gone_before_the_agent_looked_keep_their_running_names() {
     require_root();
-    let TracedNginx {
-        port: nginx_port,
-        receiver,
-        agent,
-        nginx: _nginx,
-    } = traced_nginx();
+    let (nginx_port, receiver, agent, _nginx) = traced_nginx();
 
     let dir = temp_dir("process-names");
     let wget = dir.join("wget");

@@ -335,15 +335,8 @@ impl Agent {
 
 /// nginx on a free port traced by the agent, which exports to a receiver every 100 ms and
 /// serves no metrics: where most single-host tests start. nginx's proxied path points at a
-/// free port nothing listens on.
-pub struct TracedNginx {
-    pub port: u16,
-    pub receiver: OtlpReceiver,
-    pub agent: Agent,
-    pub nginx: Proc,
-}
-
-pub fn traced_nginx() -> TracedNginx {
+/// free port nothing listens on. Returns nginx's port, the receiver, the agent and nginx.
+pub fn traced_nginx() -> (u16, OtlpReceiver, Agent, Proc) {
     let (port, otlp_port) = (free_port(), free_port());
     let nginx = start_nginx(port, free_port());
     let receiver = OtlpReceiver::start(otlp_port);
@@ -357,12 +350,7 @@ pub fn traced_nginx() -> TracedNginx {
         "--metrics-addr",
         "off",
     ]);
-    TracedNginx {
-        port,
-        receiver,
-        agent,
-        nginx,
-    }
+    (port, receiver, agent, nginx)
 }
 
 /// One HTTP/1.1 response read off a stream: status, and the time from the first byte of the
