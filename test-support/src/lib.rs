@@ -44,13 +44,24 @@ pub fn require_root() {
     );
 }
 
-/// A port nothing listens on right now (the OS picks it).
+/// A port nothing listens on right now, below the kernel's ephemeral range (32768–60999 by
+/// default). A port the OS picks for `:0` comes from that range, so between this call and the
+/// server's bind an outgoing connection of another test could take it (it happened: a receiver
+/// failed to bind). Each test process walks its own stretch of 20000–32767, starting at a
+/// place set by its pid, so test binaries running side by side rarely try the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 32_768 - LOW;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {LOW}..32768 on 127.0.0.1");
 }
 
 /// A fresh, empty directory for this test process: `tracer-test-<name>-<pid>` in the temp dir.

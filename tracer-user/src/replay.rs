@@ -73,7 +73,7 @@ pub fn replay(
     } else {
         Sink::discard()
     };
-    let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone());
+    let mut pipeline = Pipeline::new(Vec::new(), filters, sink, stats.clone()).replaying();
     let cpu = || {
         // SAFETY: getrusage fills the struct it is given.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

@@ -486,16 +486,33 @@ pub struct ProcessCache {
     /// FxHash: pids come from the kernel, and SipHash was a measurable share of a new
     /// connection's work.
     by_pid: crate::hashing::FxMap<u32, Arc<ProcessFacts>>,
+    /// The pids are another machine's or another time's (`tracer replay`): /proc is never read,
+    /// since whatever runs under such a pid here is not the process that was recorded (a
+    /// replay under `timeout` once named a recorded curl `timeout`).
+    recorded: bool,
 }
 
 impl ProcessCache {
+    /// For the pids of a recording: processes are named by what the probes read only.
+    pub fn recorded() -> ProcessCache {
+        ProcessCache {
+            recorded: true,
+            ..ProcessCache::default()
+        }
+    }
+
     /// Facts of `pid`; `names` (what the probes read) stand in for a process that has
     /// already exited.
     pub fn get(&mut self, pid: u32, names: &KernelNames) -> Arc<ProcessFacts> {
         if let Some(p) = self.by_pid.get(&pid) {
             return p.clone();
         }
-        let facts = Arc::new(ProcessFacts::read(pid, names).unwrap_or_else(|| {
+        let live = if self.recorded {
+            None
+        } else {
+            ProcessFacts::read(pid, names)
+        };
+        let facts = Arc::new(live.unwrap_or_else(|| {
             let name = executable_name("", &[], "", &names.comm(), &names.exe());
             ProcessFacts {
                 pid,
@@ -513,6 +530,9 @@ impl ProcessCache {
 
     /// Forgets processes that have exited (call now and then).
     pub fn prune(&mut self) {
+        if self.recorded {
+            return;
+        }
         self.by_pid
             .retain(|pid, facts| process_start_time(*pid) == Some(facts.start_time));
     }
@@ -710,6 +730,14 @@ mod tests {
                 .executable_name,
             "unknown"
         );
+        // A recording's pid is named by the recorded names, whatever runs under that pid here
+        // (this test's own pid stands in for a recycled one).
+        let me = std::process::id();
+        assert_eq!(
+            ProcessCache::recorded().get(me, &names).executable_name,
+            "python3.11"
+        );
+        assert_ne!(cache.get(me, &names).executable_name, "python3.11");
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub struct BenchArgs {
     pub agent_args: Vec<String>,
     /// Run only the comparison with the OpenTelemetry SDK (`sdk_bench.rs`).
     pub sdk_only: bool,
+    /// The SDK comparison's rounds and seconds a run (`--sdk-rounds`, `--sdk-seconds`).
+    pub sdk_rounds: usize,
+    pub sdk_seconds: u64,
     /// Run only the account of a traced request's time at saturation (`breakdown.rs`).
     pub breakdown_only: bool,
     /// A second agent build for the breakdown's A/B step (`--compare-bin`).
@@ -125,13 +128,7 @@ pub(crate) fn nginx_worker(nginx: &Nginx) -> anyhow::Result<u32> {
         .context("nginx has no worker process")
 }
 
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub(crate) use tracer_test_support::free_port;
 
 pub(crate) fn wait_port(port: u16) -> anyhow::Result<()> {
     let start = Instant::now();
@@ -580,15 +577,16 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let result = if args.breakdown_only {
         breakdown_only(&bin, &work, args)
     } else if args.sdk_only {
-        sdk_bench::sdk_bench(root, &bin, &work, args.rounds, args.seconds)
+        sdk_bench::sdk_bench(root, &bin, &work, args.sdk_rounds, args.sdk_seconds)
     } else if args.kernel_only {
         kernel_cost(&bin, &work).map(|k| {
             println!("\n== tracer kernel cost (medians of {KERNEL_ALTERNATIONS} alternations) ==");
             print_kernel_cost(&k);
         })
     } else {
-        bench_in(&bin, &work, args)
-            .and_then(|()| sdk_bench::sdk_bench(root, &bin, &work, args.rounds, args.seconds))
+        bench_in(&bin, &work, args).and_then(|()| {
+            sdk_bench::sdk_bench(root, &bin, &work, args.sdk_rounds, args.sdk_seconds)
+        })
     };
     let _ = std::fs::remove_dir_all(&work);
     result

@@ -468,6 +468,13 @@ impl Pipeline {
 
     /// Takes the sink out (leaving one that holds nothing): dropping it closes the exporter's
     /// queue, which then sends what it holds and ends.
+    /// The records come from a recording (`tracer replay`): their pids are not this machine's
+    /// now, so processes are named from the records alone.
+    pub(crate) fn replaying(mut self) -> Self {
+        self.processes = ProcessCache::recorded();
+        self
+    }
+
     pub(crate) fn take_sink(&mut self) -> Sink {
         std::mem::replace(&mut self.out.sink, Sink::Stdout)
     }
