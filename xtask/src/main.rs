@@ -53,6 +53,13 @@ enum Cmd {
         /// and Node.js services: untraced, traced by the agent, instrumented by the SDK).
         #[arg(long, conflicts_with = "kernel_only")]
         sdk_only: bool,
+        /// Rounds of the comparison with the OpenTelemetry SDK: a goal is decided only when the
+        /// 95% interval of the rounds' median lies on one side of it, which needs at least 6.
+        #[arg(long, default_value_t = sdk_bench::DEFAULT_SDK_ROUNDS, conflicts_with_all = ["kernel_only", "breakdown_only"])]
+        sdk_rounds: usize,
+        /// Seconds per wrk run of the comparison with the OpenTelemetry SDK.
+        #[arg(long, default_value_t = 5, conflicts_with_all = ["kernel_only", "breakdown_only"])]
+        sdk_seconds: u64,
         /// Only the account of a traced request's time at saturation (untraced, probes
         /// ignoring every connection, records without export, every span exported).
         #[arg(long, conflicts_with_all = ["kernel_only", "sdk_only"])]
@@ -316,6 +323,8 @@ fn main() -> anyhow::Result<()> {
             seconds,
             kernel_only,
             sdk_only,
+            sdk_rounds,
+            sdk_seconds,
             breakdown_only,
             compare_bin,
             agent_args,
@@ -330,6 +339,8 @@ fn main() -> anyhow::Result<()> {
                     kernel_only,
                     agent_args,
                     sdk_only,
+                    sdk_rounds,
+                    sdk_seconds,
                     breakdown_only,
                     compare_bin,
                 },
