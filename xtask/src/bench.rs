@@ -98,9 +98,8 @@ pub struct BenchArgs {
     pub agent_args: Vec<String>,
     /// Run only the comparison with the OpenTelemetry SDK (`sdk_bench.rs`).
     pub sdk_only: bool,
-    /// The SDK comparison's rounds and seconds a run (`--sdk-rounds`, `--sdk-seconds`).
-    pub sdk_rounds: usize,
-    pub sdk_seconds: u64,
+    /// The comparison with the SDK (`--sdk-rounds`, `--sdk-pairs`, `--sdk-seconds`).
+    pub sdk: sdk_bench::SdkArgs,
     /// Run only the account of a traced request's time at saturation (`breakdown.rs`).
     pub breakdown_only: bool,
     /// A second agent build for the breakdown's A/B step (`--compare-bin`).
@@ -577,16 +576,15 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let result = if args.breakdown_only {
         breakdown_only(&bin, &work, args)
     } else if args.sdk_only {
-        sdk_bench::sdk_bench(root, &bin, &work, args.sdk_rounds, args.sdk_seconds)
+        sdk_bench::sdk_bench(root, &bin, &work, &args.sdk)
     } else if args.kernel_only {
         kernel_cost(&bin, &work).map(|k| {
             println!("\n== tracer kernel cost (medians of {KERNEL_ALTERNATIONS} alternations) ==");
             print_kernel_cost(&k);
         })
     } else {
-        bench_in(&bin, &work, args).and_then(|()| {
-            sdk_bench::sdk_bench(root, &bin, &work, args.sdk_rounds, args.sdk_seconds)
-        })
+        bench_in(&bin, &work, args)
+            .and_then(|()| sdk_bench::sdk_bench(root, &bin, &work, &args.sdk))
     };
     let _ = std::fs::remove_dir_all(&work);
     result

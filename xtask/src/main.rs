@@ -53,11 +53,16 @@ enum Cmd {
         /// and Node.js services: untraced, traced by the agent, instrumented by the SDK).
         #[arg(long, conflicts_with = "kernel_only")]
         sdk_only: bool,
-        /// Rounds of the comparison with the OpenTelemetry SDK: a goal is decided only when the
-        /// 95% interval of the rounds' median lies on one side of it, which needs at least 6.
-        #[arg(long, default_value_t = sdk_bench::DEFAULT_SDK_ROUNDS, conflicts_with_all = ["kernel_only", "breakdown_only"])]
+        /// Rounds of the three-way table against the OpenTelemetry SDK (untraced, agent, SDK; a
+        /// fresh service process each run).
+        #[arg(long, default_value_t = 3, conflicts_with_all = ["kernel_only", "breakdown_only"])]
         sdk_rounds: usize,
-        /// Seconds per wrk run of the comparison with the OpenTelemetry SDK.
+        /// Pairs of untraced and traced windows on one service process that decide the
+        /// realistic level's goals (at 95% confidence; 6 at least, 12 leave out two outliers a
+        /// side).
+        #[arg(long, default_value_t = sdk_bench::DEFAULT_PAIRS, conflicts_with_all = ["kernel_only", "breakdown_only"])]
+        sdk_pairs: usize,
+        /// Seconds of load a run or window of the comparison with the SDK measures.
         #[arg(long, default_value_t = 5, conflicts_with_all = ["kernel_only", "breakdown_only"])]
         sdk_seconds: u64,
         /// Only the account of a traced request's time at saturation (untraced, probes
@@ -324,6 +329,7 @@ fn main() -> anyhow::Result<()> {
             kernel_only,
             sdk_only,
             sdk_rounds,
+            sdk_pairs,
             sdk_seconds,
             breakdown_only,
             compare_bin,
@@ -339,8 +345,11 @@ fn main() -> anyhow::Result<()> {
                     kernel_only,
                     agent_args,
                     sdk_only,
-                    sdk_rounds,
-                    sdk_seconds,
+                    sdk: sdk_bench::SdkArgs {
+                        rounds: sdk_rounds,
+                        pairs: sdk_pairs,
+                        seconds: sdk_seconds,
+                    },
                     breakdown_only,
                     compare_bin,
                 },
