@@ -227,7 +227,7 @@ pub(crate) fn on_data(
             if !may_track || NOT_TCP.get_ptr(key).is_some() {
                 return 0;
             }
-            match track(pid_tgid, fd, false, false) {
+            match track(pid_tgid, fd) {
                 Some(state) => state,
                 None => return 0,
             }

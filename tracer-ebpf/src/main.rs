@@ -182,7 +182,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     if let Some((task, pid_tgid)) = caller() {
         let fd = SyscallRegs::of(task).arg(0) as u32;
-        track(pid_tgid, fd, false, true);
+        start_tracking(pid_tgid, fd, false, true);
     }
     0
 }
@@ -194,7 +194,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if let Some((_, pid_tgid)) = caller() {
-        track(pid_tgid, ret as u32, true, true);
+        start_tracking(pid_tgid, ret as u32, true, true);
     }
     0
 }

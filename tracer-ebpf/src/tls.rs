@@ -174,7 +174,7 @@ fn on_return(ret: i64, sc: u32) -> u32 {
     };
     let state = match CONNS.get_ptr_mut(conn_key(tgid, fd)) {
         Some(s) => s,
-        None => match track(pid_tgid, fd, false, false) {
+        None => match track(pid_tgid, fd) {
             Some(s) => s,
             None => return 0,
         },
