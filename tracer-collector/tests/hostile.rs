@@ -461,11 +461,16 @@ async fn operation_names_without_spans_are_dropped() {
         assert!(Instant::now() < deadline, "still listed: {}", ops["data"]);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        c.log
-            .lock()
-            .unwrap()
-            .contains("dropped 1000 operation names"),
-        "retention says what it dropped"
-    );
+    // The pass logs after its changes are visible, and the log reaches the test through a
+    // reader thread: wait for the line too (asserting at once failed on CI with the line in
+    // the output a moment later).
+    while !c
+        .log
+        .lock()
+        .unwrap()
+        .contains("dropped 1000 operation names")
+    {
+        assert!(Instant::now() < deadline, "retention says what it dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
