@@ -77,7 +77,7 @@ impl Account {
 }
 
 /// The `cpu` line of /proc/stat: (busy, idle) seconds of all CPUs together.
-fn machine_cpu_seconds() -> (f64, f64) {
+pub(crate) fn machine_cpu_seconds() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let line = stat.lines().find(|l| l.starts_with("cpu ")).unwrap_or("");
     let ticks: Vec<f64> = line

@@ -24,7 +24,10 @@
 //! Then the goals for the agent (throughput ≥ 0.99 of untraced at saturation, p50 added
 //! ≤ 20 µs at the paced rate, 5x less than the SDK's) are decided on one service process a
 //! runtime and level: untraced and traced windows alternated (`Setup::alternate`), a goal met or
-//! missed only when the 95% interval of the pairs' median is on one side of it (`goal_verdict`). Spans a request counts what reached the sink, warm-up included,
+//! missed only when the 95% interval of the pairs' median is on one side of it (`goal_verdict`).
+//! Each window also accounts the machine's CPU a request (the services, wrk, the agent, idle),
+//! so that a throughput lost is placed: in the traced processes, in the agent, or in CPU left
+//! idle. Spans a request counts what reached the sink, warm-up included,
 //! after the service was stopped (the SDK flushes on exit) or the agent had exported all it
 //! built. The agent traces the service's port and the data service's port: its spans are the
 //! load client's, the service's SERVER and CLIENT, and the data service's SERVER; the SDK's are
@@ -43,6 +46,7 @@ use crate::{
         cpu_seconds, drain, free_port, median, metric, peak_rss_mib, program_time_ns, start_ready,
         threads_cpu_seconds, wait_port, wrk_load, BpfStats, Killed, Wrk, RATE_PER_CONNECTION,
     },
+    breakdown::machine_cpu_seconds,
     otlp_sink::{self, SinkCounts},
     run,
 };
@@ -463,7 +467,23 @@ impl Setup<'_> {
                     None
                 };
                 wrk_load(&url, 1, connections, rate, self.work)?;
-                let w = wrk_load(&url, seconds, connections, rate, self.work)?;
+                let pids = [service.0.id(), self.data.0.id()];
+                let services = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+                let agent_cpu = || {
+                    agent
+                        .as_ref()
+                        .map_or(0.0, |(a, _)| threads_cpu_seconds(a.0.id()))
+                };
+                let (services0, agent0, idle0) = (services(), agent_cpu(), machine_cpu_seconds().1);
+                let wrk = wrk_load(&url, seconds, connections, rate, self.work)?;
+                let per_req = |s: f64| s * 1e6 / wrk.requests as f64;
+                let w = Measured {
+                    services_us: per_req(services() - services0),
+                    wrk_us: per_req(wrk.cpu_seconds),
+                    agent_us: per_req(agent_cpu() - agent0),
+                    idle_us: per_req(machine_cpu_seconds().1 - idle0),
+                    wrk,
+                };
                 if let Some((agent, metrics_port)) = agent {
                     stop_agent(agent, metrics_port, port)?;
                     traced = Some(w);
@@ -483,8 +503,20 @@ impl Setup<'_> {
 
 /// A pair of the goals' decision: the same service process without and with the agent.
 struct Window {
-    untraced: Wrk,
-    traced: Wrk,
+    untraced: Measured,
+    traced: Measured,
+}
+
+/// One window: the load client's figures and where the machine's CPU went, µs a request.
+struct Measured {
+    wrk: Wrk,
+    /// The service's and the data service's CPU (the probes' time in their syscalls included).
+    services_us: f64,
+    /// The load client's CPU (its side's probes included: the agent traces its connections).
+    wrk_us: f64,
+    agent_us: f64,
+    /// CPU nobody used (both CPUs' idle time).
+    idle_us: f64,
 }
 
 /// Waits for the agent to export what it built, checks it built spans at all, and stops it.
@@ -757,22 +789,23 @@ fn print_decisions(decisions: &[(Runtime, Load, Vec<Window>)], sdk_p50_added: &[
         "service", "level", "pairs", "untraced req/s", "untraced p50", "median pair"
     );
     let mut verdicts = Vec::new();
+    let mut cpu_lines = Vec::new();
     for (runtime, load, windows) in decisions {
         let short_name = match runtime {
             Runtime::Python => "Python",
             Runtime::Node => "Node.js",
         };
-        let untraced_rps = median(windows.iter().map(|w| w.untraced.rps).collect());
-        let untraced_p50 = median(windows.iter().map(|w| w.untraced.p50_us).collect());
+        let untraced_rps = median(windows.iter().map(|w| w.untraced.wrk.rps).collect());
+        let untraced_p50 = median(windows.iter().map(|w| w.untraced.wrk.p50_us).collect());
         let (pairs, shown): (Vec<f64>, Vec<String>) = match load {
             Load::Saturated => windows
                 .iter()
-                .map(|w| w.traced.rps / w.untraced.rps)
+                .map(|w| w.traced.wrk.rps / w.untraced.wrk.rps)
                 .map(|r| (r, format!("{r:.3}")))
                 .unzip(),
             Load::Paced(_) => windows
                 .iter()
-                .map(|w| w.traced.p50_us - w.untraced.p50_us)
+                .map(|w| w.traced.wrk.p50_us - w.untraced.wrk.p50_us)
                 .map(|d| (d, format!("{d:+.0}")))
                 .unzip(),
         };
@@ -790,6 +823,25 @@ fn print_decisions(decisions: &[(Runtime, Load, Vec<Window>)], sdk_p50_added: &[
             },
             shown.join(" ")
         );
+        let added = |f: &dyn Fn(&Measured) -> f64| {
+            median(
+                windows
+                    .iter()
+                    .map(|w| f(&w.traced) - f(&w.untraced))
+                    .collect(),
+            )
+        };
+        cpu_lines.push(format!(
+            "{short_name} {}: the services {:+.1}, wrk {:+.1}, the agent {:.1}, idle {:+.1} (untraced: the services {:.0}, wrk {:.1}, idle {:.0})",
+            load.name(),
+            added(&|m| m.services_us),
+            added(&|m| m.wrk_us),
+            median(windows.iter().map(|w| w.traced.agent_us).collect()),
+            added(&|m| m.idle_us),
+            median(windows.iter().map(|w| w.untraced.services_us).collect()),
+            median(windows.iter().map(|w| w.untraced.wrk_us).collect()),
+            median(windows.iter().map(|w| w.untraced.idle_us).collect()),
+        ));
         match load {
             Load::Saturated => verdicts.push(format!(
                 "{}: saturated throughput with the agent ≥ {RATIO_GOAL} of untraced: {}",
@@ -813,6 +865,10 @@ fn print_decisions(decisions: &[(Runtime, Load, Vec<Window>)], sdk_p50_added: &[
                 }
             }
         }
+    }
+    println!("\nCPU µs a request, traced window less untraced (medians of the pairs):");
+    for line in cpu_lines {
+        println!("{line}");
     }
     println!();
     for v in verdicts {
