@@ -82,6 +82,11 @@ impl Runtime {
         }
     }
 
+    /// The two load levels: saturated, then paced.
+    fn loads(self) -> [Load; 2] {
+        [Load::Saturated, Load::Paced(self.paced_rate())]
+    }
+
     /// The service on `port`, calling the data service at `data`; with the SDK when `sdk`,
     /// exporting to the sink on `sink_port`.
     fn command(self, root: &Path, port: u16, data: u16, sdk: bool, sink_port: u16) -> Command {
@@ -263,29 +268,6 @@ pub fn sdk_bench(root: &Path, bin: &Path, work: &Path, args: &SdkArgs) -> anyhow
             .stderr(Stdio::null());
         let data = Killed(data_cmd.spawn().context("starting the data service")?);
         wait_port(data_port)?;
-        for round in 0..rounds {
-            for load in [Load::Saturated, Load::Paced(runtime.paced_rate())] {
-                for tracing in Tracing::ALL {
-                    eprintln!(
-                        "bench: SDK comparison, {}, round {}/{rounds}, {}, {}",
-                        runtime.name(),
-                        round + 1,
-                        load.name(),
-                        tracing.name()
-                    );
-                    let setup = Setup {
-                        root,
-                        bin,
-                        work,
-                        sink_port,
-                        sink: &sink,
-                        data: &data,
-                        data_port,
-                    };
-                    samples.push(setup.run(runtime, load, tracing, seconds)?);
-                }
-            }
-        }
         let setup = Setup {
             root,
             bin,
@@ -295,7 +277,21 @@ pub fn sdk_bench(root: &Path, bin: &Path, work: &Path, args: &SdkArgs) -> anyhow
             data: &data,
             data_port,
         };
-        for load in [Load::Saturated, Load::Paced(runtime.paced_rate())] {
+        for round in 0..rounds {
+            for load in runtime.loads() {
+                for tracing in Tracing::ALL {
+                    eprintln!(
+                        "bench: SDK comparison, {}, round {}/{rounds}, {}, {}",
+                        runtime.name(),
+                        round + 1,
+                        load.name(),
+                        tracing.name()
+                    );
+                    samples.push(setup.run(runtime, load, tracing, seconds)?);
+                }
+            }
+        }
+        for load in runtime.loads() {
             let windows = setup.alternate(runtime, load, pairs, seconds)?;
             decisions.push((runtime, load, windows));
         }
@@ -550,8 +546,9 @@ fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
     let mut below = 0.0;
     let mut choose = 1.0; // C(n, i)
     let mut k = 0;
+    let outcomes = 2f64.powi(n as i32);
     for i in 0..n {
-        below += choose / 2f64.powi(n as i32);
+        below += choose / outcomes;
         if below > 0.025 {
             break;
         }
@@ -646,7 +643,7 @@ fn print_table(samples: &[Sample], rounds: usize) -> Vec<(Runtime, f64)> {
     let mut sdk_p50_added = Vec::new();
     for runtime in [Runtime::Python, Runtime::Node] {
         println!("-- {}", runtime.name());
-        for load in [Load::Saturated, Load::Paced(runtime.paced_rate())] {
+        for load in runtime.loads() {
             let of = |tracing: Tracing, f: &dyn Fn(&Sample) -> f64| {
                 median(
                     samples
