@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 28] = [
+    let rows: [(&str, &str, u64); 29] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -142,6 +142,11 @@ pub fn render(stats: &Stats) -> String {
             "tracer_parse_failures_total",
             "Messages that could not be parsed",
             a.parse_failures.load(Relaxed),
+        ),
+        (
+            "tracer_http_heads_reused_total",
+            "HTTP heads taken from the parse of the connection's other end on this host instead of parsed again",
+            a.heads_reused.load(Relaxed),
         ),
         (
             "tracer_connections_muted_total",

@@ -22,7 +22,7 @@ use tracer_common::direction::{EGRESS, INGRESS};
 use crate::{
     context::RemoteContext,
     hashing::IdentityHasher,
-    protocol::{self, Detail, Detection, Protocols, Session},
+    protocol::{self, http::memo::HeadMemo, Detail, Detection, Protocols, Session},
 };
 
 /// The linker's key for a request's span (its span id); 0 when there is no linker.
@@ -50,6 +50,12 @@ pub trait Observer {
     fn request(&mut self, conn: ConnId, role: Role, req: &RequestStart<'_>) -> SpanKey;
     /// The response to the request of `span` began.
     fn answered(&mut self, conn: ConnId, role: Role, span: SpanKey);
+    /// The connection's other end is on this host too (loopback, or the host's own address),
+    /// where the agent may see it as well: its heads are worth keeping for that end
+    /// (`protocol::http::memo`).
+    fn peer_on_host(&self) -> bool {
+        false
+    }
 }
 
 /// No linking (unit tests of the pairing alone).
@@ -211,6 +217,8 @@ pub struct Pairer {
     protocols: Protocols,
     conns: ConnMap<Conn>,
     parse_failures: u64,
+    /// HTTP heads parsed at one end of a same-host connection, for the other end.
+    http_memo: HeadMemo,
 }
 
 impl Pairer {
@@ -223,6 +231,7 @@ impl Pairer {
             protocols,
             conns: ConnMap::default(),
             parse_failures: 0,
+            http_memo: HeadMemo::default(),
         }
     }
 
@@ -246,6 +255,7 @@ impl Pairer {
             observer,
             record_seq: None,
             last_ns: 0,
+            http_memo: &mut self.http_memo,
         };
         state.on_chunk(chunk, &mut cx, self.protocols);
     }
@@ -302,6 +312,13 @@ impl Pairer {
         self.conns.len()
     }
 
+    /// HTTP heads taken from the parse of the connection's other end (see
+    /// `protocol::http::memo`).
+    #[must_use]
+    pub fn heads_reused(&self) -> u64 {
+        self.http_memo.hits()
+    }
+
     /// Heads given up: cut by uncaptured bytes, unfinished at a direction change, too long, or
     /// malformed on a connection whose protocol is known.
     #[must_use]
@@ -320,6 +337,7 @@ pub(crate) struct Cx<'a> {
     pub record_seq: Option<u32>,
     /// The connection's last activity (the latest record's exit).
     pub last_ns: u64,
+    pub http_memo: &'a mut HeadMemo,
 }
 
 impl Cx<'_> {

@@ -21,6 +21,9 @@ pub struct AgentStats {
     pub spans_unsampled: AtomicU64,
     pub connections_muted: AtomicU64,
     pub parse_failures: AtomicU64,
+    /// HTTP heads not parsed again: the connection's other end, on this host, had parsed the
+    /// same bytes (`protocol::http::memo`).
+    pub heads_reused: AtomicU64,
     /// Switches of the agent from idle-only to normal priority (see priority.rs).
     pub priority_boosts: AtomicU64,
     /// Parent links the agent made, by `link::Source::index`.
@@ -76,7 +79,7 @@ pub fn summary(stats: &Stats) -> String {
     format!(
         "counters: syscalls={} records={} ringbuf_drops={} conn_table_drops={} entry_time_missed={} \
          exchanges={} spans={} unsampled={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
-         parse_failures={} muted_connections={}{injection}",
+         parse_failures={} heads_reused={} muted_connections={}{injection}",
         k.get(c::DATA_SYSCALLS),
         a.records.load(Relaxed),
         k.get(c::RINGBUF_FULL),
@@ -91,6 +94,7 @@ pub fn summary(stats: &Stats) -> String {
         e.dropped_rejected.load(Relaxed),
         e.dropped_shutdown.load(Relaxed),
         a.parse_failures.load(Relaxed),
+        a.heads_reused.load(Relaxed),
         a.connections_muted.load(Relaxed),
     ) + &stats
         .also_exports

@@ -119,6 +119,11 @@ impl Observer for LinkObserver<'_> {
     fn answered(&mut self, _conn: ConnId, _role: Role, span: SpanKey) {
         self.linker.answered(span);
     }
+
+    fn peer_on_host(&self) -> bool {
+        let (local, remote) = (self.meta.ends.local.ip(), self.meta.ends.remote.ip());
+        remote.is_loopback() || remote == local
+    }
 }
 
 /// The ids of an inserted `traceparent`, if its hex is well formed (the probes write it).
@@ -550,6 +555,10 @@ impl Pipeline {
             .agent
             .parse_failures
             .store(self.pairer.parse_failures(), Relaxed);
+        self.stats
+            .agent
+            .heads_reused
+            .store(self.pairer.heads_reused(), Relaxed);
         self.stats
             .agent
             .connections

@@ -8,6 +8,7 @@
 
 mod chunked;
 pub mod head;
+pub(crate) mod memo;
 #[cfg(test)]
 mod tests;
 
@@ -243,12 +244,11 @@ impl Session {
                         }
                     }
                     let avail = captured_from(payload, pos);
-                    let step = head_step(
-                        &mut self.head_buf,
-                        avail,
-                        chunk.has_hole(),
-                        head::parse_request,
-                    );
+                    let (seq, on_host) = (self.head_start.seq, cx.observer.peer_on_host());
+                    let memo = &mut *cx.http_memo;
+                    let step = head_step(&mut self.head_buf, avail, chunk.has_hole(), |buf| {
+                        memo.request(seq, on_host, buf)
+                    });
                     match step {
                         HeadStep::Done { head, consumed } => {
                             pos += consumed as u64;
@@ -306,12 +306,15 @@ impl Session {
                 }
                 RespState::Head => {
                     let avail = captured_from(payload, pos);
-                    let step = head_step(
-                        &mut self.head_buf,
-                        avail,
-                        chunk.has_hole(),
-                        head::parse_response,
-                    );
+                    // Where a head that began in an earlier record started is not kept: such
+                    // a head is parsed, not looked up.
+                    let seq = (cx.record_seq)
+                        .filter(|_| self.head_buf.is_empty())
+                        .map(|s| s.wrapping_add(pos as u32));
+                    let (on_host, memo) = (cx.observer.peer_on_host(), &mut *cx.http_memo);
+                    let step = head_step(&mut self.head_buf, avail, chunk.has_hole(), |buf| {
+                        memo.response(seq, on_host, buf)
+                    });
                     match step {
                         HeadStep::Done { head, consumed } => {
                             pos += consumed as u64;

@@ -791,3 +791,70 @@ fn host_header_ports_are_split() {
     assert_eq!(split_host("example.com"), ("example.com", None));
     assert_eq!(split_host("[::1]:80"), ("::1", Some(80)));
 }
+
+/// Both ends of a connection on this host: each head is parsed once, the other end takes the
+/// parse, and each end reports what it would have reported alone. A request whose bytes differ
+/// at the reading end (a `traceparent` the probes inserted) is parsed there again.
+#[test]
+fn both_ends_on_the_host_parse_each_head_once() {
+    struct OnHost;
+    impl crate::pairing::Observer for OnHost {
+        fn request(&mut self, _: ConnId, _: Role, _: &crate::pairing::RequestStart<'_>) -> u64 {
+            0
+        }
+        fn answered(&mut self, _: ConnId, _: Role, _: u64) {}
+        fn peer_on_host(&self) -> bool {
+            true
+        }
+    }
+    const CLIENT: ConnId = 1;
+    const SERVER: ConnId = 2;
+    let req = b"GET /a/1 HTTP/1.1\r\nHost: svc\r\nUser-Agent: t/1\r\n\r\n".to_vec();
+    let injected = b"GET /b HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+    let resp = ok("hello");
+    let get_b = get("/b");
+    // Ring order: the client writes, the server reads, the server writes, the client reads.
+    // Request sequence numbers from 1000, response ones from 5000.
+    let script: Vec<(ConnId, u32, &[u8], u32)> = vec![
+        (CLIENT, EGRESS, &req, 1000),
+        (SERVER, INGRESS, &req, 1000),
+        (SERVER, EGRESS, &resp, 5000),
+        (CLIENT, INGRESS, &resp, 5000),
+        (CLIENT, EGRESS, &get_b, 1100),
+        (SERVER, INGRESS, injected, 1100),
+        (SERVER, EGRESS, &resp, 5100),
+        (CLIENT, INGRESS, &resp, 5100),
+    ];
+    let run = |on_host: bool| {
+        let mut p = Pairer::new(IDLE, Protocols::all());
+        let mut out = Vec::new();
+        for (t, (conn, dir, bytes, seq)) in script.iter().enumerate() {
+            let t = 100 * t as u64;
+            let chunk = Chunk {
+                direction: *dir,
+                ts_enter: t,
+                ts_exit: t + 5,
+                len: bytes.len() as u64,
+                payload: bytes,
+                tid: 1,
+                tcp_seq: Some(*seq),
+                inserted: 0,
+            };
+            if on_host {
+                p.on_chunk(*conn, &chunk, &mut out, &mut OnHost);
+            } else {
+                p.on_chunk(*conn, &chunk, &mut out, &mut ());
+            }
+        }
+        (out, p.heads_reused())
+    };
+    let (alone, none_reused) = run(false);
+    let (shared, reused) = run(true);
+    assert_eq!(none_reused, 0);
+    // Three heads taken: the first request, both responses; the injected request was parsed.
+    assert_eq!(reused, 3);
+    assert_eq!(shared, alone);
+    assert_eq!(shared.len(), 4);
+    let paths: Vec<&str> = shared.iter().map(|e| e.http().request.path()).collect();
+    assert_eq!(paths, ["/a/1", "/a/1", "/b", "/b"]);
+}
