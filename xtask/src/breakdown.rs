@@ -10,7 +10,9 @@
 //! 3. every message recorded, parsed and paired, spans built and RED metrics counted, no span
 //!    exported (`--sample 0`);
 //! 4. the whole agent, exporting every span to the sink that stands in for a collector
-//!    elsewhere.
+//!    elsewhere;
+//! 5. the same with wrk's connections ignored (`--exe nginx`): the host of a service whose
+//!    clients run elsewhere, where the agent sees each request once, not at both ends.
 //!
 //! Each run accounts for the machine's 2 CPUs a request: nginx's worker, wrk, the agent, the
 //! sink (this process, which does nothing else while wrk runs), what the rest of the machine
@@ -37,6 +39,8 @@ enum Step {
     ProbesIgnoring,
     Unexported,
     Exported,
+    /// As `Exported`, nginx's connections only: wrk's are ignored as at step 2.
+    ServerSideOnly,
     /// As `Exported`, with the build given to `--compare-bin`.
     ExportedByOtherBuild,
 }
@@ -48,6 +52,7 @@ impl Step {
             Step::ProbesIgnoring => "probes, every connection ignored",
             Step::Unexported => "records parsed, no span exported",
             Step::Exported => "every span exported (to the sink)",
+            Step::ServerSideOnly => "the same, nginx's side only (--exe)",
             Step::ExportedByOtherBuild => "the same, by the --compare-bin build",
         }
     }
@@ -120,6 +125,7 @@ pub(crate) fn measure(
         Step::ProbesIgnoring,
         Step::Unexported,
         Step::Exported,
+        Step::ServerSideOnly,
     ];
     if other.is_some() {
         steps.push(Step::ExportedByOtherBuild);
@@ -137,7 +143,10 @@ pub(crate) fn measure(
                     cmd.args(["--metrics-addr", "off"]);
                     (Some(start_ready(cmd, "tracer: ready")?), None)
                 }
-                Step::Unexported | Step::Exported | Step::ExportedByOtherBuild => {
+                Step::Unexported
+                | Step::Exported
+                | Step::ServerSideOnly
+                | Step::ExportedByOtherBuild => {
                     let build = match (step, other) {
                         (Step::ExportedByOtherBuild, Some(other)) => other,
                         _ => bin,
@@ -147,6 +156,9 @@ pub(crate) fn measure(
                     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
                     if step == Step::Unexported {
                         cmd.args(["--sample", "0"]);
+                    }
+                    if step == Step::ServerSideOnly {
+                        cmd.args(["--exe", "nginx"]);
                     }
                     (Some(start_ready(cmd, "tracer: ready")?), Some(metrics))
                 }
