@@ -8,11 +8,17 @@ instrumentation: Flask and requests spans exported as OTLP). Usage: sdk_service.
 """
 import json
 import logging
+import signal
 import sys
 import threading
 
 import requests
 from flask import Flask, Response
+
+# The bench stops the service with SIGINT (the SDK flushes on the KeyboardInterrupt). A shell
+# starting the bench in the background (`nohup ... &`) leaves SIGINT ignored in every child, and
+# Python keeps an ignored SIGINT ignored: the service would never stop.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PORT, DATA = int(sys.argv[1]), sys.argv[2]
 ITEMS = [

@@ -19,6 +19,10 @@ use crate::pairing::Parse;
 /// costs a parse.
 const SLOTS: usize = 512;
 
+/// Longer heads (cookies, long URLs) are parsed at both ends: the slots then hold at most
+/// ~2 MiB in all, where typical heads of 100-400 bytes take ~0.5 MiB.
+const MAX_KEPT_HEAD: usize = 1024;
+
 /// One kept head: its first byte's sequence number, its bytes, the parse.
 struct Slot<T> {
     seq: u32,
@@ -68,6 +72,9 @@ impl<T: Clone + HeadLen> Table<T> {
         let result = parse(buf);
         if let Parse::Complete(head) = &result {
             let len = head.len().min(buf.len());
+            if len > MAX_KEPT_HEAD {
+                return result;
+            }
             slot.seq = seq;
             slot.bytes.clear();
             slot.bytes.extend_from_slice(&buf[..len]);
@@ -180,13 +187,17 @@ mod tests {
         );
     }
 
-    /// A connection whose peer is elsewhere keeps nothing; without a sequence number neither.
+    /// A connection whose peer is elsewhere keeps nothing; without a sequence number, or for a
+    /// long head, neither.
     #[test]
     fn nothing_kept_off_host_or_without_seq() {
         let mut memo = HeadMemo::default();
         complete(memo.request(Some(7), false, REQ));
         complete(memo.request(None, true, REQ));
         assert!(memo.requests.slots.iter().all(|s| s.head.is_none()));
+        let long = format!("GET / HTTP/1.1\r\nCookie: {}\r\n\r\n", "c".repeat(MAX_KEPT_HEAD));
+        complete(memo.request(Some(8), true, long.as_bytes()));
+        assert!(memo.requests.slots.iter().all(|s| s.head.is_none()), "too long to keep");
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         let r = complete(memo.response(Some(3), true, resp));
         assert_eq!(complete(memo.response(Some(3), true, resp)), r);
