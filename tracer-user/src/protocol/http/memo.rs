@@ -195,9 +195,15 @@ mod tests {
         complete(memo.request(Some(7), false, REQ));
         complete(memo.request(None, true, REQ));
         assert!(memo.requests.slots.iter().all(|s| s.head.is_none()));
-        let long = format!("GET / HTTP/1.1\r\nCookie: {}\r\n\r\n", "c".repeat(MAX_KEPT_HEAD));
+        let long = format!(
+            "GET / HTTP/1.1\r\nCookie: {}\r\n\r\n",
+            "c".repeat(MAX_KEPT_HEAD)
+        );
         complete(memo.request(Some(8), true, long.as_bytes()));
-        assert!(memo.requests.slots.iter().all(|s| s.head.is_none()), "too long to keep");
+        assert!(
+            memo.requests.slots.iter().all(|s| s.head.is_none()),
+            "too long to keep"
+        );
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         let r = complete(memo.response(Some(3), true, resp));
         assert_eq!(complete(memo.response(Some(3), true, resp)), r);
