@@ -159,6 +159,18 @@ fn nginx_server_and_client_spans_arrive_over_otlp() {
         log.contains("counters:"),
         "the agent logs its counters on exit:\n{log}"
     );
+    // Both ends of every connection here are on this host: each head is parsed at one end and
+    // taken at the other (the span checks below hold for both ends' parses).
+    let reused: u64 = log
+        .split("heads_reused=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no heads_reused in the counters:\n{log}"));
+    assert!(
+        reused >= 10,
+        "heads of loopback connections parsed once for both ends, {reused} reused:\n{log}"
+    );
 
     let me = std::fs::read_link("/proc/self/exe").unwrap();
     let me = me.file_name().unwrap().to_string_lossy().to_string();

@@ -121,9 +121,16 @@ impl Observer for LinkObserver<'_> {
     }
 
     fn peer_on_host(&self) -> bool {
-        let (local, remote) = (self.meta.ends.local.ip(), self.meta.ends.remote.ip());
-        remote.is_loopback() || remote == local
+        peer_on_host(self.meta.ends.local.ip(), self.meta.ends.remote.ip())
     }
+}
+
+/// The remote end of a connection is on this host: loopback, or the local address itself.
+/// Unmapped: a dual-stack server sees a local IPv4 client as `::ffff:127.0.0.1`.
+fn peer_on_host(local: std::net::IpAddr, remote: std::net::IpAddr) -> bool {
+    let unmap = crate::context::unmap;
+    let (local, remote) = (unmap(local), unmap(remote));
+    remote.is_loopback() || remote == local
 }
 
 /// The ids of an inserted `traceparent`, if its hex is well formed (the probes write it).
@@ -679,6 +686,18 @@ mod tests {
         pipeline.handle(AlignedRecord::new(&close, &[]).bytes());
         assert_eq!(stats.agent.exchanges.load(Relaxed), 2);
         assert_eq!(stats.agent.spans.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn peers_on_this_host() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(peer_on_host(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(peer_on_host(ip("::ffff:10.0.0.5"), ip("::ffff:127.0.0.1")));
+        assert!(peer_on_host(ip("::1"), ip("::1")));
+        assert!(peer_on_host(ip("10.0.0.5"), ip("10.0.0.5")));
+        assert!(peer_on_host(ip("::ffff:10.0.0.5"), ip("10.0.0.5")));
+        assert!(!peer_on_host(ip("10.0.0.5"), ip("10.0.0.6")));
+        assert!(!peer_on_host(ip("fd00::2"), ip("fd00::3")));
     }
 
     #[test]

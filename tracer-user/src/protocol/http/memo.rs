@@ -11,7 +11,7 @@
 //! Heads of connections whose peer is elsewhere are not kept: nobody would take them, and the
 //! copy would be pure cost.
 use super::head::{self, RequestHead, ResponseHead};
-use crate::pairing::Parse;
+use crate::pairing::{Head, Parse};
 
 /// Slots per kind of head, indexed by the sequence number's low bits (initial sequence numbers
 /// are random, so they spread). Between one end's record and the other's come the records of the
@@ -36,7 +36,7 @@ struct Table<T> {
     hits: u64,
 }
 
-impl<T: Clone + HeadLen> Table<T> {
+impl<T: Clone + Head> Table<T> {
     fn new() -> Self {
         Table {
             slots: (0..SLOTS)
@@ -51,7 +51,8 @@ impl<T: Clone + HeadLen> Table<T> {
     }
 
     /// `parse(buf)` where `buf` is a head starting at sequence number `seq`: taken from the
-    /// other end's parse if its bytes are the same, else parsed and, if `keep`, kept for it.
+    /// other end's parse if its bytes (the `head_len` the parse took) are the same, else parsed
+    /// and, if `keep`, kept for it.
     fn parse(
         &mut self,
         seq: Option<u32>,
@@ -71,7 +72,7 @@ impl<T: Clone + HeadLen> Table<T> {
         }
         let result = parse(buf);
         if let Parse::Complete(head) = &result {
-            let len = head.len().min(buf.len());
+            let len = head.head_len().min(buf.len());
             if len > MAX_KEPT_HEAD {
                 return result;
             }
@@ -81,23 +82,6 @@ impl<T: Clone + HeadLen> Table<T> {
             slot.head = Some(head.clone());
         }
         result
-    }
-}
-
-/// How many bytes a parsed head took: what must match for the parse to be reused.
-pub(crate) trait HeadLen {
-    fn len(&self) -> usize;
-}
-
-impl HeadLen for RequestHead {
-    fn len(&self) -> usize {
-        self.head_len
-    }
-}
-
-impl HeadLen for ResponseHead {
-    fn len(&self) -> usize {
-        self.head_len
     }
 }
 
