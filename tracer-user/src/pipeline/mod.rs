@@ -43,6 +43,8 @@ struct ConnMeta {
     ignored: bool,
     /// The TLS library's plaintext of the connection: a stream of its own (`data_flags::TLS`).
     tls: bool,
+    /// The other end is on this host (`peer_on_host`), decided once: asked at every head.
+    peer_on_host: bool,
     last_seen: u64,
     /// The resource of this connection's spans, found on its first span (a connection keeps
     /// its process and its role).
@@ -121,7 +123,7 @@ impl Observer for LinkObserver<'_> {
     }
 
     fn peer_on_host(&self) -> bool {
-        peer_on_host(self.meta.ends.local.ip(), self.meta.ends.remote.ip())
+        self.meta.peer_on_host
     }
 }
 
@@ -353,6 +355,7 @@ impl Pipeline {
             names,
             ignored: !self.filters.wants(&process, local, remote),
             tls: true,
+            peer_on_host: peer_on_host(local.ip(), remote.ip()),
             last_seen,
             resource: None,
         };
@@ -391,6 +394,7 @@ impl Pipeline {
                 names: *names,
                 ignored,
                 tls: false,
+                peer_on_host: peer_on_host(local.ip(), remote.ip()),
                 // The probes' connection id is the time they first saw it.
                 last_seen: kernel_conn_id,
                 resource: None,

@@ -140,6 +140,9 @@ pub(crate) struct Session {
     /// Bytes of interim (1xx) heads, charged to the final response that follows them.
     interim_bytes: u64,
     next_seq: u64,
+    /// This end's requests and responses kept for the connection's other end (`memo`).
+    kept_requests: memo::Keeper,
+    kept_responses: memo::Keeper,
 }
 
 impl Head for RequestHead {
@@ -168,6 +171,8 @@ impl Session {
             active: None,
             interim_bytes: 0,
             next_seq: 0,
+            kept_requests: memo::Keeper::default(),
+            kept_responses: memo::Keeper::default(),
         }
     }
 
@@ -245,9 +250,9 @@ impl Session {
                     }
                     let avail = captured_from(payload, pos);
                     let (seq, on_host) = (self.head_start.seq, cx.observer.peer_on_host());
-                    let memo = &mut *cx.http_memo;
+                    let (memo, keeper) = (&mut *cx.http_memo, &mut self.kept_requests);
                     let step = head_step(&mut self.head_buf, avail, chunk.has_hole(), |buf| {
-                        memo.request(seq, on_host, buf)
+                        memo.request(seq, on_host, keeper, buf)
                     });
                     match step {
                         HeadStep::Done { head, consumed } => {
@@ -312,8 +317,9 @@ impl Session {
                         .filter(|_| self.head_buf.is_empty())
                         .map(|s| s.wrapping_add(pos as u32));
                     let (on_host, memo) = (cx.observer.peer_on_host(), &mut *cx.http_memo);
+                    let keeper = &mut self.kept_responses;
                     let step = head_step(&mut self.head_buf, avail, chunk.has_hole(), |buf| {
-                        memo.response(seq, on_host, buf)
+                        memo.response(seq, on_host, keeper, buf)
                     });
                     match step {
                         HeadStep::Done { head, consumed } => {
