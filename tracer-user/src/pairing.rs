@@ -337,6 +337,7 @@ pub(crate) struct Cx<'a> {
     pub record_seq: Option<u32>,
     /// The connection's last activity (the latest record's exit).
     pub last_ns: u64,
+    /// HTTP heads kept across connections: a head's two ends are two connections here.
     pub http_memo: &'a mut HeadMemo,
 }
 
