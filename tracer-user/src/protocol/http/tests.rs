@@ -790,6 +790,14 @@ fn host_header_ports_are_split() {
     assert_eq!(split_host("example.com:8080"), ("example.com", Some(8080)));
     assert_eq!(split_host("example.com"), ("example.com", None));
     assert_eq!(split_host("[::1]:80"), ("::1", Some(80)));
+    assert_eq!(split_host("example.com:99999"), ("example.com", None));
+    // The fast path answers exactly as the general one.
+    for host in [
+        "a:1", "a:65535", "a:65536", "a:080", "a:", ":80", "a:b:80", "[::1]:80", "[::1]", "::1",
+        "a:+80", "a:000001", "a:8x", "ü:80", "a b:80", "",
+    ] {
+        assert_eq!(split_host(host), super::split_host_slow(host), "{host:?}");
+    }
 }
 
 /// Both ends of a connection on this host: each head is parsed once, the other end takes the
