@@ -459,7 +459,7 @@ impl Span {
         varint_field(out, span::KIND, self.kind() as u64);
         fixed64_field(out, span::START_TIME_UNIX_NANO, self.start_unix_nano);
         fixed64_field(out, span::END_TIME_UNIX_NANO, self.end_unix_nano);
-        self.request_attributes(|k, v| encode_attribute(out, k, v));
+        self.request_attributes(#[inline(always)] |k, v| encode_attribute(out, k, v));
         out.extend_from_slice(protocol::encoded_constant_attributes(
             self.exchange.detail.protocol(),
             self.ends.tls,
