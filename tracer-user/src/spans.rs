@@ -377,8 +377,9 @@ impl Span {
         self.exchange.detail.status(self.server_side())
     }
 
-    /// The span's attributes, in order: those of its request and response, then its protocol's
-    /// constant ones, then its connection's.
+    /// The span's attributes, in order: the tracer's (TCP edge, link, injected context) and
+    /// those of its request and response, then its protocol's constant ones, then its
+    /// connection's.
     pub fn attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         self.request_attributes(&mut f);
         protocol::constant_attributes(self.exchange.detail.protocol(), self.ends.tls, &mut f);
@@ -388,11 +389,15 @@ impl Span {
         }
     }
 
-    /// The attributes that change from one request to the next.
+    /// The attributes that change from one request to the next: the tracer's own, then the
+    /// protocol's.
+    ///
+    /// `f` goes to the protocol's attributes by value, last: passed on as `&mut f` every call
+    /// went through one out-of-line `FnMut for &mut F` shim, where the keys' lengths are not
+    /// known (~3% of the agent's instructions, callgrind on the nginx replay).
     #[inline(always)]
     fn request_attributes(&self, mut f: impl FnMut(&str, Value<'_>)) {
         let ex = &self.exchange;
-        protocol::attributes(ex, &self.ends, &mut f);
         if let Some(seq) = ex.tcp_seq {
             // The collector joins this span with the other end's by this key, across hosts.
             let edge = EdgeText::new(self.ends.edge_prefix(self.server_side()), seq);
@@ -414,6 +419,7 @@ impl Span {
                 );
             }
         }
+        protocol::attributes(ex, &self.ends, f);
     }
 
     /// The span as `prost` structs: OTLP/JSON, `--stdout`, tests.
@@ -459,7 +465,10 @@ impl Span {
         varint_field(out, span::KIND, self.kind() as u64);
         fixed64_field(out, span::START_TIME_UNIX_NANO, self.start_unix_nano);
         fixed64_field(out, span::END_TIME_UNIX_NANO, self.end_unix_nano);
-        self.request_attributes(#[inline(always)] |k, v| encode_attribute(out, k, v));
+        self.request_attributes(
+            #[inline(always)]
+            |k, v| encode_attribute(out, k, v),
+        );
         out.extend_from_slice(protocol::encoded_constant_attributes(
             self.exchange.detail.protocol(),
             self.ends.tls,

@@ -682,7 +682,11 @@ pub fn is_id_segment(seg: &str) -> bool {
 /// one backward pass, where `rsplit_once` and `str::parse` were ~250 instructions a span.
 fn split_host(host: &str) -> (&str, Option<u16>) {
     let bytes = host.as_bytes();
-    let digits = bytes.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let digits = bytes
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
     let colon = bytes.len() - digits;
     if (1..=5).contains(&digits) && colon > 1 && bytes[colon - 1] == b':' {
         let name = &bytes[..colon - 1];
