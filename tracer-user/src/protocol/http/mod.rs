@@ -316,8 +316,8 @@ impl Session {
                     let seq = (cx.record_seq)
                         .filter(|_| self.head_buf.is_empty())
                         .map(|s| s.wrapping_add(pos as u32));
-                    let (on_host, memo) = (cx.observer.peer_on_host(), &mut *cx.http_memo);
-                    let keeper = &mut self.kept_responses;
+                    let on_host = cx.observer.peer_on_host();
+                    let (memo, keeper) = (&mut *cx.http_memo, &mut self.kept_responses);
                     let step = head_step(&mut self.head_buf, avail, chunk.has_hole(), |buf| {
                         memo.response(seq, on_host, keeper, buf)
                     });
