@@ -23,7 +23,7 @@ pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
 /// The version of the records' layout, bumped whenever a record type or kind changes.
 /// Recordings (`tracer agent --record`) carry it, so a replay refuses another version's.
-pub const RECORD_LAYOUT: u32 = 5;
+pub const RECORD_LAYOUT: u32 = 6;
 
 /// Direction of the data, seen from the traced process.
 pub mod direction {
@@ -41,6 +41,8 @@ pub mod kind {
     /// The probes inserted a `traceparent` header into the request a data record carries
     /// (`--inject-context`); comes right before that record.
     pub const INJECTED: u32 = 4;
+    /// A [`RedRecord`]: what the agent needs of the HTTP/1 exchanges counted in the kernel.
+    pub const RED: u32 = 5;
 }
 
 /// Which syscall produced a record (for debugging and statistics).
@@ -91,7 +93,13 @@ pub mod counter {
     pub const TLS_SOCKET_UNKNOWN: u32 = 10;
     /// TLS plaintext records sent.
     pub const TLS_RECORDS: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// HTTP/1 exchanges counted in the kernel (`--metrics-only`), no record sent for them.
+    pub const RED_COUNTED: u32 = 12;
+    /// HTTP/1 connections counted in the kernel whose next message was not the HTTP/1 the
+    /// framing expected: recorded for the agent from there on; a request whose response did not
+    /// start as one is in neither count.
+    pub const RED_GAVE_UP: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// A TCP connection's endpoints. IPv4 addresses use the first 4 bytes of the 16.
@@ -224,6 +232,94 @@ pub struct CloseRecord {
     pub header: RecordHeader,
 }
 
+/// `--metrics-only`: HTTP/1 exchanges framed and counted in the kernel (see tracer-ebpf's
+/// `red.rs`), by process, the server's port, role, method, status and a hash of the path.
+pub mod red {
+    /// `ConnState::red_phase`: not framed yet (every message recorded for the agent).
+    pub const NEW: u32 = 0;
+    /// A request is in progress (read or written, its response not started).
+    pub const REQUEST: u32 = 1;
+    /// Its response started: the exchange is counted, the next request is awaited.
+    pub const RESPONSE: u32 = 2;
+    /// Not HTTP/1 as the framing expects (or the agent never asked): every message recorded.
+    pub const OFF: u32 = 3;
+
+    /// `RedKey::role`.
+    pub const SERVER: u8 = 1;
+    pub const CLIENT: u8 = 2;
+
+    /// `RedKey::method`, 1-based; 0 is none. CONNECT is not framed (a tunnel follows).
+    pub const METHODS: [&str; 8] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE",
+    ];
+
+    /// OpenTelemetry's advised HTTP duration boundaries (0.005 s ... 10 s), in ns: a duration
+    /// falls in the first bucket whose bound it does not exceed, the last bucket past them all.
+    pub const BOUNDS_NS: [u64; 14] = [
+        5_000_000,
+        10_000_000,
+        25_000_000,
+        50_000_000,
+        75_000_000,
+        100_000_000,
+        250_000_000,
+        500_000_000,
+        750_000_000,
+        1_000_000_000,
+        2_500_000_000,
+        5_000_000_000,
+        7_500_000_000,
+        10_000_000_000,
+    ];
+
+    /// Bytes of a request target the probes hash and send (past them, targets share a key).
+    pub const PATH_LEN: usize = 96;
+
+    /// `RedRecord::what`.
+    pub const PATH: u32 = 1;
+    pub const EXCHANGE: u32 = 2;
+}
+
+/// Key of the probes' `RED` map (and of a `RedRecord`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RedKey {
+    pub tgid: u32,
+    /// The server's port: the local one of a server end, the remote one of a client end.
+    pub port: u16,
+    /// `red::SERVER` or `red::CLIENT`.
+    pub role: u8,
+    /// `red::METHODS` index + 1.
+    pub method: u8,
+    /// The response's status code; 0 when the connection closed before one.
+    pub status: u16,
+    pub _pad: u16,
+    /// FNV-1a of the request target up to `?`, `#`, a space or `red::PATH_LEN` bytes.
+    pub path_hash: u32,
+}
+
+/// Value of the `RED` map, per CPU: a histogram of the exchanges' durations (`red::BOUNDS_NS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RedCounts {
+    pub buckets: [u64; 15],
+    pub sum_ns: u64,
+}
+
+/// A path the agent has not been told yet (`what` = `red::PATH`: `key`'s tgid and path hash
+/// name it), or an exchange the `RED` map had no room for (`red::EXCHANGE`: counted by the
+/// agent from `key` and `duration_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RedRecord {
+    pub header: RecordHeader,
+    pub key: RedKey,
+    pub duration_ns: u64,
+    pub what: u32,
+    pub path_len: u32,
+    pub path: [u8; red::PATH_LEN],
+}
+
 /// Kernel-side state of one tracked connection (value of the `CONNS` map, key `conn_key`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -247,6 +343,13 @@ pub struct ConnState {
     pub serving_tid: u32,
     /// Tracked since connect or accept: every byte of it was seen.
     pub from_start: u32,
+    /// `--metrics-only`: the HTTP/1 framing (`red::*` phase), the request in progress's role,
+    /// method and path hash, and when it started.
+    pub red_phase: u32,
+    pub red_role: u32,
+    pub red_method: u32,
+    pub red_path_hash: u32,
+    pub red_start_ns: u64,
     /// The TLS library's plaintext on this connection, as a stream of its own: the direction of
     /// its message in progress, its message count and captured bytes, muted by the agent, and
     /// bytes per direction (`INGRESS`, `EGRESS`) since the connection began.
@@ -365,4 +468,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::ConnTuple {}
+    unsafe impl aya::Pod for super::RedKey {}
+    unsafe impl aya::Pod for super::RedCounts {}
 }

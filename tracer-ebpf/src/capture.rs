@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    conn_key, counter, data_flags, direction, kind, syscall, DataRecord, InjectedRecord,
+    conn_key, counter, data_flags, direction, kind, red, syscall, DataRecord, InjectedRecord,
     RecordHeader, MAX_CAPTURE, MESSAGE_CAPTURE_BUDGET, TRACEPARENT_LINE_LEN,
     WAKEUP_THRESHOLD_BYTES,
 };
@@ -256,6 +256,20 @@ pub(crate) fn on_data(
     // With --inject-context: which requests each thread is serving (see inject.rs).
     let mut serving = None;
     let message_start = state.direction != dir;
+    if red_enabled()
+        && state.red_phase != red::OFF
+        && crate::red::counted(
+            state,
+            pid_tgid,
+            (dir, message_start),
+            || buffer_of(regs, buffer),
+            ret,
+            (ts_enter, ts_exit),
+        )
+    {
+        state.direction = dir;
+        return 0;
+    }
     if message_start && state.accepted != 0 && inject_enabled() {
         if dir == direction::INGRESS {
             serving = serving_begins(state, pid_tgid as u32);

@@ -96,6 +96,9 @@ pub(crate) fn on_close(pid_tgid: u64, fd: u32) -> u32 {
         if inject_enabled() {
             crate::inject::serving_ends(&mut *state);
         }
+        if red_enabled() {
+            crate::red::on_close(&*state, pid_tgid);
+        }
         ((*state).conn_id, (*state).muted)
     };
     let _ = CONNS.remove(key);

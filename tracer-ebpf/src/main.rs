@@ -27,6 +27,7 @@ mod flow;
 mod inject;
 mod kernel;
 mod maps;
+mod red;
 mod tls;
 
 use aya_ebpf::{

@@ -2,9 +2,11 @@
 //! accessors the programs use on them.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
-use tracer_common::{counter, ConnState, DataRecord, KernelOffsets, MAX_CAPTURE};
+use tracer_common::{
+    counter, ConnState, DataRecord, KernelOffsets, RedCounts, RedKey, MAX_CAPTURE,
+};
 
 /// Filled by the agent from BTF before load (see `KernelOffsets`).
 #[no_mangle]
@@ -28,6 +30,29 @@ pub(crate) static INJECT: u32 = 0;
 /// request: 0 nobody, 1 everybody, 2 the networks in `TRUSTED_NETS` (`--trust-context`).
 #[no_mangle]
 pub(crate) static TRUST_CONTEXT: u32 = 1;
+
+/// Non-zero with `--metrics-only`: HTTP/1 exchanges are counted here (red.rs), not recorded.
+#[no_mangle]
+pub(crate) static RED_IN_KERNEL: u32 = 0;
+
+#[inline(always)]
+pub(crate) fn red_enabled() -> bool {
+    unsafe { core::ptr::read_volatile(&RED_IN_KERNEL) != 0 }
+}
+
+/// `--metrics-only`: the histograms of the exchanges counted in the kernel (red.rs), per CPU.
+/// Full, an exchange goes to the agent as a record instead.
+#[map]
+pub(crate) static RED: PerCpuHashMap<RedKey, RedCounts> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// An empty histogram to insert a new `RED` key with (never written).
+#[map]
+pub(crate) static RED_ZERO: PerCpuArray<RedCounts> = PerCpuArray::with_max_entries(1, 0);
+
+/// Paths the agent was sent, by `tgid << 32 | path hash` (red.rs). Evicted, a path is sent
+/// again.
+#[map]
+pub(crate) static PATHS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Records for the agent. The size is set by the agent at load time.
 #[map]

@@ -76,6 +76,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let export_config = args.export_config()?;
     let metrics_addr = args.metrics_addr()?;
+    if args.metrics_only && metrics_addr.is_none() {
+        anyhow::bail!("--metrics-only needs the metrics endpoint: --metrics-addr must not be off");
+    }
     let adaptive_priority = args.adaptive_priority()?;
     let trust = match &args.trust_context {
         Some(t) => Trust::parse(t)?,
@@ -107,6 +110,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             netns,
             inject,
             tls: !args.no_tls,
+            metrics_only: args.metrics_only,
         },
     )?;
     let ring = probes.take_ring_buffer()?;
@@ -155,6 +159,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         pipeline.host.ips = resource::host_ips_in(path)?;
     }
     pipeline.kernel_conns = Some(kernel_conns);
+    if args.metrics_only {
+        pipeline.kernel_red = Some(probes.take_kernel_red()?);
+    }
     if let Some(path) = &args.record {
         pipeline.recording = Some(recording::create_recording(path)?);
     }

@@ -284,6 +284,7 @@ fn probe_checks(report: &mut Report) {
         netns: 0,
         inject: None,
         tls: false,
+        metrics_only: false,
     };
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {

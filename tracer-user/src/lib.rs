@@ -8,6 +8,7 @@ pub mod context;
 pub mod doctor;
 pub mod export;
 pub mod hashing;
+pub mod kernel_red;
 pub mod link;
 pub mod loss;
 pub mod metrics;

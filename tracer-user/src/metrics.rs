@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 29] = [
+    let rows: [(&str, &str, u64); 31] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -51,6 +51,16 @@ pub fn render(stats: &Stats) -> String {
             "tracer_payload_read_failed_total",
             "Records sent without payload (user memory not readable)",
             k.get(c::PAYLOAD_READ_FAILED),
+        ),
+        (
+            "tracer_red_kernel_exchanges_total",
+            "HTTP/1 exchanges counted in the kernel, no record sent (--metrics-only)",
+            k.get(c::RED_COUNTED),
+        ),
+        (
+            "tracer_red_kernel_gave_up_total",
+            "Connections counted in the kernel whose next message was not the expected HTTP/1: recorded for the agent from there (--metrics-only)",
+            k.get(c::RED_GAVE_UP),
         ),
         (
             "tracer_tls_records_total",

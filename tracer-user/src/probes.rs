@@ -4,7 +4,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, ProgramArray, SockHash},
+    maps::{
+        lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, ProgramArray,
+        SockHash,
+    },
     programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps, TracePoint},
     Ebpf, EbpfLoader,
 };
@@ -64,6 +67,8 @@ pub struct LoadOptions {
     pub inject: Option<InjectOptions>,
     /// Read TLS plaintext through uprobes on the TLS libraries (`--no-tls` turns it off).
     pub tls: bool,
+    /// `--metrics-only`: HTTP/1 exchanges counted in the kernel, not recorded.
+    pub metrics_only: bool,
 }
 
 /// What the context injector needs to know (see tracer-ebpf's `inject.rs`).
@@ -347,6 +352,7 @@ impl Probes {
             .override_global("INJECT", &inject, true)
             .override_global("TRUST_CONTEXT", &trust, true)
             .override_global("TLS", &u32::from(opts.tls), true)
+            .override_global("RED_IN_KERNEL", &u32::from(opts.metrics_only), true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
@@ -434,6 +440,14 @@ impl Probes {
             .take_map("COUNTERS")
             .context("COUNTERS map missing")?;
         Ok(Counters(PerCpuArray::try_from(map)?))
+    }
+
+    /// The counts of `--metrics-only` (can be taken once).
+    pub fn take_kernel_red(&mut self) -> anyhow::Result<crate::kernel_red::KernelRed> {
+        let counts = self.ebpf.take_map("RED").context("RED map missing")?;
+        Ok(crate::kernel_red::KernelRed::new(PerCpuHashMap::try_from(
+            counts,
+        )?))
     }
 
     /// A handle to the connection table, to mute connections (can be taken once).

@@ -2,7 +2,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tracer_common::{
-    kind, CloseRecord, ConnRecord, ConnTuple, DataRecord, InjectedRecord, RecordHeader,
+    kind, CloseRecord, ConnRecord, ConnTuple, DataRecord, InjectedRecord, RecordHeader, RedRecord,
 };
 
 pub enum Record<'a> {
@@ -17,6 +17,8 @@ pub enum Record<'a> {
     },
     /// The probes inserted a `traceparent` into the request of the next data record.
     Injected(InjectedRecord),
+    /// `--metrics-only`: a path, or an exchange, counted in the kernel (`kernel_red`).
+    Red(RedRecord),
 }
 
 /// Reinterprets one ring-buffer item. Returns `None` for a record of unknown kind or short size
@@ -53,6 +55,11 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
             // SAFETY: size checked; read_unaligned has no alignment requirement.
             let rec = unsafe { bytes.as_ptr().cast::<InjectedRecord>().read_unaligned() };
             Some(Record::Injected(rec))
+        }
+        kind::RED if bytes.len() >= size_of::<RedRecord>() => {
+            // SAFETY: size checked; read_unaligned has no alignment requirement.
+            let rec = unsafe { bytes.as_ptr().cast::<RedRecord>().read_unaligned() };
+            Some(Record::Red(rec))
         }
         _ => None,
     }

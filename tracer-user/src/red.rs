@@ -58,7 +58,50 @@ impl RedMetrics {
             crate::protocol::Detail::Http2(h2) if h2.grpc.is_none() => h2.http.status.unwrap_or(0),
             _ => return,
         };
-        let server = span.server_side();
+        let ns = span.end_unix_nano.saturating_sub(span.start_unix_nano);
+        self.add(resource, span.server_side(), name, status, 1, |series| {
+            series.counts[bucket_of(ns)] += 1;
+            series.sum_seconds += ns as f64 / 1e9;
+        });
+    }
+
+    /// Adds exchanges counted in the kernel (`--metrics-only`): `buckets` by
+    /// `tracer_common::red::BOUNDS_NS`, which are this module's `BUCKETS` in ns.
+    pub fn record_counts(
+        &self,
+        resource: &Arc<ExportResource>,
+        server: bool,
+        name: &str,
+        status: u16,
+        buckets: &[u64; BUCKETS.len() + 1],
+        sum_ns: u64,
+    ) {
+        self.add(
+            resource,
+            server,
+            name,
+            status,
+            buckets.iter().sum(),
+            |series| {
+                for (to, n) in series.counts.iter_mut().zip(buckets) {
+                    *to += n;
+                }
+                series.sum_seconds += sum_ns as f64 / 1e9;
+            },
+        );
+    }
+
+    /// Applies `count` to the series of these labels, or counts its `requests` as overflow
+    /// when a new series would be one too many.
+    fn add(
+        &self,
+        resource: &Arc<ExportResource>,
+        server: bool,
+        name: &str,
+        status: u16,
+        requests: u64,
+        count: impl FnOnce(&mut Series),
+    ) {
         let mut h = FxHasher::default();
         // By service name, not process: each curl is a process of its own, and one label set
         // must be one series.
@@ -67,17 +110,12 @@ impl RedMetrics {
         name.hash(&mut h);
         status.hash(&mut h);
         let key = h.finish();
-        let seconds = span.end_unix_nano.saturating_sub(span.start_unix_nano) as f64 / 1e9;
-        let bucket = BUCKETS
-            .iter()
-            .position(|b| seconds <= *b)
-            .unwrap_or(BUCKETS.len());
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let full = table.series.len() >= MAX_SERIES;
         let series = match table.series.get_mut(&key) {
             Some(s) => s,
             None if full => {
-                table.overflow += 1;
+                table.overflow += requests;
                 return;
             }
             None => {
@@ -93,8 +131,7 @@ impl RedMetrics {
                 })
             }
         };
-        series.counts[bucket] += 1;
-        series.sum_seconds += seconds;
+        count(series);
     }
 
     /// The histograms in Prometheus text format.
@@ -145,9 +182,34 @@ impl RedMetrics {
     }
 }
 
+/// The bucket a duration of `ns` falls in: the first bound it does not exceed.
+fn bucket_of(ns: u64) -> usize {
+    let seconds = ns as f64 / 1e9;
+    BUCKETS
+        .iter()
+        .position(|b| seconds <= *b)
+        .unwrap_or(BUCKETS.len())
+}
+
 /// A Prometheus label value: backslash, double quote and newline escaped.
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probes bucket by `red::BOUNDS_NS`: they must be these boundaries, in ns.
+    #[test]
+    fn kernel_bounds_are_the_histograms() {
+        let ns: Vec<u64> = BUCKETS.iter().map(|b| (b * 1e9).round() as u64).collect();
+        assert_eq!(ns, tracer_common::red::BOUNDS_NS);
+        for (i, bound) in tracer_common::red::BOUNDS_NS.iter().enumerate() {
+            assert_eq!(bucket_of(*bound), i);
+            assert_eq!(bucket_of(*bound + 1), i + 1);
+        }
+    }
 }

@@ -169,6 +169,15 @@ pub struct AgentArgs {
     #[serde(default)]
     pub inject_context: bool,
 
+    /// RED metrics only, at the lowest cost: no spans, and HTTP/1 exchanges counted in the
+    /// kernel instead of recorded and parsed (the durations then end at the response's first
+    /// read or write). Connections that are not plain HTTP/1 (TLS, HTTP/2, other protocols)
+    /// are recorded and counted by the agent as usual. The histograms are served on
+    /// `--metrics-addr`. See docs/USER_GUIDE.md, "Metrics only".
+    #[arg(long, conflicts_with_all = ["sample", "inject_context"])]
+    #[serde(default)]
+    pub metrics_only: bool,
+
     /// Export the spans of this share of traces (0 to 1; default 1, every trace). The RED
     /// metrics still count every request. A trace is kept when the low 64 bits of its id fall
     /// below the share (the OpenTelemetry SDKs' TraceIdRatioBased rule), so every agent and SDK
@@ -259,6 +268,7 @@ impl AgentArgs {
             host_id: self.host_id.or(file.host_id),
             trust_context: self.trust_context.or(file.trust_context),
             inject_context: self.inject_context || file.inject_context,
+            metrics_only: self.metrics_only || file.metrics_only,
             sample: self.sample.or(file.sample),
             no_tls: self.no_tls || file.no_tls,
             clock_shift_ms: self.clock_shift_ms,
@@ -268,6 +278,12 @@ impl AgentArgs {
 
     /// The share of traces `--sample` keeps, checked: `None` keeps every trace.
     pub fn sample_share(&self) -> anyhow::Result<Option<f64>> {
+        if self.metrics_only {
+            if self.sample.is_some() || self.inject_context {
+                bail!("--metrics-only exports no spans: it goes with neither --sample nor --inject-context");
+            }
+            return Ok(Some(0.0));
+        }
         match self.sample {
             None => Ok(None),
             Some(share) if (0.0..=1.0).contains(&share) => Ok((share < 1.0).then_some(share)),

@@ -33,13 +33,26 @@ impl Filters {
         {
             return false;
         }
+        self.wants_process(p)
+            && (self.ports.is_empty()
+                || self.ports.contains(&local.port())
+                || self.ports.contains(&remote.port()))
+    }
+
+    fn wants_process(&self, p: &ProcessFacts) -> bool {
         (self.pids.is_empty() || self.pids.contains(&p.pid))
             && (self.executables.is_empty() || self.executables.contains(&p.executable_name))
             && (self.cgroups.is_empty()
                 || self.cgroups.iter().any(|c| p.cgroup.contains(c.as_str())))
-            && (self.ports.is_empty()
-                || self.ports.contains(&local.port())
-                || self.ports.contains(&remote.port()))
+    }
+
+    /// `wants` for exchanges counted in the kernel (`--metrics-only`), known by their process
+    /// and the server's port only: the export endpoints are left out by port, `--port` matches
+    /// the server's.
+    pub(crate) fn wants_port(&self, p: &ProcessFacts, port: u16) -> bool {
+        !self.export_addrs.iter().any(|a| a.port() == port)
+            && self.wants_process(p)
+            && (self.ports.is_empty() || self.ports.contains(&port))
     }
 }
 

@@ -12,13 +12,16 @@ use std::{
     time::Duration,
 };
 
-use tracer_common::{data_flags, inject_flags, ConnTuple, InjectedRecord};
+use tracer_common::{
+    data_flags, inject_flags, red, ConnTuple, InjectedRecord, RedCounts, RedKey, RedRecord,
+};
 
 use self::outbox::Outbox;
 pub use self::{filters::Filters, outbox::Sink};
 use crate::{
     context::Trust,
     export::ExportResource,
+    kernel_red::{self, KernelRed},
     link::{ConnView, Injection, Linker},
     loss::LossWatch,
     pairing::{Chunk, ConnId, ConnMap, Exchange, Observer, Pairer, RequestStart, Role, SpanKey},
@@ -63,6 +66,9 @@ pub struct Pipeline {
     out: Outbox,
     /// The probes' connection table, to mute connections; none when replaying a recording.
     pub(crate) kernel_conns: Option<Connections>,
+    /// `--metrics-only`: the exchanges the probes count, and when they were last read.
+    pub(crate) kernel_red: Option<KernelRed>,
+    kernel_red_read_ns: u64,
     /// `--record`: every record is appended here too.
     pub(crate) recording: Option<std::io::BufWriter<std::fs::File>>,
     stats: Arc<Stats>,
@@ -192,6 +198,8 @@ impl Pipeline {
                 name: String::new(),
             },
             kernel_conns: None,
+            kernel_red: None,
+            kernel_red_read_ns: 0,
             recording: None,
             stats,
             clock_offset: spans::monotonic_to_unix_offset(),
@@ -303,6 +311,10 @@ impl Pipeline {
                     .insert(conn_id(h.tgid, h.fd, h.conn_id), rec);
                 return;
             }
+            Some(Record::Red(rec)) => {
+                self.kernel_red_record(&rec);
+                return;
+            }
             Some(Record::Close { header }) => {
                 let id = conn_id(header.tgid, header.fd, header.conn_id);
                 self.injections.remove(&id);
@@ -399,6 +411,59 @@ impl Pipeline {
                 last_seen: kernel_conn_id,
                 resource: None,
             },
+        );
+    }
+
+    /// A path the probes counted under (its first use by a process), or an exchange their
+    /// table had no room for.
+    fn kernel_red_record(&mut self, rec: &RedRecord) {
+        let Some(k) = &mut self.kernel_red else {
+            return;
+        };
+        if rec.what == red::PATH {
+            k.tally.learn(rec);
+            return;
+        }
+        let mut counts = RedCounts::default();
+        counts.buckets[red::BOUNDS_NS
+            .iter()
+            .position(|b| rec.duration_ns <= *b)
+            .unwrap_or(red::BOUNDS_NS.len())] = 1;
+        counts.sum_ns = rec.duration_ns;
+        let path = k.tally.path(&rec.key).to_owned();
+        self.count_kernel_red(rec.key, &path, &counts);
+    }
+
+    /// Reads the probes' counts (`--metrics-only`) into the RED histograms, once a second.
+    fn read_kernel_red(&mut self, now: u64) {
+        if self.kernel_red.is_none() || now.saturating_sub(self.kernel_red_read_ns) < 1_000_000_000
+        {
+            return;
+        }
+        self.kernel_red_read_ns = now;
+        let Some(mut k) = self.kernel_red.take() else {
+            return;
+        };
+        k.read(|g| self.count_kernel_red(g.key, g.path, &g.counts));
+        self.kernel_red = Some(k);
+    }
+
+    fn count_kernel_red(&mut self, key: RedKey, path: &str, counts: &RedCounts) {
+        let server = key.role == red::SERVER;
+        let role = if server { Role::Server } else { Role::Client };
+        let process = self.processes.get(key.tgid, &KernelNames::default());
+        if !self.filters.wants_port(&process, key.port) {
+            return;
+        }
+        let resource = self.resource_of(key.tgid, &KernelNames::default(), role, key.port);
+        kernel_red::name_into(&key, path, &mut self.out.name);
+        self.stats.red.record_counts(
+            &resource,
+            server,
+            &self.out.name,
+            key.status,
+            &counts.buckets,
+            counts.sum_ns,
         );
     }
 
@@ -558,6 +623,7 @@ impl Pipeline {
 
     /// `tick` at `now` (monotonic ns): a replay ticks on the recording's clock.
     pub(crate) fn tick_at(&mut self, now: u64) {
+        self.read_kernel_red(now);
         self.pairer.tick(now, &mut self.exchanges);
         self.flush_exchanges();
         self.linker.expire(now);
@@ -600,6 +666,9 @@ impl Pipeline {
             }
             keep
         });
+        if let Some(k) = &mut self.kernel_red {
+            k.forget_ended();
+        }
         self.processes.prune();
         self.resources.retain(|(pid, start, _), _| {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok() && *start > 0

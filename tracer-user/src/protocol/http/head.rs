@@ -590,6 +590,11 @@ fn content_length(value: &[u8]) -> Step<u64> {
     result.ok_or(Stop::Invalid)
 }
 
+/// The path a request target reports (`url.path`, the route's source).
+pub(crate) fn target_path(target: &[u8]) -> &[u8] {
+    split_target(target).0
+}
+
 /// Splits a request target into the path to report and the authority it names, if any.
 fn split_target(target: &[u8]) -> (&[u8], Option<&[u8]>) {
     let Some(after_scheme) = absolute_form(target) else {

@@ -1,0 +1,314 @@
+//! `--metrics-only`: HTTP/1 exchanges framed and counted here, in the kernel, instead of
+//! recorded for the agent. What the agent would learn from four records and their parsing (a
+//! request's method, path, status and duration) comes from the first bytes of each message:
+//! a request starts at a request-direction message beginning with a method token, its
+//! response at the first `HTTP/1.x NNN` after it (1xx statuses wait for the final one). The
+//! exchange is counted when its response starts, in a per-CPU histogram keyed by process,
+//! the server's port, role, method, status and a hash of the path; the agent reads the counts
+//! and learns each path once.
+//!
+//! A connection is framed from a request's start (at once when it was tracked from connect or
+//! accept): until then, and for good once a message is not what the framing expects (another
+//! protocol, TLS, a message too short to tell), its records go to the agent as before and the
+//! agent counts those exchanges. The agent's filters (`--port`, `--exe`...) apply when it
+//! reads the counts. Pipelined requests
+//! (a second request head in one message) are not told apart: they count as one exchange.
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw},
+};
+use tracer_common::{counter, direction, kind, red, ConnState, RedKey, RedRecord};
+
+use crate::{
+    capture::{header, iovec, wake_flags, Source},
+    maps::*,
+};
+
+/// Bytes read from the start of a message: the longest method, a space and the path.
+const HEAD_BYTES: usize = 8 + red::PATH_LEN;
+
+/// Whether this data syscall's exchange is counted here, so no record is sent. Called for
+/// connections whose framing is not `OFF`, with `--metrics-only` on.
+#[inline(always)]
+pub(crate) fn counted(
+    state: &mut ConnState,
+    pid_tgid: u64,
+    (dir, message_start): (u32, bool),
+    source: impl FnOnce() -> Source,
+    ret: i64,
+    (ts_start, ts_exit): (u64, u64),
+) -> bool {
+    let phase = state.red_phase;
+    if !message_start {
+        // The rest of a message: counted with it, or recorded with it.
+        return phase != red::NEW;
+    }
+    if state.datagram != 0 {
+        state.red_phase = red::OFF;
+        return false;
+    }
+    let Some(buf) = first_bytes(source(), ret) else {
+        return give_up(state);
+    };
+    let request_dir = if state.red_role == u32::from(red::SERVER) {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    };
+    if phase == red::REQUEST && dir != request_dir {
+        // The response starts, or an interim 1xx one.
+        let Some(status) = status_of(buf) else {
+            return give_up(state);
+        };
+        if status < 200 {
+            return true;
+        }
+        commit(state, pid_tgid, status, ts_exit);
+        state.red_phase = red::RESPONSE;
+        return true;
+    }
+    if phase == red::REQUEST {
+        // A request's body after an interim response (100 Continue).
+        return true;
+    }
+    // NEW or RESPONSE: a request starts here, or framing ends.
+    let Some((method, len)) = method_of(buf) else {
+        if phase == red::NEW && status_of(buf).is_some() {
+            // The agent is seeing an exchange through: frame from the next request.
+            return false;
+        }
+        return give_up(state);
+    };
+    if phase == red::NEW {
+        state.red_role = u32::from(if dir == direction::INGRESS {
+            red::SERVER
+        } else {
+            red::CLIENT
+        });
+    }
+    state.red_method = method;
+    state.red_path_hash = learn_path(state, pid_tgid, buf, len);
+    state.red_start_ns = ts_start;
+    state.red_phase = red::REQUEST;
+    true
+}
+
+/// Framing ends on this connection: its records go to the agent from this message on.
+#[inline(always)]
+fn give_up(state: &mut ConnState) -> bool {
+    if state.red_phase != red::NEW {
+        bump(counter::RED_GAVE_UP);
+    }
+    state.red_phase = red::OFF;
+    false
+}
+
+/// The connection closes: a request still waiting for its response is counted with status 0,
+/// as the agent counts one.
+#[inline(always)]
+pub(crate) fn on_close(state: &ConnState, pid_tgid: u64) {
+    if state.red_phase == red::REQUEST {
+        let now = unsafe { bpf_ktime_get_ns() };
+        commit(state, pid_tgid, 0, now);
+    }
+}
+
+/// The first bytes of the message this syscall starts, in the per-CPU scratch slot, and how
+/// many: at least 12 (a status line's `HTTP/1.1 200`), or `None`.
+#[inline(always)]
+fn first_bytes(source: Source, ret: i64) -> Option<Head> {
+    let (base, len) = match source {
+        Source::Flat(buf, len) => (buf, len),
+        Source::Vector(iov, count) => {
+            if count == 0 {
+                return None;
+            }
+            iovec(iov, 0)
+        }
+    };
+    let mut n = if len < ret as u64 { len } else { ret as u64 };
+    if n > HEAD_BYTES as u64 {
+        n = HEAD_BYTES as u64;
+    }
+    if base == 0 || n < 12 {
+        return None;
+    }
+    let slot = SCRATCH.get_ptr_mut(0)?;
+    // Restated for the verifier: 12 ..= HEAD_BYTES.
+    let n = (n as u32 & 127) as u64;
+    if n > HEAD_BYTES as u64 {
+        return None;
+    }
+    // SAFETY: per-CPU slot (programs do not nest on a CPU); at most HEAD_BYTES into its data.
+    unsafe {
+        let data = &mut (*slot).data;
+        if read_user_raw(data.as_mut_ptr().cast(), n as u32, base as *const _) != 0 {
+            return None;
+        }
+        Some((&*(data as *const _), n))
+    }
+}
+
+type Head = (&'static [u8; 2 * tracer_common::MAX_CAPTURE], u64);
+
+/// `HTTP/1.x NNN` at the start: the status code.
+#[inline(always)]
+fn status_of((b, _): Head) -> Option<u16> {
+    let version = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], 0]);
+    if version != u64::from_le_bytes(*b"HTTP/1.\0") || b[8] != b' ' {
+        return None;
+    }
+    let mut status = 0u16;
+    let mut i = 9;
+    while i < 12 {
+        let d = b[i].wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        status = status * 10 + u16::from(d);
+        i += 1;
+    }
+    Some(status)
+}
+
+/// A method token and a space at the start: its `red::METHODS` number and length.
+#[inline(always)]
+fn method_of((b, _): Head) -> Option<(u32, u64)> {
+    const fn word(w: &[u8; 4]) -> u32 {
+        u32::from_le_bytes(*w)
+    }
+    let first = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let second = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let (method, len) = match first {
+        w if w == word(b"GET ") => (1, 3),
+        w if w == word(b"PUT ") => (3, 3),
+        w if w == word(b"POST") => (2, 4),
+        w if w == word(b"HEAD") => (5, 4),
+        w if w == word(b"DELE") && second & 0xff_ffff == word(b"TE \0") => (4, 6),
+        w if w == word(b"OPTI") && second == word(b"ONS ") => (6, 7),
+        w if w == word(b"PATC") && b[4] == b'H' => (7, 5),
+        w if w == word(b"TRAC") && b[4] == b'E' => (8, 5),
+        _ => return None,
+    };
+    if b[len] != b' ' {
+        return None;
+    }
+    Some((method, len as u64 + 1))
+}
+
+/// The hash of the path starting at `at` (FNV-1a up to `?`, `#`, a space, the bytes read or
+/// `red::PATH_LEN`); the agent is sent the path the first time this process uses the hash.
+#[inline(always)]
+fn learn_path(state: &ConnState, pid_tgid: u64, (b, n): Head, at: u64) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut len = 0u64;
+    while len < red::PATH_LEN as u64 {
+        let i = at + len;
+        if i >= n {
+            break;
+        }
+        let c = b[(i as usize) & (2 * tracer_common::MAX_CAPTURE - 1)];
+        if c == b' ' || c == b'?' || c == b'#' {
+            break;
+        }
+        hash = (hash ^ u32::from(c)).wrapping_mul(0x0100_0193);
+        len += 1;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let known = (u64::from(tgid) << 32) | u64::from(hash);
+    if PATHS.get_ptr(known).is_some() {
+        return hash;
+    }
+    if let Some(mut entry) = EVENTS.reserve::<RedRecord>(0) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: a reserved record of the right size, filled field by field; the path is
+        // copied from the scratch slot at an offset below 16, within its data.
+        unsafe {
+            (*rec).header = header(kind::RED, pid_tgid, 0, state.conn_id, 0, 0);
+            (*rec).key = RedKey {
+                tgid,
+                path_hash: hash,
+                ..RedKey::default()
+            };
+            (*rec).duration_ns = 0;
+            (*rec).what = red::PATH;
+            (*rec).path_len = len as u32;
+            let from = b.as_ptr().add((at as usize) & 15);
+            core::ptr::copy_nonoverlapping(from, (*rec).path.as_mut_ptr(), red::PATH_LEN);
+        }
+        entry.submit(wake_flags(core::mem::size_of::<RedRecord>() as u64));
+        bump(counter::RECORDS_SENT);
+        let _ = PATHS.insert(known, 0, 0);
+    } else {
+        // Sent again with the next request of this path.
+        bump(counter::RINGBUF_FULL);
+    }
+    hash
+}
+
+/// Counts the exchange in progress, ending at `end_ns` with `status`.
+#[inline(always)]
+fn commit(state: &ConnState, pid_tgid: u64, status: u16, end_ns: u64) {
+    let server = state.red_role == u32::from(red::SERVER);
+    let key = RedKey {
+        tgid: (pid_tgid >> 32) as u32,
+        port: if server {
+            state.tuple.local_port
+        } else {
+            state.tuple.remote_port
+        },
+        role: if server { red::SERVER } else { red::CLIENT },
+        method: state.red_method as u8,
+        status,
+        _pad: 0,
+        path_hash: state.red_path_hash,
+    };
+    let d = end_ns.saturating_sub(state.red_start_ns);
+    let mut bucket = 0usize;
+    while bucket < red::BOUNDS_NS.len() {
+        if d <= red::BOUNDS_NS[bucket] {
+            break;
+        }
+        bucket += 1;
+    }
+    let bucket = bucket & 15;
+    bump(counter::RED_COUNTED);
+    for _ in 0..2 {
+        if let Some(v) = RED.get_ptr_mut(key) {
+            // SAFETY: this CPU's value; programs do not nest on a CPU.
+            unsafe {
+                if bucket < 15 {
+                    (*v).buckets[bucket] += 1;
+                }
+                (*v).sum_ns += d;
+            }
+            return;
+        }
+        // A new key: inserted empty, then counted (another CPU may insert it meanwhile).
+        let Some(zero) = RED_ZERO.get_ptr(0) else {
+            break;
+        };
+        // SAFETY: a map value pointer, never written.
+        let zero = unsafe { &*zero };
+        if RED.insert(key, zero, u64::from(BPF_NOEXIST)).is_err() && RED.get_ptr(key).is_none() {
+            break;
+        }
+    }
+    // The table is full: the agent counts this one from a record.
+    match EVENTS.reserve::<RedRecord>(0) {
+        Some(mut entry) => {
+            let rec = entry.as_mut_ptr();
+            // SAFETY: a reserved record of the right size, filled field by field.
+            unsafe {
+                (*rec).header = header(kind::RED, pid_tgid, 0, state.conn_id, 0, 0);
+                (*rec).key = key;
+                (*rec).duration_ns = d;
+                (*rec).what = red::EXCHANGE;
+                (*rec).path_len = 0;
+            }
+            entry.submit(wake_flags(core::mem::size_of::<RedRecord>() as u64));
+            bump(counter::RECORDS_SENT);
+        }
+        None => bump(counter::RINGBUF_FULL),
+    }
+}
