@@ -241,8 +241,10 @@ pub mod red {
     pub const REQUEST: u32 = 1;
     /// Its response started: the exchange is counted, the next request is awaited.
     pub const RESPONSE: u32 = 2;
-    /// Not HTTP/1 as the framing expects (or the agent never asked): every message recorded.
+    /// Not HTTP/1 as the framing expects: every message recorded.
     pub const OFF: u32 = 3;
+    /// An interim (1xx) response came: the request's body and the final response follow.
+    pub const INTERIM: u32 = 4;
 
     /// `RedKey::role`.
     pub const SERVER: u8 = 1;

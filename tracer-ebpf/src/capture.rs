@@ -256,7 +256,12 @@ pub(crate) fn on_data(
     // With --inject-context: which requests each thread is serving (see inject.rs).
     let mut serving = None;
     let message_start = state.direction != dir;
-    if red_enabled()
+    if matches!(buffer, Buffer::Mmsg(_)) {
+        // Batches (DNS's, in practice) are not framed: a TCP stream read or written that way
+        // is the agent's from here (one store: the verifier's walk of this program has no room
+        // for more).
+        state.red_phase = red::OFF;
+    } else if red_enabled()
         && state.red_phase != red::OFF
         && crate::red::counted(
             state,

@@ -101,6 +101,10 @@ pub(crate) struct DataWithPayload {
     /// Twice the capture: a copy at an offset below `MAX_CAPTURE` of at most `MAX_CAPTURE`
     /// bytes stays inside, which the verifier can check (the iovecs' copies).
     pub(crate) data: [u8; 2 * MAX_CAPTURE],
+    /// A request path's hash and length (red.rs), passed through memory: the verifier then
+    /// walks what follows the hashing loop once, not once for each place it can stop.
+    pub(crate) path_hash: u32,
+    pub(crate) path_len: u32,
 }
 
 #[repr(C)]

@@ -15,7 +15,9 @@
 //! (a second request head in one message) are not told apart: they count as one exchange.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::generated::{bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user as read_user_raw,
+    },
 };
 use tracer_common::{counter, direction, kind, red, ConnState, RedKey, RedRecord};
 
@@ -39,7 +41,7 @@ pub(crate) fn counted(
     (ts_start, ts_exit): (u64, u64),
 ) -> bool {
     let phase = state.red_phase;
-    if !message_start {
+    if !message_start && phase != red::INTERIM {
         // The rest of a message: counted with it, or recorded with it.
         return phase != red::NEW;
     }
@@ -47,33 +49,41 @@ pub(crate) fn counted(
         state.red_phase = red::OFF;
         return false;
     }
-    let Some(buf) = first_bytes(source(), ret) else {
-        return give_up(state);
-    };
     let request_dir = if state.red_role == u32::from(red::SERVER) {
         direction::INGRESS
     } else {
         direction::EGRESS
     };
-    if phase == red::REQUEST && dir != request_dir {
-        // The response starts, or an interim 1xx one.
-        let Some(status) = status_of(buf) else {
-            return give_up(state);
-        };
-        if status < 200 {
-            return true;
+    if phase == red::INTERIM {
+        // After a 1xx: the request's body, then the final status line, which may start any
+        // of the response's syscalls (a server writes `100 Continue` and its answer back to
+        // back, one message).
+        if dir != request_dir {
+            if let Some(Status::Final(status)) = first_bytes(source(), ret).and_then(status_of) {
+                commit(state, pid_tgid, status, ts_exit);
+                state.red_phase = red::RESPONSE;
+            }
         }
-        commit(state, pid_tgid, status, ts_exit);
-        state.red_phase = red::RESPONSE;
         return true;
     }
+    let Some(buf) = first_bytes(source(), ret) else {
+        return give_up(state);
+    };
     if phase == red::REQUEST {
-        // A request's body after an interim response (100 Continue).
+        // The response starts (a request-direction message cannot start in this phase).
+        match status_of(buf) {
+            Some(Status::Final(status)) => {
+                commit(state, pid_tgid, status, ts_exit);
+                state.red_phase = red::RESPONSE;
+            }
+            Some(Status::Interim) => state.red_phase = red::INTERIM,
+            None => return give_up(state),
+        }
         return true;
     }
     // NEW or RESPONSE: a request starts here, or framing ends.
     let Some((method, len)) = method_of(buf) else {
-        if phase == red::NEW && status_of(buf).is_some() {
+        if phase == red::NEW && status_at(buf, 0).is_some() {
             // The agent is seeing an exchange through: frame from the next request.
             return false;
         }
@@ -107,7 +117,7 @@ fn give_up(state: &mut ConnState) -> bool {
 /// as the agent counts one.
 #[inline(always)]
 pub(crate) fn on_close(state: &ConnState, pid_tgid: u64) {
-    if state.red_phase == red::REQUEST {
+    if state.red_phase == red::REQUEST || state.red_phase == red::INTERIM {
         let now = unsafe { bpf_ktime_get_ns() };
         commit(state, pid_tgid, 0, now);
     }
@@ -151,17 +161,57 @@ fn first_bytes(source: Source, ret: i64) -> Option<Head> {
 
 type Head = (&'static [u8; 2 * tracer_common::MAX_CAPTURE], u64);
 
-/// `HTTP/1.x NNN` at the start: the status code.
+/// What a response's first bytes say.
+enum Status {
+    /// `HTTP/1.x NNN` with NNN >= 200, or a 1xx response followed in the same bytes by one.
+    Final(u16),
+    /// A 1xx response alone: the final one follows.
+    Interim,
+}
+
+/// The status line at the start; past a `100 Continue` response's head when the final
+/// status line follows it in the same bytes (servers write both back to back). 101 (Switching
+/// Protocols) is final: what follows is not HTTP/1, and the framing gives up at it.
 #[inline(always)]
-fn status_of((b, _): Head) -> Option<u16> {
-    let version = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], 0]);
-    if version != u64::from_le_bytes(*b"HTTP/1.\0") || b[8] != b' ' {
+fn status_of(head: Head) -> Option<Status> {
+    let status = status_at(head, 0)?;
+    if status >= 200 || status == 101 {
+        return Some(Status::Final(status));
+    }
+    if status == 100 && head.1 >= (CONTINUE_HEAD + 12) as u64 {
+        if let Some(s) = status_at(head, CONTINUE_HEAD) {
+            if s >= 200 {
+                return Some(Status::Final(s));
+            }
+        }
+    }
+    Some(Status::Interim)
+}
+
+/// Bytes of `HTTP/1.1 100 Continue\r\n\r\n`, the interim response every server writes.
+const CONTINUE_HEAD: usize = 25;
+
+/// `HTTP/1.x NNN` at `at` (below 128): the status code.
+#[inline(always)]
+fn status_at((b, _): Head, at: usize) -> Option<u16> {
+    let at = at & 127;
+    let version = u64::from_le_bytes([
+        b[at],
+        b[at + 1],
+        b[at + 2],
+        b[at + 3],
+        b[at + 4],
+        b[at + 5],
+        b[at + 6],
+        0,
+    ]);
+    if version != u64::from_le_bytes(*b"HTTP/1.\0") || b[at + 8] != b' ' {
         return None;
     }
     let mut status = 0u16;
     let mut i = 9;
     while i < 12 {
-        let d = b[i].wrapping_sub(b'0');
+        let d = b[at + i].wrapping_sub(b'0');
         if d > 9 {
             return None;
         }
@@ -196,24 +246,70 @@ fn method_of((b, _): Head) -> Option<(u32, u64)> {
     Some((method, len as u64 + 1))
 }
 
-/// The hash of the path starting at `at` (FNV-1a up to `?`, `#`, a space, the bytes read or
+/// The hash of the path starting at `at` (up to `?`, `#`, a space, the bytes read or
 /// `red::PATH_LEN`); the agent is sent the path the first time this process uses the hash.
+///
+/// Eight bytes a step, the terminators found with word arithmetic: a loop of a byte a step
+/// was walked by the verifier 96 times over on every path into it (Linux 6.1 came within
+/// 35% of its limit of 1M instructions a program). Only the agent reads paths from hashes,
+/// so the hash need not be a standard one.
 #[inline(always)]
 fn learn_path(state: &ConnState, pid_tgid: u64, (b, n): Head, at: u64) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each byte of `w` that is zero; exact for the lowest such byte.
+    let zeros = |w: u64| w.wrapping_sub(ONES) & !w & HIGHS;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut len = 0u64;
-    while len < red::PATH_LEN as u64 {
-        let i = at + len;
-        if i >= n {
+    let mut k = 0u64;
+    while k < (red::PATH_LEN / 8) as u64 {
+        let from = at + 8 * k;
+        if from >= n {
             break;
         }
-        let c = b[(i as usize) & (2 * tracer_common::MAX_CAPTURE - 1)];
-        if c == b' ' || c == b'?' || c == b'#' {
+        let o = (from as usize) & 127;
+        let w = u64::from_le_bytes([
+            b[o],
+            b[o + 1],
+            b[o + 2],
+            b[o + 3],
+            b[o + 4],
+            b[o + 5],
+            b[o + 6],
+            b[o + 7],
+        ]);
+        let mut ends = zeros(w ^ (ONES * u64::from(b' ')))
+            | zeros(w ^ (ONES * u64::from(b'?')))
+            | zeros(w ^ (ONES * u64::from(b'#')));
+        let valid = n - from;
+        if valid < 8 {
+            // Bytes past those read end the path too.
+            ends |= 0x80 << (8 * valid);
+        }
+        if ends != 0 {
+            // The bytes below the first end.
+            let below = ((ends & ends.wrapping_neg()) >> 7).wrapping_sub(1);
+            hash = (hash ^ (w & below)).wrapping_mul(0x0000_0100_0000_01b3);
+            len += u64::from(below.count_ones() / 8);
             break;
         }
-        hash = (hash ^ u32::from(c)).wrapping_mul(0x0100_0193);
-        len += 1;
+        hash = (hash ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        len += 8;
+        k += 1;
     }
+    let hash = (hash ^ (hash >> 32)) as u32;
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return hash;
+    };
+    // SAFETY: per-CPU slot (programs do not nest on a CPU).
+    let (hash, len) = unsafe {
+        (*slot).path_hash = hash;
+        (*slot).path_len = len as u32;
+        (
+            core::ptr::read_volatile(&raw const (*slot).path_hash),
+            core::ptr::read_volatile(&raw const (*slot).path_len) & 127,
+        )
+    };
     let tgid = (pid_tgid >> 32) as u32;
     let known = (u64::from(tgid) << 32) | u64::from(hash);
     if PATHS.get_ptr(known).is_some() {
@@ -227,14 +323,23 @@ fn learn_path(state: &ConnState, pid_tgid: u64, (b, n): Head, at: u64) -> u32 {
             (*rec).header = header(kind::RED, pid_tgid, 0, state.conn_id, 0, 0);
             (*rec).key = RedKey {
                 tgid,
+                port: 0,
+                role: 0,
+                method: 0,
+                status: 0,
+                _pad: 0,
                 path_hash: hash,
-                ..RedKey::default()
             };
             (*rec).duration_ns = 0;
             (*rec).what = red::PATH;
-            (*rec).path_len = len as u32;
+            (*rec).path_len = len;
+            // One helper call: a copy loop here is walked by the verifier on every path.
             let from = b.as_ptr().add((at as usize) & 15);
-            core::ptr::copy_nonoverlapping(from, (*rec).path.as_mut_ptr(), red::PATH_LEN);
+            bpf_probe_read_kernel(
+                (*rec).path.as_mut_ptr().cast(),
+                red::PATH_LEN as u32,
+                from.cast(),
+            );
         }
         entry.submit(wake_flags(core::mem::size_of::<RedRecord>() as u64));
         bump(counter::RECORDS_SENT);

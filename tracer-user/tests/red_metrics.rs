@@ -129,3 +129,120 @@ fn unsampled_requests_are_still_counted() {
     );
     drop(agent);
 }
+
+/// Requests by wrk's count, from its summary line ("N requests in ...").
+fn wrk_requests(out: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk's output:\n{out}"))
+}
+
+/// `--metrics-only`: the probes frame and count HTTP/1 exchanges in the kernel, so the agent
+/// parses none of them, and the histograms still hold every request, by route and status, on
+/// both ends: new connections (curl), several requests on one (curl with three URLs, wrk), a
+/// body sent after an interim `100 Continue`, and counts that match wrk's own.
+#[test]
+fn metrics_only_counts_every_request_in_the_kernel() {
+    require_root();
+    let port = free_port();
+    let _nginx = start_nginx(port, free_port());
+    let receiver = OtlpReceiver::start(free_port());
+    let metrics = free_port();
+    let agent = Agent::start(&[
+        "--endpoint",
+        &receiver.endpoint(),
+        "--port",
+        &port.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics}"),
+        "--metrics-only",
+    ]);
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let curl = |args: &[&str]| {
+        let ok = Command::new("curl")
+            .args(["-s", "-o", "/dev/null"])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "curl {args:?}");
+    };
+    for _ in 0..5 {
+        curl(&[&url("/ok")]);
+    }
+    curl(&[&url("/notfound"), &url("/notfound")]);
+    curl(&[&url("/fail?attempt=1")]);
+    // A 2 KiB body: curl asks `Expect: 100-continue` and waits for nginx's interim answer.
+    let body = "x".repeat(2048);
+    curl(&[
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &body,
+        &url("/created"),
+    ]);
+    let wrk = Command::new("wrk")
+        .args(["-t1", "-c4", "-d1s", &url("/bench/1")])
+        .output()
+        .expect("wrk not installed: run scripts/setup.sh");
+    let wrk_count = wrk_requests(&String::from_utf8_lossy(&wrk.stdout));
+    assert!(wrk_count > 100, "wrk made {wrk_count} requests");
+
+    let series = |side: &str, service: &str, method: &str, route: &str, status: u16| {
+        format!(
+            "http_{side}_request_duration_seconds_count{{service_name=\"{service}\",\
+             http_request_method=\"{method}\",http_route=\"{route}\",\
+             http_response_status_code=\"{status}\"}}"
+        )
+    };
+    let expected = [
+        ("GET", "/ok", 200, 5),
+        ("GET", "/notfound", 404, 2),
+        ("GET", "/fail", 503, 1),
+        ("POST", "/created", 201, 1),
+    ];
+    let wrk_client = series("client", "wrk", "GET", "/bench/{id}", 404);
+    let wrk_server = series("server", "nginx", "GET", "/bench/{id}", 404);
+    let mut text = String::new();
+    wait_for(
+        "the kernel's counts in the histograms",
+        Duration::from_secs(10),
+        || {
+            text = scrape(metrics);
+            value(&text, &wrk_client) == Some(wrk_count)
+                && expected.iter().all(|(method, route, status, n)| {
+                    value(&text, &series("server", "nginx", method, route, *status)) == Some(*n)
+                        && value(&text, &series("client", "curl", method, route, *status))
+                            == Some(*n)
+                })
+        },
+    );
+    // nginx answers what wrk sent; wrk stops counting at its deadline with some in flight.
+    let served = value(&text, &wrk_server).unwrap_or(0);
+    assert!(
+        (wrk_count..=wrk_count + 4).contains(&served),
+        "nginx served {served}, wrk counted {wrk_count}:\n{text}"
+    );
+    let inf = format!(
+        "{},le=\"+Inf\"}}",
+        series("server", "nginx", "GET", "/ok", 200)
+            .replace("_count{", "_bucket{")
+            .trim_end_matches('}')
+    );
+    assert_eq!(value(&text, &inf), Some(5), "{inf}\n{text}");
+    // Counted in the kernel, not recorded: the agent paired no exchange itself.
+    assert_eq!(value(&text, "tracer_exchanges_total"), Some(0), "{text}");
+    let in_kernel = value(&text, "tracer_red_kernel_exchanges_total").unwrap_or(0);
+    assert!(in_kernel >= 2 * (wrk_count + 9), "{text}");
+    assert_eq!(
+        value(&text, "tracer_ringbuf_dropped_total"),
+        Some(0),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        receiver.spans().is_empty(),
+        "--metrics-only exported a span"
+    );
+    drop(agent);
+}

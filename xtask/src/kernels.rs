@@ -432,6 +432,10 @@ struct Row {
     /// GET /index.html 200 and GET /missing.html 404, CLIENT and SERVER each.
     spans_right: usize,
     spans: usize,
+    /// `--metrics-only`: the requests the kernel counted (the server's histograms), and the
+    /// exchanges the agent parsed itself then (0 when the kernel counted them all).
+    red_counted: u64,
+    red_parsed: Option<u64>,
     counters: String,
     /// The probe programs' instructions processed by the verifier, as `tracer doctor` reports
     /// them (the largest program's and the sum).
@@ -461,6 +465,8 @@ impl Row {
             .iter()
             .filter_map(|l| l.strip_prefix("agent-log "))
             .collect();
+        // The `--metrics-only` agent's log, kept only when it refused.
+        let red_log = lines.iter().filter_map(|l| l.strip_prefix("red-log "));
         let spans: Vec<serde_json::Value> = lines
             .iter()
             .filter_map(|l| l.strip_prefix("span "))
@@ -477,6 +483,20 @@ impl Row {
                 .count()
         };
         let requests: usize = value("requests").parse().unwrap_or(0);
+        let red: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("red "))
+            .collect();
+        let red_count = |route: &str, status: u16| -> u64 {
+            let series = format!(
+                "http_server_request_duration_seconds_count{{service_name=\"nginx\",\
+                 http_request_method=\"GET\",http_route=\"{route}\",\
+                 http_response_status_code=\"{status}\"}}"
+            );
+            red.iter()
+                .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+                .unwrap_or(0)
+        };
         let ns_per_run = run_time_per_run(&value("bpftool"));
         let verified = lines
             .iter()
@@ -493,12 +513,21 @@ impl Row {
             loaded: lines.contains(&"probes loaded"),
             refusal: log
                 .iter()
-                .rev()
-                .find(|l| l.contains("error"))
+                .copied()
+                .chain(red_log)
+                .filter(|l| l.contains("error"))
+                .last()
                 .map(|l| l.to_string()),
             requests,
             spans_right: right("GET /index.html", 200) + right("GET /missing.html", 404),
             spans: spans.len(),
+            red_counted: red_count("/index.html", 200) + red_count("/missing.html", 404),
+            red_parsed: red.iter().find_map(|l| {
+                l.strip_prefix("tracer_exchanges_total")?
+                    .trim()
+                    .parse()
+                    .ok()
+            }),
             counters: log
                 .iter()
                 .find_map(|l| l.split_once("counters: ").map(|(_, c)| c.to_owned()))
@@ -518,8 +547,9 @@ impl Row {
             .and_then(|v| v.parse().ok())
     }
 
-    /// Every request gave its CLIENT and SERVER span and the counters agree with nothing lost;
-    /// or, below the agent's floor, it refused with the message expected.
+    /// Every request gave its CLIENT and SERVER span and the counters agree with nothing lost,
+    /// and `--metrics-only` counted every request in the kernel; or, below the agent's floor,
+    /// it refused with the message expected.
     fn passed(&self) -> bool {
         if let Expect::Refuses(text) = self.expect {
             return !self.loaded
@@ -532,6 +562,8 @@ impl Row {
             && self.spans == 2 * self.requests
             && self.counter("spans") == Some(self.spans as u64)
             && self.counter("ringbuf_drops") == Some(0)
+            && self.red_counted == self.requests as u64
+            && self.red_parsed == Some(0)
     }
 }
 
@@ -561,10 +593,11 @@ fn run_time_per_run(json: &str) -> Option<f64> {
 fn print_table(rows: &[Row]) {
     println!("\n== tracer on each kernel (cargo xtask kernels) ==");
     println!(
-        "{:<34} {:<21} {:<12} {:<20} {:<58} {:>14}",
+        "{:<34} {:<21} {:<12} {:<16} {:<20} {:<58} {:>14}",
         "kernel",
         "probes",
         "HTTP spans",
+        "--metrics-only",
         "counters",
         "instructions verified (tracer doctor)",
         "ns a run"
@@ -585,8 +618,9 @@ fn print_table(rows: &[Row]) {
             (Some(ns), true) => format!("{ns:.0} emulated"),
             (None, _) => "-".into(),
         };
+        let red = format!("{}/{} counted", r.red_counted, r.requests);
         println!(
-            "{:<34} {:<21} {:<12} {:<20} {:<58} {:>14}{}",
+            "{:<34} {:<21} {:<12} {:<16} {:<20} {:<58} {:>14}{}",
             if r.source == "host" {
                 format!("{} (this host)", r.release)
             } else {
@@ -594,6 +628,7 @@ fn print_table(rows: &[Row]) {
             },
             probes,
             spans,
+            red,
             counters,
             r.verified.as_deref().unwrap_or("-"),
             ns,
