@@ -516,7 +516,7 @@ impl Row {
                 .copied()
                 .chain(red_log)
                 .filter(|l| l.contains("error"))
-                .last()
+                .next_back()
                 .map(|l| l.to_string()),
             requests,
             spans_right: right("GET /index.html", 200) + right("GET /missing.html", 404),
