@@ -515,8 +515,7 @@ impl Row {
                 .iter()
                 .copied()
                 .chain(red_log)
-                .filter(|l| l.contains("error"))
-                .next_back()
+                .rfind(|l| l.contains("error"))
                 .map(|l| l.to_string()),
             requests,
             spans_right: right("GET /index.html", 200) + right("GET /missing.html", 404),
