@@ -18,7 +18,8 @@
 //!    standing in for a collector on another machine, as deployed. At saturation, two more
 //!    such runs export 10% and 1% of traces (`--sample`): what leaving spans out saves, while
 //!    the RED metrics still count every request (the count of nginx's requests they report is
-//!    printed beside wrk's, which leaves out the few in flight when it stops). The collector otherwise
+//!    printed beside wrk's, which leaves out the few in flight when it stops); a third exports
+//!    no spans and counts the requests in the kernel (`--metrics-only`). The collector otherwise
 //!    shares the 2 cores with nginx and wrk, and its CPU would be counted as the agent's cost.
 //!    Per run: throughput, latency p50/p99, and for traced runs the agent's CPU time per request
 //!    and peak memory, the collector's CPU time per request (it shares the same cores, so part
@@ -270,6 +271,8 @@ enum Mode {
     /// As `CollectorElsewhere`, exporting this percentage of traces (`--sample`); the RED
     /// metrics still count every request.
     Sampled(u8),
+    /// `--metrics-only`: no spans, HTTP/1 exchanges counted in the kernel.
+    MetricsOnly,
 }
 
 impl Mode {
@@ -281,6 +284,7 @@ impl Mode {
             Mode::Sampled(10) => "10% of traces, elsewhere",
             Mode::Sampled(1) => "1% of traces, elsewhere",
             Mode::Sampled(_) => "sampled, elsewhere",
+            Mode::MetricsOnly => "metrics only (--metrics-only)",
         }
     }
 
@@ -293,6 +297,7 @@ impl Mode {
             Mode::Sampled(10) => "10%, elsew.",
             Mode::Sampled(1) => "1%, elsew.",
             Mode::Sampled(_) => "sampled",
+            Mode::MetricsOnly => "metrics only",
         }
     }
 
@@ -310,6 +315,7 @@ impl Mode {
                 Mode::CollectorElsewhere,
                 Mode::Sampled(10),
                 Mode::Sampled(1),
+                Mode::MetricsOnly,
             ],
             _ => &[Mode::Untraced, Mode::Traced, Mode::CollectorElsewhere],
         }
@@ -627,7 +633,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         for &level in &levels {
             for &mode in Mode::for_level(level) {
                 let export_port = match mode {
-                    Mode::CollectorElsewhere | Mode::Sampled(_) => sink_port,
+                    Mode::CollectorElsewhere | Mode::Sampled(_) | Mode::MetricsOnly => sink_port,
                     _ => http,
                 };
                 let agent = if mode != Mode::Untraced {
@@ -636,6 +642,9 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                         .args(&args.agent_args);
                     if let Mode::Sampled(percent) = mode {
                         cmd.args(["--sample", &(f64::from(percent) / 100.0).to_string()]);
+                    }
+                    if mode == Mode::MetricsOnly {
+                        cmd.arg("--metrics-only");
                     }
                     Some(start_ready(cmd, "tracer: ready")?)
                 } else {
@@ -966,7 +975,7 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             // counts what it accepted; the sink does not decode, so there the agent's count of
             // acknowledged spans stands for it.
             let (delivered, at) = match mode {
-                Mode::CollectorElsewhere | Mode::Sampled(_) => {
+                Mode::CollectorElsewhere | Mode::Sampled(_) | Mode::MetricsOnly => {
                     (sum(&|r| r.spans_exported), "at the sink")
                 }
                 _ => (sum(&|r| r.collector_spans), "at the collector"),
