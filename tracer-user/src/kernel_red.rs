@@ -8,7 +8,7 @@
 //! probes count before the agent has seen a connection's announcement.
 use std::collections::HashMap;
 
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use tracer_common::{red, RedCounts, RedKey, RedRecord};
 
 /// Counts of one key that grew since the last read, with what names them.
@@ -63,8 +63,9 @@ impl Tally {
         })
     }
 
-    /// Forgets the keys and paths of processes that ended (`alive` says which live).
-    pub fn retain(&mut self, alive: impl Fn(u32) -> bool) -> Vec<RedKey> {
+    /// Forgets the keys and paths of processes that ended (`alive` says which live); returns
+    /// them, as the probes' `RED` keys and `PATHS` keys (`tgid << 32 | hash`).
+    pub fn retain(&mut self, alive: impl Fn(u32) -> bool) -> (Vec<RedKey>, Vec<u64>) {
         let gone: Vec<RedKey> = self
             .last
             .keys()
@@ -74,21 +75,35 @@ impl Tally {
         for k in &gone {
             self.last.remove(k);
         }
-        self.paths.retain(|(tgid, _), _| alive(*tgid));
-        gone
+        let mut paths = Vec::new();
+        self.paths.retain(|(tgid, hash), _| {
+            let keep = alive(*tgid);
+            if !keep {
+                paths.push((u64::from(*tgid) << 32) | u64::from(*hash));
+            }
+            keep
+        });
+        (gone, paths)
     }
 }
 
 /// The probes' maps for `--metrics-only`.
 pub struct KernelRed {
     counts: PerCpuHashMap<MapData, RedKey, RedCounts>,
+    /// The paths the probes have sent, by `tgid << 32 | hash`: forgotten with their process,
+    /// or a new process given the same pid would never send its own.
+    sent_paths: BpfHashMap<MapData, u64, u8>,
     pub tally: Tally,
 }
 
 impl KernelRed {
-    pub fn new(counts: PerCpuHashMap<MapData, RedKey, RedCounts>) -> Self {
+    pub fn new(
+        counts: PerCpuHashMap<MapData, RedKey, RedCounts>,
+        sent_paths: BpfHashMap<MapData, u64, u8>,
+    ) -> Self {
         KernelRed {
             counts,
+            sent_paths,
             tally: Tally::default(),
         }
     }
@@ -116,8 +131,12 @@ impl KernelRed {
     /// After a `read`: drops the keys of processes that ended, here and in the probes.
     pub fn forget_ended(&mut self) {
         let alive = |tgid: u32| std::path::Path::new(&format!("/proc/{tgid}")).exists();
-        for key in self.tally.retain(alive) {
+        let (keys, paths) = self.tally.retain(alive);
+        for key in keys {
             let _ = self.counts.remove(&key);
+        }
+        for path in paths {
+            let _ = self.sent_paths.remove(&path);
         }
     }
 }
@@ -192,7 +211,10 @@ mod tests {
         let mut name = String::new();
         name_into(&key(200), "/users/12345", &mut name);
         assert!(name.starts_with("GET /users/"), "{name}");
-        assert_eq!(tally.retain(|_| false), vec![key(200)]);
+        assert_eq!(
+            tally.retain(|_| false),
+            (vec![key(200)], vec![(42 << 32) | 7])
+        );
         assert_eq!(tally.path(&key(200)), "");
     }
 }

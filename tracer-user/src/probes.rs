@@ -445,9 +445,11 @@ impl Probes {
     /// The counts of `--metrics-only` (can be taken once).
     pub fn take_kernel_red(&mut self) -> anyhow::Result<crate::kernel_red::KernelRed> {
         let counts = self.ebpf.take_map("RED").context("RED map missing")?;
-        Ok(crate::kernel_red::KernelRed::new(PerCpuHashMap::try_from(
-            counts,
-        )?))
+        let paths = self.ebpf.take_map("PATHS").context("PATHS map missing")?;
+        Ok(crate::kernel_red::KernelRed::new(
+            PerCpuHashMap::try_from(counts)?,
+            HashMap::try_from(paths)?,
+        ))
     }
 
     /// A handle to the connection table, to mute connections (can be taken once).

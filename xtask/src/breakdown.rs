@@ -1,17 +1,19 @@
 //! `cargo xtask bench`'s account of a traced request at saturation: where the throughput goes.
 //!
 //! nginx under wrk as at the saturated level (one nginx worker, one wrk thread, 50 connections),
-//! run four ways, alternated within each round:
+//! run six ways, alternated within each round:
 //!
 //! 1. untraced;
 //! 2. the probes attached, every connection ignored: the agent traces a port nobody uses, so
 //!    each of nginx's and wrk's syscalls pays the tracepoints and one connection lookup, and no
 //!    record is written (the floor of syscall-tracepoint tracing);
-//! 3. every message recorded, parsed and paired, spans built and RED metrics counted, no span
+//! 3. RED metrics only, every exchange framed and counted in the kernel, no record written
+//!    (`--metrics-only`);
+//! 4. every message recorded, parsed and paired, spans built and RED metrics counted, no span
 //!    exported (`--sample 0`);
-//! 4. the whole agent, exporting every span to the sink that stands in for a collector
+//! 5. the whole agent, exporting every span to the sink that stands in for a collector
 //!    elsewhere;
-//! 5. the same with wrk's connections ignored (`--exe nginx`): the host of a service whose
+//! 6. the same with wrk's connections ignored (`--exe nginx`): the host of a service whose
 //!    clients run elsewhere, where the agent sees each request once, not at both ends.
 //!
 //! Each run accounts for the machine's 2 CPUs a request: nginx's worker, wrk, the agent, the
@@ -37,6 +39,7 @@ const CONNECTIONS: u32 = 50;
 enum Step {
     Untraced,
     ProbesIgnoring,
+    CountedInKernel,
     Unexported,
     Exported,
     /// As `Exported`, nginx's connections only: wrk's are ignored as at step 2.
@@ -50,6 +53,7 @@ impl Step {
         match self {
             Step::Untraced => "untraced",
             Step::ProbesIgnoring => "probes, every connection ignored",
+            Step::CountedInKernel => "RED counted in the kernel (--metrics-only)",
             Step::Unexported => "records parsed, no span exported",
             Step::Exported => "every span exported (to the sink)",
             Step::ServerSideOnly => "the same, nginx's side only (--exe)",
@@ -123,6 +127,7 @@ pub(crate) fn measure(
     let mut steps = vec![
         Step::Untraced,
         Step::ProbesIgnoring,
+        Step::CountedInKernel,
         Step::Unexported,
         Step::Exported,
         Step::ServerSideOnly,
@@ -143,7 +148,8 @@ pub(crate) fn measure(
                     cmd.args(["--metrics-addr", "off"]);
                     (Some(start_ready(cmd, "tracer: ready")?), None)
                 }
-                Step::Unexported
+                Step::CountedInKernel
+                | Step::Unexported
                 | Step::Exported
                 | Step::ServerSideOnly
                 | Step::ExportedByOtherBuild => {
@@ -156,6 +162,9 @@ pub(crate) fn measure(
                     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
                     if step == Step::Unexported {
                         cmd.args(["--sample", "0"]);
+                    }
+                    if step == Step::CountedInKernel {
+                        cmd.arg("--metrics-only");
                     }
                     if step == Step::ServerSideOnly {
                         cmd.args(["--exe", "nginx"]);
