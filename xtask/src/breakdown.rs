@@ -53,7 +53,7 @@ impl Step {
         match self {
             Step::Untraced => "untraced",
             Step::ProbesIgnoring => "probes, every connection ignored",
-            Step::CountedInKernel => "RED counted in the kernel (--metrics-only)",
+            Step::CountedInKernel => "RED in the kernel (--metrics-only)",
             Step::Unexported => "records parsed, no span exported",
             Step::Exported => "every span exported (to the sink)",
             Step::ServerSideOnly => "the same, nginx's side only (--exe)",
