@@ -26,12 +26,33 @@ pub struct Tally {
     paths: HashMap<(u32, u32), String>,
 }
 
+/// Paths kept at most (as many as the probes' `PATHS` remembers): a service with ids in its
+/// paths sends a new one for every id. Past it, the paths no key in the probes' table uses are
+/// forgotten here and there (the probes send one again when it is next used).
+pub const MAX_PATHS: usize = 16384;
+
 impl Tally {
-    /// A path the probes sent (`red::PATH`).
-    pub fn learn(&mut self, rec: &RedRecord) {
+    /// A path the probes sent (`red::PATH`); past `MAX_PATHS`, returns the paths forgotten to
+    /// make room, as `PATHS` keys.
+    pub fn learn(&mut self, rec: &RedRecord) -> Vec<u64> {
         let n = (rec.path_len as usize).min(rec.path.len());
         let path = String::from_utf8_lossy(&rec.path[..n]).into_owned();
         self.paths.insert((rec.key.tgid, rec.key.path_hash), path);
+        if self.paths.len() <= MAX_PATHS {
+            return Vec::new();
+        }
+        let used: std::collections::HashSet<(u32, u32)> =
+            self.last.keys().map(|k| (k.tgid, k.path_hash)).collect();
+        let mut forgotten = Vec::new();
+        let newest = (rec.key.tgid, rec.key.path_hash);
+        self.paths.retain(|&(tgid, hash), _| {
+            let keep = used.contains(&(tgid, hash)) || (tgid, hash) == newest;
+            if !keep {
+                forgotten.push((u64::from(tgid) << 32) | u64::from(hash));
+            }
+            keep
+        });
+        forgotten
     }
 
     /// The path of `key`, if known.
@@ -105,6 +126,13 @@ impl KernelRed {
             counts,
             sent_paths,
             tally: Tally::default(),
+        }
+    }
+
+    /// A path the probes sent: kept, and room made past `MAX_PATHS`.
+    pub fn learn(&mut self, rec: &RedRecord) {
+        for path in self.tally.learn(rec) {
+            let _ = self.sent_paths.remove(&path);
         }
     }
 
@@ -204,7 +232,7 @@ mod tests {
             path: [b'x'; red::PATH_LEN],
         };
         rec.path[..7].copy_from_slice(b"/users/");
-        tally.learn(&rec);
+        assert!(tally.learn(&rec).is_empty());
         let mut c = RedCounts::default();
         c.buckets[1] = 1;
         assert_eq!(tally.grown(key(200), c).unwrap().path, "/users/");
@@ -216,5 +244,31 @@ mod tests {
             (vec![key(200)], vec![(42 << 32) | 7])
         );
         assert_eq!(tally.path(&key(200)), "");
+    }
+
+    /// Past `MAX_PATHS`, the paths no counted key uses are forgotten, the newest kept.
+    #[test]
+    fn paths_are_bounded() {
+        let mut tally = Tally::default();
+        let mut c = RedCounts::default();
+        c.buckets[0] = 1;
+        tally.grown(key(200), c);
+        let mut rec = RedRecord {
+            header: Default::default(),
+            key: key(0),
+            duration_ns: 0,
+            what: red::PATH,
+            path_len: 2,
+            path: [b'/'; red::PATH_LEN],
+        };
+        let mut forgotten = 0;
+        // MAX_PATHS + 1 paths, the used one (hash 7) among them.
+        for hash in 0..=MAX_PATHS as u32 {
+            rec.key.path_hash = hash;
+            forgotten += tally.learn(&rec).len();
+        }
+        assert_eq!(forgotten, MAX_PATHS - 1);
+        assert_eq!(tally.paths.len(), 2, "the used path and the newest");
+        assert_eq!(tally.path(&key(200)), "//");
     }
 }

@@ -421,7 +421,7 @@ impl Pipeline {
             return;
         };
         if rec.what == red::PATH {
-            k.tally.learn(rec);
+            k.learn(rec);
             return;
         }
         let mut counts = RedCounts::default();
