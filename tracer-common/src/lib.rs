@@ -21,9 +21,10 @@ pub const MESSAGE_CAPTURE_BUDGET: u32 = 2048;
 /// costs ~1 µs per syscall (see docs/ARCHITECTURE.md). A power of two.
 pub const WAKEUP_THRESHOLD_BYTES: u64 = 256 * 1024;
 
-/// The version of the records' layout, bumped whenever a record type or kind changes.
-/// Recordings (`tracer agent --record`) carry it, so a replay refuses another version's.
-pub const RECORD_LAYOUT: u32 = 6;
+/// The version of the records' layout, bumped whenever a record type changes. Recordings
+/// (`tracer agent --record`) carry it, so a replay refuses another version's. A new kind alone
+/// keeps it: older recordings do not have it, and an older agent counts it as undecodable.
+pub const RECORD_LAYOUT: u32 = 5;
 
 /// Direction of the data, seen from the traced process.
 pub mod direction {
