@@ -183,7 +183,7 @@ impl RedMetrics {
 }
 
 /// The bucket a duration of `ns` falls in: the first bound it does not exceed.
-fn bucket_of(ns: u64) -> usize {
+pub(crate) fn bucket_of(ns: u64) -> usize {
     let seconds = ns as f64 / 1e9;
     BUCKETS
         .iter()

@@ -425,10 +425,7 @@ impl Pipeline {
             return;
         }
         let mut counts = RedCounts::default();
-        counts.buckets[red::BOUNDS_NS
-            .iter()
-            .position(|b| rec.duration_ns <= *b)
-            .unwrap_or(red::BOUNDS_NS.len())] = 1;
+        counts.buckets[crate::red::bucket_of(rec.duration_ns)] = 1;
         counts.sum_ns = rec.duration_ns;
         let path = k.tally.path(&rec.key).to_owned();
         self.count_kernel_red(rec.key, &path, &counts);
@@ -666,6 +663,9 @@ impl Pipeline {
             }
             keep
         });
+        // The counts of processes that ended are read while their facts are still cached.
+        self.kernel_red_read_ns = 0;
+        self.read_kernel_red(now);
         if let Some(k) = &mut self.kernel_red {
             k.forget_ended();
         }
