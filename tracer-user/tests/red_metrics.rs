@@ -8,6 +8,23 @@ use std::{process::Command, time::Duration};
 
 use support::*;
 
+/// The agent exporting to `receiver`, following nginx's `port`, metrics on `metrics`.
+fn agent_on(receiver: &OtlpReceiver, port: u16, metrics: u16, extra: &[&str]) -> Agent {
+    let endpoint = receiver.endpoint();
+    let port = port.to_string();
+    let metrics = format!("127.0.0.1:{metrics}");
+    let mut args = vec![
+        "--endpoint",
+        &endpoint,
+        "--port",
+        &port,
+        "--metrics-addr",
+        &metrics,
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&args)
+}
+
 fn value(metrics: &str, series: &str) -> Option<u64> {
     metrics
         .lines()
@@ -21,14 +38,7 @@ fn every_request_is_counted_by_route_and_status() {
     let _nginx = start_nginx(port, free_port());
     let receiver = OtlpReceiver::start(free_port());
     let metrics = free_port();
-    let agent = Agent::start(&[
-        "--endpoint",
-        &receiver.endpoint(),
-        "--port",
-        &port.to_string(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics}"),
-    ]);
+    let agent = agent_on(&receiver, port, metrics, &[]);
     for (path, times) in [("/ok", 5), ("/notfound", 2)] {
         for _ in 0..times {
             Command::new("curl")
@@ -83,18 +93,12 @@ fn unsampled_requests_are_still_counted() {
     let _nginx = start_nginx(port, free_port());
     let receiver = OtlpReceiver::start(free_port());
     let metrics = free_port();
-    let agent = Agent::start(&[
-        "--endpoint",
-        &receiver.endpoint(),
-        "--port",
-        &port.to_string(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics}"),
-        "--batch-timeout-ms",
-        "100",
-        "--sample",
-        "0",
-    ]);
+    let agent = agent_on(
+        &receiver,
+        port,
+        metrics,
+        &["--batch-timeout-ms", "100", "--sample", "0"],
+    );
     for _ in 0..4 {
         Command::new("curl")
             .args([
@@ -148,15 +152,7 @@ fn metrics_only_counts_every_request_in_the_kernel() {
     let _nginx = start_nginx(port, free_port());
     let receiver = OtlpReceiver::start(free_port());
     let metrics = free_port();
-    let agent = Agent::start(&[
-        "--endpoint",
-        &receiver.endpoint(),
-        "--port",
-        &port.to_string(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics}"),
-        "--metrics-only",
-    ]);
+    let agent = agent_on(&receiver, port, metrics, &["--metrics-only"]);
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let curl = |args: &[&str]| {
         let ok = Command::new("curl")

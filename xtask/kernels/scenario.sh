@@ -7,6 +7,26 @@
 WWW="${WWW:-/www}"
 PORT=8080
 REQUESTS=10
+# Waits for the agent logging to $1 (pid $2) to be ready, up to $3 tenths of a second; a
+# timeout is logged as an error.
+wait_ready() {
+  i=0
+  while ! grep -q 'tracer: ready' "$1"; do
+    kill -0 "$2" 2>/dev/null || return
+    i=$((i + 1))
+    [ "$i" -gt "$3" ] && echo "error: not ready after $(($3 / 10)) s" >> "$1" && return
+    sleep 0.1
+  done
+}
+# $REQUESTS requests for a page, then one for a missing page.
+requests() {
+  n=0
+  while [ "$n" -lt "$REQUESTS" ]; do
+    busybox wget -q -O /dev/null "http://127.0.0.1:$PORT/index.html"
+    n=$((n + 1))
+  done
+  busybox wget -q -O /dev/null "http://127.0.0.1:$PORT/missing.html" 2>/dev/null
+}
 echo "KM kernel $(uname -r)"
 tracer doctor --stdout | sed 's/^/KM doctor /'
 echo 1 > /proc/sys/kernel/bpf_stats_enabled
@@ -30,21 +50,10 @@ while ! busybox nc -z 127.0.0.1 "$PORT" 2>/dev/null && [ "$i" -lt 100 ]; do
   i=$((i + 1))
   sleep 0.1
 done
-i=0
-while ! grep -q 'tracer: ready' "$AGENT_ERR"; do
-  kill -0 "$AGENT" 2>/dev/null || break
-  i=$((i + 1))
-  [ "$i" -gt 300 ] && break
-  sleep 0.1
-done
+wait_ready "$AGENT_ERR" "$AGENT" 300
 if grep -q 'tracer: ready' "$AGENT_ERR"; then
   echo "KM probes loaded"
-  n=0
-  while [ "$n" -lt "$REQUESTS" ]; do
-    busybox wget -q -O /dev/null "http://127.0.0.1:$PORT/index.html"
-    n=$((n + 1))
-  done
-  busybox wget -q -O /dev/null "http://127.0.0.1:$PORT/missing.html" 2>/dev/null
+  requests
   echo "KM requests $((REQUESTS + 1))"
   # Let the agent pair the last exchange before reading the programs' statistics.
   sleep 1
@@ -56,21 +65,10 @@ if grep -q 'tracer: ready' "$AGENT_ERR"; then
   tracer agent --metrics-only --stdout --port "$PORT" --metrics-addr 127.0.0.1:9464 \
     --priority normal > /dev/null 2> /tmp/km-red-err &
   RED=$!
-  i=0
-  while ! grep -q 'tracer: ready' /tmp/km-red-err; do
-    kill -0 "$RED" 2>/dev/null || break
-    i=$((i + 1))
-    # The verifier walks more with the framing in; an emulated guest takes its time.
-    [ "$i" -gt 1200 ] && echo "error: not ready after 120 s" >> /tmp/km-red-err && break
-    sleep 0.1
-  done
+  # The verifier walks more with the framing in; an emulated guest takes its time.
+  wait_ready /tmp/km-red-err "$RED" 1200
   if grep -q 'tracer: ready' /tmp/km-red-err; then
-    n=0
-    while [ "$n" -lt "$REQUESTS" ]; do
-      busybox wget -q -O /dev/null "http://127.0.0.1:$PORT/index.html"
-      n=$((n + 1))
-    done
-    busybox wget -q -O /dev/null "http://127.0.0.1:$PORT/missing.html" 2>/dev/null
+    requests
     # The agent reads the kernel's counts once a second.
     sleep 2
     busybox wget -q -O /tmp/km-red-metrics http://127.0.0.1:9464/metrics 2>&1 | sed 's/^/KM red-log error: /'
