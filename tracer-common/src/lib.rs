@@ -167,6 +167,19 @@ pub mod data_flags {
     /// with `TCP_SEQ`, `tcp_seq` counts plaintext bytes in this direction since the connection
     /// began (both ends count the same bytes), not TCP sequence numbers.
     pub const TLS: u32 = 2;
+    /// `--sample-in-kernel`: the probes framed this record's HTTP/1 exchange and counted it in
+    /// the RED map; the agent does not count its span again.
+    pub const RED_COUNTED: u32 = 4;
+    /// `--sample-in-kernel`: the probes decided to keep this exchange (by its request's TCP
+    /// sequence number, or because its process serves only kept requests): its span is
+    /// exported whatever the agent's own rule says, and a trace it starts gets an id that rule
+    /// keeps, so its other spans are kept too.
+    pub const KEPT: u32 = 8;
+    /// `--sample-in-kernel`: a call made while its process served kept and dropped requests
+    /// at once; the agent links it only by a rule that requests it never saw cannot fool.
+    pub const MARKED: u32 = 16;
+    /// The flags of the probes' sampling decision.
+    pub const DECIDED: u32 = RED_COUNTED | KEPT | MARKED;
 }
 
 /// One data syscall on a tracked TCP connection. `captured` bytes of payload follow it in the
@@ -283,6 +296,26 @@ pub mod red {
     pub const EXCHANGE: u32 = 2;
 }
 
+/// `--sample-in-kernel`: the framed HTTP/1 requests a process is serving (read, response not
+/// started), kept and dropped, and whether it ever served anything the framing handed back to
+/// the agent (TLS, HTTP/2, another protocol). A call the process makes follows these: see
+/// tracer-ebpf's `red.rs`. Value of the probes' `SERVING` map, key the tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Serving {
+    // 64 bits: the eBPF target's atomic adds are on 64-bit words.
+    pub kept: u64,
+    pub dropped: u64,
+    pub unframed: u64,
+}
+
+/// `ConnState::red_serving`.
+pub mod serving {
+    pub const NONE: u32 = 0;
+    pub const KEPT: u32 = 1;
+    pub const DROPPED: u32 = 2;
+}
+
 /// Key of the probes' `RED` map (and of a `RedRecord`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -353,6 +386,10 @@ pub struct ConnState {
     pub red_method: u32,
     pub red_path_hash: u32,
     pub red_start_ns: u64,
+    /// `--sample-in-kernel`: the exchange in progress's `data_flags::DECIDED` (0: dropped, no
+    /// record sent), and whether its request counts in its process's `Serving` (`serving::*`).
+    pub red_keep: u32,
+    pub red_serving: u32,
     /// The TLS library's plaintext on this connection, as a stream of its own: the direction of
     /// its message in progress, its message count and captured bytes, muted by the agent, and
     /// bytes per direction (`INGRESS`, `EGRESS`) since the connection began.
@@ -473,4 +510,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConnTuple {}
     unsafe impl aya::Pod for super::RedKey {}
     unsafe impl aya::Pod for super::RedCounts {}
+    unsafe impl aya::Pod for super::Serving {}
 }

@@ -261,6 +261,7 @@ pub(crate) fn on_data(
         // is the agent's from here (one store: the verifier's walk of this program has no room
         // for more).
         state.red_phase = red::OFF;
+        state.red_keep = 0;
     } else if red_enabled()
         && state.red_phase != red::OFF
         && crate::red::counted(
@@ -333,7 +334,8 @@ pub(crate) fn on_data(
         let h = header(kind::DATA, pid_tgid, fd, state.conn_id, ts_enter, ts_exit);
         (*rec).record.header = h;
         (*rec).record.tcp_seq = tcp_seq;
-        (*rec).record.flags = flags;
+        // With `--sample-in-kernel`, what the probes decided for the exchange (0 otherwise).
+        (*rec).record.flags = flags | state.red_keep;
         (*rec).record.direction = dir;
         (*rec).record.syscall = sc;
         (*rec).record.len = ret as u64;

@@ -96,9 +96,8 @@ pub(crate) fn on_close(pid_tgid: u64, fd: u32) -> u32 {
         if inject_enabled() {
             crate::inject::serving_ends(&mut *state);
         }
-        // A muted connection's framing stopped where the agent muted it (it does not want it).
-        if red_enabled() && (*state).muted == 0 {
-            crate::red::on_close(&*state, pid_tgid);
+        if red_enabled() {
+            crate::red::on_close(&mut *state, pid_tgid);
         }
         ((*state).conn_id, (*state).muted)
     };

@@ -20,6 +20,9 @@
 //! agent only past a byte threshold; the agent drains on a timer otherwise.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the eBPF target has no atomic types with read-modify-write operations (red.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod capture;
 mod conns;

@@ -2,10 +2,13 @@
 //! accessors the programs use on them.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    maps::{
+        lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        RingBuf,
+    },
 };
 use tracer_common::{
-    counter, ConnState, DataRecord, KernelOffsets, RedCounts, RedKey, MAX_CAPTURE,
+    counter, ConnState, DataRecord, KernelOffsets, RedCounts, RedKey, Serving, MAX_CAPTURE,
 };
 
 /// Filled by the agent from BTF before load (see `KernelOffsets`).
@@ -39,6 +42,37 @@ pub(crate) static RED_IN_KERNEL: u32 = 0;
 pub(crate) fn red_enabled() -> bool {
     unsafe { core::ptr::read_volatile(&RED_IN_KERNEL) != 0 }
 }
+
+/// Non-zero with `--sample-in-kernel` (with `RED_IN_KERNEL`): the framed exchanges the probes
+/// keep are recorded too, the others only counted (red.rs).
+#[no_mangle]
+pub(crate) static SAMPLE_IN_KERNEL: u32 = 0;
+
+/// `--sample-in-kernel`: a request is kept when a 32-bit hash of its TCP sequence number is
+/// below this (the share of `--sample` times 2^32).
+#[no_mangle]
+pub(crate) static KEEP_BELOW: u64 = 0;
+
+#[inline(always)]
+pub(crate) fn sampling_in_kernel() -> bool {
+    unsafe { core::ptr::read_volatile(&SAMPLE_IN_KERNEL) != 0 }
+}
+
+#[inline(always)]
+pub(crate) fn keep_below() -> u64 {
+    unsafe { core::ptr::read_volatile(&KEEP_BELOW) }
+}
+
+/// `--sample-in-kernel`: the framed requests each process is serving (red.rs), by tgid; the
+/// agent removes the entries of ended processes.
+#[map]
+pub(crate) static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(16384, 0);
+
+/// `--sample-in-kernel`: calls whose decision followed their parent rather than their own
+/// sequence number, for their server end on this host to take (red.rs), by sequence number and
+/// ports. Taken once; a server elsewhere never takes it, and it ages out.
+#[map]
+pub(crate) static FOLLOWED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
 
 /// `--metrics-only`: the histograms of the exchanges counted in the kernel (red.rs), per CPU.
 /// Full, an exchange goes to the agent as a record instead.

@@ -13,16 +13,30 @@
 //! agent counts those exchanges. The agent's filters (`--port`, `--exe`...) apply when it
 //! reads the counts. Pipelined requests
 //! (a second request head in one message) are not told apart: they count as one exchange.
+//!
+//! `--sample-in-kernel` uses the same framing to decide, at each request's start, whether the
+//! exchange is recorded for a span as well (every framed exchange is still counted here, and
+//! its records say so). A server request is kept when a hash of its TCP sequence number is
+//! below the share: the client's end, on this host or another, reads the same number and
+//! reaches the same answer. A call (a client request) follows the requests its process is
+//! serving (`SERVING`): kept when they are all kept, dropped when they are all dropped, kept
+//! and marked for the agent when both are in flight (it cannot tell which is the parent), and
+//! decided by its own sequence number when the process serves none (a pure client). A process
+//! that ever served something the framing hands back (TLS, HTTP/2...) has its calls recorded:
+//! their parent may be one the agent decides on.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user as read_user_raw,
     },
 };
-use tracer_common::{counter, direction, kind, red, ConnState, RedKey, RedRecord};
+use tracer_common::{
+    counter, data_flags, direction, kind, red, serving, ConnState, RedKey, RedRecord, Serving,
+};
 
 use crate::{
     capture::{header, iovec, wake_flags, Source},
+    kernel::read_at,
     maps::*,
 };
 
@@ -42,8 +56,8 @@ pub(crate) fn counted(
 ) -> bool {
     let phase = state.red_phase;
     if !message_start && phase != red::INTERIM {
-        // The rest of a message: counted with it, or recorded with it.
-        return phase != red::NEW;
+        // The rest of a message: dropped or recorded with it.
+        return phase != red::NEW && state.red_keep == 0;
     }
     if state.datagram != 0 {
         state.red_phase = red::OFF;
@@ -61,25 +75,27 @@ pub(crate) fn counted(
         if dir != request_dir {
             if let Some(Status::Final(status)) = first_bytes(source(), ret).and_then(status_of) {
                 commit(state, pid_tgid, status, ts_exit);
+                leave_serving(state, pid_tgid);
                 state.red_phase = red::RESPONSE;
             }
         }
-        return true;
+        return state.red_keep == 0;
     }
     let Some(buf) = first_bytes(source(), ret) else {
-        return give_up(state);
+        return give_up(state, pid_tgid);
     };
     if phase == red::REQUEST {
         // The response starts (a request-direction message cannot start in this phase).
         match status_of(buf) {
             Some(Status::Final(status)) => {
                 commit(state, pid_tgid, status, ts_exit);
+                leave_serving(state, pid_tgid);
                 state.red_phase = red::RESPONSE;
             }
             Some(Status::Interim) => state.red_phase = red::INTERIM,
-            None => return give_up(state),
+            None => return give_up(state, pid_tgid),
         }
-        return true;
+        return state.red_keep == 0;
     }
     // NEW or RESPONSE: a request starts here, or framing ends.
     let Some((method, len)) = method_of(buf) else {
@@ -87,7 +103,7 @@ pub(crate) fn counted(
             // The agent is seeing an exchange through: frame from the next request.
             return false;
         }
-        return give_up(state);
+        return give_up(state, pid_tgid);
     };
     if phase == red::NEW {
         state.red_role = u32::from(if dir == direction::INGRESS {
@@ -100,27 +116,211 @@ pub(crate) fn counted(
     state.red_path_hash = learn_path(state, pid_tgid, buf, len);
     state.red_start_ns = ts_start;
     state.red_phase = red::REQUEST;
-    true
+    if sampling_in_kernel() {
+        decide(state, pid_tgid, dir, ret);
+    }
+    state.red_keep == 0
 }
 
-/// Framing ends on this connection: its records go to the agent from this message on.
+/// `--sample-in-kernel`: whether the exchange starting now is recorded, and how (see the
+/// module comment).
 #[inline(always)]
-fn give_up(state: &mut ConnState) -> bool {
+fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
+    const KEPT: u32 = data_flags::RED_COUNTED | data_flags::KEPT;
+    let seq = request_seq(state, dir, ret);
+    // Kept when the number cannot be read: recorded, the agent decides.
+    let by_seq = match seq {
+        Some(seq) => {
+            if u64::from(mix(seq)) < keep_below() {
+                KEPT
+            } else {
+                0
+            }
+        }
+        None => KEPT,
+    };
+    if state.red_role == u32::from(red::SERVER) {
+        // Its client on this host may have followed a parent instead of the number.
+        let followed = seq.and_then(|seq| {
+            let key = edge_key(seq, state.tuple.remote_port, state.tuple.local_port);
+            // SAFETY: a map value pointer, read at once.
+            let flags = unsafe { *FOLLOWED.get_ptr(key)? };
+            let _ = FOLLOWED.remove(key);
+            Some(flags & !data_flags::MARKED)
+        });
+        let keep = followed.unwrap_or(by_seq);
+        state.red_keep = keep;
+        enter_serving(state, pid_tgid, keep != 0);
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let (kept, dropped, unframed) = match SERVING.get_ptr(tgid) {
+        // SAFETY: a map value pointer; other CPUs change it with atomic adds.
+        Some(s) => unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*s).kept),
+                core::ptr::read_volatile(&raw const (*s).dropped),
+                core::ptr::read_volatile(&raw const (*s).unframed),
+            )
+        },
+        None => (0, 0, 0),
+    };
+    let keep = if kept == 0 && dropped == 0 && unframed == 0 {
+        by_seq
+    } else if dropped == 0 {
+        // Its parent is kept, or one the agent decides on.
+        if unframed == 0 {
+            KEPT
+        } else {
+            data_flags::RED_COUNTED
+        }
+    } else if kept == 0 && unframed == 0 {
+        0
+    } else {
+        data_flags::RED_COUNTED | data_flags::MARKED
+    };
+    state.red_keep = keep;
+    if (keep == 0) != (by_seq == 0) {
+        // The server end, if on this host, follows this decision rather than the number.
+        if let Some(seq) = seq {
+            let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
+            let _ = FOLLOWED.insert(key, keep, 0);
+        }
+    }
+}
+
+/// The key of a request in `FOLLOWED`: its first byte's sequence number and the client's and
+/// server's ports.
+#[inline(always)]
+fn edge_key(seq: u32, client_port: u16, server_port: u16) -> u64 {
+    (u64::from(seq) << 32) | (u64::from(client_port) << 16) | u64::from(server_port)
+}
+
+/// The TCP sequence number of the request's first byte, which this syscall moved (the
+/// sender's `write_seq`, the receiver's `copied_seq`, less what the syscall moved).
+#[inline(always)]
+fn request_seq(state: &ConnState, dir: u32, ret: i64) -> Option<u32> {
+    let o = offsets();
+    let field = if dir == direction::EGRESS {
+        o.tcp_write_seq
+    } else {
+        o.tcp_copied_seq
+    };
+    // SAFETY: a kernel read through a checked helper.
+    let after = unsafe { read_at::<u32>(state.sk, field) }?;
+    Some(after.wrapping_sub(ret as u32))
+}
+
+/// A 32-bit integer hash (lowbias32): sequence numbers of one connection differ by a few
+/// hundred bytes, so their low bits alone would sample in patterns.
+#[inline(always)]
+fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// The process's `SERVING` entry, inserted empty if it has none (`None` when the map is full).
+#[inline(always)]
+fn serving_of(tgid: u32) -> Option<*mut Serving> {
+    if let Some(s) = SERVING.get_ptr_mut(tgid) {
+        return Some(s);
+    }
+    let _ = SERVING.insert(tgid, Serving::default(), u64::from(BPF_NOEXIST));
+    SERVING.get_ptr_mut(tgid)
+}
+
+/// A server request starts: counted among its process's requests in flight until its
+/// response starts, the framing ends or the connection closes.
+#[inline(always)]
+fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: bool) {
+    let Some(s) = serving_of((pid_tgid >> 32) as u32) else {
+        return;
+    };
+    // SAFETY: a map value pointer; an atomic add, as other CPUs add to it too.
+    unsafe {
+        let count = if keep {
+            &raw mut (*s).kept
+        } else {
+            &raw mut (*s).dropped
+        };
+        add(count, 1);
+    }
+    state.red_serving = if keep {
+        serving::KEPT
+    } else {
+        serving::DROPPED
+    };
+}
+
+/// An atomic add whose result is not used: the eBPF instruction every kernel has (`lock +=`),
+/// which Rust's atomic types do not offer on this target.
+#[inline(always)]
+unsafe fn add(at: *mut u64, n: u64) {
+    // SAFETY: the caller's pointer is a map value's aligned u64.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            at, n,
+        )
+    };
+}
+
+/// The request in progress stops counting as being served, if it did.
+#[inline(always)]
+fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
+    let was = state.red_serving;
+    if was == serving::NONE {
+        return;
+    }
+    state.red_serving = serving::NONE;
+    let Some(s) = SERVING.get_ptr_mut((pid_tgid >> 32) as u32) else {
+        return;
+    };
+    // SAFETY: as in `enter_serving`; adding 2^64 - 1 takes one away.
+    unsafe {
+        let count = if was == serving::KEPT {
+            &raw mut (*s).kept
+        } else {
+            &raw mut (*s).dropped
+        };
+        add(count, u64::MAX);
+    }
+}
+
+/// Framing ends on this connection: its records go to the agent from this message on. With
+/// `--sample-in-kernel`, a server end handed back marks its process: its calls are recorded
+/// from now on, as their parent may be a request the agent decides on.
+#[inline(always)]
+fn give_up(state: &mut ConnState, pid_tgid: u64) -> bool {
     if state.red_phase != red::NEW {
         bump(counter::RED_GAVE_UP);
+    }
+    if sampling_in_kernel() {
+        leave_serving(state, pid_tgid);
+        state.red_keep = 0;
+        if state.accepted != 0 || state.red_role == u32::from(red::SERVER) {
+            if let Some(s) = serving_of((pid_tgid >> 32) as u32) {
+                // SAFETY: a map value pointer.
+                unsafe { (*s).unframed = 1 };
+            }
+        }
     }
     state.red_phase = red::OFF;
     false
 }
 
 /// The connection closes: a request still waiting for its response is counted with status 0,
-/// as the agent counts one.
+/// as the agent counts one (not on a muted connection: its framing stopped where the agent
+/// muted it), and stops being served.
 #[inline(always)]
-pub(crate) fn on_close(state: &ConnState, pid_tgid: u64) {
-    if state.red_phase == red::REQUEST || state.red_phase == red::INTERIM {
+pub(crate) fn on_close(state: &mut ConnState, pid_tgid: u64) {
+    if state.muted == 0 && (state.red_phase == red::REQUEST || state.red_phase == red::INTERIM) {
         let now = unsafe { bpf_ktime_get_ns() };
         commit(state, pid_tgid, 0, now);
     }
+    leave_serving(state, pid_tgid);
 }
 
 /// The first bytes of the message this syscall starts, in the per-CPU scratch slot, and how

@@ -101,6 +101,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let sample_in_kernel = args.kernel_sample_share()?;
     let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
     let mut probes = Probes::load(
         &offsets,
@@ -111,6 +112,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             inject,
             tls: !args.no_tls,
             metrics_only: args.metrics_only,
+            sample_in_kernel,
         },
     )?;
     let ring = probes.take_ring_buffer()?;
@@ -155,11 +157,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(rules, filters(&args, export_addrs), sink, stats.clone());
     pipeline.configure(&args, trust, protocols);
     pipeline.sample = args.sample_share()?.map(Sampler::new);
+    if let (Some(_), Some(sampler)) = (sample_in_kernel, pipeline.sample) {
+        // A trace a kept exchange starts gets an id the sampler keeps.
+        pipeline.linker.keep_below = Some(sampler.bound());
+    }
     if let Some(path) = &args.netns {
         pipeline.host.ips = resource::host_ips_in(path)?;
     }
     pipeline.kernel_conns = Some(kernel_conns);
-    if args.metrics_only {
+    if args.metrics_only || sample_in_kernel.is_some() {
         pipeline.kernel_red = Some(probes.take_kernel_red()?);
     }
     if let Some(path) = &args.record {

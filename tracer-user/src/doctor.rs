@@ -284,9 +284,11 @@ fn probe_checks(report: &mut Report) {
         netns: 0,
         inject: None,
         tls: false,
-        // The framing code of `--metrics-only` in too: the verifier's largest walk of the
-        // syscall programs, so a kernel that passes here loads them either way.
+        // The framing code of `--metrics-only` and the decisions of `--sample-in-kernel` in
+        // too: the verifier's largest walk of the syscall programs, so a kernel that passes
+        // here loads them either way.
         metrics_only: true,
+        sample_in_kernel: Some(0.1),
     };
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {

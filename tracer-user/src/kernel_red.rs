@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
-use tracer_common::{red, RedCounts, RedKey, RedRecord};
+use tracer_common::{red, RedCounts, RedKey, RedRecord, Serving};
 
 /// Counts of one key that grew since the last read, with what names them.
 pub struct Growth<'a> {
@@ -108,12 +108,14 @@ impl Tally {
     }
 }
 
-/// The probes' maps for `--metrics-only`.
+/// The probes' maps for `--metrics-only` and `--sample-in-kernel`.
 pub struct KernelRed {
     counts: PerCpuHashMap<MapData, RedKey, RedCounts>,
     /// The paths the probes have sent, by `tgid << 32 | hash`: forgotten with their process,
     /// or a new process given the same pid would never send its own.
     sent_paths: BpfHashMap<MapData, u64, u8>,
+    /// `--sample-in-kernel`: the requests each process serves, by tgid (forgotten with it).
+    serving: BpfHashMap<MapData, u32, Serving>,
     pub tally: Tally,
 }
 
@@ -121,10 +123,12 @@ impl KernelRed {
     pub fn new(
         counts: PerCpuHashMap<MapData, RedKey, RedCounts>,
         sent_paths: BpfHashMap<MapData, u64, u8>,
+        serving: BpfHashMap<MapData, u32, Serving>,
     ) -> Self {
         KernelRed {
             counts,
             sent_paths,
+            serving,
             tally: Tally::default(),
         }
     }
@@ -165,6 +169,12 @@ impl KernelRed {
         }
         for path in paths {
             let _ = self.sent_paths.remove(&path);
+        }
+        let ended: Vec<u32> = (self.serving.keys().filter_map(Result::ok))
+            .filter(|&tgid| !alive(tgid))
+            .collect();
+        for tgid in ended {
+            let _ = self.serving.remove(&tgid);
         }
     }
 }

@@ -26,6 +26,8 @@
 //! chance.
 use std::{hash::BuildHasherDefault, net::SocketAddr};
 
+use tracer_common::data_flags;
+
 use crate::{
     context::{self, ContextHeader, RemoteContext, Trust},
     hashing::{FxHasher, FxMap},
@@ -120,6 +122,8 @@ pub struct SpanIds {
     /// The trace id of the `traceparent` the probes inserted into this (client) request, if
     /// they did (`--inject-context`).
     pub injected: Option<[u8; 16]>,
+    /// What the probes decided for its exchange (`data_flags::DECIDED`, `--sample-in-kernel`).
+    pub decided: u32,
 }
 
 /// A `traceparent` the probes inserted into a client request (`--inject-context`): the client
@@ -175,6 +179,8 @@ struct SpanState {
     /// The trace id the probes put on the wire with this request (`--inject-context`).
     injected: Option<[u8; 16]>,
     created_ns: u64,
+    /// `data_flags::DECIDED` of its request's records (`--sample-in-kernel`).
+    decided: u32,
 }
 
 /// A client request by its edge: what a server span on this host adopts.
@@ -212,6 +218,10 @@ pub struct Linker {
     /// Injected calls whose trace the linker had already fixed to another id: what the callee
     /// does under the header lands in the header's trace (`tracer_context_trace_mismatch_total`).
     pub injected_mismatch: u64,
+    /// `--sample-in-kernel`: the agent's sampler keeps trace ids whose low 64 bits are below
+    /// this. A trace a kept exchange starts gets such an id, so that its spans the probes did
+    /// not decide on (other protocols, marked calls) are kept with it.
+    pub keep_below: Option<u64>,
 }
 
 /// The endpoints of the connection a request came on, and its process.
@@ -219,6 +229,9 @@ pub struct ConnView {
     pub tgid: u32,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// `data_flags::DECIDED` of the record the request's head was parsed from: what the probes
+    /// decided for this exchange (`--sample-in-kernel`; 0 otherwise).
+    pub decided: u32,
 }
 
 impl Linker {
@@ -232,6 +245,7 @@ impl Linker {
             unattributed: 0,
             injection: None,
             injected_mismatch: 0,
+            keep_below: None,
         }
     }
 
@@ -284,6 +298,7 @@ impl Linker {
             context: req.context,
             injected: injected.map(|i| i.trace_id),
             created_ns: req.start_ns,
+            decided: conn.decided,
         };
         match role {
             Role::Client => {
@@ -314,7 +329,7 @@ impl Linker {
                         {
                             self.unattributed += 1;
                         }
-                        injected.map_or_else(|| random_ids().0, |i| i.trace_id)
+                        injected.map_or_else(|| self.new_trace_id(&state), |i| i.trace_id)
                     }
                 };
                 if injected.is_some_and(|i| i.trace_id != trace_id) {
@@ -367,7 +382,7 @@ impl Linker {
     /// expired), for which the caller draws fresh ids.
     pub fn finish(&mut self, key: SpanKey) -> Option<SpanIds> {
         let mut state = self.spans.remove(&key)?;
-        let trace_id = fix_trace_id(&self.clients, &mut state);
+        let trace_id = fix_trace_id(&self.clients, &mut state, self.keep_below);
         if state.role == Role::Server {
             self.leave_flight(state.tgid, key);
         } else if let Some(edge) = state.edge {
@@ -378,6 +393,7 @@ impl Linker {
             span_id: key.to_be_bytes(),
             link: state.link,
             injected: state.injected,
+            decided: state.decided,
         })
     }
 
@@ -421,15 +437,23 @@ impl Linker {
     /// A span's trace id (of a parent about to get a child), fixed now if it was not yet.
     fn fix(&mut self, key: SpanKey) -> [u8; 16] {
         match self.spans.get_mut(&key) {
-            Some(state) => fix_trace_id(&self.clients, state),
+            Some(state) => fix_trace_id(&self.clients, state, self.keep_below),
             None => random_ids().0,
         }
+    }
+
+    /// A new trace's id for the span of `state`.
+    fn new_trace_id(&self, state: &SpanState) -> [u8; 16] {
+        new_trace_id(state, self.keep_below)
     }
 
     /// The server request of the same process this client request is made for, if the rules
     /// in the module comment single one out.
     fn parent_in_process(&self, client: &SpanState) -> Option<(SpanKey, Source, Confidence)> {
         let candidates = self.in_flight.get(&client.tgid)?;
+        // A call the probes marked was made while requests this agent never saw were in flight
+        // (`--sample-in-kernel`): only a header naming its parent cannot be fooled by them.
+        let marked = client.decided & data_flags::MARKED != 0;
         let spans = &self.spans;
         let only = |keys: &mut dyn Iterator<Item = SpanKey>| {
             let first = keys.next()?;
@@ -445,6 +469,9 @@ impl Linker {
             if let Some(k) = only(&mut { forwarded }) {
                 return Some((k, Source::ForwardedHeader, Confidence::High));
             }
+        }
+        if marked {
+            return None;
         }
         // No allocation: this runs for every client request.
         let on_thread = |k: &SpanKey| spans.get(k).is_some_and(|s| s.tid == client.tid);
@@ -545,11 +572,24 @@ impl ClientEdges {
 
 /// A span's trace id, drawn now if nothing decided it yet (a server span: after one more look
 /// for its client on this host).
-fn fix_trace_id(clients: &ClientEdges, state: &mut SpanState) -> [u8; 16] {
+fn fix_trace_id(clients: &ClientEdges, state: &mut SpanState, keep_below: Option<u64>) -> [u8; 16] {
     if state.trace_id.is_none() && !adopt_client(clients, state) {
-        state.trace_id = Some(random_ids().0);
+        state.trace_id = Some(new_trace_id(state, keep_below));
     }
     state.trace_id.unwrap_or_default()
+}
+
+/// A random trace id; one the agent's sampler keeps when the probes kept this span's exchange
+/// (`--sample-in-kernel`): its low 64 bits brought below the sampler's bound.
+fn new_trace_id(state: &SpanState, keep_below: Option<u64>) -> [u8; 16] {
+    let mut id = random_ids().0;
+    if let Some(bound) = keep_below.filter(|&b| b > 0) {
+        if state.decided & data_flags::KEPT != 0 {
+            let low = u64::from_be_bytes(id[8..].try_into().unwrap_or_default()) % bound;
+            id[8..].copy_from_slice(&low.to_be_bytes());
+        }
+    }
+    id
 }
 
 /// A server request takes its client's trace as the child of the client span, when this host
@@ -586,6 +626,7 @@ mod tests {
             tgid,
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
+            decided: 0,
         }
     }
 

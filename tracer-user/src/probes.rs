@@ -69,6 +69,9 @@ pub struct LoadOptions {
     pub tls: bool,
     /// `--metrics-only`: HTTP/1 exchanges counted in the kernel, not recorded.
     pub metrics_only: bool,
+    /// `--sample-in-kernel`: HTTP/1 exchanges counted in the kernel, and this share of them
+    /// recorded too.
+    pub sample_in_kernel: Option<f64>,
 }
 
 /// What the context injector needs to know (see tracer-ebpf's `inject.rs`).
@@ -345,6 +348,10 @@ impl Probes {
         let agent_tgid = std::process::id();
         let inject = u32::from(opts.inject.is_some());
         let trust = opts.inject.as_ref().map_or(0, |i| i.trust);
+        let red_in_kernel = opts.metrics_only || opts.sample_in_kernel.is_some();
+        let sample_in_kernel = u32::from(opts.sample_in_kernel.is_some());
+        // A 32-bit hash is kept below this; `as` saturates a share above 1.
+        let keep_below = (opts.sample_in_kernel.unwrap_or(0.0) * 2f64.powi(32)) as u64;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
@@ -352,7 +359,9 @@ impl Probes {
             .override_global("INJECT", &inject, true)
             .override_global("TRUST_CONTEXT", &trust, true)
             .override_global("TLS", &u32::from(opts.tls), true)
-            .override_global("RED_IN_KERNEL", &u32::from(opts.metrics_only), true)
+            .override_global("RED_IN_KERNEL", &u32::from(red_in_kernel), true)
+            .override_global("SAMPLE_IN_KERNEL", &sample_in_kernel, true)
+            .override_global("KEEP_BELOW", &keep_below, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
@@ -442,13 +451,18 @@ impl Probes {
         Ok(Counters(PerCpuArray::try_from(map)?))
     }
 
-    /// The counts of `--metrics-only` (can be taken once).
+    /// The counts of `--metrics-only` and `--sample-in-kernel` (can be taken once).
     pub fn take_kernel_red(&mut self) -> anyhow::Result<crate::kernel_red::KernelRed> {
         let counts = self.ebpf.take_map("RED").context("RED map missing")?;
         let paths = self.ebpf.take_map("PATHS").context("PATHS map missing")?;
+        let serving = self
+            .ebpf
+            .take_map("SERVING")
+            .context("SERVING map missing")?;
         Ok(crate::kernel_red::KernelRed::new(
             PerCpuHashMap::try_from(counts)?,
             HashMap::try_from(paths)?,
+            HashMap::try_from(serving)?,
         ))
     }
 

@@ -187,6 +187,17 @@ pub struct AgentArgs {
     #[arg(long, value_name = "SHARE")]
     pub sample: Option<f64>,
 
+    /// Decide `--sample` in the kernel, at each plain HTTP/1 request's start, so that a dropped
+    /// request costs only the probes' framing (no record, no parsing). A request is kept by a
+    /// hash of its TCP sequence number, which both ends of a connection read, and a call follows
+    /// the requests its process is serving; every exchange is still counted in the RED metrics.
+    /// Traces through event-loop services (one process serving kept and dropped requests at
+    /// once) lose links the agent would have made. Needs --sample; not with --inject-context.
+    /// See docs/USER_GUIDE.md, "Sampling in the kernel".
+    #[arg(long, requires = "sample", conflicts_with = "inject_context")]
+    #[serde(default)]
+    pub sample_in_kernel: bool,
+
     /// Do not read TLS plaintext. By default the agent puts uprobes on the OpenSSL libraries
     /// (libssl.so) processes load, and parses what `SSL_read`/`SSL_write` carry as it parses
     /// plaintext connections. See docs/USER_GUIDE.md, "TLS".
@@ -270,6 +281,7 @@ impl AgentArgs {
             inject_context: self.inject_context || file.inject_context,
             metrics_only: self.metrics_only || file.metrics_only,
             sample: self.sample.or(file.sample),
+            sample_in_kernel: self.sample_in_kernel || file.sample_in_kernel,
             no_tls: self.no_tls || file.no_tls,
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,
@@ -289,6 +301,21 @@ impl AgentArgs {
             Some(share) if (0.0..=1.0).contains(&share) => Ok((share < 1.0).then_some(share)),
             Some(share) => bail!("--sample {share}: the share of traces to keep is from 0 to 1"),
         }
+    }
+
+    /// The share `--sample-in-kernel` has the probes keep, checked: `None` when sampling is
+    /// not done in the kernel (or keeps everything).
+    pub fn kernel_sample_share(&self) -> anyhow::Result<Option<f64>> {
+        if !self.sample_in_kernel {
+            return Ok(None);
+        }
+        if self.sample.is_none() {
+            bail!("--sample-in-kernel needs the share to keep: add --sample SHARE");
+        }
+        if self.inject_context {
+            bail!("--sample-in-kernel does not go with --inject-context (the injector needs every request the probes see)");
+        }
+        self.sample_share()
     }
 
     /// The protocols `--protocols` names; all of them by default.

@@ -362,6 +362,7 @@ impl Span {
                 span_id,
                 link: None,
                 injected: None,
+                decided: 0,
             }
         });
         Span {

@@ -76,7 +76,7 @@ pub struct Pipeline {
     /// `--clock-shift-ms`, in ns: added to every timestamp (tests of clock-skew correction).
     clock_shift_ns: i128,
     exchanges: Vec<Exchange>,
-    linker: Linker,
+    pub(crate) linker: Linker,
     /// `traceparent` insertions the probes reported, until their connection's data record
     /// (the next one of the same syscall; records of other CPUs may come between).
     injections: ConnMap<InjectedRecord>,
@@ -100,6 +100,11 @@ impl Sampler {
         }
     }
 
+    /// Trace ids whose low 64 bits are below this are kept.
+    pub(crate) fn bound(self) -> u64 {
+        self.bound
+    }
+
     pub(crate) fn keeps(self, trace_id: &[u8; 16]) -> bool {
         let low = u64::from_be_bytes(trace_id[8..].try_into().unwrap_or_default());
         low < self.bound
@@ -112,6 +117,8 @@ impl Sampler {
 struct LinkObserver<'a> {
     meta: &'a ConnMeta,
     linker: &'a mut Linker,
+    /// `data_flags::DECIDED` of the record being handled.
+    decided: u32,
 }
 
 impl Observer for LinkObserver<'_> {
@@ -120,6 +127,7 @@ impl Observer for LinkObserver<'_> {
             tgid: self.meta.tgid,
             local: self.meta.ends.local,
             remote: self.meta.ends.remote,
+            decided: self.decided,
         };
         self.linker.request(&view, role, req)
     }
@@ -290,6 +298,7 @@ impl Pipeline {
                 let mut observer = LinkObserver {
                     meta,
                     linker: &mut self.linker,
+                    decided: record.flags & data_flags::DECIDED,
                 };
                 self.pairer
                     .on_chunk(id, &chunk, &mut self.exchanges, &mut observer);
@@ -502,6 +511,7 @@ impl Pipeline {
         let ends = meta.ends.clone();
         let offset = self.unix_offset();
         let ids = self.linker.finish(ex.span);
+        let decided = ids.map_or(0, |i| i.decided);
         if let Some(link) = ids.and_then(|i| i.link) {
             count(&self.stats.agent.links[link.source.index()]);
         }
@@ -509,15 +519,19 @@ impl Pipeline {
             (i128::from(mono) + offset).max(0) as u64
         });
         count(&self.stats.agent.spans);
-        if self.sample.is_none_or(|s| s.keeps(&span.trace_id)) {
+        // A span whose exchange the probes kept is kept (its trace id may be an SDK's).
+        let kept = decided & data_flags::KEPT != 0;
+        if kept || self.sample.is_none_or(|s| s.keeps(&span.trace_id)) {
             // `send` leaves the span's name in `out.name`.
             self.out.send(resource, &span);
         } else {
             count(&self.stats.agent.spans_unsampled);
             span.name_into(&mut self.out.name);
         }
-        // Every request, sampled or not.
-        self.stats.red.record(resource, &span, &self.out.name);
+        // Every request, sampled or not; once: the probes counted those they framed.
+        if decided & data_flags::RED_COUNTED == 0 {
+            self.stats.red.record(resource, &span, &self.out.name);
+        }
     }
 
     /// The resource of a process's spans in `role`: looked up once per connection.
