@@ -771,6 +771,58 @@ mod tests {
         assert_eq!(l.unattributed, 2);
     }
 
+    /// `--sample-in-kernel`: a call the probes marked (its process also served requests this
+    /// agent never saw) is linked by no rule those could fool: not by its thread, its request
+    /// line or the sole request in sight; only by a header naming its parent.
+    #[test]
+    fn marked_calls_link_only_by_a_forwarded_header() {
+        let mut l = Linker::new(Trust::All);
+        let down = view(NGINX, "10.0.0.2:80", "10.0.0.1:4000");
+        let mut up = view(NGINX, "10.0.0.2:5000", "10.0.0.3:80");
+        up.decided = data_flags::RED_COUNTED | data_flags::MARKED;
+        let ctx = RemoteContext {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            header: ContextHeader::Traceparent,
+        };
+        let x = l.request(&down, Role::Server, &start(1, None, &text("/x"), Some(ctx)));
+        // Same thread, same request line, the sole request in flight: all unusable here.
+        let guessed = l.request(&up, Role::Client, &start(1, None, &text("/x"), None));
+        let forwarded = l.request(&up, Role::Client, &start(1, None, &text("/x"), Some(ctx)));
+        let x_ids = l.finish(x).unwrap();
+        assert_eq!(l.finish(guessed).unwrap().link, None);
+        let link = l.finish(forwarded).unwrap().link.unwrap();
+        assert_eq!(
+            (link.parent, link.source),
+            (x_ids.span_id, Source::ForwardedHeader)
+        );
+    }
+
+    /// `--sample-in-kernel`: a trace a kept exchange starts gets an id the agent's sampler keeps
+    /// (so the spans in it the probes did not decide on are kept too); others are drawn freely.
+    #[test]
+    fn kept_exchanges_start_traces_the_sampler_keeps() {
+        let mut l = Linker::new(Trust::All);
+        let bound = u64::MAX / 100;
+        l.keep_below = Some(bound);
+        let mut kept = view(NGINX, "10.0.0.2:80", "10.0.0.1:4000");
+        kept.decided = data_flags::RED_COUNTED | data_flags::KEPT;
+        let free = view(NGINX, "10.0.0.2:81", "10.0.0.1:4001");
+        let low = |ids: SpanIds| u64::from_be_bytes(ids.trace_id[8..].try_into().unwrap());
+        let mut above = 0;
+        for _ in 0..200 {
+            let k = l.request(&kept, Role::Server, &start(1, None, &text("/k"), None));
+            let ids = l.finish(k).unwrap();
+            assert_eq!(ids.decided, kept.decided);
+            assert!(low(ids) < bound);
+            let c = l.request(&kept, Role::Client, &start(2, None, &text("/c"), None));
+            assert!(low(l.finish(c).unwrap()) < bound);
+            let f = l.request(&free, Role::Server, &start(3, None, &text("/f"), None));
+            above += usize::from(low(l.finish(f).unwrap()) >= bound);
+        }
+        assert!(above > 150, "{above} of 200 free ids above the bound");
+    }
+
     /// Answered requests are no longer candidates; a process with one request in flight links
     /// a call made from another thread, at medium confidence.
     #[test]

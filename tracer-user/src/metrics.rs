@@ -54,12 +54,12 @@ pub fn render(stats: &Stats) -> String {
         ),
         (
             "tracer_red_kernel_exchanges_total",
-            "HTTP/1 exchanges counted in the kernel, no record sent (--metrics-only)",
+            "HTTP/1 exchanges counted in the kernel: with --metrics-only no record sent, with --sample-in-kernel records for the kept ones only",
             k.get(c::RED_COUNTED),
         ),
         (
             "tracer_red_kernel_gave_up_total",
-            "Connections counted in the kernel whose next message was not the expected HTTP/1: recorded for the agent from there (--metrics-only)",
+            "Connections counted in the kernel whose next message was not the expected HTTP/1: recorded for the agent from there (--metrics-only, --sample-in-kernel)",
             k.get(c::RED_GAVE_UP),
         ),
         (

@@ -19,7 +19,8 @@
 //!    such runs export 10% and 1% of traces (`--sample`): what leaving spans out saves, while
 //!    the RED metrics still count every request (the count of nginx's requests they report is
 //!    printed beside wrk's, which leaves out the few in flight when it stops); a third exports
-//!    no spans and counts the requests in the kernel (`--metrics-only`). The collector otherwise
+//!    no spans and counts the requests in the kernel (`--metrics-only`); two more keep 10% and
+//!    1% with the decision made in the kernel (`--sample-in-kernel`). The collector otherwise
 //!    shares the 2 cores with nginx and wrk, and its CPU would be counted as the agent's cost.
 //!    Per run: throughput, latency p50/p99, and for traced runs the agent's CPU time per request
 //!    and peak memory, the collector's CPU time per request (it shares the same cores, so part
@@ -273,6 +274,9 @@ enum Mode {
     Sampled(u8),
     /// `--metrics-only`: no spans, HTTP/1 exchanges counted in the kernel.
     MetricsOnly,
+    /// As `Sampled`, decided in the kernel (`--sample-in-kernel`): the dropped requests are
+    /// only counted there.
+    SampledInKernel(u8),
 }
 
 impl Mode {
@@ -285,6 +289,9 @@ impl Mode {
             Mode::Sampled(1) => "1% of traces, elsewhere",
             Mode::Sampled(_) => "sampled, elsewhere",
             Mode::MetricsOnly => "metrics only (--metrics-only)",
+            Mode::SampledInKernel(10) => "10%, decided in the kernel",
+            Mode::SampledInKernel(1) => "1%, decided in the kernel",
+            Mode::SampledInKernel(_) => "sampled in the kernel",
         }
     }
 
@@ -298,6 +305,9 @@ impl Mode {
             Mode::Sampled(1) => "1%, elsew.",
             Mode::Sampled(_) => "sampled",
             Mode::MetricsOnly => "metrics only",
+            Mode::SampledInKernel(10) => "10%, kernel",
+            Mode::SampledInKernel(1) => "1%, kernel",
+            Mode::SampledInKernel(_) => "kernel-sampled",
         }
     }
 
@@ -316,6 +326,8 @@ impl Mode {
                 Mode::Sampled(10),
                 Mode::Sampled(1),
                 Mode::MetricsOnly,
+                Mode::SampledInKernel(10),
+                Mode::SampledInKernel(1),
             ],
             _ => &[Mode::Untraced, Mode::Traced, Mode::CollectorElsewhere],
         }
@@ -638,15 +650,21 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         for &level in &levels {
             for &mode in Mode::for_level(level) {
                 let export_port = match mode {
-                    Mode::CollectorElsewhere | Mode::Sampled(_) | Mode::MetricsOnly => sink_port,
+                    Mode::CollectorElsewhere
+                    | Mode::Sampled(_)
+                    | Mode::MetricsOnly
+                    | Mode::SampledInKernel(_) => sink_port,
                     _ => http,
                 };
                 let agent = if mode != Mode::Untraced {
                     let mut cmd = agent_command(bin, export_port, &nginx);
                     cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
                         .args(&args.agent_args);
-                    if let Mode::Sampled(percent) = mode {
+                    if let Mode::Sampled(percent) | Mode::SampledInKernel(percent) = mode {
                         cmd.args(["--sample", &(f64::from(percent) / 100.0).to_string()]);
+                    }
+                    if let Mode::SampledInKernel(_) = mode {
+                        cmd.arg("--sample-in-kernel");
                     }
                     if mode == Mode::MetricsOnly {
                         cmd.arg("--metrics-only");
@@ -980,9 +998,10 @@ fn bench_in(bin: &Path, work: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             // counts what it accepted; the sink does not decode, so there the agent's count of
             // acknowledged spans stands for it.
             let (delivered, at) = match mode {
-                Mode::CollectorElsewhere | Mode::Sampled(_) | Mode::MetricsOnly => {
-                    (sum(&|r| r.spans_exported), "at the sink")
-                }
+                Mode::CollectorElsewhere
+                | Mode::Sampled(_)
+                | Mode::MetricsOnly
+                | Mode::SampledInKernel(_) => (sum(&|r| r.spans_exported), "at the sink"),
                 _ => (sum(&|r| r.collector_spans), "at the collector"),
             };
             let unsampled = sum(&|r| r.spans_unsampled);

@@ -1,14 +1,15 @@
 //! `cargo xtask bench`'s account of a traced request at saturation: where the throughput goes.
 //!
 //! nginx under wrk as at the saturated level (one nginx worker, one wrk thread, 50 connections),
-//! run six ways, alternated within each round:
+//! run seven ways, alternated within each round:
 //!
 //! 1. untraced;
 //! 2. the probes attached, every connection ignored: the agent traces a port nobody uses, so
 //!    each of nginx's and wrk's syscalls pays the tracepoints and one connection lookup, and no
 //!    record is written (the floor of syscall-tracepoint tracing);
 //! 3. RED metrics only, every exchange framed and counted in the kernel, no record written
-//!    (`--metrics-only`);
+//!    (`--metrics-only`); then the same with one request in ten kept by the probes and
+//!    recorded, parsed and exported (`--sample 0.1 --sample-in-kernel`);
 //! 4. every message recorded, parsed and paired, spans built and RED metrics counted, no span
 //!    exported (`--sample 0`);
 //! 5. the whole agent, exporting every span to the sink that stands in for a collector
@@ -40,6 +41,9 @@ enum Step {
     Untraced,
     ProbesIgnoring,
     CountedInKernel,
+    /// `--sample 0.1 --sample-in-kernel`: as `CountedInKernel`, one request in ten also
+    /// recorded, parsed and exported.
+    SampledInKernel,
     Unexported,
     Exported,
     /// As `Exported`, nginx's connections only: wrk's are ignored as at step 2.
@@ -54,6 +58,7 @@ impl Step {
             Step::Untraced => "untraced",
             Step::ProbesIgnoring => "probes, every connection ignored",
             Step::CountedInKernel => "RED in the kernel (--metrics-only)",
+            Step::SampledInKernel => "kernel keeps 10% (--sample-in-kernel)",
             Step::Unexported => "records parsed, no span exported",
             Step::Exported => "every span exported (to the sink)",
             Step::ServerSideOnly => "the same, nginx's side only (--exe)",
@@ -128,6 +133,7 @@ pub(crate) fn measure(
         Step::Untraced,
         Step::ProbesIgnoring,
         Step::CountedInKernel,
+        Step::SampledInKernel,
         Step::Unexported,
         Step::Exported,
         Step::ServerSideOnly,
@@ -149,6 +155,7 @@ pub(crate) fn measure(
                     (Some(start_ready(cmd, "tracer: ready")?), None)
                 }
                 Step::CountedInKernel
+                | Step::SampledInKernel
                 | Step::Unexported
                 | Step::Exported
                 | Step::ServerSideOnly
@@ -165,6 +172,9 @@ pub(crate) fn measure(
                     }
                     if step == Step::CountedInKernel {
                         cmd.arg("--metrics-only");
+                    }
+                    if step == Step::SampledInKernel {
+                        cmd.args(["--sample", "0.1", "--sample-in-kernel"]);
                     }
                     if step == Step::ServerSideOnly {
                         cmd.args(["--exe", "nginx"]);
