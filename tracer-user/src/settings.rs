@@ -194,7 +194,7 @@ pub struct AgentArgs {
     /// Traces through event-loop services (one process serving kept and dropped requests at
     /// once) lose links the agent would have made. Needs --sample; not with --inject-context.
     /// See docs/USER_GUIDE.md, "Sampling in the kernel".
-    #[arg(long, requires = "sample", conflicts_with = "inject_context")]
+    #[arg(long, conflicts_with_all = ["inject_context", "metrics_only"])]
     #[serde(default)]
     pub sample_in_kernel: bool,
 
@@ -531,6 +531,31 @@ mod tests {
         .with_config_file()
         .unwrap_err();
         assert!(format!("{err:#}").contains("endpont"), "{err:#}");
+    }
+
+    /// `--sample-in-kernel` takes its share from `--sample` (flag or file), says what is
+    /// missing without it, and refuses `--inject-context`; at a share of 1 nothing is sampled.
+    #[test]
+    fn sampling_in_the_kernel_needs_a_share() {
+        let with = |sample: Option<f64>, inject_context: bool| AgentArgs {
+            sample,
+            sample_in_kernel: true,
+            inject_context,
+            ..Default::default()
+        };
+        assert_eq!(
+            with(Some(0.1), false).kernel_sample_share().unwrap(),
+            Some(0.1)
+        );
+        assert_eq!(with(Some(1.0), false).kernel_sample_share().unwrap(), None);
+        let err = with(None, false).kernel_sample_share().unwrap_err();
+        assert!(format!("{err}").contains("--sample SHARE"), "{err}");
+        assert!(with(Some(0.1), true).kernel_sample_share().is_err());
+        let off = AgentArgs {
+            sample: Some(0.1),
+            ..Default::default()
+        };
+        assert_eq!(off.kernel_sample_share().unwrap(), None);
     }
 
     /// Other endpoints get their own headers, never the collector's token, and no endpoint

@@ -154,6 +154,11 @@ enum Cmd {
         /// Show the collector's and the agents' logs.
         #[arg(long)]
         logs: bool,
+        /// One more argument for every host's agent (repeatable), e.g. `--agent-arg=--sample
+        /// --agent-arg=0.5 --agent-arg=--sample-in-kernel`: the spans then scored are those
+        /// the agents kept, and `wrong` must stay 0 however many are missing.
+        #[arg(long = "agent-arg", allow_hyphen_values = true, value_name = "ARG")]
+        agent_arg: Vec<String>,
     },
     /// Set up, build, and start the collector (store, API, UI on http://127.0.0.1:16686) and the
     /// agent tracing this host, exporting to it. Ctrl-C stops both.
@@ -364,6 +369,7 @@ fn main() -> anyhow::Result<()> {
             pattern,
             downstream,
             logs,
+            agent_arg,
         } => {
             setup()?;
             build_release()?;
@@ -378,6 +384,7 @@ fn main() -> anyhow::Result<()> {
                     pattern,
                     downstream,
                     logs,
+                    agent_args: agent_arg,
                 },
             )
         }

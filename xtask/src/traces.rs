@@ -17,6 +17,8 @@ pub struct TracesArgs {
     pub pattern: String,
     pub downstream: Vec<String>,
     pub logs: bool,
+    /// Passed to every host's agent.
+    pub agent_args: Vec<String>,
 }
 
 struct Row {
@@ -184,6 +186,11 @@ pub fn traces(root: &Path, args: &TracesArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let bin = root.join("target/release");
     let mut agent_args = Vec::new();
+    if !args.agent_args.is_empty() {
+        for host in topology::HOSTS {
+            agent_args.push((host.to_owned(), args.agent_args.clone()));
+        }
+    }
     if let Some(ms) = args.clock_shift_ms {
         agent_args.push((
             "service".to_owned(),
