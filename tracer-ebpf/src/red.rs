@@ -21,7 +21,9 @@
 //! reaches the same answer. A call (a client request) follows the requests its process is
 //! serving (`SERVING`): kept when they are all kept, dropped when they are all dropped, kept
 //! and marked for the agent when both are in flight (it cannot tell which is the parent), and
-//! decided by its own sequence number when the process serves none (a pure client). A process
+//! decided by its own sequence number when the process serves none (a pure client); a call
+//! that followed its parent rather than its number hands the decision to its server end on
+//! this host (`FOLLOWED`), which takes it instead of deciding by the number. A process
 //! that ever served something the framing hands back (TLS, HTTP/2...) has its calls recorded:
 //! their parent may be one the agent decides on.
 use aya_ebpf::{
