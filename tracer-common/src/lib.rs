@@ -297,15 +297,17 @@ pub mod red {
 }
 
 /// `--sample-in-kernel`: the framed HTTP/1 requests a process is serving (read, response not
-/// started), kept and dropped, and whether it ever served anything the framing handed back to
-/// the agent (TLS, HTTP/2, another protocol). A call the process makes follows these: see
-/// tracer-ebpf's `red.rs`. Value of the probes' `SERVING` map, key the tgid.
+/// started): kept, dropped, and recorded for the agent to decide on (their client's call was
+/// marked); and whether it ever served anything the framing handed back to the agent (TLS,
+/// HTTP/2, another protocol). A call the process makes follows these: see tracer-ebpf's
+/// `red.rs`. Value of the probes' `SERVING` map, key the tgid.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Serving {
     // 64 bits: the eBPF target's atomic adds are on 64-bit words.
     pub kept: u64,
     pub dropped: u64,
+    pub undecided: u64,
     pub unframed: u64,
 }
 
@@ -314,6 +316,7 @@ pub mod serving {
     pub const NONE: u32 = 0;
     pub const KEPT: u32 = 1;
     pub const DROPPED: u32 = 2;
+    pub const UNDECIDED: u32 = 3;
 }
 
 /// Key of the probes' `RED` map (and of a `RedRecord`).

@@ -21,7 +21,8 @@
 //! reaches the same answer. A call (a client request) follows the requests its process is
 //! serving (`SERVING`): kept when they are all kept, dropped when they are all dropped, kept
 //! and marked for the agent when both are in flight (it cannot tell which is the parent), and
-//! decided by its own sequence number when the process serves none (a pure client); a call
+//! decided by its own sequence number when the process serves none (a pure client), and
+//! recorded for the agent to decide when a request it serves is one the agent decides on; a call
 //! that followed its parent rather than its number hands the decision to its server end on
 //! this host (`FOLLOWED`), which takes it instead of deciding by the number. A process
 //! that ever served something the framing hands back (TLS, HTTP/2...) has its calls recorded:
@@ -152,31 +153,33 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         });
         let keep = followed.unwrap_or(by_seq);
         state.red_keep = keep;
-        enter_serving(state, pid_tgid, keep != 0);
+        enter_serving(state, pid_tgid, keep);
         return;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    let (kept, dropped, unframed) = match SERVING.get_ptr(tgid) {
+    // `agent`: a request in flight, or ever, whose fate the agent decides.
+    let (kept, dropped, agent) = match SERVING.get_ptr(tgid) {
         // SAFETY: a map value pointer; other CPUs change it with atomic adds.
         Some(s) => unsafe {
             (
                 core::ptr::read_volatile(&raw const (*s).kept),
                 core::ptr::read_volatile(&raw const (*s).dropped),
-                core::ptr::read_volatile(&raw const (*s).unframed),
+                core::ptr::read_volatile(&raw const (*s).undecided)
+                    | core::ptr::read_volatile(&raw const (*s).unframed),
             )
         },
         None => (0, 0, 0),
     };
-    let keep = if kept == 0 && dropped == 0 && unframed == 0 {
+    let keep = if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
     } else if dropped == 0 {
         // Its parent is kept, or one the agent decides on.
-        if unframed == 0 {
+        if agent == 0 {
             KEPT
         } else {
             data_flags::RED_COUNTED
         }
-    } else if kept == 0 && unframed == 0 {
+    } else if kept == 0 && agent == 0 {
         0
     } else {
         data_flags::RED_COUNTED | data_flags::MARKED
@@ -234,27 +237,37 @@ fn serving_of(tgid: u32) -> Option<*mut Serving> {
     SERVING.get_ptr_mut(tgid)
 }
 
-/// A server request starts: counted among its process's requests in flight until its
-/// response starts, the framing ends or the connection closes.
+/// A server request starts, with the decision `keep` (`data_flags`): counted among its
+/// process's requests in flight until its response starts, the framing ends or the connection
+/// closes. Recorded but not kept (its client's call was marked), the agent decides on it.
 #[inline(always)]
-fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: bool) {
+fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
     let Some(s) = serving_of((pid_tgid >> 32) as u32) else {
         return;
     };
-    // SAFETY: a map value pointer; an atomic add, as other CPUs add to it too.
-    unsafe {
-        let count = if keep {
-            &raw mut (*s).kept
-        } else {
-            &raw mut (*s).dropped
-        };
-        add(count, 1);
-    }
-    state.red_serving = if keep {
+    let how = if keep & data_flags::KEPT != 0 {
         serving::KEPT
+    } else if keep != 0 {
+        serving::UNDECIDED
     } else {
         serving::DROPPED
     };
+    // SAFETY: a map value pointer; an atomic add, as other CPUs add to it too.
+    unsafe { add(serving_count(s, how), 1) };
+    state.red_serving = how;
+}
+
+/// The count of `SERVING`'s entry `s` a request served `how` (`serving::*`, not `NONE`) is in.
+#[inline(always)]
+unsafe fn serving_count(s: *mut Serving, how: u32) -> *mut u64 {
+    // SAFETY: the caller's map value pointer; field addresses only.
+    unsafe {
+        match how {
+            serving::KEPT => &raw mut (*s).kept,
+            serving::DROPPED => &raw mut (*s).dropped,
+            _ => &raw mut (*s).undecided,
+        }
+    }
 }
 
 /// An atomic add whose result is not used: the eBPF instruction every kernel has (`lock +=`),
@@ -281,14 +294,7 @@ fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
         return;
     };
     // SAFETY: as in `enter_serving`; adding 2^64 - 1 takes one away.
-    unsafe {
-        let count = if was == serving::KEPT {
-            &raw mut (*s).kept
-        } else {
-            &raw mut (*s).dropped
-        };
-        add(count, u64::MAX);
-    }
+    unsafe { add(serving_count(s, was), u64::MAX) };
 }
 
 /// Framing ends on this connection: its records go to the agent from this message on. With
