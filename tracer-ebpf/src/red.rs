@@ -185,8 +185,9 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         data_flags::RED_COUNTED | data_flags::MARKED
     };
     state.red_keep = keep;
-    if (keep == 0) != (by_seq == 0) {
-        // The server end, if on this host, follows this decision rather than the number.
+    if keep != by_seq {
+        // The server end, if on this host, follows this decision rather than the number
+        // (a marked call's too: recorded, it is left to the agent, not kept by the number).
         if let Some(seq) = seq {
             let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
             let _ = FOLLOWED.insert(key, keep, 0);
