@@ -134,6 +134,15 @@ fn unsampled_requests_are_still_counted() {
     drop(agent);
 }
 
+/// One second of wrk (one thread, `connections` connections) on `url`: the requests it counted.
+fn wrk_second(url: &str, connections: u32) -> u64 {
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), "-d1s", url])
+        .output()
+        .expect("wrk not installed: run scripts/setup.sh");
+    wrk_requests(&String::from_utf8_lossy(&out.stdout))
+}
+
 /// Requests by wrk's count, from its summary line ("N requests in ...").
 fn wrk_requests(out: &str) -> u64 {
     out.lines()
@@ -178,11 +187,7 @@ fn metrics_only_counts_every_request_in_the_kernel() {
         &body,
         &url("/created"),
     ]);
-    let wrk = Command::new("wrk")
-        .args(["-t1", "-c4", "-d1s", &url("/bench/1")])
-        .output()
-        .expect("wrk not installed: run scripts/setup.sh");
-    let wrk_count = wrk_requests(&String::from_utf8_lossy(&wrk.stdout));
+    let wrk_count = wrk_second(&url("/bench/1"), 4);
     assert!(wrk_count > 100, "wrk made {wrk_count} requests");
 
     let series = |side: &str, service: &str, method: &str, route: &str, status: u16| {
@@ -292,11 +297,7 @@ fn sample_in_kernel_keeps_whole_traces_and_counts_every_request() {
             .success();
         assert!(ok, "curl /slow/0");
     }
-    let wrk = Command::new("wrk")
-        .args(["-t1", "-c4", "-d1s", &url("/ok")])
-        .output()
-        .expect("wrk not installed: run scripts/setup.sh");
-    let wrk_count = wrk_requests(&String::from_utf8_lossy(&wrk.stdout));
+    let wrk_count = wrk_second(&url("/ok"), 4);
     assert!(wrk_count > 400, "wrk made {wrk_count} requests");
 
     let series = |side: &str, service: &str, route: &str| {
@@ -403,10 +404,7 @@ fn sample_in_kernel_keeps_whole_traces_and_counts_every_request() {
     // requests are in flight, so they are marked and left to the agent's rule, and the Python
     // end of each follows its call's fate, exported exactly when the call is.
     let before = receiver.spans().len();
-    Command::new("wrk")
-        .args(["-t1", "-c8", "-d1s", &url("/slow/0")])
-        .output()
-        .unwrap();
+    wrk_second(&url("/slow/0"), 8);
     std::thread::sleep(Duration::from_millis(2000));
     let later = receiver.spans().split_off(before);
     let edges = |service: &str, kind: i32| -> std::collections::BTreeSet<String> {
