@@ -378,7 +378,8 @@ pub struct ConnState {
     /// Came through accept: this process is the server (only tracked with `--inject-context`).
     pub accepted: u32,
     /// The thread counted as serving this connection's request in flight (0: none), so that
-    /// the count drops on the thread that raised it (`--inject-context`).
+    /// the count drops on the thread that raised it (`--inject-context`'s per-thread count, or
+    /// `--sample-in-kernel`'s: the two modes do not go together).
     pub serving_tid: u32,
     /// Tracked since connect or accept: every byte of it was seen.
     pub from_start: u32,

@@ -68,6 +68,27 @@ pub(crate) fn keep_below() -> u64 {
 #[map]
 pub(crate) static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(16384, 0);
 
+/// `--sample-in-kernel`: the framed requests each thread is serving (red.rs), by tid: a call
+/// made by a thread serving exactly one takes that request's decision, where its process's
+/// counts would only say "kept and dropped both in flight". An LRU: a thread's entry is not
+/// removed when it ends (its count is back to 0 by then).
+#[map]
+pub(crate) static THREAD_SERVING: LruHashMap<u32, ThreadServing> =
+    LruHashMap::with_max_entries(65536, 0);
+
+/// A value of `THREAD_SERVING`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct ThreadServing {
+    /// Requests read and not answered (atomic adds: the answer may come from another thread).
+    pub(crate) count: u64,
+    /// The decision (`data_flags`) of the request the thread started last, on `conn_id`.
+    pub(crate) keep: u32,
+    /// `keep` is that of a request still in flight.
+    pub(crate) known: u32,
+    pub(crate) conn_id: u64,
+}
+
 /// `--sample-in-kernel`: calls whose decision followed their parent rather than their own
 /// sequence number, for their server end on this host to take (red.rs), by sequence number and
 /// ports. Taken once; a server elsewhere never takes it, and it ages out.

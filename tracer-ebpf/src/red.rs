@@ -19,8 +19,10 @@
 //! its records say so). A server request is kept when a hash of its TCP sequence number is
 //! below the share: the client's end, on this host or another, reads the same number and
 //! reaches the same answer. A call (a client request) follows the requests its process is
-//! serving (`SERVING`): kept when they are all kept, dropped when they are all dropped, kept
-//! and marked for the agent when both are in flight (it cannot tell which is the parent), and
+//! serving (`SERVING`): kept when they are all kept, dropped when they are all dropped; when
+//! both are in flight, the decision of the request its thread serves if that thread serves
+//! exactly one (`THREAD_SERVING`: a thread per request or connection), else kept and marked
+//! for the agent (it cannot tell which is the parent); and
 //! decided by its own sequence number when the process serves none (a pure client), and
 //! recorded for the agent to decide when a request it serves is one the agent decides on; a call
 //! that followed its parent rather than its number hands the decision to its server end on
@@ -172,6 +174,8 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     };
     let keep = if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
+    } else if let Some(keep) = thread_decision(pid_tgid as u32, agent) {
+        keep
     } else if dropped == 0 {
         // Its parent is kept, or one the agent decides on.
         if agent == 0 {
@@ -192,6 +196,24 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
             let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
             let _ = FOLLOWED.insert(key, keep, 0);
         }
+    }
+}
+
+/// The decision of the request the calling thread serves, when it serves exactly one (a
+/// thread per request or per connection): the call is made for it. Not when the process ever
+/// served anything the agent decides on (`agent`): the thread may be serving such a request
+/// too, which the counts do not see.
+#[inline(always)]
+fn thread_decision(tid: u32, agent: u64) -> Option<u32> {
+    if agent != 0 {
+        return None;
+    }
+    let t = THREAD_SERVING.get_ptr(tid)?;
+    // SAFETY: a map value pointer; other CPUs change `count` with atomic adds.
+    unsafe {
+        let count = core::ptr::read_volatile(&raw const (*t).count);
+        (count == 1 && core::ptr::read_volatile(&raw const (*t).known) != 0)
+            .then(|| core::ptr::read_volatile(&raw const (*t).keep))
     }
 }
 
@@ -256,7 +278,35 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
     // SAFETY: a map value pointer; an atomic add, as other CPUs add to it too.
     unsafe { add(serving_count(s, how), 1) };
     state.red_serving = how;
+    let tid = pid_tgid as u32;
+    let t = match THREAD_SERVING.get_ptr_mut(tid) {
+        Some(t) => t,
+        None => {
+            let _ = THREAD_SERVING.insert(tid, NEW_THREAD, u64::from(BPF_NOEXIST));
+            let Some(t) = THREAD_SERVING.get_ptr_mut(tid) else {
+                return;
+            };
+            t
+        }
+    };
+    // SAFETY: as above; `keep` and `conn_id` are written by this thread only, `known`
+    // cleared by the thread answering this request.
+    unsafe {
+        add(&raw mut (*t).count, 1);
+        (*t).keep = keep;
+        (*t).conn_id = state.conn_id;
+        (*t).known = 1;
+    }
+    state.serving_tid = tid;
 }
+
+/// A thread's `THREAD_SERVING` entry before its first request.
+const NEW_THREAD: ThreadServing = ThreadServing {
+    count: 0,
+    keep: 0,
+    known: 0,
+    conn_id: 0,
+};
 
 /// The count of `SERVING`'s entry `s` a request served `how` (`serving::*`, not `NONE`) is in.
 #[inline(always)]
@@ -291,11 +341,24 @@ fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
         return;
     }
     state.red_serving = serving::NONE;
-    let Some(s) = SERVING.get_ptr_mut((pid_tgid >> 32) as u32) else {
+    if let Some(s) = SERVING.get_ptr_mut((pid_tgid >> 32) as u32) {
+        // SAFETY: as in `enter_serving`; adding 2^64 - 1 takes one away.
+        unsafe { add(serving_count(s, was), u64::MAX) };
+    }
+    let tid = state.serving_tid;
+    if tid == 0 {
         return;
-    };
-    // SAFETY: as in `enter_serving`; adding 2^64 - 1 takes one away.
-    unsafe { add(serving_count(s, was), u64::MAX) };
+    }
+    state.serving_tid = 0;
+    if let Some(t) = THREAD_SERVING.get_ptr_mut(tid) {
+        // SAFETY: as above. The decision stays known only for a later request of the thread.
+        unsafe {
+            add(&raw mut (*t).count, u64::MAX);
+            if (*t).conn_id == state.conn_id {
+                (*t).known = 0;
+            }
+        }
+    }
 }
 
 /// Framing ends on this connection: its records go to the agent from this message on. With

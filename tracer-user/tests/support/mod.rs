@@ -29,7 +29,7 @@ pub fn collector_bin() -> std::path::PathBuf {
     tracer_test_support::collector_beside(std::path::Path::new(env!("CARGO_BIN_EXE_tracer")))
 }
 
-fn wait_listening(port: u16, what: &str) {
+pub fn wait_listening(port: u16, what: &str) {
     wait_for(what, Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
