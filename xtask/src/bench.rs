@@ -599,7 +599,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let result = if args.breakdown_only {
         breakdown_only(&bin, &work, args)
     } else if args.sdk_only {
-        sdk_bench::sdk_bench(root, &bin, &work, &args.sdk)
+        sdk_bench::sdk_bench(root, &bin, &work, &args.sdk, &args.agent_args)
     } else if args.kernel_only {
         kernel_cost(&bin, &work).map(|k| {
             println!("\n== tracer kernel cost (medians of {KERNEL_ALTERNATIONS} alternations) ==");
@@ -607,7 +607,7 @@ pub fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         })
     } else {
         bench_in(&bin, &work, args)
-            .and_then(|()| sdk_bench::sdk_bench(root, &bin, &work, &args.sdk))
+            .and_then(|()| sdk_bench::sdk_bench(root, &bin, &work, &args.sdk, &args.agent_args))
     };
     let _ = std::fs::remove_dir_all(&work);
     result

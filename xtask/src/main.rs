@@ -74,7 +74,7 @@ enum Cmd {
         /// builds on a machine whose speed drifts between separate runs.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel_only", "sdk_only"])]
         compare_bin: Option<PathBuf>,
-        /// An extra argument for every traced agent (repeatable), e.g.
+        /// An extra argument for every traced agent, the SDK comparison's too (repeatable), e.g.
         /// `--agent-arg=--priority --agent-arg=adaptive`.
         #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
         agent_args: Vec<String>,

@@ -248,7 +248,13 @@ fn install(root: &Path) -> anyhow::Result<()> {
 }
 
 /// Runs the comparison and prints its table.
-pub fn sdk_bench(root: &Path, bin: &Path, work: &Path, args: &SdkArgs) -> anyhow::Result<()> {
+pub fn sdk_bench(
+    root: &Path,
+    bin: &Path,
+    work: &Path,
+    args: &SdkArgs,
+    agent_args: &[String],
+) -> anyhow::Result<()> {
     let SdkArgs {
         rounds,
         pairs,
@@ -276,6 +282,7 @@ pub fn sdk_bench(root: &Path, bin: &Path, work: &Path, args: &SdkArgs) -> anyhow
             sink: &sink,
             data: &data,
             data_port,
+            agent_args,
         };
         for round in 0..rounds {
             for load in runtime.loads() {
@@ -302,6 +309,12 @@ pub fn sdk_bench(root: &Path, bin: &Path, work: &Path, args: &SdkArgs) -> anyhow
             sink.bad.load(Relaxed)
         );
     }
+    if !agent_args.is_empty() {
+        println!(
+            "\n(the agent ran with: {}; the SDK with its defaults)",
+            agent_args.join(" ")
+        );
+    }
     let sdk_p50_added = print_table(&samples, rounds);
     print_decisions(&decisions, &sdk_p50_added);
     Ok(())
@@ -326,6 +339,8 @@ struct Setup<'a> {
     sink: &'a Arc<SinkCounts>,
     data: &'a Killed,
     data_port: u16,
+    /// `--agent-arg`s, for every agent started.
+    agent_args: &'a [String],
 }
 
 impl Setup<'_> {
@@ -418,6 +433,7 @@ impl Setup<'_> {
             "--port",
             &self.data_port.to_string(),
         ])
+        .args(self.agent_args)
         .env("RUST_LOG", "warn");
         Ok((start_ready(cmd, "tracer: ready")?, metrics_port))
     }
