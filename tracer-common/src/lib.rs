@@ -178,8 +178,13 @@ pub mod data_flags {
     /// `--sample-in-kernel`: a call made while its process served kept and dropped requests
     /// at once; the agent links it only by a rule that requests it never saw cannot fool.
     pub const MARKED: u32 = 16;
+    /// `--sample-in-kernel`: a call decided by the one request in flight in its process with
+    /// the same method and path (a reverse proxy forwarding it), while its process served kept
+    /// and dropped requests at once; the agent links it only to the request in flight with the
+    /// same request line, if exactly one.
+    pub const BY_LINE: u32 = 32;
     /// The flags of the probes' sampling decision.
-    pub const DECIDED: u32 = RED_COUNTED | KEPT | MARKED;
+    pub const DECIDED: u32 = RED_COUNTED | KEPT | MARKED | BY_LINE;
 }
 
 /// One data syscall on a tracked TCP connection. `captured` bytes of payload follow it in the

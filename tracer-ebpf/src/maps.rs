@@ -3,8 +3,8 @@
 use aya_ebpf::{
     macros::map,
     maps::{
-        lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
-        RingBuf,
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap,
+        ProgramArray, RingBuf,
     },
 };
 use tracer_common::{
@@ -88,6 +88,18 @@ pub(crate) struct ThreadServing {
     pub(crate) known: u32,
     pub(crate) conn_id: u64,
 }
+
+/// `--sample-in-kernel`: the framed requests being served, counted by slot, a slot being a hash
+/// of process, method and path (red.rs, `line_slot`): a call whose slot counts exactly one
+/// request in flight most likely forwards that request's line. An array, so no count is ever
+/// evicted or lost between CPUs; two lines sharing a slot only make a count larger (the rule
+/// then does not apply) or point a call at a request of another line, which the agent, linking
+/// such calls by the exact request line only, does not link.
+#[map]
+pub(crate) static SERVING_LINES: Array<Serving> = Array::with_max_entries(LINE_SLOTS, 0);
+
+/// Slots of `SERVING_LINES` (a power of two).
+pub(crate) const LINE_SLOTS: u32 = 16384;
 
 /// `--sample-in-kernel`: calls whose decision followed their parent rather than their own
 /// sequence number, for their server end on this host to take (red.rs), by sequence number and

@@ -21,8 +21,9 @@
 //! reaches the same answer. A call (a client request) follows the requests its process is
 //! serving (`SERVING`): kept when they are all kept, dropped when they are all dropped; when
 //! both are in flight, the decision of the request its thread serves if that thread serves
-//! exactly one (`THREAD_SERVING`: a thread per request or connection), else kept and marked
-//! for the agent (it cannot tell which is the parent); and
+//! exactly one (`THREAD_SERVING`: a thread per request or connection), else that of the one
+//! request in flight with the call's method and path (`SERVING_LINES`: a reverse proxy), else
+//! kept and marked for the agent (it cannot tell which is the parent); and
 //! decided by its own sequence number when the process serves none (a pure client), and
 //! recorded for the agent to decide when a request it serves is one the agent decides on; a call
 //! that followed its parent rather than its number hands the decision to its server end on
@@ -151,7 +152,7 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
             // SAFETY: a map value pointer, read at once.
             let flags = unsafe { *FOLLOWED.get_ptr(key)? };
             let _ = FOLLOWED.remove(key);
-            Some(flags & !data_flags::MARKED)
+            Some(flags & !(data_flags::MARKED | data_flags::BY_LINE))
         });
         let keep = followed.unwrap_or(by_seq);
         state.red_keep = keep;
@@ -175,6 +176,8 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     let keep = if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
     } else if let Some(keep) = thread_decision(pid_tgid as u32, agent) {
+        keep
+    } else if let Some(keep) = line_decision(state, tgid, agent) {
         keep
     } else if dropped == 0 {
         // Its parent is kept, or one the agent decides on.
@@ -215,6 +218,39 @@ fn thread_decision(tid: u32, agent: u64) -> Option<u32> {
         (count == 1 && core::ptr::read_volatile(&raw const (*t).known) != 0)
             .then(|| core::ptr::read_volatile(&raw const (*t).keep))
     }
+}
+
+/// The decision of the one request in flight in the process whose method and path the call
+/// repeats (a reverse proxy forwarding it; the call's own method and path hash are in `state`
+/// by now), flagged `BY_LINE` when kept: the agent links it by that line only. Not when the
+/// process serves or served anything the agent decides on (`agent`): such a request with the
+/// same line is not counted here.
+#[inline(always)]
+fn line_decision(state: &ConnState, tgid: u32, agent: u64) -> Option<u32> {
+    if agent != 0 {
+        return None;
+    }
+    let s = SERVING_LINES.get_ptr(line_slot(tgid, state))?;
+    // SAFETY: a map value pointer; other CPUs change it with atomic adds.
+    let (kept, dropped, undecided) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*s).kept),
+            core::ptr::read_volatile(&raw const (*s).dropped),
+            core::ptr::read_volatile(&raw const (*s).undecided),
+        )
+    };
+    match (kept, dropped, undecided) {
+        (1, 0, 0) => Some(data_flags::RED_COUNTED | data_flags::KEPT | data_flags::BY_LINE),
+        (0, 1, 0) => Some(0),
+        _ => None,
+    }
+}
+
+/// The `SERVING_LINES` slot of the request in `state` (its method and path hash) in process
+/// `tgid`.
+#[inline(always)]
+fn line_slot(tgid: u32, state: &ConnState) -> u32 {
+    mix(state.red_path_hash ^ mix(tgid ^ (state.red_method << 24))) & (LINE_SLOTS - 1)
 }
 
 /// The key of a request in `FOLLOWED`: its first byte's sequence number and the client's and
@@ -278,6 +314,10 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
     // SAFETY: a map value pointer; an atomic add, as other CPUs add to it too.
     unsafe { add(serving_count(s, how), 1) };
     state.red_serving = how;
+    if let Some(l) = SERVING_LINES.get_ptr_mut(line_slot((pid_tgid >> 32) as u32, state)) {
+        // SAFETY: as above.
+        unsafe { add(serving_count(l, how), 1) };
+    }
     let tid = pid_tgid as u32;
     let t = match THREAD_SERVING.get_ptr_mut(tid) {
         Some(t) => t,
@@ -341,9 +381,16 @@ fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
         return;
     }
     state.red_serving = serving::NONE;
-    if let Some(s) = SERVING.get_ptr_mut((pid_tgid >> 32) as u32) {
+    let tgid = (pid_tgid >> 32) as u32;
+    if let Some(s) = SERVING.get_ptr_mut(tgid) {
         // SAFETY: as in `enter_serving`; adding 2^64 - 1 takes one away.
         unsafe { add(serving_count(s, was), u64::MAX) };
+    }
+    // The request's method and path hash are still this request's: a next request's start
+    // replaces them after this.
+    if let Some(l) = SERVING_LINES.get_ptr_mut(line_slot(tgid, state)) {
+        // SAFETY: as above.
+        unsafe { add(serving_count(l, was), u64::MAX) };
     }
     let tid = state.serving_tid;
     if tid == 0 {

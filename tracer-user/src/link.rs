@@ -473,6 +473,17 @@ impl Linker {
         if marked {
             return None;
         }
+        if client.decided & data_flags::BY_LINE != 0 {
+            // The probes found one request in flight with this method and path, and none the
+            // agent never saw: that one, if its whole request line is the call's.
+            let same_line = candidates.iter().copied().filter(|k| {
+                spans
+                    .get(k)
+                    .is_some_and(|s| s.request_line == client.request_line)
+            });
+            return only(&mut { same_line })
+                .map(|k| (k, Source::ForwardedRequest, Confidence::High));
+        }
         // No allocation: this runs for every client request.
         let on_thread = |k: &SpanKey| spans.get(k).is_some_and(|s| s.tid == client.tid);
         let mut serving = candidates.iter().filter(|k| on_thread(k));
@@ -795,6 +806,28 @@ mod tests {
         assert_eq!(
             (link.parent, link.source),
             (x_ids.span_id, Source::ForwardedHeader)
+        );
+    }
+
+    /// `--sample-in-kernel`: a call the probes kept because one request in flight had its
+    /// method and path (`BY_LINE`) is linked by its request line only: not by its thread or
+    /// the sole request in sight, which requests the agent never saw could make wrong.
+    #[test]
+    fn calls_kept_by_their_line_link_by_that_line_only() {
+        let mut l = Linker::new(Trust::All);
+        let down = view(NGINX, "10.0.0.2:80", "10.0.0.1:4000");
+        let mut up = view(NGINX, "10.0.0.2:5000", "10.0.0.3:80");
+        up.decided = data_flags::RED_COUNTED | data_flags::KEPT | data_flags::BY_LINE;
+        let x = l.request(&down, Role::Server, &start(1, None, &text("/x"), None));
+        // The sole request in flight, on the same thread, but another line: no link.
+        let other = l.request(&up, Role::Client, &start(1, None, &text("/y"), None));
+        let forwarded = l.request(&up, Role::Client, &start(1, None, &text("/x"), None));
+        let x_ids = l.finish(x).unwrap();
+        assert_eq!(l.finish(other).unwrap().link, None);
+        let link = l.finish(forwarded).unwrap().link.unwrap();
+        assert_eq!(
+            (link.parent, link.source),
+            (x_ids.span_id, Source::ForwardedRequest)
         );
     }
 

@@ -401,21 +401,68 @@ fn sample_in_kernel_keeps_whole_traces_and_counts_every_request() {
         }
     }
 
-    // Eight at once through nginx, an event loop: its calls are made while kept and dropped
-    // requests are in flight, so they are marked and left to the agent's rule, and the Python
+    // Eight at once through nginx, an event loop, each request to its own path: its calls are
+    // made while kept and dropped requests are in flight, so each follows the one request in
+    // flight with its method and path (nginx forwards them) and is linked to it; the Python
     // end of each follows its call's fate, exported exactly when the call is.
     let before = receiver.spans().len();
-    wrk_second(&url("/slow/0"), 8);
+    let script = temp_dir("red-wrk").join("paths.lua");
+    std::fs::write(
+        &script,
+        "n = 0\nrequest = function()\n  n = n + 1\n  \
+         return wrk.format(nil, \"/slow/\" .. n .. \"/0\")\nend\n",
+    )
+    .unwrap();
+    let out = Command::new("wrk")
+        .args(["-t1", "-c8", "-d1s", "-s"])
+        .arg(&script)
+        .arg(url("/"))
+        .output()
+        .expect("wrk");
+    wrk_requests(&String::from_utf8_lossy(&out.stdout));
     std::thread::sleep(Duration::from_millis(2000));
     let later = receiver.spans().split_off(before);
+    let chained = |s: &&Received| s.span.name.starts_with("GET /slow/");
     let edges = |service: &str, kind: i32| -> std::collections::BTreeSet<String> {
         later
             .iter()
             .filter(|s| s.service() == service && s.span.kind == kind)
-            .filter(|s| s.span.name == "GET /slow/{id}")
+            .filter(chained)
             .filter_map(|s| s.str_attr("tracer.tcp.edge"))
             .collect()
     };
+    let nginx_served = by_id(
+        &later
+            .iter()
+            .filter(|s| s.service() == "nginx" && s.span.kind == server)
+            .filter(chained)
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let nginx_calls: Vec<&Received> = later
+        .iter()
+        .filter(|s| s.service() == "nginx" && s.span.kind == client)
+        .filter(chained)
+        .collect();
+    let unlinked = nginx_calls
+        .iter()
+        .filter(|c| {
+            nginx_served
+                .get(&c.span.parent_span_id)
+                .is_none_or(|p| p.span.trace_id != c.span.trace_id)
+        })
+        .count();
+    eprintln!(
+        "8 at once through nginx: {} calls exported, {unlinked} without the request they forward",
+        nginx_calls.len()
+    );
+    assert!(
+        unlinked <= 2 + nginx_calls.len() / 50,
+        "{unlinked} of nginx's {} calls exported without the request they forward ({} \
+         exported)",
+        nginx_calls.len(),
+        nginx_served.len()
+    );
     let calls = edges("nginx", client);
     let ends = edges(&python_name, server);
     assert!(
