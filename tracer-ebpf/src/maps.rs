@@ -87,6 +87,10 @@ pub(crate) struct ThreadServing {
     /// `keep` is that of a request still in flight.
     pub(crate) known: u32,
     pub(crate) conn_id: u64,
+    /// The thread's process: a process that ends while serving never answers, and its
+    /// threads' numbers are given to other processes' threads later.
+    pub(crate) tgid: u32,
+    pub(crate) _pad: u32,
 }
 
 /// `--sample-in-kernel`: the framed requests being served, counted by slot, a slot being a hash

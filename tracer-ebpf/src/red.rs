@@ -175,7 +175,7 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     };
     let keep = if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
-    } else if let Some(keep) = thread_decision(pid_tgid as u32, agent) {
+    } else if let Some(keep) = thread_decision(pid_tgid, agent) {
         keep
     } else if let Some(keep) = line_decision(state, tgid, agent) {
         keep
@@ -207,15 +207,17 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
 /// served anything the agent decides on (`agent`): the thread may be serving such a request
 /// too, which the counts do not see.
 #[inline(always)]
-fn thread_decision(tid: u32, agent: u64) -> Option<u32> {
+fn thread_decision(pid_tgid: u64, agent: u64) -> Option<u32> {
     if agent != 0 {
         return None;
     }
-    let t = THREAD_SERVING.get_ptr(tid)?;
+    let t = THREAD_SERVING.get_ptr(pid_tgid as u32)?;
     // SAFETY: a map value pointer; other CPUs change `count` with atomic adds.
     unsafe {
         let count = core::ptr::read_volatile(&raw const (*t).count);
-        (count == 1 && core::ptr::read_volatile(&raw const (*t).known) != 0)
+        (count == 1
+            && core::ptr::read_volatile(&raw const (*t).known) != 0
+            && core::ptr::read_volatile(&raw const (*t).tgid) == (pid_tgid >> 32) as u32)
             .then(|| core::ptr::read_volatile(&raw const (*t).keep))
     }
 }
@@ -318,7 +320,7 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
         // SAFETY: as above.
         unsafe { add(serving_count(l, how), 1) };
     }
-    let tid = pid_tgid as u32;
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let t = match THREAD_SERVING.get_ptr_mut(tid) {
         Some(t) => t,
         None => {
@@ -332,6 +334,11 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
     // SAFETY: as above; `keep` and `conn_id` are written by this thread only, `known`
     // cleared by the thread answering this request.
     unsafe {
+        if (*t).tgid != tgid {
+            // A number another process's thread had: what it counted never ends.
+            (*t).count = 0;
+            (*t).tgid = tgid;
+        }
         add(&raw mut (*t).count, 1);
         (*t).keep = keep;
         (*t).conn_id = state.conn_id;
@@ -346,6 +353,8 @@ const NEW_THREAD: ThreadServing = ThreadServing {
     keep: 0,
     known: 0,
     conn_id: 0,
+    tgid: 0,
+    _pad: 0,
 };
 
 /// The count of `SERVING`'s entry `s` a request served `how` (`serving::*`, not `NONE`) is in.
