@@ -100,7 +100,14 @@ pub mod counter {
     /// framing expected: recorded for the agent from there on; a request whose response did not
     /// start as one is in neither count.
     pub const RED_GAVE_UP: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// `--sample-in-kernel`: calls made while their process served kept and dropped requests
+    /// at once, decided by the one request their thread serves,
+    pub const CALLS_BY_THREAD: u32 = 14;
+    /// by the one request in flight with their method and path,
+    pub const CALLS_BY_LINE: u32 = 15;
+    /// or neither: recorded and marked, linked by the agent only through a forwarded header.
+    pub const CALLS_MARKED: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// A TCP connection's endpoints. IPv4 addresses use the first 4 bytes of the 16.

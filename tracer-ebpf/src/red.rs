@@ -175,10 +175,6 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     };
     let keep = if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
-    } else if let Some(keep) = thread_decision(pid_tgid, agent) {
-        keep
-    } else if let Some(keep) = line_decision(state, tgid, agent) {
-        keep
     } else if dropped == 0 {
         // Its parent is kept, or one the agent decides on.
         if agent == 0 {
@@ -188,7 +184,15 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         }
     } else if kept == 0 && agent == 0 {
         0
+    } else if let Some(keep) = thread_decision(pid_tgid, agent) {
+        // Kept and dropped requests in flight: the call's own request, if it can be told.
+        bump(counter::CALLS_BY_THREAD);
+        keep
+    } else if let Some(keep) = line_decision(state, tgid, agent) {
+        bump(counter::CALLS_BY_LINE);
+        keep
     } else {
+        bump(counter::CALLS_MARKED);
         data_flags::RED_COUNTED | data_flags::MARKED
     };
     state.red_keep = keep;

@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 31] = [
+    let rows: [(&str, &str, u64); 34] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -61,6 +61,21 @@ pub fn render(stats: &Stats) -> String {
             "tracer_red_kernel_gave_up_total",
             "Connections counted in the kernel whose next message was not the expected HTTP/1: recorded for the agent from there (--metrics-only, --sample-in-kernel)",
             k.get(c::RED_GAVE_UP),
+        ),
+        (
+            "tracer_kernel_sample_calls_by_thread_total",
+            "Calls made while their process served kept and dropped requests, decided by the one request their thread serves (--sample-in-kernel)",
+            k.get(c::CALLS_BY_THREAD),
+        ),
+        (
+            "tracer_kernel_sample_calls_by_line_total",
+            "Calls made while their process served kept and dropped requests, decided by the one request in flight with their method and path (--sample-in-kernel)",
+            k.get(c::CALLS_BY_LINE),
+        ),
+        (
+            "tracer_kernel_sample_calls_marked_total",
+            "Calls made while their process served kept and dropped requests that neither rule decided: recorded, linked only by a forwarded header (--sample-in-kernel)",
+            k.get(c::CALLS_MARKED),
         ),
         (
             "tracer_tls_records_total",

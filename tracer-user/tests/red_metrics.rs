@@ -456,6 +456,11 @@ fn sample_in_kernel_keeps_whole_traces_and_counts_every_request() {
         "8 at once through nginx: {} calls exported, {unlinked} without the request they forward",
         nginx_calls.len()
     );
+    let by_line = value(&scrape(metrics), "tracer_kernel_sample_calls_by_line_total").unwrap_or(0);
+    assert!(
+        by_line > 10,
+        "{by_line} calls decided by their request line"
+    );
     assert!(
         unlinked <= 2 + nginx_calls.len() / 50,
         "{unlinked} of nginx's {} calls exported without the request they forward ({} \
@@ -579,6 +584,14 @@ fn sample_in_kernel_calls_follow_the_request_their_thread_serves() {
         "{} calls exported, {} of their ends",
         calls.len(),
         ends.len()
+    );
+    // The probes say how they decided the calls made with kept and dropped requests in flight.
+    let text = scrape(metrics);
+    let by_thread = value(&text, "tracer_kernel_sample_calls_by_thread_total").unwrap_or(0);
+    let marked = value(&text, "tracer_kernel_sample_calls_marked_total").unwrap_or(0);
+    assert!(
+        by_thread > 10 && marked <= by_thread / 10,
+        "calls decided by their thread {by_thread}, marked {marked}"
     );
     drop(agent);
 }
