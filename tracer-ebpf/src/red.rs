@@ -413,6 +413,10 @@ fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
     if let Some(t) = THREAD_SERVING.get_ptr_mut(tid) {
         // SAFETY: as above. The decision stays known only for a later request of the thread.
         unsafe {
+            if (*t).tgid != tgid {
+                // The thread ended and its number went to another process's thread.
+                return;
+            }
             add(&raw mut (*t).count, u64::MAX);
             if (*t).conn_id == state.conn_id {
                 (*t).known = 0;

@@ -545,9 +545,10 @@ fn sample_in_kernel_calls_follow_the_request_their_thread_serves() {
     let served = to(caller, server);
     let calls = to(upstream, client);
     let ends = to(upstream, server);
+    // ~130 requests: a quarter kept, within four standard deviations (~0.15).
     let share = served.len() as f64 / requests as f64;
     assert!(
-        (0.15..0.35).contains(&share),
+        (0.1..0.45).contains(&share),
         "{} of {requests} requests kept",
         served.len()
     );
