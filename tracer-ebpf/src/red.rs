@@ -184,12 +184,7 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         }
     } else if kept == 0 && agent == 0 {
         0
-    } else if let Some(keep) = thread_decision(pid_tgid, agent) {
-        // Kept and dropped requests in flight: the call's own request, if it can be told.
-        bump(counter::CALLS_BY_THREAD);
-        keep
-    } else if let Some(keep) = line_decision(state, tgid, agent) {
-        bump(counter::CALLS_BY_LINE);
+    } else if let Some(keep) = (agent == 0).then(|| own_request(state, pid_tgid)).flatten() {
         keep
     } else {
         bump(counter::CALLS_MARKED);
@@ -206,15 +201,24 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     }
 }
 
-/// The decision of the request the calling thread serves, when it serves exactly one (a
-/// thread per request or per connection): the call is made for it. Not when the process ever
-/// served anything the agent decides on (`agent`): the thread may be serving such a request
-/// too, which the counts do not see.
+/// A call made while its process serves kept and dropped requests: the decision of the one it
+/// is made for, if that can be told. Only where every request the process serves is framed
+/// (none the agent decides on): the counts below do not see the others.
 #[inline(always)]
-fn thread_decision(pid_tgid: u64, agent: u64) -> Option<u32> {
-    if agent != 0 {
-        return None;
+fn own_request(state: &ConnState, pid_tgid: u64) -> Option<u32> {
+    if let Some(keep) = thread_decision(pid_tgid) {
+        bump(counter::CALLS_BY_THREAD);
+        return Some(keep);
     }
+    let keep = line_decision(state, (pid_tgid >> 32) as u32)?;
+    bump(counter::CALLS_BY_LINE);
+    Some(keep)
+}
+
+/// The decision of the request the calling thread serves, when it serves exactly one (a
+/// thread per request or per connection): the call is made for it.
+#[inline(always)]
+fn thread_decision(pid_tgid: u64) -> Option<u32> {
     let t = THREAD_SERVING.get_ptr(pid_tgid as u32)?;
     // SAFETY: a map value pointer; other CPUs change `count` with atomic adds.
     unsafe {
@@ -228,14 +232,9 @@ fn thread_decision(pid_tgid: u64, agent: u64) -> Option<u32> {
 
 /// The decision of the one request in flight in the process whose method and path the call
 /// repeats (a reverse proxy forwarding it; the call's own method and path hash are in `state`
-/// by now), flagged `BY_LINE` when kept: the agent links it by that line only. Not when the
-/// process serves or served anything the agent decides on (`agent`): such a request with the
-/// same line is not counted here.
+/// by now), flagged `BY_LINE` when kept: the agent links it by that line only.
 #[inline(always)]
-fn line_decision(state: &ConnState, tgid: u32, agent: u64) -> Option<u32> {
-    if agent != 0 {
-        return None;
-    }
+fn line_decision(state: &ConnState, tgid: u32) -> Option<u32> {
     let s = SERVING_LINES.get_ptr(line_slot(tgid, state))?;
     // SAFETY: a map value pointer; other CPUs change it with atomic adds.
     let (kept, dropped, undecided) = unsafe {
@@ -320,11 +319,11 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
     // SAFETY: a map value pointer; an atomic add, as other CPUs add to it too.
     unsafe { add(serving_count(s, how), 1) };
     state.red_serving = how;
-    if let Some(l) = SERVING_LINES.get_ptr_mut(line_slot((pid_tgid >> 32) as u32, state)) {
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if let Some(l) = SERVING_LINES.get_ptr_mut(line_slot(tgid, state)) {
         // SAFETY: as above.
         unsafe { add(serving_count(l, how), 1) };
     }
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let t = match THREAD_SERVING.get_ptr_mut(tid) {
         Some(t) => t,
         None => {

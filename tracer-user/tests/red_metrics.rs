@@ -26,6 +26,26 @@ fn agent_on(receiver: &OtlpReceiver, port: u16, metrics: u16, extra: &[&str]) ->
     Agent::start(&args)
 }
 
+/// The agent keeping a quarter of the requests, decided in the kernel, on `port` and its
+/// `upstream`, spans exported within 100 ms.
+fn sampling_in_kernel(receiver: &OtlpReceiver, port: u16, upstream: u16, metrics: u16) -> Agent {
+    let upstream = upstream.to_string();
+    agent_on(
+        receiver,
+        port,
+        metrics,
+        &[
+            "--port",
+            &upstream,
+            "--batch-timeout-ms",
+            "100",
+            "--sample",
+            "0.25",
+            "--sample-in-kernel",
+        ],
+    )
+}
+
 fn value(metrics: &str, series: &str) -> Option<u64> {
     metrics
         .lines()
@@ -272,21 +292,7 @@ fn sample_in_kernel_keeps_whole_traces_and_counts_every_request() {
         .into_owned();
     let receiver = OtlpReceiver::start(free_port());
     let metrics = free_port();
-    let upstream_arg = upstream.to_string();
-    let agent = agent_on(
-        &receiver,
-        port,
-        metrics,
-        &[
-            "--port",
-            &upstream_arg,
-            "--batch-timeout-ms",
-            "100",
-            "--sample",
-            "0.25",
-            "--sample-in-kernel",
-        ],
-    );
+    let agent = sampling_in_kernel(&receiver, port, upstream, metrics);
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     // One at a time through nginx to Python: nginx serves one request when it calls.
     const CHAINED: u64 = 60;
@@ -510,21 +516,7 @@ fn sample_in_kernel_calls_follow_the_request_their_thread_serves() {
     wait_listening(caller, "the plain caller to listen");
     let receiver = OtlpReceiver::start(free_port());
     let metrics = free_port();
-    let upstream_arg = upstream.to_string();
-    let agent = agent_on(
-        &receiver,
-        caller,
-        metrics,
-        &[
-            "--port",
-            &upstream_arg,
-            "--batch-timeout-ms",
-            "100",
-            "--sample",
-            "0.25",
-            "--sample-in-kernel",
-        ],
-    );
+    let agent = sampling_in_kernel(&receiver, caller, upstream, metrics);
     let requests = wrk_second(&format!("http://127.0.0.1:{caller}/slow/1"), 8);
     assert!(requests > 50, "wrk made {requests} requests");
     std::thread::sleep(Duration::from_millis(2000));
