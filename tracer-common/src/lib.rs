@@ -107,7 +107,12 @@ pub mod counter {
     pub const CALLS_BY_LINE: u32 = 15;
     /// or neither: recorded and marked, linked by the agent only through a forwarded header.
     pub const CALLS_MARKED: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// `--sample-in-kernel`: decisions written into a TCP option on a call's first segment,
+    /// for its server end on another host,
+    pub const DECISIONS_SENT: u32 = 17;
+    /// and read from one on a request's first segment.
+    pub const DECISIONS_RECEIVED: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// A TCP connection's endpoints. IPv4 addresses use the first 4 bytes of the 16.
@@ -276,6 +281,16 @@ pub mod red {
     pub const SERVER: u8 = 1;
     pub const CLIENT: u8 = 2;
 
+    /// `ConnState::red_ahead`: set beside a decision made at a write's entry.
+    pub const AHEAD: u32 = 1 << 31;
+
+    /// The TCP option that carries a call's decision to its server end on another host
+    /// (RFC 6994's shared experimental kind, this project's 16-bit id, the request's first
+    /// sequence number and the `data_flags::DECIDED` flags, both big-endian).
+    pub const OPTION_KIND: u8 = 254;
+    pub const OPTION_LEN: u8 = 12;
+    pub const OPTION_EXID: u16 = 0x7472;
+
     /// `RedKey::method`, 1-based; 0 is none. CONNECT is not framed (a tunnel follows).
     pub const METHODS: [&str; 8] = [
         "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE",
@@ -406,6 +421,11 @@ pub struct ConnState {
     /// record sent), and whether its request counts in its process's `Serving` (`serving::*`).
     pub red_keep: u32,
     pub red_serving: u32,
+    /// `--sample-in-kernel` with the decisions carried across hosts: a call's decision made at
+    /// its write's entry, before its first segment leaves (`red::AHEAD` set, 0: none), and its
+    /// request's first sequence number, which the write's exit takes it for.
+    pub red_ahead: u32,
+    pub red_ahead_seq: u32,
     /// The TLS library's plaintext on this connection, as a stream of its own: the direction of
     /// its message in progress, its message count and captured bytes, muted by the agent, and
     /// bytes per direction (`INGRESS`, `EGRESS`) since the connection began.

@@ -25,6 +25,7 @@
 #![allow(internal_features)]
 
 mod capture;
+mod carry;
 mod conns;
 mod flow;
 mod inject;
@@ -52,7 +53,12 @@ macro_rules! data_syscall {
     ($enter:ident, $exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
         #[tracepoint]
         pub fn $enter(_ctx: TracePointContext) -> u32 {
-            stamp_entry()
+            // Stamped first: the request starts when the write is issued.
+            let r = stamp_entry();
+            if !matches!($buf, Buffer::None) {
+                crate::red::decide_ahead($buf);
+            }
+            r
         }
         data_syscall!($exit, $sc, $dir, $buf);
     };

@@ -63,6 +63,20 @@ pub(crate) fn keep_below() -> u64 {
     unsafe { core::ptr::read_volatile(&KEEP_BELOW) }
 }
 
+/// Non-zero with `--sample-in-kernel` when `carry_decisions` (carry.rs) is attached: a call's
+/// decision is made at its write's entry, for the TCP option that carries it to another host.
+#[no_mangle]
+pub(crate) static CARRY_DECISIONS: u32 = 0;
+
+/// The namespace (its cookie) whose connections carry decisions; 0 for every namespace.
+#[no_mangle]
+pub(crate) static CARRY_NETNS_COOKIE: u64 = 0;
+
+#[inline(always)]
+pub(crate) fn carrying_decisions() -> bool {
+    unsafe { core::ptr::read_volatile(&CARRY_DECISIONS) != 0 }
+}
+
 /// `--sample-in-kernel`: the framed requests each process is serving (red.rs), by tgid; the
 /// agent removes the entries of ended processes.
 #[map]
@@ -107,7 +121,8 @@ pub(crate) const LINE_SLOTS: u32 = 16384;
 
 /// `--sample-in-kernel`: calls whose decision followed their parent rather than their own
 /// sequence number, for their server end on this host to take (red.rs), by sequence number and
-/// ports. Taken once; a server elsewhere never takes it, and it ages out.
+/// ports; and decisions read from the TCP option of a request from another host (carry.rs).
+/// Taken once; one never taken (its server end is elsewhere) ages out.
 #[map]
 pub(crate) static FOLLOWED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
 

@@ -37,12 +37,13 @@ use aya_ebpf::{
     },
 };
 use tracer_common::{
-    counter, data_flags, direction, kind, red, serving, ConnState, RedKey, RedRecord, Serving,
+    conn_key, counter, data_flags, direction, kind, red, serving, ConnState, RedKey, RedRecord,
+    Serving,
 };
 
 use crate::{
-    capture::{header, iovec, wake_flags, Source},
-    kernel::read_at,
+    capture::{buffer_of, header, iovec, wake_flags, Buffer, Source},
+    kernel::{caller, read_at, SyscallRegs},
     maps::*,
 };
 
@@ -132,19 +133,8 @@ pub(crate) fn counted(
 /// module comment).
 #[inline(always)]
 fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
-    const KEPT: u32 = data_flags::RED_COUNTED | data_flags::KEPT;
     let seq = request_seq(state, dir, ret);
-    // Kept when the number cannot be read: recorded, the agent decides.
-    let by_seq = match seq {
-        Some(seq) => {
-            if u64::from(mix(seq)) < keep_below() {
-                KEPT
-            } else {
-                0
-            }
-        }
-        None => KEPT,
-    };
+    let by_seq = by_seq(seq);
     if state.red_role == u32::from(red::SERVER) {
         // Its client on this host may have followed a parent instead of the number.
         let followed = seq.and_then(|seq| {
@@ -159,6 +149,40 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         enter_serving(state, pid_tgid, keep);
         return;
     }
+    let ahead = state.red_ahead;
+    state.red_ahead = 0;
+    if ahead & red::AHEAD != 0 && seq == Some(state.red_ahead_seq) {
+        // Decided at the write's entry, which told the server end already.
+        state.red_keep = ahead & !red::AHEAD;
+        return;
+    }
+    let keep = call_decision(pid_tgid, (state.red_method, state.red_path_hash), by_seq);
+    state.red_keep = keep;
+    if keep != by_seq {
+        // The server end, if on this host, follows this decision rather than the number
+        // (a marked call's too: recorded, it is left to the agent, not kept by the number).
+        if let Some(seq) = seq {
+            let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
+            let _ = FOLLOWED.insert(key, keep, 0);
+        }
+    }
+}
+
+/// The decision by a request's first sequence number (`None`: unreadable, so kept: recorded,
+/// the agent decides).
+#[inline(always)]
+fn by_seq(seq: Option<u32>) -> u32 {
+    match seq {
+        Some(seq) if u64::from(mix(seq)) >= keep_below() => 0,
+        _ => data_flags::RED_COUNTED | data_flags::KEPT,
+    }
+}
+
+/// A call's decision (see the module comment), from what its process serves, its `line`
+/// (method and path hash) and its decision by number.
+#[inline(always)]
+fn call_decision(pid_tgid: u64, line: (u32, u32), by_seq: u32) -> u32 {
+    const KEPT: u32 = data_flags::RED_COUNTED | data_flags::KEPT;
     let tgid = (pid_tgid >> 32) as u32;
     // `agent`: a request in flight, or ever, whose fate the agent decides.
     let (kept, dropped, agent) = match SERVING.get_ptr(tgid) {
@@ -173,7 +197,7 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         },
         None => (0, 0, 0),
     };
-    let keep = if kept == 0 && dropped == 0 && agent == 0 {
+    if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
     } else if dropped == 0 {
         // Its parent is kept, or one the agent decides on.
@@ -184,20 +208,63 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         }
     } else if kept == 0 && agent == 0 {
         0
-    } else if let Some(keep) = (agent == 0).then(|| own_request(state, pid_tgid)).flatten() {
+    } else if let Some(keep) = (agent == 0).then(|| own_request(pid_tgid, line)).flatten() {
         keep
     } else {
         bump(counter::CALLS_MARKED);
         data_flags::RED_COUNTED | data_flags::MARKED
+    }
+}
+
+/// `--sample-in-kernel` with decisions carried across hosts (`carry.rs`): at the entry of a
+/// write that starts a call, the call's decision, taken by the write's exit (`decide`). The
+/// segment with the request's first byte is built inside the syscall, and the option that
+/// carries a decision to its server end is written from `FOLLOWED` as it is: the exit would
+/// be too late. Only what a call's decision needs is read here; the framing stays the exit's.
+#[inline(always)]
+pub(crate) fn decide_ahead(buffer: Buffer) {
+    if !carrying_decisions() {
+        return;
+    }
+    let Some((task, pid_tgid)) = caller() else {
+        return;
     };
-    state.red_keep = keep;
+    let regs = SyscallRegs::of(task);
+    let key = conn_key((pid_tgid >> 32) as u32, regs.arg(0) as u32);
+    let Some(state) = CONNS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a map value pointer, valid for this program run.
+    let state = unsafe { &mut *state };
+    let phase = state.red_phase;
+    // A request can start here: a client's next message, or a new connection's first.
+    let call_may_start =
+        phase == red::NEW || (phase == red::RESPONSE && state.red_role == u32::from(red::CLIENT));
+    if !call_may_start
+        || state.direction == direction::EGRESS
+        || state.muted != 0
+        || state.datagram != 0
+    {
+        return;
+    }
+    let Some(head) = first_bytes(buffer_of(regs, buffer), HEAD_BYTES as i64) else {
+        return;
+    };
+    let Some((method, at)) = method_of(head) else {
+        return;
+    };
+    // SAFETY: a kernel read through a checked helper; before the write, `write_seq` is the
+    // number of its first byte.
+    let Some(seq) = (unsafe { read_at::<u32>(state.sk, offsets().tcp_write_seq) }) else {
+        return;
+    };
+    let by_seq = by_seq(Some(seq));
+    let keep = call_decision(pid_tgid, (method, path_hash(head, at).0), by_seq);
+    state.red_ahead = keep | red::AHEAD;
+    state.red_ahead_seq = seq;
     if keep != by_seq {
-        // The server end, if on this host, follows this decision rather than the number
-        // (a marked call's too: recorded, it is left to the agent, not kept by the number).
-        if let Some(seq) = seq {
-            let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
-            let _ = FOLLOWED.insert(key, keep, 0);
-        }
+        let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
+        let _ = FOLLOWED.insert(key, keep, 0);
     }
 }
 
@@ -205,12 +272,12 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
 /// is made for, if that can be told. Only where every request the process serves is framed
 /// (none the agent decides on): the counts below do not see the others.
 #[inline(always)]
-fn own_request(state: &ConnState, pid_tgid: u64) -> Option<u32> {
+fn own_request(pid_tgid: u64, line: (u32, u32)) -> Option<u32> {
     if let Some(keep) = thread_decision(pid_tgid) {
         bump(counter::CALLS_BY_THREAD);
         return Some(keep);
     }
-    let keep = line_decision(state, (pid_tgid >> 32) as u32)?;
+    let keep = line_decision((pid_tgid >> 32) as u32, line)?;
     bump(counter::CALLS_BY_LINE);
     Some(keep)
 }
@@ -231,11 +298,11 @@ fn thread_decision(pid_tgid: u64) -> Option<u32> {
 }
 
 /// The decision of the one request in flight in the process whose method and path the call
-/// repeats (a reverse proxy forwarding it; the call's own method and path hash are in `state`
-/// by now), flagged `BY_LINE` when kept: the agent links it by that line only.
+/// repeats (`line`: a reverse proxy forwarding it), flagged `BY_LINE` when kept: the agent
+/// links it by that line only.
 #[inline(always)]
-fn line_decision(state: &ConnState, tgid: u32) -> Option<u32> {
-    let s = SERVING_LINES.get_ptr(line_slot(tgid, state))?;
+fn line_decision(tgid: u32, line: (u32, u32)) -> Option<u32> {
+    let s = SERVING_LINES.get_ptr(line_slot(tgid, line))?;
     // SAFETY: a map value pointer; other CPUs change it with atomic adds.
     let (kept, dropped, undecided) = unsafe {
         (
@@ -251,17 +318,16 @@ fn line_decision(state: &ConnState, tgid: u32) -> Option<u32> {
     }
 }
 
-/// The `SERVING_LINES` slot of the request in `state` (its method and path hash) in process
-/// `tgid`.
+/// The `SERVING_LINES` slot of a request line (method, path hash) in process `tgid`.
 #[inline(always)]
-fn line_slot(tgid: u32, state: &ConnState) -> u32 {
-    mix(state.red_path_hash ^ mix(tgid ^ (state.red_method << 24))) & (LINE_SLOTS - 1)
+fn line_slot(tgid: u32, (method, path_hash): (u32, u32)) -> u32 {
+    mix(path_hash ^ mix(tgid ^ (method << 24))) & (LINE_SLOTS - 1)
 }
 
 /// The key of a request in `FOLLOWED`: its first byte's sequence number and the client's and
 /// server's ports.
 #[inline(always)]
-fn edge_key(seq: u32, client_port: u16, server_port: u16) -> u64 {
+pub(crate) fn edge_key(seq: u32, client_port: u16, server_port: u16) -> u64 {
     (u64::from(seq) << 32) | (u64::from(client_port) << 16) | u64::from(server_port)
 }
 
@@ -320,7 +386,9 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
     unsafe { add(serving_count(s, how), 1) };
     state.red_serving = how;
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if let Some(l) = SERVING_LINES.get_ptr_mut(line_slot(tgid, state)) {
+    if let Some(l) =
+        SERVING_LINES.get_ptr_mut(line_slot(tgid, (state.red_method, state.red_path_hash)))
+    {
         // SAFETY: as above.
         unsafe { add(serving_count(l, how), 1) };
     }
@@ -400,7 +468,9 @@ fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
     }
     // The request's method and path hash are still this request's: a next request's start
     // replaces them after this.
-    if let Some(l) = SERVING_LINES.get_ptr_mut(line_slot(tgid, state)) {
+    if let Some(l) =
+        SERVING_LINES.get_ptr_mut(line_slot(tgid, (state.red_method, state.red_path_hash)))
+    {
         // SAFETY: as above.
         unsafe { add(serving_count(l, was), u64::MAX) };
     }
@@ -581,15 +651,74 @@ fn method_of((b, _): Head) -> Option<(u32, u64)> {
     Some((method, len as u64 + 1))
 }
 
+/// The hash of the path starting at `at` (`path_hash`); the agent is sent the path the first
+/// time this process uses the hash.
+#[inline(always)]
+fn learn_path(state: &ConnState, pid_tgid: u64, head: Head, at: u64) -> u32 {
+    let (hash, len) = path_hash(head, at);
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return hash;
+    };
+    // SAFETY: per-CPU slot (programs do not nest on a CPU).
+    let (hash, len) = unsafe {
+        (*slot).path_hash = hash;
+        (*slot).path_len = len as u32;
+        (
+            core::ptr::read_volatile(&raw const (*slot).path_hash),
+            core::ptr::read_volatile(&raw const (*slot).path_len) & 127,
+        )
+    };
+    let b = head.0;
+    let tgid = (pid_tgid >> 32) as u32;
+    let known = (u64::from(tgid) << 32) | u64::from(hash);
+    if PATHS.get_ptr(known).is_some() {
+        return hash;
+    }
+    if let Some(mut entry) = EVENTS.reserve::<RedRecord>(0) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: a reserved record of the right size, filled field by field; the path is
+        // copied from the scratch slot at an offset below 16, within its data.
+        unsafe {
+            (*rec).header = header(kind::RED, pid_tgid, 0, state.conn_id, 0, 0);
+            (*rec).key = RedKey {
+                tgid,
+                port: 0,
+                role: 0,
+                method: 0,
+                status: 0,
+                _pad: 0,
+                path_hash: hash,
+            };
+            (*rec).duration_ns = 0;
+            (*rec).what = red::PATH;
+            (*rec).path_len = len;
+            // One helper call: a copy loop here is walked by the verifier on every path.
+            let from = b.as_ptr().add((at as usize) & 15);
+            bpf_probe_read_kernel(
+                (*rec).path.as_mut_ptr().cast(),
+                red::PATH_LEN as u32,
+                from.cast(),
+            );
+        }
+        entry.submit(wake_flags(core::mem::size_of::<RedRecord>() as u64));
+        bump(counter::RECORDS_SENT);
+        let _ = PATHS.insert(known, 0, 0);
+    } else {
+        // Sent again with the next request of this path.
+        bump(counter::RINGBUF_FULL);
+    }
+    hash
+}
+
 /// The hash of the path starting at `at` (up to `?`, `#`, a space, the bytes read or
-/// `red::PATH_LEN`); the agent is sent the path the first time this process uses the hash.
+/// `red::PATH_LEN`) and the path's length.
 ///
 /// Eight bytes a step, the terminators found with word arithmetic: a loop of a byte a step
 /// was walked by the verifier 96 times over on every path into it (Linux 6.1 came within
 /// 35% of its limit of 1M instructions a program). Only the agent reads paths from hashes,
 /// so the hash need not be a standard one.
 #[inline(always)]
-fn learn_path(state: &ConnState, pid_tgid: u64, (b, n): Head, at: u64) -> u32 {
+fn path_hash((b, n): Head, at: u64) -> (u32, u64) {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     // The high bit of each byte of `w` that is zero; exact for the lowest such byte.
@@ -632,58 +761,7 @@ fn learn_path(state: &ConnState, pid_tgid: u64, (b, n): Head, at: u64) -> u32 {
         len += 8;
         k += 1;
     }
-    let hash = (hash ^ (hash >> 32)) as u32;
-    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
-        return hash;
-    };
-    // SAFETY: per-CPU slot (programs do not nest on a CPU).
-    let (hash, len) = unsafe {
-        (*slot).path_hash = hash;
-        (*slot).path_len = len as u32;
-        (
-            core::ptr::read_volatile(&raw const (*slot).path_hash),
-            core::ptr::read_volatile(&raw const (*slot).path_len) & 127,
-        )
-    };
-    let tgid = (pid_tgid >> 32) as u32;
-    let known = (u64::from(tgid) << 32) | u64::from(hash);
-    if PATHS.get_ptr(known).is_some() {
-        return hash;
-    }
-    if let Some(mut entry) = EVENTS.reserve::<RedRecord>(0) {
-        let rec = entry.as_mut_ptr();
-        // SAFETY: a reserved record of the right size, filled field by field; the path is
-        // copied from the scratch slot at an offset below 16, within its data.
-        unsafe {
-            (*rec).header = header(kind::RED, pid_tgid, 0, state.conn_id, 0, 0);
-            (*rec).key = RedKey {
-                tgid,
-                port: 0,
-                role: 0,
-                method: 0,
-                status: 0,
-                _pad: 0,
-                path_hash: hash,
-            };
-            (*rec).duration_ns = 0;
-            (*rec).what = red::PATH;
-            (*rec).path_len = len;
-            // One helper call: a copy loop here is walked by the verifier on every path.
-            let from = b.as_ptr().add((at as usize) & 15);
-            bpf_probe_read_kernel(
-                (*rec).path.as_mut_ptr().cast(),
-                red::PATH_LEN as u32,
-                from.cast(),
-            );
-        }
-        entry.submit(wake_flags(core::mem::size_of::<RedRecord>() as u64));
-        bump(counter::RECORDS_SENT);
-        let _ = PATHS.insert(known, 0, 0);
-    } else {
-        // Sent again with the next request of this path.
-        bump(counter::RINGBUF_FULL);
-    }
-    hash
+    ((hash ^ (hash >> 32)) as u32, len)
 }
 
 /// Counts the exchange in progress, ending at `end_ns` with `status`.

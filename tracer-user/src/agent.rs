@@ -102,6 +102,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None
     };
     let sample_in_kernel = args.kernel_sample_share()?;
+    let carry_decisions = match (&sample_in_kernel, args.no_tcp_option) {
+        (Some(_), false) => Some(match args.netns.as_deref() {
+            Some(path) => netns_cookie(path)?,
+            None => 0,
+        }),
+        _ => None,
+    };
     let offsets = btf::kernel_offsets().context("reading kernel structure offsets from BTF")?;
     let mut probes = Probes::load(
         &offsets,
@@ -113,6 +120,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             tls: !args.no_tls,
             metrics_only: args.metrics_only,
             sample_in_kernel,
+            carry_decisions,
         },
     )?;
     let ring = probes.take_ring_buffer()?;

@@ -289,6 +289,9 @@ fn probe_checks(report: &mut Report) {
         // here loads them either way.
         metrics_only: true,
         sample_in_kernel: Some(0.1),
+        // With the decisions made at writes' entries and their sock_ops carrier, where the
+        // capability allows.
+        carry_decisions: Some(0),
     };
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {

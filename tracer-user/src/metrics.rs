@@ -21,7 +21,7 @@ pub fn render(stats: &Stats) -> String {
     let k = *stats.kernel.lock().unwrap_or_else(|e| e.into_inner());
     let a = &stats.agent;
     let e = &stats.export;
-    let rows: [(&str, &str, u64); 34] = [
+    let rows: [(&str, &str, u64); 36] = [
         (
             "tracer_kernel_data_syscalls_total",
             "Data syscalls on tracked TCP connections",
@@ -76,6 +76,16 @@ pub fn render(stats: &Stats) -> String {
             "tracer_kernel_sample_calls_marked_total",
             "Calls made while their process served kept and dropped requests that neither rule decided: recorded, linked only by a forwarded header (--sample-in-kernel)",
             k.get(c::CALLS_MARKED),
+        ),
+        (
+            "tracer_kernel_sample_decisions_sent_total",
+            "Calls' decisions written into a TCP option for their server end on another host (--sample-in-kernel)",
+            k.get(c::DECISIONS_SENT),
+        ),
+        (
+            "tracer_kernel_sample_decisions_received_total",
+            "Decisions read from the TCP option of a request from another host, taken by its server end here (--sample-in-kernel)",
+            k.get(c::DECISIONS_RECEIVED),
         ),
         (
             "tracer_tls_records_total",

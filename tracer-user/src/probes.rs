@@ -72,6 +72,9 @@ pub struct LoadOptions {
     /// `--sample-in-kernel`: HTTP/1 exchanges counted in the kernel, and this share of them
     /// recorded too.
     pub sample_in_kernel: Option<f64>,
+    /// With `sample_in_kernel`: carry calls' decisions to other hosts in a TCP option, on the
+    /// connections of the namespace with this cookie (0: all). See tracer-ebpf's `carry.rs`.
+    pub carry_decisions: Option<u64>,
 }
 
 /// What the context injector needs to know (see tracer-ebpf's `inject.rs`).
@@ -337,6 +340,23 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(u
     Ok((2, outgoing_ebpf))
 }
 
+/// Loads `carry_decisions` (sock_ops, tracer-ebpf's `carry.rs`) and attaches it to the cgroup
+/// v2 root, where it sees every process's connections.
+fn attach_carrier(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let root = cgroup2_root()?;
+    let cgroup = std::fs::File::open(&root)
+        .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
+    let ops: &mut SockOps = ebpf
+        .program_mut("carry_decisions")
+        .context("program carry_decisions missing from the probes object")?
+        .try_into()?;
+    verified("carry_decisions", ops.load())?;
+    // A bpf link, as `track_outgoing`'s: one agent per namespace can each attach its own.
+    ops.attach(&cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching carry_decisions to the cgroup {}", root.display()))?;
+    Ok(())
+}
+
 /// The last lines of a verifier log: the rejection reason is at the end.
 fn verifier_tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
@@ -352,6 +372,22 @@ impl Probes {
         let sample_in_kernel = u32::from(opts.sample_in_kernel.is_some());
         // A 32-bit hash is kept below this; `as` saturates a share above 1.
         let keep_below = (opts.sample_in_kernel.unwrap_or(0.0) * 2f64.powi(32)) as u64;
+        // Decided before the maps are made (the flag is read-only data): the capability is
+        // what the attach below needs; a failure after this check only warns.
+        let carry_netns = opts.carry_decisions.unwrap_or(0);
+        let carry = u32::from(
+            opts.sample_in_kernel.is_some() && opts.carry_decisions.is_some() && {
+                let capable = net_admin_capable();
+                if !capable {
+                    log::warn!(
+                        "--sample-in-kernel: decisions are not carried to other hosts (the TCP \
+                         option needs CAP_NET_ADMIN); each host decides its part of a trace \
+                         alone. {NET_ADMIN_HOW}"
+                    );
+                }
+                capable
+            },
+        );
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
@@ -362,6 +398,8 @@ impl Probes {
             .override_global("RED_IN_KERNEL", &u32::from(red_in_kernel), true)
             .override_global("SAMPLE_IN_KERNEL", &sample_in_kernel, true)
             .override_global("KEEP_BELOW", &keep_below, true)
+            .override_global("CARRY_DECISIONS", &carry, true)
+            .override_global("CARRY_NETNS_COOKIE", &carry_netns, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
@@ -391,6 +429,15 @@ impl Probes {
                 .attach("syscalls", name)
                 .with_context(|| format!("attaching to the tracepoint syscalls:{name}"))?;
             attached += 1;
+        }
+        if carry != 0 {
+            match attach_carrier(&mut ebpf) {
+                Ok(()) => attached += 1,
+                Err(e) => log::warn!(
+                    "--sample-in-kernel: decisions are not carried to other hosts, each host \
+                     decides its part of a trace alone: {e:#}"
+                ),
+            }
         }
         let mut outgoing = None;
         if let Some(inject) = &opts.inject {

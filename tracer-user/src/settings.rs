@@ -198,6 +198,15 @@ pub struct AgentArgs {
     #[serde(default)]
     pub sample_in_kernel: bool,
 
+    /// With --sample-in-kernel: do not carry a call's decision to its server on another host
+    /// in a TCP option (kind 254, id 0x7472, on the segment with the request's first byte);
+    /// each host then decides its part of a trace by the request's sequence number alone. For
+    /// networks whose middleboxes drop segments with options they do not know. Carrying needs
+    /// CAP_NET_ADMIN; without it the agent warns and each host decides alone.
+    #[arg(long, requires = "sample_in_kernel")]
+    #[serde(default)]
+    pub no_tcp_option: bool,
+
     /// Do not read TLS plaintext. By default the agent puts uprobes on the OpenSSL libraries
     /// (libssl.so) processes load, and parses what `SSL_read`/`SSL_write` carry as it parses
     /// plaintext connections. See docs/USER_GUIDE.md, "TLS".
@@ -282,6 +291,7 @@ impl AgentArgs {
             metrics_only: self.metrics_only || file.metrics_only,
             sample: self.sample.or(file.sample),
             sample_in_kernel: self.sample_in_kernel || file.sample_in_kernel,
+            no_tcp_option: self.no_tcp_option || file.no_tcp_option,
             no_tls: self.no_tls || file.no_tls,
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,

@@ -76,10 +76,17 @@ pub fn summary(stats: &Stats) -> String {
     } else {
         String::new()
     };
+    // Only with --sample-in-kernel's decisions carried across hosts.
+    let (sent, received) = (k.get(c::DECISIONS_SENT), k.get(c::DECISIONS_RECEIVED));
+    let carried = if sent + received > 0 {
+        format!(" decisions_sent={sent} decisions_received={received}")
+    } else {
+        String::new()
+    };
     format!(
         "counters: syscalls={} records={} ringbuf_drops={} conn_table_drops={} entry_time_missed={} \
          exchanges={} spans={} unsampled={} spans_sent={} export_dropped={} (queue_full={} rejected={} shutdown={}) \
-         parse_failures={} heads_reused={} muted_connections={}{injection}",
+         parse_failures={} heads_reused={} muted_connections={}{injection}{carried}",
         k.get(c::DATA_SYSCALLS),
         a.records.load(Relaxed),
         k.get(c::RINGBUF_FULL),

@@ -428,3 +428,99 @@ fn four_hosts(inject: bool) {
         );
     }
 }
+
+/// `--sample-in-kernel` on every host: a call's decision travels to its server on the next
+/// host in a TCP option, so a request is kept whole or dropped whole. Deciding alone, each
+/// host after the first would keep a request's part by its own number: at 0.5, 0.5³ of the
+/// requests whole and most of the others in pieces.
+#[test]
+fn sampled_in_the_kernel_requests_are_kept_whole_across_four_hosts() {
+    require_root();
+    const SHARE: &str = "0.5";
+    let tracer = Path::new(env!("CARGO_BIN_EXE_tracer"));
+    let args: Vec<String> = ["--sample", SHARE, "--sample-in-kernel"]
+        .map(str::to_owned)
+        .into();
+    let opts = Options {
+        tracer: tracer.to_path_buf(),
+        collector: collector_bin(),
+        scratch: temp_dir("topology-sample-in-kernel"),
+        agent_args: ["client", "proxy", "service", "data"]
+            .iter()
+            .map(|h| (h.to_string(), args.clone()))
+            .collect(),
+        echo_logs: false,
+    };
+    let mut topo = Topology::start(&opts);
+    topo.start_peers(Arch::Threaded);
+    let load = topo.run_load(&LoadSpec {
+        concurrency: 8,
+        rate: 0.0,
+        seconds: 0.0,
+        count: 30,
+        pattern: "r".to_owned(),
+        tag: "k".to_owned(),
+    });
+    assert!(load.errors.is_empty(), "client errors: {:?}", load.errors);
+    let traces = topology::wait_for_traces(
+        topo.query_port,
+        &load,
+        0,
+        Duration::from_secs(6),
+        Duration::from_secs(40),
+        &mut |have, want, took| eprintln!("spans {have}/{want} (read in {took:?})"),
+    );
+    let score = topology::score(&load, &traces);
+    let n = score.requests;
+    let present = |f: &Found| f.spans.iter().filter(|s| s.is_some()).count();
+    let partial: Vec<&Found> = score
+        .found
+        .iter()
+        .filter(|f| (1..TREE.len()).contains(&present(f)))
+        .collect();
+    let logs: Vec<(String, String)> = topo.agents.drain(..).map(|(h, a)| (h, a.stop())).collect();
+    let counter = |host: &str, name: &str| -> u64 {
+        let log = &logs.iter().find(|(h, _)| h == host).unwrap().1;
+        log.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "{n} requests: {} whole, {} in pieces, {} wrong parents, {} orphans; decisions sent \
+         proxy {} service {}, received service {} data {}",
+        score.complete,
+        partial.len(),
+        score.wrong,
+        score.orphans,
+        counter("proxy", "decisions_sent"),
+        counter("service", "decisions_sent"),
+        counter("service", "decisions_received"),
+        counter("data", "decisions_received"),
+    );
+    for f in partial.iter().take(3) {
+        eprint!("{}", show(f));
+    }
+    assert_eq!(score.wrong, 0, "a wrong parent is worse than none");
+    // About half kept whole (the client's own number decides); the binomial's spread at 240
+    // requests is ±8%.
+    assert!(
+        (n * 3 / 10..=n * 7 / 10).contains(&score.complete),
+        "{} of {n} requests whole at a share of {SHARE}",
+        score.complete
+    );
+    assert!(
+        partial.len() * 20 <= n,
+        "{} of {n} requests kept in pieces",
+        partial.len()
+    );
+    // The decisions that differ from the next host's own number crossed in the option.
+    for (host, name) in [
+        ("proxy", "decisions_sent"),
+        ("service", "decisions_sent"),
+        ("service", "decisions_received"),
+        ("data", "decisions_received"),
+    ] {
+        assert!(counter(host, name) > 0, "{host}: {name} is 0");
+    }
+}
