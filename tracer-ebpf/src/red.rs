@@ -183,20 +183,7 @@ fn by_seq(seq: Option<u32>) -> u32 {
 #[inline(always)]
 fn call_decision(pid_tgid: u64, line: (u32, u32), by_seq: u32) -> u32 {
     const KEPT: u32 = data_flags::RED_COUNTED | data_flags::KEPT;
-    let tgid = (pid_tgid >> 32) as u32;
-    // `agent`: a request in flight, or ever, whose fate the agent decides.
-    let (kept, dropped, agent) = match SERVING.get_ptr(tgid) {
-        // SAFETY: a map value pointer; other CPUs change it with atomic adds.
-        Some(s) => unsafe {
-            (
-                core::ptr::read_volatile(&raw const (*s).kept),
-                core::ptr::read_volatile(&raw const (*s).dropped),
-                core::ptr::read_volatile(&raw const (*s).undecided)
-                    | core::ptr::read_volatile(&raw const (*s).unframed),
-            )
-        },
-        None => (0, 0, 0),
-    };
+    let (kept, dropped, agent) = serving_counts((pid_tgid >> 32) as u32);
     if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
     } else if dropped == 0 {
@@ -216,6 +203,24 @@ fn call_decision(pid_tgid: u64, line: (u32, u32), by_seq: u32) -> u32 {
     }
 }
 
+/// The requests process `tgid` is serving: kept, dropped, and (non-zero) whether any, in
+/// flight or ever, is one whose fate the agent decides.
+#[inline(always)]
+fn serving_counts(tgid: u32) -> (u64, u64, u64) {
+    match SERVING.get_ptr(tgid) {
+        // SAFETY: a map value pointer; other CPUs change it with atomic adds.
+        Some(s) => unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*s).kept),
+                core::ptr::read_volatile(&raw const (*s).dropped),
+                core::ptr::read_volatile(&raw const (*s).undecided)
+                    | core::ptr::read_volatile(&raw const (*s).unframed),
+            )
+        },
+        None => (0, 0, 0),
+    }
+}
+
 /// `--sample-in-kernel` with decisions carried across hosts (`carry.rs`): at the entry of a
 /// write that starts a call, the call's decision, taken by the write's exit (`decide`). The
 /// segment with the request's first byte is built inside the syscall, and the option that
@@ -229,6 +234,11 @@ pub(crate) fn decide_ahead(buffer: Buffer) {
     let Some((task, pid_tgid)) = caller() else {
         return;
     };
+    if serving_counts((pid_tgid >> 32) as u32) == (0, 0, 0) {
+        // A pure client's calls go by their number, which their server end reads too: the
+        // exit decides them (a load generator's writes cost one lookup here).
+        return;
+    }
     let regs = SyscallRegs::of(task);
     let key = conn_key((pid_tgid >> 32) as u32, regs.arg(0) as u32);
     let Some(state) = CONNS.get_ptr_mut(key) else {
