@@ -60,10 +60,11 @@ pub(crate) enum Source {
     Vector(u64, u64),
 }
 
-/// The user buffers of a data syscall, from its arguments. Read at exit: the kernel writes
-/// back into a `msghdr` only its lengths and flags, never `msg_iov`.
+/// The user buffers of a data syscall, from its arguments (`arg(n)`: the saved registers at
+/// exit, the tracepoint record at entry). Read at exit: the kernel writes back into a
+/// `msghdr` only its lengths and flags, never `msg_iov`.
 #[inline(always)]
-pub(crate) fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> Source {
+pub(crate) fn buffer_of(arg: impl Fn(usize) -> u64, buffer: Buffer) -> Source {
     // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov;
     //                      size_t msg_iovlen; ... }
     let msghdr = |at: u64| {
@@ -72,12 +73,12 @@ pub(crate) fn buffer_of(regs: SyscallRegs, buffer: Buffer) -> Source {
         Source::Vector(v[0], v[1])
     };
     match buffer {
-        Buffer::Plain => Source::Flat(regs.arg(1), regs.arg(2)),
-        Buffer::Iovec => Source::Vector(regs.arg(1), regs.arg(2)),
-        Buffer::Msghdr => msghdr(regs.arg(1)),
+        Buffer::Plain => Source::Flat(arg(1), arg(2)),
+        Buffer::Iovec => Source::Vector(arg(1), arg(2)),
+        Buffer::Msghdr => msghdr(arg(1)),
         // A datagram of a stub resolver's batch: one buffer (and each buffer copied costs the
         // verifier a walk of everything after, twice in these programs).
-        Buffer::Mmsg(n) => match msghdr(regs.arg(1) + n * MMSGHDR_SIZE) {
+        Buffer::Mmsg(n) => match msghdr(arg(1) + n * MMSGHDR_SIZE) {
             Source::Vector(iov, count) => Source::Vector(iov, if count > 1 { 1 } else { count }),
             flat => flat,
         },
@@ -268,7 +269,7 @@ pub(crate) fn on_data(
             state,
             pid_tgid,
             (dir, message_start),
-            || buffer_of(regs, buffer),
+            || buffer_of(|n| regs.arg(n), buffer),
             ret,
             (ts_enter, ts_exit),
         )
@@ -320,7 +321,7 @@ pub(crate) fn on_data(
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let source = buffer_of(regs, buffer);
+    let source = buffer_of(|n| regs.arg(n), buffer);
     // How much payload to copy: what moved, within this record, within the message's budget.
     let mut n = ret as u64;
     let budget = MESSAGE_CAPTURE_BUDGET.saturating_sub(state.message_captured) as u64;

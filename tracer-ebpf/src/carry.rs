@@ -6,7 +6,8 @@
 //!
 //! `carry_decisions` (sock_ops, on the cgroup v2 root; needs CAP_NET_ADMIN like the context
 //! injector) asks to be called as each segment of an outgoing connection is built and as a
-//! segment with an option the kernel does not know arrives on an accepted one. Sending, it
+//! segment with an option the kernel does not know arrives on an accepted one (not over
+//! loopback: both ends are on this host, where `FOLLOWED` hands the decision over). Sending, it
 //! looks up the segment's first sequence number (`snd_nxt` as new data is sent) in `FOLLOWED`,
 //! where the write's entry (red.rs, `decide_ahead`) put the call's decision; a retransmitted
 //! segment goes without (its server end then decides by the number). Receiving, the option
@@ -30,7 +31,11 @@ use aya_ebpf::{
 };
 use tracer_common::{counter, data_flags, red};
 
-use crate::{maps::*, red::edge_key};
+use crate::{
+    flow::{words, AF_INET6},
+    maps::*,
+    red::edge_key,
+};
 
 #[sock_ops]
 pub fn carry_decisions(ctx: SockOpsContext) -> u32 {
@@ -63,12 +68,29 @@ pub fn carry_decisions(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A new connection of the traced namespace: have this program called back with `flag`.
+/// A new connection of the traced namespace to or from another host: have this program
+/// called back with `flag`. Over loopback both ends are on this host, where `FOLLOWED` hands
+/// the decision over without an option.
 #[inline(always)]
 fn watch(ctx: &SockOpsContext, flag: u32) {
-    if ours(ctx) {
+    if ours(ctx) && !loopback(ctx) {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | flag) as i32);
     }
+}
+
+/// Whether the remote address is a loopback one (127.0.0.0/8, ::1, or ::ffff:127.x.y.z).
+#[inline(always)]
+fn loopback(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the context pointer is valid for this run.
+    let ops = unsafe { &*ctx.ops };
+    // Addresses in network order, read as little-endian words: the first byte is the lowest.
+    if ops.family != AF_INET6 {
+        return ops.remote_ip4 & 0xff == 127;
+    }
+    let a = words(&ops.remote_ip6);
+    a[0] == 0
+        && a[1] == 0
+        && ((a[2] == 0 && a[3] == 1u32.to_be()) || (a[2] == 0xffff_0000 && a[3] & 0xff == 127))
 }
 
 /// Whether the connection is in the traced namespace. A socket's callbacks run every program

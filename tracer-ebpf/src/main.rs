@@ -52,11 +52,11 @@ macro_rules! data_syscall {
     };
     ($enter:ident, $exit:ident, $sc:expr, $dir:expr, $buf:expr) => {
         #[tracepoint]
-        pub fn $enter(_ctx: TracePointContext) -> u32 {
+        pub fn $enter(ctx: TracePointContext) -> u32 {
             // Stamped first: the request starts when the write is issued.
             let r = stamp_entry();
             if !matches!($buf, Buffer::None) {
-                crate::red::decide_ahead($buf);
+                crate::red::decide_ahead(&ctx, $buf);
             }
             r
         }

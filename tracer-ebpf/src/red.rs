@@ -35,6 +35,7 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user as read_user_raw,
     },
+    programs::TracePointContext,
 };
 use tracer_common::{
     conn_key, counter, data_flags, direction, kind, red, serving, ConnState, RedKey, RedRecord,
@@ -43,7 +44,7 @@ use tracer_common::{
 
 use crate::{
     capture::{buffer_of, header, iovec, wake_flags, Buffer, Source},
-    kernel::{caller, read_at, SyscallRegs},
+    kernel::{caller, ctx_u64, read_at, ARG0},
     maps::*,
 };
 
@@ -227,20 +228,17 @@ fn serving_counts(tgid: u32) -> (u64, u64, u64) {
 /// carries a decision to its server end is written from `FOLLOWED` as it is: the exit would
 /// be too late. Only what a call's decision needs is read here; the framing stays the exit's.
 #[inline(always)]
-pub(crate) fn decide_ahead(buffer: Buffer) {
+pub(crate) fn decide_ahead(ctx: &TracePointContext, buffer: Buffer) {
     if !carrying_decisions() {
         return;
     }
-    let Some((task, pid_tgid)) = caller() else {
+    let Some((_, pid_tgid)) = caller() else {
         return;
     };
-    if serving_counts((pid_tgid >> 32) as u32) == (0, 0, 0) {
-        // A pure client's calls go by their number, which their server end reads too: the
-        // exit decides them (a load generator's writes cost one lookup here).
-        return;
-    }
-    let regs = SyscallRegs::of(task);
-    let key = conn_key((pid_tgid >> 32) as u32, regs.arg(0) as u32);
+    // The arguments from the tracepoint's record: loads, where the saved registers cost a
+    // helper call (every write pays for what runs before the connection's phase is known).
+    let arg = |n: usize| ctx_u64(ctx, ARG0 + 8 * n);
+    let key = conn_key((pid_tgid >> 32) as u32, arg(0) as u32);
     let Some(state) = CONNS.get_ptr_mut(key) else {
         return;
     };
@@ -254,10 +252,13 @@ pub(crate) fn decide_ahead(buffer: Buffer) {
         || state.direction == direction::EGRESS
         || state.muted != 0
         || state.datagram != 0
+        || serving_counts((pid_tgid >> 32) as u32) == (0, 0, 0)
     {
+        // Last: a pure client's calls go by their number, which their server end reads too,
+        // and the exit decides them.
         return;
     }
-    let Some(head) = first_bytes(buffer_of(regs, buffer), HEAD_BYTES as i64) else {
+    let Some(head) = first_bytes(buffer_of(arg, buffer), HEAD_BYTES as i64) else {
         return;
     };
     let Some((method, at)) = method_of(head) else {

@@ -366,18 +366,18 @@ fn feature_checks(report: &mut Report) {
         (true, Some(at)) => report.add(
             "sk_msg/sock_ops",
             Verdict::Ok,
-            format!("available with bpf_msg_push_data; cgroup v2 at {at} (--inject-context can run)"),
+            format!("available with bpf_msg_push_data; cgroup v2 at {at} (--inject-context can run, --sample-in-kernel can carry decisions across hosts)"),
         ),
         (true, None) => report.add_fix(
             "sk_msg/sock_ops",
             Verdict::Warn,
-            "the programs are available but no cgroup v2 hierarchy is mounted to attach sock_ops to: --inject-context cannot run",
+            "the programs are available but no cgroup v2 hierarchy is mounted to attach sock_ops to: --inject-context cannot run, --sample-in-kernel decides on each host alone",
             "mount one: sudo mount -t cgroup2 none /sys/fs/cgroup/unified",
         ),
         (false, _) => report.add(
             "sk_msg/sock_ops",
             Verdict::Warn,
-            "not available (or without bpf_msg_push_data): --inject-context cannot run here",
+            "not available (or without bpf_msg_push_data): --inject-context cannot run here, --sample-in-kernel decides on each host alone",
         ),
     }
     match is_map_supported(MapType::RingBuf) {

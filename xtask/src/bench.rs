@@ -1422,12 +1422,14 @@ fn print_kernel_cost(syscall: &KernelCost) {
 
 /// Total run time of the agent's probe programs (`bpftool prog show`), nanoseconds.
 pub(crate) fn program_time_ns() -> Option<f64> {
-    Some(syscall_programs()?.iter().map(|(_, ns)| ns).sum())
+    Some(probe_programs()?.iter().map(|(_, ns)| ns).sum())
 }
 
-/// The BPF programs loaded on syscall tracepoints (named `sys_enter_*` / `sys_exit_*`, as the
-/// agent's are), each with its run time in nanoseconds; `None` if bpftool is missing.
-fn syscall_programs() -> Option<Vec<(String, f64)>> {
+/// The agent's probe programs: those on syscall tracepoints (named `sys_enter_*` /
+/// `sys_exit_*`) and `--sample-in-kernel`'s sock_ops carrier (`carry_decisions`, cut to the
+/// kernel's 15 characters), each with its run time in nanoseconds; `None` if bpftool is
+/// missing.
+fn probe_programs() -> Option<Vec<(String, f64)>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -1443,7 +1445,10 @@ fn syscall_programs() -> Option<Vec<(String, f64)>> {
             Some(&rest[..end])
         };
         let Some(name) = field("name") else { continue };
-        if !name.starts_with("sys_enter_") && !name.starts_with("sys_exit_") {
+        if !["sys_enter_", "sys_exit_", "carry_decision"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
             continue;
         }
         let time = field("run_time_ns")
@@ -1478,7 +1483,7 @@ impl Drop for BpfStats {
 /// the probes' time. A run made with an agent left running reported untraced nginx at 60.6k req/s
 /// instead of 67.2k, and the probes at ~1,000 ns a syscall instead of ~770.
 fn check_no_syscall_probes() -> anyhow::Result<()> {
-    let Some(programs) = syscall_programs() else {
+    let Some(programs) = probe_programs() else {
         // bpftool is missing: the kernel figures say so where they need it.
         return Ok(());
     };
