@@ -410,6 +410,11 @@ pub struct ConnState {
     pub serving_tid: u32,
     /// Tracked since connect or accept: every byte of it was seen.
     pub from_start: u32,
+    /// Its `ConnRecord` was sent (or lost to a full ring). With the framing in the kernel
+    /// (`--metrics-only`, `--sample-in-kernel`) a connection other than its process's first is
+    /// announced before its first record only, so one whose exchanges were all counted in the
+    /// kernel costs no announcement and no `CloseRecord`.
+    pub announced: u32,
     /// `--metrics-only`: the HTTP/1 framing (`red::*` phase), the request in progress's role,
     /// method and path hash, and when it started.
     pub red_phase: u32,

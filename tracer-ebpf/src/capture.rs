@@ -277,6 +277,8 @@ pub(crate) fn on_data(
         state.direction = dir;
         return 0;
     }
+    // A record follows: the agent learns of the connection first.
+    announce(state, pid_tgid, fd);
     if message_start && state.accepted != 0 && inject_enabled() {
         if dir == direction::INGRESS {
             serving = serving_begins(state, pid_tgid as u32);

@@ -6,8 +6,10 @@
 //!
 //! `carry_decisions` (sock_ops, on the cgroup v2 root; needs CAP_NET_ADMIN like the context
 //! injector) asks to be called as each segment of an outgoing connection is built and as a
-//! segment with an option the kernel does not know arrives on an accepted one (not over
-//! loopback: both ends are on this host, where `FOLLOWED` hands the decision over). Sending, it
+//! segment with an option the kernel does not know arrives on an accepted one: only with
+//! remote addresses in `--tcp-option-networks` (a server outside the fleet has no agent to
+//! read it; a client outside could drop its own requests from the traces), and not over
+//! loopback (both ends are on this host, where `FOLLOWED` hands the decision over). Sending, it
 //! looks up the segment's first sequence number (`snd_nxt` as new data is sent) in `FOLLOWED`,
 //! where the write's entry (red.rs, `decide_ahead`) put the call's decision; a retransmitted
 //! segment goes without (its server end then decides by the number). Receiving, the option
@@ -33,6 +35,7 @@ use tracer_common::{counter, data_flags, red};
 
 use crate::{
     flow::{words, AF_INET6},
+    kernel::AF_INET,
     maps::*,
     red::edge_key,
 };
@@ -68,29 +71,51 @@ pub fn carry_decisions(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A new connection of the traced namespace to or from another host: have this program
-/// called back with `flag`. Over loopback both ends are on this host, where `FOLLOWED` hands
-/// the decision over without an option.
+/// A new connection of the traced namespace with a host it exchanges decisions with: have this
+/// program called back with `flag`.
 #[inline(always)]
 fn watch(ctx: &SockOpsContext, flag: u32) {
-    if ours(ctx) && !loopback(ctx) {
+    if ours(ctx) && exchanged_with(ctx) {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | flag) as i32);
     }
 }
 
-/// Whether the remote address is a loopback one (127.0.0.0/8, ::1, or ::ffff:127.x.y.z).
+/// Whether decisions are exchanged with the remote address: not a loopback one (127.0.0.0/8,
+/// ::1, ::ffff:127.x.y.z), and in `CARRY_NETS` unless `CARRY_EVERYWHERE`.
 #[inline(always)]
-fn loopback(ctx: &SockOpsContext) -> bool {
+fn exchanged_with(ctx: &SockOpsContext) -> bool {
     // SAFETY: the context pointer is valid for this run.
     let ops = unsafe { &*ctx.ops };
     // Addresses in network order, read as little-endian words: the first byte is the lowest.
-    if ops.family != AF_INET6 {
-        return ops.remote_ip4 & 0xff == 127;
+    let mut key = [0u8; 20];
+    if ops.family == AF_INET6 {
+        let a = words(&ops.remote_ip6);
+        let mapped = a[0] == 0 && a[1] == 0 && a[2] == 0xffff_0000;
+        if (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 1u32.to_be())
+            || (mapped && a[3] & 0xff == 127)
+        {
+            return false;
+        }
+        if mapped {
+            // A dual-stack socket's IPv4 peer: looked up as IPv4.
+            key[0] = AF_INET as u8;
+            key[4..8].copy_from_slice(&a[3].to_le_bytes());
+        } else {
+            key[0] = AF_INET6 as u8;
+            for (i, w) in a.iter().enumerate() {
+                key[4 + 4 * i..8 + 4 * i].copy_from_slice(&w.to_le_bytes());
+            }
+        }
+    } else {
+        if ops.remote_ip4 & 0xff == 127 {
+            return false;
+        }
+        key[0] = AF_INET as u8;
+        key[4..8].copy_from_slice(&ops.remote_ip4.to_le_bytes());
     }
-    let a = words(&ops.remote_ip6);
-    a[0] == 0
-        && a[1] == 0
-        && ((a[2] == 0 && a[3] == 1u32.to_be()) || (a[2] == 0xffff_0000 && a[3] & 0xff == 127))
+    // SAFETY: read_volatile: the agent rewrites the zero initialiser before load.
+    let everywhere = unsafe { core::ptr::read_volatile(&raw const CARRY_EVERYWHERE) } != 0;
+    everywhere || CARRY_NETS.get(TrustKey::new(160, key)).is_some()
 }
 
 /// Whether the connection is in the traced namespace. A socket's callbacks run every program

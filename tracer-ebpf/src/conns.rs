@@ -54,13 +54,40 @@ pub(crate) fn start_tracking(pid_tgid: u64, fd: u32, accepted: bool, from_start:
     state.from_start = u32::from(from_start);
     state.tuple = socket.tuple;
     state.comm = current_comm();
+    // With the framing in the kernel, announced before its first record, if it has one; but
+    // a process's first connection at once: the agent names the kernel's counts by process
+    // from it (a short-lived client is gone from /proc by the time the counts are read).
+    let now = !red_enabled() || ANNOUNCED_PROCESSES.get_ptr(tgid).is_none();
+    if now && red_enabled() {
+        let _ = ANNOUNCED_PROCESSES.insert(tgid, 0, 0);
+    }
+    state.announced = u32::from(now);
     // By reference: a copy of the value would go on the stack.
     #[allow(clippy::needless_borrows_for_generic_args)]
     if CONNS.insert(key, &*state, 0).is_err() {
         bump(counter::CONN_TABLE_FULL);
         return false;
     }
-    // Lost when the ring is full; the agent then reads the same facts from CONNS.
+    if now {
+        send_announcement(state, pid_tgid, fd);
+    }
+    true
+}
+
+/// Announces the connection of `state` to the agent before its first record, if not yet (the
+/// framing in the kernel defers it: see `ConnState::announced`).
+#[inline(always)]
+pub(crate) fn announce(state: &mut ConnState, pid_tgid: u64, fd: u32) {
+    if state.announced == 0 {
+        state.announced = 1;
+        send_announcement(state, pid_tgid, fd);
+    }
+}
+
+/// The connection's `ConnRecord`. Lost when the ring is full; the agent then reads the same
+/// facts from CONNS.
+#[inline(always)]
+fn send_announcement(state: &ConnState, pid_tgid: u64, fd: u32) {
     match EVENTS.reserve::<ConnRecord>(0) {
         Some(mut entry) => {
             let ts = state.conn_id;
@@ -77,7 +104,6 @@ pub(crate) fn start_tracking(pid_tgid: u64, fd: u32, accepted: bool, from_start:
         }
         None => bump(counter::RINGBUF_FULL),
     }
-    true
 }
 
 /// `fd` was released (close, or replaced by dup2/dup3): forget it, and tell the agent if it
@@ -92,17 +118,18 @@ pub(crate) fn on_close(pid_tgid: u64, fd: u32) -> u32 {
     // Only the fields needed, read before the entry goes (not the whole ~140-byte state
     // copied out to the stack).
     // SAFETY: a map value pointer, valid for this run; the entry is removed after the reads.
-    let (conn_id, muted) = unsafe {
+    let (conn_id, muted, announced) = unsafe {
         if inject_enabled() {
             crate::inject::serving_ends(&mut *state);
         }
         if red_enabled() {
             crate::red::on_close(&mut *state, pid_tgid);
         }
-        ((*state).conn_id, (*state).muted)
+        ((*state).conn_id, (*state).muted, (*state).announced)
     };
     let _ = CONNS.remove(key);
-    if muted != 0 {
+    if muted != 0 || announced == 0 {
+        // Muted, or never announced: the agent holds nothing of it.
         return 0;
     }
     let now = unsafe { bpf_ktime_get_ns() };

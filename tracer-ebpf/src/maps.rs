@@ -72,10 +72,24 @@ pub(crate) static CARRY_DECISIONS: u32 = 0;
 #[no_mangle]
 pub(crate) static CARRY_NETNS_COOKIE: u64 = 0;
 
+/// Non-zero when decisions are exchanged with every remote address, else only with those in
+/// `CARRY_NETS` (`--tcp-option-networks`).
+#[no_mangle]
+pub(crate) static CARRY_EVERYWHERE: u32 = 0;
+
+/// The networks decisions are exchanged with, keyed as `TRUSTED_NETS`.
+#[map]
+pub(crate) static CARRY_NETS: LpmTrie<[u8; 20], u8> = LpmTrie::with_max_entries(256, 0);
+
 #[inline(always)]
 pub(crate) fn carrying_decisions() -> bool {
     unsafe { core::ptr::read_volatile(&CARRY_DECISIONS) != 0 }
 }
+
+/// With the framing in the kernel: the processes a connection was announced for (conns.rs);
+/// their later connections are announced before their first record only.
+#[map]
+pub(crate) static ANNOUNCED_PROCESSES: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// `--sample-in-kernel`: the framed requests each process is serving (red.rs), by tgid; the
 /// agent removes the entries of ended processes.

@@ -184,6 +184,7 @@ fn on_return(ret: i64, sc: u32) -> u32 {
     if state.tls_muted != 0 {
         return 0;
     }
+    announce(state, pid_tgid, fd);
     let dir = call.dir;
     let mut flags = data_flags::TLS;
     let mut seq = 0u32;

@@ -102,10 +102,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None
     };
     let sample_in_kernel = args.kernel_sample_share()?;
-    let carry_decisions = match (&sample_in_kernel, args.no_tcp_option) {
-        (Some(_), false) => Some(match args.netns.as_deref() {
-            Some(path) => netns_cookie(path)?,
-            None => 0,
+    let carry_decisions = match (&sample_in_kernel, args.tcp_option_networks()?) {
+        (Some(_), Some(networks)) => Some(probes::CarryOptions {
+            netns_cookie: match args.netns.as_deref() {
+                Some(path) => netns_cookie(path)?,
+                None => 0,
+            },
+            networks: match networks {
+                Trust::Networks(nets) => Some(nets),
+                _ => None,
+            },
         }),
         _ => None,
     };

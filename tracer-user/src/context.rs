@@ -101,6 +101,11 @@ pub enum Trust {
 impl Trust {
     /// `all`, `none`, or comma-separated CIDRs (a bare address is a /32 or /128).
     pub fn parse(s: &str) -> anyhow::Result<Trust> {
+        Self::parse_flag("--trust-context", s)
+    }
+
+    /// As `parse`, for the option `flag` (named in the errors).
+    pub fn parse_flag(flag: &str, s: &str) -> anyhow::Result<Trust> {
         match s.trim() {
             "all" => return Ok(Trust::All),
             "none" => return Ok(Trust::Nobody),
@@ -113,7 +118,9 @@ impl Trust {
                 None => (part, None),
             };
             let addr: IpAddr = addr.parse().with_context(|| {
-                format!("--trust-context: {part:?} is not an address or CIDR (use all, none or e.g. 10.0.0.0/8)")
+                format!(
+                    "{flag}: {part:?} is not an address or CIDR (use all, none or e.g. 10.0.0.0/8)"
+                )
             })?;
             let max = if addr.is_ipv4() { 32 } else { 128 };
             let bits = match bits {
@@ -121,13 +128,13 @@ impl Trust {
                     .parse::<u8>()
                     .ok()
                     .filter(|&b| b <= max)
-                    .with_context(|| format!("--trust-context: bad prefix length in {part:?}"))?,
+                    .with_context(|| format!("{flag}: bad prefix length in {part:?}"))?,
                 None => max,
             };
             nets.push((addr, bits));
         }
         if nets.is_empty() {
-            bail!("--trust-context is empty: use all, none or a list of CIDRs");
+            bail!("{flag} is empty: use all, none or a list of CIDRs");
         }
         Ok(Trust::Networks(nets))
     }

@@ -291,7 +291,11 @@ fn probe_checks(report: &mut Report) {
         sample_in_kernel: Some(0.1),
         // With the decisions made at writes' entries and their sock_ops carrier, where the
         // capability allows.
-        carry_decisions: Some(0),
+        carry_decisions: Some(crate::probes::CarryOptions {
+            netns_cookie: 0,
+            // A list (empty here), so the verifier walks the network lookup too.
+            networks: Some(Vec::new()),
+        }),
     };
     match Probes::load(&offsets, &options) {
         Ok(mut loaded) => {

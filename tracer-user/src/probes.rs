@@ -72,9 +72,17 @@ pub struct LoadOptions {
     /// `--sample-in-kernel`: HTTP/1 exchanges counted in the kernel, and this share of them
     /// recorded too.
     pub sample_in_kernel: Option<f64>,
-    /// With `sample_in_kernel`: carry calls' decisions to other hosts in a TCP option, on the
-    /// connections of the namespace with this cookie (0: all). See tracer-ebpf's `carry.rs`.
-    pub carry_decisions: Option<u64>,
+    /// With `sample_in_kernel`: carry calls' decisions to other hosts in a TCP option. See
+    /// tracer-ebpf's `carry.rs`.
+    pub carry_decisions: Option<CarryOptions>,
+}
+
+/// Where `--sample-in-kernel`'s TCP option is exchanged.
+pub struct CarryOptions {
+    /// The cookie of the namespace whose connections carry it; 0 for all.
+    pub netns_cookie: u64,
+    /// The remote networks it is written for and read from; `None` for every address.
+    pub networks: Option<Vec<(std::net::IpAddr, u8)>>,
 }
 
 /// What the context injector needs to know (see tracer-ebpf's `inject.rs`).
@@ -265,29 +273,7 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(u
     if !net_admin_capable() {
         bail!("--inject-context needs CAP_NET_ADMIN besides what the agent needs otherwise. {NET_ADMIN_HOW}");
     }
-    if !inject.trusted.is_empty() {
-        let mut nets: LpmTrie<_, [u8; 20], u8> = ebpf
-            .map_mut("TRUSTED_NETS")
-            .context("TRUSTED_NETS map missing")?
-            .try_into()?;
-        for &(ip, bits) in &inject.trusted {
-            let mut data = [0u8; 20];
-            let (family, addr_bits) = match ip {
-                std::net::IpAddr::V4(v4) => {
-                    data[4..8].copy_from_slice(&v4.octets());
-                    (libc::AF_INET as u8, 32)
-                }
-                std::net::IpAddr::V6(v6) => {
-                    data[4..20].copy_from_slice(&v6.octets());
-                    (libc::AF_INET6 as u8, 128)
-                }
-            };
-            data[0] = family;
-            let bits = u32::from(bits).min(addr_bits);
-            nets.insert(&Key::new(32 + bits, data), 1, 0)
-                .context("filling TRUSTED_NETS")?;
-        }
-    }
+    fill_networks(ebpf, "TRUSTED_NETS", &inject.trusted)?;
     // The injector's second half, reached by tail call (see tracer-ebpf's inject.rs).
     let finish: &mut SkMsg = ebpf
         .program_mut("inject_finish")
@@ -340,9 +326,45 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(u
     Ok((2, outgoing_ebpf))
 }
 
+/// Fills one of the probes' network tries (key: the address family in the first 32 bits, then
+/// the address, IPv4 in its first 4 bytes).
+fn fill_networks(
+    ebpf: &mut Ebpf,
+    name: &str,
+    networks: &[(std::net::IpAddr, u8)],
+) -> anyhow::Result<()> {
+    if networks.is_empty() {
+        return Ok(());
+    }
+    let mut trie: LpmTrie<_, [u8; 20], u8> = ebpf
+        .map_mut(name)
+        .with_context(|| format!("{name} map missing"))?
+        .try_into()?;
+    for &(ip, bits) in networks {
+        let mut data = [0u8; 20];
+        let (family, addr_bits) = match ip {
+            std::net::IpAddr::V4(v4) => {
+                data[4..8].copy_from_slice(&v4.octets());
+                (libc::AF_INET as u8, 32)
+            }
+            std::net::IpAddr::V6(v6) => {
+                data[4..20].copy_from_slice(&v6.octets());
+                (libc::AF_INET6 as u8, 128)
+            }
+        };
+        data[0] = family;
+        let bits = u32::from(bits).min(addr_bits);
+        trie.insert(&Key::new(32 + bits, data), 1, 0)
+            .with_context(|| format!("filling {name}"))?;
+    }
+    Ok(())
+}
+
 /// Loads `carry_decisions` (sock_ops, tracer-ebpf's `carry.rs`) and attaches it to the cgroup
-/// v2 root, where it sees every process's connections.
-fn attach_carrier(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+/// v2 root, where it sees every process's connections; `networks` are those it exchanges the
+/// option with (empty with `CARRY_EVERYWHERE`).
+fn attach_carrier(ebpf: &mut Ebpf, networks: &[(std::net::IpAddr, u8)]) -> anyhow::Result<()> {
+    fill_networks(ebpf, "CARRY_NETS", networks)?;
     let root = cgroup2_root()?;
     let cgroup = std::fs::File::open(&root)
         .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
@@ -374,7 +396,11 @@ impl Probes {
         let keep_below = (opts.sample_in_kernel.unwrap_or(0.0) * 2f64.powi(32)) as u64;
         // Decided before the maps are made (the flag is read-only data): the capability is
         // what the attach below needs; a failure after this check only warns.
-        let carry_netns = opts.carry_decisions.unwrap_or(0);
+        let carry_netns = opts.carry_decisions.as_ref().map_or(0, |c| c.netns_cookie);
+        let carry_everywhere = opts
+            .carry_decisions
+            .as_ref()
+            .map_or(0, |c| u32::from(c.networks.is_none()));
         let carry = u32::from(
             opts.sample_in_kernel.is_some() && opts.carry_decisions.is_some() && {
                 let capable = net_admin_capable();
@@ -400,6 +426,7 @@ impl Probes {
             .override_global("KEEP_BELOW", &keep_below, true)
             .override_global("CARRY_DECISIONS", &carry, true)
             .override_global("CARRY_NETNS_COOKIE", &carry_netns, true)
+            .override_global("CARRY_EVERYWHERE", &carry_everywhere, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("CONNS", opts.max_connections)
             .load(PROBES)
@@ -430,8 +457,8 @@ impl Probes {
                 .with_context(|| format!("attaching to the tracepoint syscalls:{name}"))?;
             attached += 1;
         }
-        if carry != 0 {
-            match attach_carrier(&mut ebpf) {
+        if let (1, Some(c)) = (carry, &opts.carry_decisions) {
+            match attach_carrier(&mut ebpf, c.networks.as_deref().unwrap_or_default()) {
                 Ok(()) => attached += 1,
                 Err(e) => log::warn!(
                     "--sample-in-kernel: decisions are not carried to other hosts, each host \

@@ -6,9 +6,15 @@ use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
 use crate::{
+    context::Trust,
     export::{self, ExportConfig, Protocol as ExportProtocol},
     protocol::{Protocol, Protocols},
 };
+
+/// Private and shared address space: where a fleet's hosts usually are, and no server
+/// outside it (`--tcp-option-networks`).
+pub const DEFAULT_TCP_OPTION_NETWORKS: &str =
+    "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7";
 
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -207,6 +213,14 @@ pub struct AgentArgs {
     #[serde(default)]
     pub no_tcp_option: bool,
 
+    /// With --sample-in-kernel: the networks the TCP option is exchanged with, `all`, or
+    /// comma-separated CIDRs: written only for servers, and read only from clients, whose
+    /// address is in one (a server outside the fleet has no agent to read it, and a client
+    /// outside could use it to keep its requests out of the traces).
+    /// [default: 10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7]
+    #[arg(long, value_name = "NETWORKS", requires = "sample_in_kernel")]
+    pub tcp_option_networks: Option<String>,
+
     /// Do not read TLS plaintext. By default the agent puts uprobes on the OpenSSL libraries
     /// (libssl.so) processes load, and parses what `SSL_read`/`SSL_write` carry as it parses
     /// plaintext connections. See docs/USER_GUIDE.md, "TLS".
@@ -292,6 +306,7 @@ impl AgentArgs {
             sample: self.sample.or(file.sample),
             sample_in_kernel: self.sample_in_kernel || file.sample_in_kernel,
             no_tcp_option: self.no_tcp_option || file.no_tcp_option,
+            tcp_option_networks: self.tcp_option_networks.or(file.tcp_option_networks),
             no_tls: self.no_tls || file.no_tls,
             clock_shift_ms: self.clock_shift_ms,
             record: self.record,
@@ -326,6 +341,21 @@ impl AgentArgs {
             bail!("--sample-in-kernel does not go with --inject-context (the injector needs every request the probes see)");
         }
         self.sample_share()
+    }
+
+    /// Where `--sample-in-kernel`'s TCP option is exchanged: `None` where it is not (without
+    /// sampling in the kernel, with `--no-tcp-option` or `--tcp-option-networks none`), else
+    /// the networks (`Trust::All`: every address).
+    pub fn tcp_option_networks(&self) -> anyhow::Result<Option<Trust>> {
+        let list = self
+            .tcp_option_networks
+            .as_deref()
+            .unwrap_or(DEFAULT_TCP_OPTION_NETWORKS);
+        let networks = Trust::parse_flag("--tcp-option-networks", list)?;
+        if !self.sample_in_kernel || self.no_tcp_option || networks == Trust::Nobody {
+            return Ok(None);
+        }
+        Ok(Some(networks))
     }
 
     /// The protocols `--protocols` names; all of them by default.
@@ -541,6 +571,45 @@ mod tests {
         .with_config_file()
         .unwrap_err();
         assert!(format!("{err:#}").contains("endpont"), "{err:#}");
+    }
+
+    /// `--sample-in-kernel`'s TCP option goes to private networks by default, everywhere with
+    /// `all`, nowhere with `none` or `--no-tcp-option`, and a bad list names the flag.
+    #[test]
+    fn the_tcp_option_goes_to_private_networks_by_default() {
+        let with = |no_tcp_option: bool, networks: Option<&str>| AgentArgs {
+            sample: Some(0.1),
+            sample_in_kernel: true,
+            no_tcp_option,
+            tcp_option_networks: networks.map(str::to_owned),
+            ..Default::default()
+        };
+        let Some(Trust::Networks(nets)) = with(false, None).tcp_option_networks().unwrap() else {
+            panic!("the default is a list of networks");
+        };
+        assert_eq!(nets.len(), 5);
+        assert!(nets.contains(&("10.0.0.0".parse().unwrap(), 8)));
+        assert_eq!(
+            with(false, Some("all")).tcp_option_networks().unwrap(),
+            Some(Trust::All)
+        );
+        assert_eq!(with(true, None).tcp_option_networks().unwrap(), None);
+        assert_eq!(
+            with(false, Some("none")).tcp_option_networks().unwrap(),
+            None
+        );
+        let err = with(false, Some("10.0.0.0/33"))
+            .tcp_option_networks()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--tcp-option-networks"),
+            "{err:#}"
+        );
+        let off = AgentArgs {
+            sample_in_kernel: false,
+            ..with(false, None)
+        };
+        assert_eq!(off.tcp_option_networks().unwrap(), None);
     }
 
     /// `--sample-in-kernel` takes its share from `--sample` (flag or file), says what is

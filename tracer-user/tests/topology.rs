@@ -435,12 +435,83 @@ fn four_hosts(inject: bool) {
 /// requests whole and most of the others in pieces.
 #[test]
 fn sampled_in_the_kernel_requests_are_kept_whole_across_four_hosts() {
+    let run = sampled_in_the_kernel(&[]);
+    let n = run.score.requests;
+    // About half kept whole (the client's own number decides); the binomial's spread at 240
+    // requests is ±8%.
+    assert!(
+        (n * 3 / 10..=n * 7 / 10).contains(&run.score.complete),
+        "{} of {n} requests whole at a share of {SHARE}",
+        run.score.complete
+    );
+    assert!(
+        run.partial * 20 <= n,
+        "{} of {n} requests kept in pieces",
+        run.partial
+    );
+    // The decisions that differ from the next host's own number crossed in the option, each
+    // read where it was sent to.
+    for (from, to) in [("proxy", "service"), ("service", "data")] {
+        let (sent, received) = (
+            run.counter(from, "decisions_sent"),
+            run.counter(to, "decisions_received"),
+        );
+        assert!(
+            sent > 0 && sent == received,
+            "{from} sent {sent} decisions, {to} received {received}"
+        );
+    }
+}
+
+/// Outside `--tcp-option-networks` (the test's hosts are in 10.201.0.0/16) nothing is written
+/// or read, and each host decides alone: pieces, never a wrong parent.
+#[test]
+fn the_tcp_option_stays_within_its_networks() {
+    let run = sampled_in_the_kernel(&["--tcp-option-networks", "192.168.0.0/16"]);
+    for host in ["proxy", "service", "data"] {
+        for name in ["decisions_sent", "decisions_received"] {
+            assert_eq!(run.counter(host, name), 0, "{host}: {name}");
+        }
+    }
+    assert!(
+        run.partial > run.score.requests / 5,
+        "{} of {} requests in pieces with each host deciding alone",
+        run.partial,
+        run.score.requests
+    );
+}
+
+const SHARE: &str = "0.5";
+
+/// One run of eight clients × 30 requests through the four hosts, every agent with
+/// `--sample SHARE --sample-in-kernel` and `extra`.
+struct SampledRun {
+    score: topology::Score,
+    /// Requests with some of their six spans but not all.
+    partial: usize,
+    /// Each agent's last log lines (its counters).
+    logs: Vec<(String, String)>,
+}
+
+impl SampledRun {
+    /// A counter from the agent's exit line (`name=N`; 0 when absent).
+    fn counter(&self, host: &str, name: &str) -> u64 {
+        let log = &self.logs.iter().find(|(h, _)| h == host).unwrap().1;
+        log.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn sampled_in_the_kernel(extra: &[&str]) -> SampledRun {
     require_root();
-    const SHARE: &str = "0.5";
     let tracer = Path::new(env!("CARGO_BIN_EXE_tracer"));
     let args: Vec<String> = ["--sample", SHARE, "--sample-in-kernel"]
-        .map(str::to_owned)
-        .into();
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
     let opts = Options {
         tracer: tracer.to_path_buf(),
         collector: collector_bin(),
@@ -471,56 +542,35 @@ fn sampled_in_the_kernel_requests_are_kept_whole_across_four_hosts() {
         &mut |have, want, took| eprintln!("spans {have}/{want} (read in {took:?})"),
     );
     let score = topology::score(&load, &traces);
-    let n = score.requests;
     let present = |f: &Found| f.spans.iter().filter(|s| s.is_some()).count();
-    let partial: Vec<&Found> = score
+    let pieces: Vec<&Found> = score
         .found
         .iter()
         .filter(|f| (1..TREE.len()).contains(&present(f)))
         .collect();
-    let logs: Vec<(String, String)> = topo.agents.drain(..).map(|(h, a)| (h, a.stop())).collect();
-    let counter = |host: &str, name: &str| -> u64 {
-        let log = &logs.iter().find(|(h, _)| h == host).unwrap().1;
-        log.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    eprintln!(
-        "{n} requests: {} whole, {} in pieces, {} wrong parents, {} orphans; decisions sent \
-         proxy {} service {}, received service {} data {}",
-        score.complete,
-        partial.len(),
-        score.wrong,
-        score.orphans,
-        counter("proxy", "decisions_sent"),
-        counter("service", "decisions_sent"),
-        counter("service", "decisions_received"),
-        counter("data", "decisions_received"),
-    );
-    for f in partial.iter().take(3) {
+    for f in pieces.iter().take(3) {
         eprint!("{}", show(f));
     }
-    assert_eq!(score.wrong, 0, "a wrong parent is worse than none");
-    // About half kept whole (the client's own number decides); the binomial's spread at 240
-    // requests is ±8%.
-    assert!(
-        (n * 3 / 10..=n * 7 / 10).contains(&score.complete),
-        "{} of {n} requests whole at a share of {SHARE}",
-        score.complete
+    let partial = pieces.len();
+    let logs = topo.agents.drain(..).map(|(h, a)| (h, a.stop())).collect();
+    let run = SampledRun {
+        score,
+        partial,
+        logs,
+    };
+    eprintln!(
+        "{extra:?}: {} requests, {} whole, {} in pieces, {} wrong parents, {} orphans; decisions \
+         sent proxy {} service {}, received service {} data {}",
+        run.score.requests,
+        run.score.complete,
+        run.partial,
+        run.score.wrong,
+        run.score.orphans,
+        run.counter("proxy", "decisions_sent"),
+        run.counter("service", "decisions_sent"),
+        run.counter("service", "decisions_received"),
+        run.counter("data", "decisions_received"),
     );
-    assert!(
-        partial.len() * 20 <= n,
-        "{} of {n} requests kept in pieces",
-        partial.len()
-    );
-    // The decisions that differ from the next host's own number crossed in the option.
-    for (host, name) in [
-        ("proxy", "decisions_sent"),
-        ("service", "decisions_sent"),
-        ("service", "decisions_received"),
-        ("data", "decisions_received"),
-    ] {
-        assert!(counter(host, name) > 0, "{host}: {name} is 0");
-    }
+    assert_eq!(run.score.wrong, 0, "a wrong parent is worse than none");
+    run
 }
