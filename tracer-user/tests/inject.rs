@@ -17,11 +17,16 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Mutex,
     time::Duration,
 };
 
 use support::*;
 use tracer_test_support::topology::{peers_dir, python};
+
+/// One test at a time: each agent injects into every namespace's new connections, so one
+/// test's agent would change the connections another opens before its own agent starts.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -116,6 +121,7 @@ fn run_client(port: u16, scenario: &str, out: &Path) {
 
 #[test]
 fn only_request_heads_change_and_only_by_one_line() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
     let dir = temp_dir("inject-wire");
     let sink_dir = dir.join("sink");
@@ -235,6 +241,7 @@ fn start_python(label: &str, python: &Path, script: &str, args: &[&str]) -> Proc
 
 #[test]
 fn an_sdk_instrumented_service_joins_the_callers_trace() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
     let receiver = OtlpReceiver::start(free_port());
     let (sdk_port, caller_port) = (free_port(), free_port());
@@ -325,6 +332,7 @@ fn an_sdk_instrumented_service_joins_the_callers_trace() {
 
 #[test]
 fn large_responses_pass_a_proxy_in_the_sockmap_intact() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
     let dir = temp_dir("inject-nginx");
     // nginx passes the path on: /slow/big.bin upstream.
