@@ -12,7 +12,8 @@
 //! loopback (both ends are on this host, where `FOLLOWED` hands the decision over). Sending, it
 //! looks up the segment's first sequence number (`snd_nxt` as new data is sent) in `FOLLOWED`,
 //! where the write's entry (red.rs, `decide_ahead`) put the call's decision; a retransmitted
-//! segment goes without (its server end then decides by the number). Receiving, the option
+//! segment goes without (its server end then decides by the number), and so does one too full
+//! for the option within the MSS, which the kernel sizes without it. Receiving, the option
 //! names the request's first sequence number itself, so a segment split by GSO, each part
 //! with a copy of the option, inserts the same entry.
 //!
@@ -129,13 +130,18 @@ fn ours(ctx: &SockOpsContext) -> bool {
 }
 
 /// The decision to send on the segment being built, with the sequence number it starts at:
-/// new data starting where a call's request starts.
+/// new data starting where a call's request starts, in a segment with room for the option.
 #[inline(always)]
 fn outgoing(ctx: &SockOpsContext) -> Option<(u32, u32)> {
     // SAFETY: the context pointer is valid for this run; `skb_len` is 0 without a segment
-    // (a size query) and for a segment without data.
-    let (len, seq) = unsafe { ((*ctx.ops).skb_len, (*ctx.ops).snd_nxt) };
-    if len == 0 {
+    // (the kernel sizing its options for the MSS: ours are left out of it) and for a segment
+    // without data.
+    let (len, seq, mss) = unsafe { ((*ctx.ops).skb_len, (*ctx.ops).snd_nxt, (*ctx.ops).mss_cache) };
+    // The MSS leaves no room for more options: a segment with less data than it by the whole
+    // option space (40 bytes) carries ours within the path's MTU whatever else it carries
+    // (SACK blocks). A request whose first segment is fuller goes without, and its server
+    // end decides by the number.
+    if len == 0 || len + 40 > mss {
         return None;
     }
     let key = edge_key(seq, ctx.local_port() as u16, remote_port(ctx));
