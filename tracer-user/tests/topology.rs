@@ -10,13 +10,17 @@ mod support;
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use support::collector_bin;
+use support::{collector_bin, Agent, OtlpReceiver};
 use tracer_test_support::{
+    free_port,
+    netns::Hosts,
     require_root, temp_dir,
-    topology::{self, Arch, Found, JSpan, LoadSpec, Options, Topology, TREE},
+    topology::{self, peers_dir, Arch, Found, JSpan, LoadSpec, Options, Topology, TREE},
+    wait_for, Proc,
 };
 
 /// How far a server span's end may pass its client's on one clock: the write's exit probe runs
@@ -573,4 +577,128 @@ fn sampled_in_the_kernel(extra: &[&str]) -> SampledRun {
     );
     assert_eq!(run.score.wrong, 0, "a wrong parent is worse than none");
     run
+}
+
+/// The option over IPv6: a thread-per-request Python service in one namespace calling a
+/// server in another at fd00:201::2 (in the default networks, fc00::/7). Every call the caller's
+/// agent exported has its server span in the callee's export, and no other.
+#[test]
+fn the_tcp_option_crosses_ipv6() {
+    require_root();
+    let hosts = Hosts::create(&["caller", "callee"]);
+    let (a, b) = (hosts.host("caller"), hosts.host("callee"));
+    for (h, n) in [(a, 1), (b, 2)] {
+        let ok = Command::new("ip")
+            .args(["-n", &h.netns, "addr", "add", &format!("fd00:201::{n}/64")])
+            .args(["dev", "eth0", "nodad"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "adding an IPv6 address to {}", h.name);
+    }
+    let receiver = OtlpReceiver::start(free_port());
+    let endpoint = receiver.endpoint();
+    let agents: Vec<Agent> = [a, b]
+        .iter()
+        .map(|h| {
+            let netns = h.netns_path();
+            Agent::start(&[
+                "--netns",
+                netns.to_str().unwrap(),
+                "--endpoint",
+                &endpoint,
+                "--metrics-addr",
+                "off",
+                "--batch-timeout-ms",
+                "100",
+                "--sample",
+                SHARE,
+                "--sample-in-kernel",
+            ])
+        })
+        .collect();
+    let quiet = |mut c: Command| {
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Proc(c.spawn().expect("starting a peer"))
+    };
+    // The files the calls ask for (urllib raises on a 404, and the caller answers nothing).
+    let files = temp_dir("ipv6-files");
+    std::fs::create_dir_all(files.join("v6")).unwrap();
+    for i in 0..40 {
+        std::fs::write(files.join("v6").join(i.to_string()), b"ok").unwrap();
+    }
+    let mut server = b.command("python3");
+    server
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "fd00:201::2",
+            "8081",
+            "--directory",
+        ])
+        .arg(&files);
+    let _server = quiet(server);
+    let mut caller = a.command("python3");
+    caller
+        .arg(peers_dir().join("plain_caller.py"))
+        .args(["8080", "http://[fd00:201::2]:8081"]);
+    let _caller = quiet(caller);
+    b.wait_listening("[fd00:201::2]:8081".parse().unwrap(), "the IPv6 server");
+    a.wait_listening("127.0.0.1:8080".parse().unwrap(), "the caller");
+    for i in 0..40 {
+        let ok = a
+            .command("curl")
+            .args(["-sSf", "-o", "/dev/null", "-m", "5"])
+            .arg(format!("http://127.0.0.1:8080/v6/{i}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "request {i}");
+    }
+    let edges = |kind: i32, side: &str| -> HashSet<String> {
+        receiver
+            .spans()
+            .iter()
+            .filter(|s| {
+                s.span.kind == kind
+                    && s.str_attr(side).as_deref() == Some("fd00:201::2")
+                    && s.str_attr("url.path")
+                        .is_some_and(|p| p.starts_with("/v6/"))
+            })
+            .filter_map(|s| s.str_attr("tracer.tcp.edge"))
+            .collect()
+    };
+    // CLIENT spans name the callee as their peer, SERVER spans as their own address.
+    let (mut calls, mut served) = (HashSet::new(), HashSet::new());
+    wait_for("both agents' spans", Duration::from_secs(10), || {
+        calls = edges(3, "network.peer.address");
+        served = edges(2, "network.local.address");
+        !calls.is_empty() && calls == served
+    });
+    let logs: Vec<String> = agents.into_iter().map(Agent::stop).collect();
+    let counter = |log: &str, name: &str| -> u64 {
+        log.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, received) = (
+        counter(&logs[0], "decisions_sent"),
+        counter(&logs[1], "decisions_received"),
+    );
+    eprintln!(
+        "IPv6: {} calls kept, their server spans {}; decisions sent {sent}, received {received}",
+        calls.len(),
+        served.len()
+    );
+    assert!(
+        sent > 0 && sent == received,
+        "sent {sent}, received {received}"
+    );
+    assert!(
+        calls.len() < 40,
+        "{} of 40 calls kept at {SHARE}",
+        calls.len()
+    );
 }
