@@ -6,7 +6,9 @@
 //! (`bpf_task_pt_regs`), so nothing has to be carried from entry to exit; for a TCP socket it
 //! copies a bounded prefix of what was actually moved into one ring-buffer record stamped with
 //! kernel timestamps. Entry probes exist only for writes, to stamp when a request starts, in a
-//! per-CPU slot. The agent reassembles messages and pairs requests with responses.
+//! per-CPU slot (and, with `--sample-in-kernel`'s carrier, to decide a call before its first
+//! segment leaves: red.rs, `decide_ahead`). The agent reassembles messages and pairs requests
+//! with responses.
 //!
 //! Measured on this project's 2-core test VM (docs/ARCHITECTURE.md): the previous design, an
 //! in-flight hash table filled on every entry and emptied on every exit, was a third of the

@@ -159,13 +159,19 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     }
     let keep = call_decision(pid_tgid, (state.red_method, state.red_path_hash), by_seq);
     state.red_keep = keep;
+    if let Some(seq) = seq {
+        hand_over(state, seq, keep, by_seq);
+    }
+}
+
+/// A call decided `keep` rather than `by_seq`: its server end follows this decision, from
+/// `FOLLOWED` on this host, from the TCP option it carries there (`carry.rs`) on another (a
+/// marked call's too: recorded, it is left to the agent, not kept by the number).
+#[inline(always)]
+fn hand_over(state: &ConnState, seq: u32, keep: u32, by_seq: u32) {
     if keep != by_seq {
-        // The server end, if on this host, follows this decision rather than the number
-        // (a marked call's too: recorded, it is left to the agent, not kept by the number).
-        if let Some(seq) = seq {
-            let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
-            let _ = FOLLOWED.insert(key, keep, 0);
-        }
+        let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
+        let _ = FOLLOWED.insert(key, keep, 0);
     }
 }
 
@@ -264,19 +270,15 @@ pub(crate) fn decide_ahead(ctx: &TracePointContext, buffer: Buffer) {
     let Some((method, at)) = method_of(head) else {
         return;
     };
-    // SAFETY: a kernel read through a checked helper; before the write, `write_seq` is the
-    // number of its first byte.
-    let Some(seq) = (unsafe { read_at::<u32>(state.sk, offsets().tcp_write_seq) }) else {
+    // Before the write nothing of it has moved: `write_seq` is the number of its first byte.
+    let Some(seq) = request_seq(state, direction::EGRESS, 0) else {
         return;
     };
     let by_seq = by_seq(Some(seq));
     let keep = call_decision(pid_tgid, (method, path_hash(head, at).0), by_seq);
     state.red_ahead = keep | red::AHEAD;
     state.red_ahead_seq = seq;
-    if keep != by_seq {
-        let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
-        let _ = FOLLOWED.insert(key, keep, 0);
-    }
+    hand_over(state, seq, keep, by_seq);
 }
 
 /// A call made while its process serves kept and dropped requests: the decision of the one it

@@ -104,10 +104,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let sample_in_kernel = args.kernel_sample_share()?;
     let carry_decisions = match (&sample_in_kernel, args.tcp_option_networks()?) {
         (Some(_), Some(networks)) => Some(probes::CarryOptions {
-            netns_cookie: match args.netns.as_deref() {
-                Some(path) => netns_cookie(path)?,
-                None => 0,
-            },
+            netns_cookie: netns_cookie(args.netns.as_deref())?,
             networks: match networks {
                 Trust::Networks(nets) => Some(nets),
                 _ => None,
@@ -341,10 +338,7 @@ fn inject_options(
     netns: Option<&std::path::Path>,
     trust: &Trust,
 ) -> anyhow::Result<probes::InjectOptions> {
-    let netns_cookie = match netns {
-        Some(path) => netns_cookie(path)?,
-        None => 0,
-    };
+    let netns_cookie = netns_cookie(netns)?;
     let (trust, trusted) = match trust {
         Trust::All => (1, Vec::new()),
         Trust::Nobody => (0, Vec::new()),
@@ -357,11 +351,14 @@ fn inject_options(
     })
 }
 
-/// The cookie of a network namespace (`SO_NETNS_COOKIE` of a socket made inside it, Linux
-/// 5.14+): how sock_ops programs name a namespace. Made on a thread of its own, which enters
-/// the namespace and ends.
-fn netns_cookie(path: &std::path::Path) -> anyhow::Result<u64> {
+/// The cookie of the `--netns` namespace (`SO_NETNS_COOKIE` of a socket made inside it, Linux
+/// 5.14+): how sock_ops programs name a namespace; 0 (every namespace) without one. Made on a
+/// thread of its own, which enters the namespace and ends.
+fn netns_cookie(netns: Option<&std::path::Path>) -> anyhow::Result<u64> {
     use std::os::fd::AsRawFd as _;
+    let Some(path) = netns else {
+        return Ok(0);
+    };
     let ns = std::fs::File::open(path)
         .with_context(|| format!("--netns {}: cannot open it", path.display()))?;
     let cookie = std::thread::scope(|scope| {

@@ -311,19 +311,26 @@ fn attach_injector(ebpf: &mut Ebpf, inject: &InjectOptions) -> anyhow::Result<(u
     verified("inject_context", msg.load())?;
     msg.attach(&outgoing_fd)
         .context("attaching inject_context to the OUTGOING sockhash")?;
+    attach_sock_ops(&mut outgoing_ebpf, "track_outgoing")?;
+    Ok((2, outgoing_ebpf))
+}
+
+/// Loads the sock_ops program `name` of `ebpf` and attaches it to the cgroup v2 root, where it
+/// sees every process's connections.
+fn attach_sock_ops(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
     let root = cgroup2_root()?;
     let cgroup = std::fs::File::open(&root)
         .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
-    let ops: &mut SockOps = outgoing_ebpf
-        .program_mut("track_outgoing")
-        .context("program track_outgoing missing from the probes object")?
+    let ops: &mut SockOps = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the probes object"))?
         .try_into()?;
-    verified("track_outgoing", ops.load())?;
+    verified(name, ops.load())?;
     // A bpf link: flags must be 0 (links to one cgroup never exclude each other), so
     // "Single" here still lets several agents (one per namespace) attach.
     ops.attach(&cgroup, CgroupAttachMode::Single)
-        .with_context(|| format!("attaching track_outgoing to the cgroup {}", root.display()))?;
-    Ok((2, outgoing_ebpf))
+        .with_context(|| format!("attaching {name} to the cgroup {}", root.display()))?;
+    Ok(())
 }
 
 /// Fills one of the probes' network tries (key: the address family in the first 32 bits, then
@@ -360,23 +367,11 @@ fn fill_networks(
     Ok(())
 }
 
-/// Loads `carry_decisions` (sock_ops, tracer-ebpf's `carry.rs`) and attaches it to the cgroup
-/// v2 root, where it sees every process's connections; `networks` are those it exchanges the
-/// option with (empty with `CARRY_EVERYWHERE`).
+/// Attaches `carry_decisions` (sock_ops, tracer-ebpf's `carry.rs`); `networks` are those it
+/// exchanges the option with (empty with `CARRY_EVERYWHERE`).
 fn attach_carrier(ebpf: &mut Ebpf, networks: &[(std::net::IpAddr, u8)]) -> anyhow::Result<()> {
     fill_networks(ebpf, "CARRY_NETS", networks)?;
-    let root = cgroup2_root()?;
-    let cgroup = std::fs::File::open(&root)
-        .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
-    let ops: &mut SockOps = ebpf
-        .program_mut("carry_decisions")
-        .context("program carry_decisions missing from the probes object")?
-        .try_into()?;
-    verified("carry_decisions", ops.load())?;
-    // A bpf link, as `track_outgoing`'s: one agent per namespace can each attach its own.
-    ops.attach(&cgroup, CgroupAttachMode::Single)
-        .with_context(|| format!("attaching carry_decisions to the cgroup {}", root.display()))?;
-    Ok(())
+    attach_sock_ops(ebpf, "carry_decisions")
 }
 
 /// The last lines of a verifier log: the rejection reason is at the end.
