@@ -38,7 +38,7 @@ use crate::{
     flow::{words, AF_INET6},
     kernel::AF_INET,
     maps::*,
-    red::edge_key,
+    red::{edge_key, follow, followed},
 };
 
 #[sock_ops]
@@ -145,8 +145,7 @@ fn outgoing(ctx: &SockOpsContext) -> Option<(u32, u32)> {
         return None;
     }
     let key = edge_key(seq, ctx.local_port() as u16, remote_port(ctx));
-    // SAFETY: a map value pointer, read at once.
-    let keep = unsafe { *FOLLOWED.get_ptr(key)? };
+    let keep = followed(key)?;
     ours(ctx).then_some((seq, keep))
 }
 
@@ -179,7 +178,7 @@ fn incoming(ctx: &SockOpsContext) {
     let seq = u32::from_be_bytes([opt[4], opt[5], opt[6], opt[7]]);
     let keep = u32::from_be_bytes([opt[8], opt[9], opt[10], opt[11]]) & data_flags::DECIDED;
     let key = edge_key(seq, remote_port(ctx), ctx.local_port() as u16);
-    let _ = FOLLOWED.insert(key, keep, 0);
+    follow(key, keep);
     bump(counter::DECISIONS_RECEIVED);
 }
 

@@ -96,13 +96,18 @@ pub(crate) static ANNOUNCED_PROCESSES: LruHashMap<u32, u8> = LruHashMap::with_ma
 #[map]
 pub(crate) static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(16384, 0);
 
-/// `--sample-in-kernel`: the framed requests each thread is serving (red.rs), by tid: a call
-/// made by a thread serving exactly one takes that request's decision, where its process's
-/// counts would only say "kept and dropped both in flight". An LRU: a thread's entry is not
-/// removed when it ends (its count is back to 0 by then).
+/// `--sample-in-kernel`: the framed requests each thread is serving (red.rs), in a slot by tid:
+/// a call made by a thread serving exactly one takes that request's decision, where its
+/// process's counts would only say "kept and dropped both in flight". An array, not a hash:
+/// a thread-per-connection server starts a thread a request, and an LRU hash's insert of each
+/// new thread cost more than the rest of the request's decision. A slot names its thread; a
+/// thread finding another's there takes it over, and the one it was taken from no longer
+/// finds itself there (its calls then follow no thread: a missing link, never another's).
 #[map]
-pub(crate) static THREAD_SERVING: LruHashMap<u32, ThreadServing> =
-    LruHashMap::with_max_entries(65536, 0);
+pub(crate) static THREAD_SERVING: Array<ThreadServing> = Array::with_max_entries(THREAD_SLOTS, 0);
+
+/// Slots of `THREAD_SERVING` (a power of two).
+pub(crate) const THREAD_SLOTS: u32 = 65536;
 
 /// A value of `THREAD_SERVING`.
 #[repr(C)]
@@ -118,7 +123,8 @@ pub(crate) struct ThreadServing {
     /// The thread's process: a process that ends while serving never answers, and its
     /// threads' numbers are given to other processes' threads later.
     pub(crate) tgid: u32,
-    pub(crate) _pad: u32,
+    /// The thread whose slot this is.
+    pub(crate) tid: u32,
 }
 
 /// `--sample-in-kernel`: the framed requests being served, counted by slot, a slot being a hash
@@ -136,9 +142,26 @@ pub(crate) const LINE_SLOTS: u32 = 16384;
 /// `--sample-in-kernel`: calls whose decision followed their parent rather than their own
 /// sequence number, for their server end on this host to take (red.rs), by sequence number and
 /// ports; and decisions read from the TCP option of a request from another host (carry.rs).
-/// Taken once; one never taken (its server end is elsewhere) ages out.
+/// Taken once; one never taken (its server end is elsewhere) is overwritten in time. An array
+/// of slots by a hash of the key, not an LRU hash: the LRU's insert cost a call's decision
+/// more than the rest of it. Two requests in flight in one slot lose the first's hand-over
+/// (its server end decides by the number: a trace in two pieces, never a wrong parent).
 #[map]
-pub(crate) static FOLLOWED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static FOLLOWED: Array<Followed> = Array::with_max_entries(FOLLOWED_SLOTS, 0);
+
+/// Slots of `FOLLOWED` (a power of two).
+pub(crate) const FOLLOWED_SLOTS: u32 = 16384;
+
+/// A slot of `FOLLOWED`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Followed {
+    /// The request's key (`red::edge_key`), 0 for none.
+    pub(crate) key: u64,
+    /// The decision (`data_flags`).
+    pub(crate) keep: u32,
+    pub(crate) _pad: u32,
+}
 
 /// `--metrics-only`: the histograms of the exchanges counted in the kernel (red.rs), per CPU.
 /// Full, an exchange goes to the agent as a record instead.

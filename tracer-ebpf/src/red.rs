@@ -140,9 +140,7 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         // Its client on this host may have followed a parent instead of the number.
         let followed = seq.and_then(|seq| {
             let key = edge_key(seq, state.tuple.remote_port, state.tuple.local_port);
-            // SAFETY: a map value pointer, read at once.
-            let flags = unsafe { *FOLLOWED.get_ptr(key)? };
-            let _ = FOLLOWED.remove(key);
+            let flags = take_followed(key)?;
             Some(flags & !(data_flags::MARKED | data_flags::BY_LINE))
         });
         let keep = followed.unwrap_or(by_seq);
@@ -157,7 +155,12 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
         state.red_keep = ahead & !red::AHEAD;
         return;
     }
-    let keep = call_decision(pid_tgid, (state.red_method, state.red_path_hash), by_seq);
+    let keep = call_decision(
+        pid_tgid,
+        (state.red_method, state.red_path_hash),
+        by_seq,
+        serving_counts((pid_tgid >> 32) as u32),
+    );
     state.red_keep = keep;
     if let Some(seq) = seq {
         hand_over(state, seq, keep, by_seq);
@@ -170,9 +173,65 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
 #[inline(always)]
 fn hand_over(state: &ConnState, seq: u32, keep: u32, by_seq: u32) {
     if keep != by_seq {
-        let key = edge_key(seq, state.tuple.local_port, state.tuple.remote_port);
-        let _ = FOLLOWED.insert(key, keep, 0);
+        follow(
+            edge_key(seq, state.tuple.local_port, state.tuple.remote_port),
+            keep,
+        );
     }
+}
+
+/// Leaves decision `keep` in `FOLLOWED` for the request `key`, in place of whatever its slot
+/// held. The key is cleared first and written last, so that a reader on another CPU that finds
+/// the key before and after reading the decision read this decision.
+#[inline(always)]
+pub(crate) fn follow(key: u64, keep: u32) {
+    let Some(slot) = FOLLOWED.get_ptr_mut(followed_slot(key)) else {
+        return;
+    };
+    // SAFETY: a map value pointer; volatile, so the three stores stay in this order.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).key, 0);
+        core::ptr::write_volatile(&raw mut (*slot).keep, keep);
+        core::ptr::write_volatile(&raw mut (*slot).key, key);
+    }
+}
+
+/// The decision left in `FOLLOWED` for the request `key`, if any.
+#[inline(always)]
+pub(crate) fn followed(key: u64) -> Option<u32> {
+    let slot = FOLLOWED.get_ptr(followed_slot(key))?;
+    // SAFETY: a map value pointer; see `follow` for the order.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*slot).key) != key {
+            return None;
+        }
+        let keep = core::ptr::read_volatile(&raw const (*slot).keep);
+        (core::ptr::read_volatile(&raw const (*slot).key) == key).then_some(keep)
+    }
+}
+
+/// The decision left in `FOLLOWED` for the request `key`, taken: a server end reads its
+/// request once.
+#[inline(always)]
+fn take_followed(key: u64) -> Option<u32> {
+    let keep = followed(key)?;
+    if let Some(slot) = FOLLOWED.get_ptr_mut(followed_slot(key)) {
+        // SAFETY: a map value pointer. Cleared only if still this key's (a compare and
+        // exchange would need a newer kernel than the probes ask for: a slot overwritten
+        // between the two lines loses that hand-over, as a slot shared does).
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*slot).key) == key {
+                core::ptr::write_volatile(&raw mut (*slot).key, 0);
+            }
+        }
+    }
+    Some(keep)
+}
+
+/// The `FOLLOWED` slot of a request key.
+#[inline(always)]
+fn followed_slot(key: u64) -> u32 {
+    mix((key >> 32) as u32 ^ mix(key as u32)) & (FOLLOWED_SLOTS - 1)
 }
 
 /// The decision by a request's first sequence number (`None`: unreadable, so kept: recorded,
@@ -188,9 +247,13 @@ fn by_seq(seq: Option<u32>) -> u32 {
 /// A call's decision (see the module comment), from what its process serves, its `line`
 /// (method and path hash) and its decision by number.
 #[inline(always)]
-fn call_decision(pid_tgid: u64, line: (u32, u32), by_seq: u32) -> u32 {
+fn call_decision(
+    pid_tgid: u64,
+    line: (u32, u32),
+    by_seq: u32,
+    (kept, dropped, agent): (u64, u64, u64),
+) -> u32 {
     const KEPT: u32 = data_flags::RED_COUNTED | data_flags::KEPT;
-    let (kept, dropped, agent) = serving_counts((pid_tgid >> 32) as u32);
     if kept == 0 && dropped == 0 && agent == 0 {
         by_seq
     } else if dropped == 0 {
@@ -258,10 +321,13 @@ pub(crate) fn decide_ahead(ctx: &TracePointContext, buffer: Buffer) {
         || state.direction == direction::EGRESS
         || state.muted != 0
         || state.datagram != 0
-        || serving_counts((pid_tgid >> 32) as u32) == (0, 0, 0)
     {
-        // Last: a pure client's calls go by their number, which their server end reads too,
-        // and the exit decides them.
+        return;
+    }
+    let counts = serving_counts((pid_tgid >> 32) as u32);
+    if counts == (0, 0, 0) {
+        // A pure client's calls go by their number, which their server end reads too, and
+        // the exit decides them.
         return;
     }
     let Some(head) = first_bytes(buffer_of(arg, buffer), HEAD_BYTES as i64) else {
@@ -275,7 +341,7 @@ pub(crate) fn decide_ahead(ctx: &TracePointContext, buffer: Buffer) {
         return;
     };
     let by_seq = by_seq(Some(seq));
-    let keep = call_decision(pid_tgid, (method, path_hash(head, at).0), by_seq);
+    let keep = call_decision(pid_tgid, (method, path_hash(head, at).0), by_seq, counts);
     state.red_ahead = keep | red::AHEAD;
     state.red_ahead_seq = seq;
     hand_over(state, seq, keep, by_seq);
@@ -299,15 +365,23 @@ fn own_request(pid_tgid: u64, line: (u32, u32)) -> Option<u32> {
 /// thread per request or per connection): the call is made for it.
 #[inline(always)]
 fn thread_decision(pid_tgid: u64) -> Option<u32> {
-    let t = THREAD_SERVING.get_ptr(pid_tgid as u32)?;
+    let tid = pid_tgid as u32;
+    let t = THREAD_SERVING.get_ptr(thread_slot(tid))?;
     // SAFETY: a map value pointer; other CPUs change `count` with atomic adds.
     unsafe {
         let count = core::ptr::read_volatile(&raw const (*t).count);
         (count == 1
             && core::ptr::read_volatile(&raw const (*t).known) != 0
+            && core::ptr::read_volatile(&raw const (*t).tid) == tid
             && core::ptr::read_volatile(&raw const (*t).tgid) == (pid_tgid >> 32) as u32)
             .then(|| core::ptr::read_volatile(&raw const (*t).keep))
     }
+}
+
+/// The `THREAD_SERVING` slot of thread `tid`.
+#[inline(always)]
+fn thread_slot(tid: u32) -> u32 {
+    tid & (THREAD_SLOTS - 1)
 }
 
 /// The decision of the one request in flight in the process whose method and path the call
@@ -405,41 +479,32 @@ fn enter_serving(state: &mut ConnState, pid_tgid: u64, keep: u32) {
         // SAFETY: as above.
         unsafe { add(serving_count(l, how), 1) };
     }
-    let t = match THREAD_SERVING.get_ptr_mut(tid) {
-        Some(t) => t,
-        None => {
-            let _ = THREAD_SERVING.insert(tid, NEW_THREAD, u64::from(BPF_NOEXIST));
-            let Some(t) = THREAD_SERVING.get_ptr_mut(tid) else {
-                return;
-            };
-            t
-        }
+    let Some(t) = THREAD_SERVING.get_ptr_mut(thread_slot(tid)) else {
+        return;
     };
-    // SAFETY: as above; `keep` and `conn_id` are written by this thread only, `known`
-    // cleared by the thread answering this request.
+    // SAFETY: a map value pointer; other CPUs change `count` with atomic adds. `keep` and
+    // `conn_id` are written by the slot's thread only, `known` cleared by the thread
+    // answering this request.
     unsafe {
-        if (*t).tgid != tgid {
-            // A number another process's thread had: what it counted never ends.
+        if (*t).tid != tid || (*t).tgid != tgid {
+            // Another thread's slot (one that ended, or one whose number shares it), or a
+            // number another process's thread had: what it counted is not this thread's.
             (*t).count = 0;
+            (*t).tid = tid;
             (*t).tgid = tgid;
         }
         add(&raw mut (*t).count, 1);
         (*t).keep = keep;
         (*t).conn_id = state.conn_id;
         (*t).known = 1;
+        if core::ptr::read_volatile(&raw const (*t).tid) != tid {
+            // Taken over by a thread sharing the slot, on another CPU, meanwhile: the
+            // decision written above may be read as that thread's.
+            (*t).known = 0;
+        }
     }
     state.serving_tid = tid;
 }
-
-/// A thread's `THREAD_SERVING` entry before its first request.
-const NEW_THREAD: ThreadServing = ThreadServing {
-    count: 0,
-    keep: 0,
-    known: 0,
-    conn_id: 0,
-    tgid: 0,
-    _pad: 0,
-};
 
 /// The count of `SERVING`'s entry `s` a request served `how` (`serving::*`, not `NONE`) is in.
 #[inline(always)]
@@ -492,11 +557,12 @@ fn leave_serving(state: &mut ConnState, pid_tgid: u64) {
         return;
     }
     state.serving_tid = 0;
-    if let Some(t) = THREAD_SERVING.get_ptr_mut(tid) {
+    if let Some(t) = THREAD_SERVING.get_ptr_mut(thread_slot(tid)) {
         // SAFETY: as above. The decision stays known only for a later request of the thread.
         unsafe {
-            if (*t).tgid != tgid {
-                // The thread ended and its number went to another process's thread.
+            if (*t).tid != tid || (*t).tgid != tgid {
+                // Taken over by another thread, or the thread ended and its number went to
+                // another process's thread.
                 return;
             }
             add(&raw mut (*t).count, u64::MAX);
