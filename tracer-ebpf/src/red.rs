@@ -214,18 +214,21 @@ pub(crate) fn followed(key: u64) -> Option<u32> {
 /// request once.
 #[inline(always)]
 fn take_followed(key: u64) -> Option<u32> {
-    let keep = followed(key)?;
-    if let Some(slot) = FOLLOWED.get_ptr_mut(followed_slot(key)) {
-        // SAFETY: a map value pointer. Cleared only if still this key's (a compare and
-        // exchange would need a newer kernel than the probes ask for: a slot overwritten
-        // between the two lines loses that hand-over, as a slot shared does).
-        unsafe {
-            if core::ptr::read_volatile(&raw const (*slot).key) == key {
-                core::ptr::write_volatile(&raw mut (*slot).key, 0);
-            }
+    let slot = FOLLOWED.get_ptr_mut(followed_slot(key))?;
+    // SAFETY: a map value pointer; see `follow` for the order. Cleared without a compare and
+    // exchange (a newer kernel than the probes ask for): a slot overwritten between the reads
+    // and the clearing loses that hand-over, as a slot shared does.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*slot).key) != key {
+            return None;
         }
+        let keep = core::ptr::read_volatile(&raw const (*slot).keep);
+        if core::ptr::read_volatile(&raw const (*slot).key) != key {
+            return None;
+        }
+        core::ptr::write_volatile(&raw mut (*slot).key, 0);
+        Some(keep)
     }
-    Some(keep)
 }
 
 /// The `FOLLOWED` slot of a request key.
