@@ -284,6 +284,11 @@ pub mod red {
     /// `ConnState::red_ahead`: set beside a decision made at a write's entry.
     pub const AHEAD: u32 = 1 << 31;
 
+    /// `ConnState::red_ahead`: where the counter of the rule that made the decision is kept
+    /// (5 bits, 0 for none), counted when the write's exit takes the decision: a write that
+    /// fails and is retried decides again at its next entry.
+    pub const AHEAD_RULE_SHIFT: u32 = 24;
+
     /// The TCP option that carries a call's decision to its server end on another host
     /// (RFC 6994's shared experimental kind, this project's 16-bit id, the request's first
     /// sequence number and the `data_flags::DECIDED` flags, both big-endian).

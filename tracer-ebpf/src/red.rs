@@ -152,15 +152,17 @@ fn decide(state: &mut ConnState, pid_tgid: u64, dir: u32, ret: i64) {
     state.red_ahead = 0;
     if ahead & red::AHEAD != 0 && seq == Some(state.red_ahead_seq) {
         // Decided at the write's entry, which told the server end already.
-        state.red_keep = ahead & !red::AHEAD;
+        state.red_keep = ahead & data_flags::DECIDED;
+        count_rule((ahead >> red::AHEAD_RULE_SHIFT) & 31);
         return;
     }
-    let keep = call_decision(
+    let (keep, rule) = call_decision(
         pid_tgid,
         (state.red_method, state.red_path_hash),
         by_seq,
         serving_counts((pid_tgid >> 32) as u32),
     );
+    count_rule(rule);
     state.red_keep = keep;
     if let Some(seq) = seq {
         hand_over(state, seq, keep, by_seq);
@@ -248,31 +250,42 @@ fn by_seq(seq: Option<u32>) -> u32 {
 }
 
 /// A call's decision (see the module comment), from what its process serves, its `line`
-/// (method and path hash) and its decision by number.
+/// (method and path hash) and its decision by number; and the counter of the rule that made
+/// it, if one of those counted (0 otherwise), for the caller to count once the decision holds.
 #[inline(always)]
 fn call_decision(
     pid_tgid: u64,
     line: (u32, u32),
     by_seq: u32,
     (kept, dropped, agent): (u64, u64, u64),
-) -> u32 {
+) -> (u32, u32) {
     const KEPT: u32 = data_flags::RED_COUNTED | data_flags::KEPT;
     if kept == 0 && dropped == 0 && agent == 0 {
-        by_seq
+        (by_seq, 0)
     } else if dropped == 0 {
         // Its parent is kept, or one the agent decides on.
         if agent == 0 {
-            KEPT
+            (KEPT, 0)
         } else {
-            data_flags::RED_COUNTED
+            (data_flags::RED_COUNTED, 0)
         }
     } else if kept == 0 && agent == 0 {
-        0
-    } else if let Some(keep) = (agent == 0).then(|| own_request(pid_tgid, line)).flatten() {
-        keep
+        (0, 0)
+    } else if let Some(decided) = (agent == 0).then(|| own_request(pid_tgid, line)).flatten() {
+        decided
     } else {
-        bump(counter::CALLS_MARKED);
-        data_flags::RED_COUNTED | data_flags::MARKED
+        (
+            data_flags::RED_COUNTED | data_flags::MARKED,
+            counter::CALLS_MARKED,
+        )
+    }
+}
+
+/// Counts a call decided by rule `counter` (`call_decision`; 0: none counted).
+#[inline(always)]
+fn count_rule(counter: u32) {
+    if counter != 0 {
+        bump(counter);
     }
 }
 
@@ -344,8 +357,8 @@ pub(crate) fn decide_ahead(ctx: &TracePointContext, buffer: Buffer) {
         return;
     };
     let by_seq = by_seq(Some(seq));
-    let keep = call_decision(pid_tgid, (method, path_hash(head, at).0), by_seq, counts);
-    state.red_ahead = keep | red::AHEAD;
+    let (keep, rule) = call_decision(pid_tgid, (method, path_hash(head, at).0), by_seq, counts);
+    state.red_ahead = keep | red::AHEAD | ((rule & 31) << red::AHEAD_RULE_SHIFT);
     state.red_ahead_seq = seq;
     hand_over(state, seq, keep, by_seq);
 }
@@ -354,14 +367,12 @@ pub(crate) fn decide_ahead(ctx: &TracePointContext, buffer: Buffer) {
 /// is made for, if that can be told. Only where every request the process serves is framed
 /// (none the agent decides on): the counts below do not see the others.
 #[inline(always)]
-fn own_request(pid_tgid: u64, line: (u32, u32)) -> Option<u32> {
+fn own_request(pid_tgid: u64, line: (u32, u32)) -> Option<(u32, u32)> {
     if let Some(keep) = thread_decision(pid_tgid) {
-        bump(counter::CALLS_BY_THREAD);
-        return Some(keep);
+        return Some((keep, counter::CALLS_BY_THREAD));
     }
     let keep = line_decision((pid_tgid >> 32) as u32, line)?;
-    bump(counter::CALLS_BY_LINE);
-    Some(keep)
+    Some((keep, counter::CALLS_BY_LINE))
 }
 
 /// The decision of the request the calling thread serves, when it serves exactly one (a
