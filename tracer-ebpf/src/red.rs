@@ -201,15 +201,7 @@ pub(crate) fn follow(key: u64, keep: u32) {
 /// The decision left in `FOLLOWED` for the request `key`, if any.
 #[inline(always)]
 pub(crate) fn followed(key: u64) -> Option<u32> {
-    let slot = FOLLOWED.get_ptr(followed_slot(key))?;
-    // SAFETY: a map value pointer; see `follow` for the order.
-    unsafe {
-        if core::ptr::read_volatile(&raw const (*slot).key) != key {
-            return None;
-        }
-        let keep = core::ptr::read_volatile(&raw const (*slot).keep);
-        (core::ptr::read_volatile(&raw const (*slot).key) == key).then_some(keep)
-    }
+    slot_decision(FOLLOWED.get_ptr(followed_slot(key))?, key)
 }
 
 /// The decision left in `FOLLOWED` for the request `key`, taken: a server end reads its
@@ -217,19 +209,25 @@ pub(crate) fn followed(key: u64) -> Option<u32> {
 #[inline(always)]
 fn take_followed(key: u64) -> Option<u32> {
     let slot = FOLLOWED.get_ptr_mut(followed_slot(key))?;
-    // SAFETY: a map value pointer; see `follow` for the order. Cleared without a compare and
-    // exchange (a newer kernel than the probes ask for): a slot overwritten between the reads
-    // and the clearing loses that hand-over, as a slot shared does.
+    let keep = slot_decision(slot, key)?;
+    // SAFETY: a map value pointer. Cleared without a compare and exchange (a newer kernel than
+    // the probes ask for): a slot overwritten between the reads and the clearing loses that
+    // hand-over, as a slot shared does.
+    unsafe { core::ptr::write_volatile(&raw mut (*slot).key, 0) };
+    Some(keep)
+}
+
+/// The decision in `FOLLOWED`'s slot `slot` if it is `key`'s: the key read before and after
+/// the decision (see `follow` for the order of the writes).
+#[inline(always)]
+fn slot_decision(slot: *const Followed, key: u64) -> Option<u32> {
+    // SAFETY: a map value pointer.
     unsafe {
         if core::ptr::read_volatile(&raw const (*slot).key) != key {
             return None;
         }
         let keep = core::ptr::read_volatile(&raw const (*slot).keep);
-        if core::ptr::read_volatile(&raw const (*slot).key) != key {
-            return None;
-        }
-        core::ptr::write_volatile(&raw mut (*slot).key, 0);
-        Some(keep)
+        (core::ptr::read_volatile(&raw const (*slot).key) == key).then_some(keep)
     }
 }
 
